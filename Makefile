@@ -1,0 +1,53 @@
+# ktel build, test and benchmark entry points. See README.md.
+
+GO          ?= go
+BPF_CLANG   ?= clang-19
+BPF_CFLAGS  ?= -O2 -g -Wall -Werror
+BINARY      ?= bin/ktel
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION    ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
+               -X github.com/ktel-dev/ktel/internal/version.Revision=$(REVISION)
+
+export BPF_CLANG BPF_CFLAGS
+
+.PHONY: all build generate generate-check run test test-unit bench vet deps tools clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BINARY) ./cmd/ktel
+
+# Regenerate BPF objects, syscall tables and docs. Needs clang-19 (`make tools`).
+generate:
+	$(GO) generate ./...
+
+# Fails when committed generated files differ from a fresh `make generate`.
+generate-check: generate
+	@git diff --exit-code --stat -- . || { echo "generated files are stale: run 'make generate' and commit" >&2; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- bpf internal)" || { git status --porcelain -- bpf internal; echo "generate produced untracked files" >&2; exit 1; }
+
+# Installs the Debian packages the build, tests and benchmarks use.
+tools:
+	./scripts/install-deps.sh
+
+# Runs ktel with defaults (as root). Scrape http://localhost:9437/metrics.
+run: tools build
+	./$(BINARY)
+
+vet:
+	$(GO) vet ./...
+
+test-unit:
+	$(GO) test ./...
+
+# The whole suite. As root with KTEL_PRIVILEGED_TESTS=1, privileged tests run
+# and may not skip.
+test: tools
+	KTEL_PRIVILEGED_TESTS=$${KTEL_PRIVILEGED_TESTS-1} $(GO) test -count=1 -timeout 20m ./...
+
+bench: tools build
+	$(GO) run ./cmd/ktel-bench
+
+clean:
+	rm -rf bin

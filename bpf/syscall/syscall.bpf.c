@@ -1,0 +1,260 @@
+//go:build ignore
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Per-syscall latency: time from raw_syscalls:sys_enter to sys_exit on the
+ * same thread, aggregated in the kernel into native-histogram slots.
+ *
+ * Three hook flavours share the same logic; user space loads one pair:
+ *   tp_btf     BTF-enabled raw tracepoint (5.5+), start time in task storage
+ *              (5.11+) or, where task storage is missing, in a hash.
+ *   raw_tp     raw tracepoint (4.17+), start time in a hash.
+ *   tracepoint classic tracepoint, start time in a hash.
+ */
+#include "vmlinux.h"
+#include "bpf_helpers.h"
+#include "bpf_tracing.h"
+#include "ktel_hist.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Syscall numbers at or above this are ignored (x86_64 and arm64 both end
+ * below 470). */
+#define MAX_SYSCALLS 512
+
+#define MAX_ERRNO 4095
+
+struct start {
+	__u64 ts;
+	__u32 nr;
+	__u32 _pad;
+};
+
+enum drop_reason {
+	DROP_ERRORS_FULL = 0, /* syscall_errors had no room for a new key */
+	DROP_REASONS,
+};
+
+/* Start of the syscall in flight, per thread. Freed by the kernel with the
+ * task. */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct start);
+} syscall_start_task SEC(".maps");
+
+/* Fallback for kernels without task storage, keyed by thread id. LRU so that
+ * entries of threads that died inside a syscall (exit_group, a kill) do not
+ * fill it: when full, the least recently used start is evicted and that
+ * syscall is not measured. Its fill is exported as ktel_bpf_map_entries. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct start);
+} syscall_start_hash SEC(".maps");
+
+/* Histogram per syscall number: ktel_slots counters, then the sum of
+ * latencies in nanoseconds. The value size depends on the schema and is set
+ * by user space at load time, hence no BTF value type. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_SYSCALLS);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u64));
+} syscall_latency SEC(".maps");
+
+struct errors_key {
+	__u32 nr;
+	__u32 err;
+};
+
+/* Failed syscalls by (number, errno). Touched only on the error path. When
+ * full, new keys are counted in syscall_drops[DROP_ERRORS_FULL]. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct errors_key);
+	__type(value, __u64);
+} syscall_errors SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_REASONS);
+	__type(key, __u32);
+	__type(value, __u64);
+} syscall_drops SEC(".maps");
+
+static __always_inline void count_drop(__u32 reason)
+{
+	__u64 *v = bpf_map_lookup_elem(&syscall_drops, &reason);
+
+	if (v)
+		(*v)++;
+}
+
+static __always_inline void record_error(__u32 nr, long ret)
+{
+	struct errors_key key = { .nr = nr, .err = (__u32)-ret };
+	__u64 one = 1, *v;
+	long err;
+
+	v = bpf_map_lookup_elem(&syscall_errors, &key);
+	if (v) {
+		(*v)++;
+		return;
+	}
+	err = bpf_map_update_elem(&syscall_errors, &key, &one, BPF_NOEXIST);
+	if (err == -17 /* EEXIST: another CPU inserted it first */) {
+		v = bpf_map_lookup_elem(&syscall_errors, &key);
+		if (v)
+			(*v)++;
+	} else if (err) {
+		count_drop(DROP_ERRORS_FULL);
+	}
+}
+
+static __always_inline void record(__u32 nr, __u64 delta, long ret)
+{
+	__u64 *slots;
+	__u32 k;
+
+	slots = bpf_map_lookup_elem(&syscall_latency, &nr);
+	if (!slots)
+		return;
+	k = ktel_slot(delta);
+	slots[k]++;
+	slots[ktel_slots] += delta;
+
+	if (ret < 0 && ret >= -MAX_ERRNO)
+		record_error(nr, ret);
+}
+
+static __always_inline void enter(struct start *s, long id)
+{
+	s->nr = (__u32)id;
+	s->ts = bpf_ktime_get_ns();
+}
+
+/* finish measures the syscall that s started; ts is cleared so that an exit
+ * without a matching enter (a syscall that began before attach) is skipped. */
+static __always_inline void finish(struct start *s, long ret)
+{
+	__u64 ts = s->ts;
+
+	if (!ts)
+		return;
+	s->ts = 0;
+	record(s->nr, bpf_ktime_get_ns() - ts, ret);
+}
+
+static __always_inline int enter_hash(long id)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct start s = {};
+
+	if (id < 0 || id >= MAX_SYSCALLS)
+		return 0;
+	enter(&s, id);
+	bpf_map_update_elem(&syscall_start_hash, &tid, &s, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int exit_hash(long ret)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct start *s;
+
+	s = bpf_map_lookup_elem(&syscall_start_hash, &tid);
+	if (!s)
+		return 0;
+	finish(s, ret);
+	bpf_map_delete_elem(&syscall_start_hash, &tid);
+	return 0;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter_btf_task, struct pt_regs *regs, long id)
+{
+	struct start *s;
+
+	if (id < 0 || id >= MAX_SYSCALLS)
+		return 0;
+	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0,
+				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (s)
+		enter(s, id);
+	return 0;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit_btf_task, struct pt_regs *regs, long ret)
+{
+	struct start *s;
+
+	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0, 0);
+	if (s)
+		finish(s, ret);
+	return 0;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter_btf_hash, struct pt_regs *regs, long id)
+{
+	return enter_hash(id);
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit_btf_hash, struct pt_regs *regs, long ret)
+{
+	return exit_hash(ret);
+}
+
+SEC("raw_tp/sys_enter")
+int BPF_PROG(sys_enter_raw_task, struct pt_regs *regs, long id)
+{
+	struct start *s;
+
+	if (id < 0 || id >= MAX_SYSCALLS)
+		return 0;
+	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0,
+				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (s)
+		enter(s, id);
+	return 0;
+}
+
+SEC("raw_tp/sys_exit")
+int BPF_PROG(sys_exit_raw_task, struct pt_regs *regs, long ret)
+{
+	struct start *s;
+
+	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0, 0);
+	if (s)
+		finish(s, ret);
+	return 0;
+}
+
+SEC("raw_tp/sys_enter")
+int BPF_PROG(sys_enter_raw_hash, struct pt_regs *regs, long id)
+{
+	return enter_hash(id);
+}
+
+SEC("raw_tp/sys_exit")
+int BPF_PROG(sys_exit_raw_hash, struct pt_regs *regs, long ret)
+{
+	return exit_hash(ret);
+}
+
+SEC("tracepoint/raw_syscalls/sys_enter")
+int sys_enter_tp_hash(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_hash(ctx->id);
+}
+
+SEC("tracepoint/raw_syscalls/sys_exit")
+int sys_exit_tp_hash(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_hash(ctx->ret);
+}
