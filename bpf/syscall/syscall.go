@@ -144,9 +144,9 @@ func load(layout *histogram.Layout, v Variant, ncpu int) (_ *Probe, err error) {
 	spec.Maps["syscall_latency"].ValueSize = uint32(8 * (layout.Slots() + 1))
 
 	objs := struct {
-		Latency *ebpf.Map     `ebpf:"syscall_latency"`
-		Errors  *ebpf.Map     `ebpf:"syscall_errors"`
-		Drops   *ebpf.Map     `ebpf:"syscall_drops"`
+		Latency *ebpf.Map `ebpf:"syscall_latency"`
+		Errors  *ebpf.Map `ebpf:"syscall_errors"`
+		Drops   *ebpf.Map `ebpf:"syscall_drops"`
 	}{}
 	// Only this variant's programs, and so only the start map it uses, are
 	// loaded: a kernel without task storage can still run a hash variant.

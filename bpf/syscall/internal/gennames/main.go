@@ -130,4 +130,3 @@ func names(cc, header string, includes []string) ([]string, error) {
 	}
 	return table, nil
 }
-

@@ -1,0 +1,161 @@
+// Package config is ktel's configuration: the KTEL_* environment variables,
+// their defaults and meaning, and their validation in one place. The same
+// struct tags produce `ktel --help` and the README's reference table.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/kelseyhightower/envconfig"
+)
+
+// Prefix of every variable.
+const Prefix = "KTEL"
+
+// Probe names a probe and whether it runs by default. A probe that needs
+// input (a list of interfaces, say) is off by default.
+type Probe struct {
+	Name    string
+	Default bool
+	Help    string
+}
+
+// Probes are every probe ktel has, in the order they start.
+var Probes = []Probe{
+	{Name: "syscall", Default: true, Help: "per-syscall latency histograms and error counts"},
+}
+
+// Config is the daemon's configuration. Tags: envconfig (variable name
+// after the prefix), default, values (the accepted values, as shown in
+// errors and help) and desc.
+type Config struct {
+	ListenAddress   string `envconfig:"LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
+	Probes          string `envconfig:"PROBES" default:"syscall" values:"comma-separated probe names: syscall" desc:"Probes to load. The default is every probe that needs no further input."`
+	LogLevel        string `envconfig:"LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
+	LogFormat       string `envconfig:"LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
+	HistogramSchema int    `envconfig:"HISTOGRAM_SCHEMA" default:"3" values:"0..4" desc:"Native-histogram schema of latency histograms: 2^schema buckets per power of two (3: at most 4.4% relative error). Higher costs kernel memory: about 1.1 MiB per CPU at 3."`
+	BPFStats        bool   `envconfig:"BPF_STATS" default:"false" values:"true|false" desc:"Enable kernel BPF run-time statistics (kernel.bpf_stats_enabled) and export run time and run count per program. Costs two clock reads per program run, for every BPF program on the host, while ktel runs."`
+	SyscallHook     string `envconfig:"SYSCALL_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the syscall probe attaches. auto picks the cheapest that loads on this kernel."`
+}
+
+// Error is an invalid variable. Its message names the variable, the value
+// and the accepted values.
+type Error struct {
+	Var, Value, Accepted, Reason string
+}
+
+func (e *Error) Error() string {
+	msg := fmt.Sprintf("invalid %s=%q", e.Var, e.Value)
+	if e.Reason != "" {
+		msg += ": " + e.Reason
+	}
+	return msg + "; accepted values: " + e.Accepted
+}
+
+// Load reads the KTEL_* variables from the environment and validates every
+// value. A value that does not parse is reported alone; otherwise all
+// invalid variables are reported, joined. Every error is an *Error.
+func Load() (*Config, error) {
+	var c Config
+	if err := envconfig.Process(Prefix, &c); err != nil {
+		return nil, parseError(err)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// parseError converts envconfig's parse errors to *Error.
+func parseError(err error) error {
+	var pe *envconfig.ParseError
+	if errors.As(err, &pe) {
+		f, _ := fieldByVar(pe.KeyName)
+		return &Error{Var: pe.KeyName, Value: pe.Value, Accepted: f.Values, Reason: "not a " + pe.TypeName}
+	}
+	return err
+}
+
+// Unknown returns the KTEL_* names in environ (os.Environ()) that ktel
+// does not read: most likely typos. Names used only by ktel's tests are
+// listed in ignore.
+func Unknown(environ []string, ignore ...string) []string {
+	var out []string
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if !strings.HasPrefix(name, Prefix+"_") || slices.Contains(ignore, name) {
+			continue
+		}
+		if _, ok := fieldByVar(name); !ok {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// EnabledProbes returns the probe names in KTEL_PROBES.
+func (c *Config) EnabledProbes() []string {
+	var out []string
+	for _, p := range strings.Split(c.Probes, ",") {
+		if p = strings.TrimSpace(p); p != "" && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// SlogLevel is LogLevel as a slog.Level.
+func (c *Config) SlogLevel() slog.Level {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(c.LogLevel))
+	return l
+}
+
+// Validate checks every value and returns all problems, joined.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(name, value, reason string) {
+		f, _ := fieldByVar(Prefix + "_" + name)
+		errs = append(errs, &Error{Var: f.Var, Value: value, Accepted: f.Values, Reason: reason})
+	}
+
+	if host, port, err := net.SplitHostPort(c.ListenAddress); err != nil {
+		bad("LISTEN_ADDRESS", c.ListenAddress, "not host:port")
+	} else if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
+		bad("LISTEN_ADDRESS", c.ListenAddress, "port is not a number 0..65535")
+	} else if host != "" && net.ParseIP(strings.Trim(host, "[]")) == nil && strings.ContainsAny(host, " /") {
+		bad("LISTEN_ADDRESS", c.ListenAddress, "invalid host")
+	}
+
+	enabled := c.EnabledProbes()
+	if len(enabled) == 0 {
+		bad("PROBES", c.Probes, "no probe named")
+	}
+	for _, p := range enabled {
+		if !slices.ContainsFunc(Probes, func(q Probe) bool { return q.Name == p }) {
+			bad("PROBES", c.Probes, fmt.Sprintf("unknown probe %q", p))
+		}
+	}
+
+	if !oneOf(c.LogLevel, "debug", "info", "warn", "error") {
+		bad("LOG_LEVEL", c.LogLevel, "")
+	}
+	if !oneOf(c.LogFormat, "text", "json") {
+		bad("LOG_FORMAT", c.LogFormat, "")
+	}
+	if c.HistogramSchema < 0 || c.HistogramSchema > 4 {
+		bad("HISTOGRAM_SCHEMA", strconv.Itoa(c.HistogramSchema), "out of range")
+	}
+	if !oneOf(c.SyscallHook, "auto", "tp_btf", "raw_tp", "tracepoint") {
+		bad("SYSCALL_HOOK", c.SyscallHook, "")
+	}
+	return errors.Join(errs...)
+}
+
+func oneOf(v string, accepted ...string) bool { return slices.Contains(accepted, v) }

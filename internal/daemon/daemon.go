@@ -1,0 +1,192 @@
+// Package daemon wires ktel together: it loads the configured probes,
+// exports them through one registry, serves HTTP, and on shutdown detaches
+// and closes everything it put into the kernel.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/ktel-dev/ktel/internal/config"
+	"github.com/ktel-dev/ktel/internal/probe"
+	"github.com/ktel-dev/ktel/internal/version"
+	"github.com/ktel-dev/ktel/metrics"
+)
+
+// Daemon is a running ktel.
+type Daemon struct {
+	cfg    *config.Config
+	log    *slog.Logger
+	reg    *prometheus.Registry
+	probes map[string]loaded
+	stats  io.Closer // keeps kernel.bpf_stats_enabled on; nil if off
+}
+
+// New loads every enabled probe. A probe that cannot load is logged and
+// reported as ktel_probe_up=0; the others run. New fails only if the
+// exporter itself cannot be set up.
+func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
+	reg, self := metrics.NewRegistry(version.Info())
+	d := &Daemon{cfg: cfg, log: log, reg: reg, probes: map[string]loaded{}}
+
+	if cfg.BPFStats {
+		closer, err := ebpf.EnableStats(uint32(bpfStatsRunTime))
+		if err != nil {
+			log.Warn("cannot enable BPF run-time statistics; ktel_bpf_program_run_* will be absent", "err", err)
+		} else {
+			d.stats = closer
+		}
+	}
+
+	for _, name := range cfg.EnabledProbes() {
+		plog := log.With("probe", name)
+		p, err := start(name, cfg, plog)
+		if err != nil {
+			logLoadError(plog, err)
+			self.ProbeUp.WithLabelValues(name).Set(0)
+			continue
+		}
+		d.probes[name] = p
+		self.ProbeUp.WithLabelValues(name).Set(1)
+	}
+
+	collectors := map[string]metrics.Collector{}
+	objs := map[string]metrics.BPFObjects{}
+	for name, p := range d.probes {
+		collectors[name] = p
+		objs[name] = p
+	}
+	collectors["bpf"] = metrics.NewBPFCollector(objs, d.stats != nil)
+	if err := reg.Register(metrics.NewExporter(collectors, log)); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("register exporter: %w", err)
+	}
+	return d, nil
+}
+
+// bpfStatsRunTime is BPF_STATS_RUN_TIME from the kernel UAPI.
+const bpfStatsRunTime = 0
+
+// logLoadError logs why a probe did not load, with the verifier's full log
+// when the verifier refused a program.
+func logLoadError(log *slog.Logger, err error) {
+	attrs := []any{"err", err}
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		attrs = append(attrs, "verifier_log", fmt.Sprintf("%+v", ve))
+	}
+	if probe.Unsupported(err) {
+		log.Warn("probe unsupported on this kernel", attrs...)
+	} else {
+		log.Error("probe failed to load", attrs...)
+	}
+}
+
+// Running is the number of probes loaded.
+func (d *Daemon) Running() int { return len(d.probes) }
+
+// Handler serves /metrics, /healthz and a landing page.
+func (d *Daemon) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{
+		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelError),
+		ErrorHandling:     promhttp.ContinueOnError,
+		Registry:          d.reg,
+		EnableOpenMetrics: true,
+	}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/" {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		v, _, _ := version.Info()
+		fmt.Fprintf(w, landing, v)
+	})
+	return mux
+}
+
+const landing = `<!doctype html>
+<html><head><title>ktel</title></head>
+<body><h1>ktel</h1><p>Kernel telemetry from eBPF, version %s.</p>
+<ul><li><a href="metrics">metrics</a></li><li><a href="healthz">healthz</a></li></ul>
+</body></html>
+`
+
+// Serve serves HTTP on the configured address until ctx is done, then
+// shuts the server down gracefully.
+func (d *Daemon) Serve(ctx context.Context) error {
+	ln, err := net.Listen("tcp", d.cfg.ListenAddress)
+	if err != nil {
+		return fmt.Errorf("listen on %s (KTEL_LISTEN_ADDRESS): %w", d.cfg.ListenAddress, err)
+	}
+	srv := &http.Server{
+		Handler:           d.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
+	}
+	d.log.Info("serving", "address", ln.Addr().String())
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return srv.Shutdown(shutdown)
+}
+
+// Close detaches every probe and releases its maps.
+func (d *Daemon) Close() error {
+	var errs []error
+	for name, p := range d.probes {
+		if err := p.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close %s: %w", name, err))
+		}
+	}
+	d.probes = nil
+	if d.stats != nil {
+		errs = append(errs, d.stats.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Check loads and attaches every enabled probe in turn, writes one verdict
+// per probe and detaches it again. It reports whether all loaded.
+func Check(cfg *config.Config, log *slog.Logger, w io.Writer) bool {
+	ok := true
+	for _, name := range cfg.EnabledProbes() {
+		p, err := start(name, cfg, log.With("probe", name))
+		switch {
+		case err == nil:
+			fmt.Fprintf(w, "%s: ok\n", name)
+			if err := p.Close(); err != nil {
+				fmt.Fprintf(w, "%s: failed: close: %v\n", name, err)
+				ok = false
+			}
+			continue
+		case probe.Unsupported(err):
+			fmt.Fprintf(w, "%s: unsupported on this kernel: %v\n", name, err)
+		default:
+			fmt.Fprintf(w, "%s: failed: %v\n", name, err)
+		}
+		logLoadError(log.With("probe", name), err)
+		ok = false
+	}
+	return ok
+}

@@ -1,0 +1,69 @@
+package metrics
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/internal/histogram"
+)
+
+// SyscallSource is what the syscall collector reads: the loaded probe, or a
+// fake in tests.
+type SyscallSource interface {
+	Snapshot() (*sysprobe.Snapshot, error)
+	Layout() *histogram.Layout
+}
+
+type syscallCollector struct {
+	layout  *histogram.Layout
+	snap    *Cached[*sysprobe.Snapshot]
+	name    func(nr uint32) string
+	latency *prometheus.Desc
+	errors  *prometheus.Desc
+	dropped *prometheus.Desc
+}
+
+// NewSyscallCollector exports the syscall probe's histograms as
+// ktel_syscall_latency_seconds{syscall} and its failures as
+// ktel_syscall_errors_total{syscall,errno}. name turns syscall numbers
+// into names (sysprobe.NativeName outside tests).
+func NewSyscallCollector(src SyscallSource, name func(nr uint32) string) Collector {
+	return &syscallCollector{
+		layout: src.Layout(),
+		snap:   NewCached(src.Snapshot, DefaultMaxAge),
+		name:   name,
+		latency: prometheus.NewDesc("ktel_syscall_latency_seconds",
+			"Time from syscall entry to exit, per syscall.", []string{"syscall"}, nil),
+		errors: prometheus.NewDesc("ktel_syscall_errors_total",
+			"Syscalls that returned an error, per syscall and errno.", []string{"syscall", "errno"}, nil),
+		dropped: prometheus.NewDesc("ktel_syscall_errors_dropped_total",
+			"Failed syscalls not counted in ktel_syscall_errors_total because its kernel map was full.", nil, nil),
+	}
+}
+
+func (c *syscallCollector) Update(ch chan<- prometheus.Metric) error {
+	s, err := c.snap.Get()
+	if err != nil {
+		return err
+	}
+	for nr, h := range s.Latency {
+		ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, c.name(nr))
+	}
+	for k, n := range s.Errors {
+		ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(n), c.name(k.Nr), errnoName(k.Errno))
+	}
+	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.ErrorsDropped))
+	return nil
+}
+
+// errnoName is the symbolic name (EAGAIN), or the number for codes without
+// one, such as the kernel-internal ERESTARTSYS (512) seen at sys_exit.
+func errnoName(e uint32) string {
+	if n := unix.ErrnoName(unix.Errno(e)); n != "" {
+		return n
+	}
+	return strconv.FormatUint(uint64(e), 10)
+}
