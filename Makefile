@@ -23,9 +23,10 @@ generate:
 	$(GO) generate ./...
 
 # Fails when committed generated files differ from a fresh `make generate`.
+GENERATED = ':(glob)**/*_bpfel.go' ':(glob)**/*_bpfel.o' ':(glob)**/names_gen.go'
 generate-check: generate
-	@git diff --exit-code --stat -- . || { echo "generated files are stale: run 'make generate' and commit" >&2; exit 1; }
-	@test -z "$$(git status --porcelain --untracked-files=all -- bpf internal)" || { git status --porcelain -- bpf internal; echo "generate produced untracked files" >&2; exit 1; }
+	@git diff --exit-code --stat -- $(GENERATED) || { echo "generated files are stale: run 'make generate' and commit" >&2; exit 1; }
+	@test -z "$$(git ls-files --others --exclude-standard -- $(GENERATED))" || { echo "make generate produced untracked files:" >&2; git ls-files --others --exclude-standard -- $(GENERATED) >&2; exit 1; }
 
 # Installs the Debian packages the build, tests and benchmarks use.
 tools:

@@ -360,5 +360,8 @@ func sumPerCPU(buf []byte, ncpu, valueSize, slots int) (h Hist, ok bool) {
 	return h, h.Count() > 0
 }
 
-// startSize is the size of struct start, for the layout check in tests.
-const startSize = unsafe.Sizeof(syscallStart{})
+// Sizes of the generated structs, for the layout check in tests.
+const (
+	startSize     = unsafe.Sizeof(syscallStart{})
+	errorsKeySize = unsafe.Sizeof(syscallErrorsKey{})
+)

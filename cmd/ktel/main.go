@@ -15,8 +15,8 @@ import (
 
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/daemon"
-	"github.com/ktel-dev/ktel/internal/version"
 	"github.com/ktel-dev/ktel/internal/testenv"
+	"github.com/ktel-dev/ktel/internal/version"
 )
 
 // Exit statuses.

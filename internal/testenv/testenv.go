@@ -6,6 +6,8 @@ package testenv
 import (
 	"os"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // PrivilegedEnv is the variable that enables privileged tests.
@@ -24,4 +26,18 @@ func Privileged(tb testing.TB) {
 	if os.Geteuid() != 0 {
 		tb.Fatalf("%s=1 but not running as root", PrivilegedEnv)
 	}
+}
+
+// Tracefs makes sure tracefs is mounted at /sys/kernel/tracing, which
+// classic tracepoints need, and unmounts it after the test if it mounted it.
+func Tracefs(tb testing.TB) {
+	tb.Helper()
+	const dir = "/sys/kernel/tracing"
+	if _, err := os.Stat(dir + "/events"); err == nil {
+		return
+	}
+	if err := unix.Mount("tracefs", dir, "tracefs", 0, ""); err != nil {
+		tb.Fatalf("mount tracefs on %s: %v", dir, err)
+	}
+	tb.Cleanup(func() { unix.Unmount(dir, 0) })
 }

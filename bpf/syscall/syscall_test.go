@@ -1,0 +1,212 @@
+package syscall
+
+import (
+	"io"
+	"log/slog"
+	"runtime"
+	"slices"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ktel-dev/ktel/internal/testenv"
+)
+
+func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// The Go structs bpf2go generated must match the kernel-side layout.
+func TestStructSizes(t *testing.T) {
+	spec, err := loadSyscall()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := uint32(startSize), spec.Maps["syscall_start_task"].ValueSize; got != want {
+		t.Errorf("struct start: Go %d bytes, map value %d", got, want)
+	}
+	if got, want := uint32(startSize), spec.Maps["syscall_start_hash"].ValueSize; got != want {
+		t.Errorf("struct start: Go %d bytes, hash value %d", got, want)
+	}
+	if got, want := uint32(errorsKeySize), spec.Maps["syscall_errors"].KeySize; got != want {
+		t.Errorf("struct errors_key: Go %d bytes, map key %d", got, want)
+	}
+}
+
+func TestNames(t *testing.T) {
+	for _, tc := range []struct {
+		arch string
+		nr   uint32
+		want string
+	}{
+		{"amd64", 0, "read"},
+		{"amd64", 39, "getpid"},
+		{"amd64", 230, "clock_nanosleep"},
+		{"amd64", 435, "clone3"},
+		{"arm64", 63, "read"},
+		{"arm64", 115, "clock_nanosleep"},
+		{"arm64", 172, "getpid"},
+		{"arm64", 435, "clone3"},
+		{"amd64", 499, "499"}, // not in the table
+		{"riscv64", 0, "0"},
+	} {
+		if got := Name(tc.arch, tc.nr); got != tc.want {
+			t.Errorf("Name(%s, %d) = %q, want %q", tc.arch, tc.nr, got, tc.want)
+		}
+	}
+	if got := NativeName(unix.SYS_GETPID); got != "getpid" {
+		t.Errorf("NativeName(SYS_GETPID) = %q", got)
+	}
+	// Every name is unique within an architecture.
+	for arch, table := range names {
+		seen := map[string]bool{}
+		for _, n := range table {
+			if n != "" && seen[n] {
+				t.Errorf("%s: %q twice", arch, n)
+			}
+			seen[n] = true
+		}
+		if len(seen) < 300 {
+			t.Errorf("%s: only %d names", arch, len(seen))
+		}
+	}
+}
+
+// delta is after minus before for one syscall's slots.
+func delta(before, after *Snapshot, nr uint32) []uint64 {
+	a := after.Latency[nr].Slots
+	d := slices.Clone(a)
+	if b := before.Latency[nr].Slots; b != nil {
+		for i := range d {
+			d[i] -= b[i]
+		}
+	}
+	return d
+}
+
+// medianSlot is the slot holding the median observation.
+func medianSlot(slots []uint64) int {
+	var total, cum uint64
+	for _, c := range slots {
+		total += c
+	}
+	for k, c := range slots {
+		cum += c
+		if cum*2 >= total {
+			return k
+		}
+	}
+	return -1
+}
+
+func sum(s []uint64) (n uint64) {
+	for _, c := range s {
+		n += c
+	}
+	return n
+}
+
+// exercise runs n 2 ms clock_nanosleeps, n getpids and n failing closes
+// from one locked OS thread.
+func exercise(t *testing.T, n int) {
+	t.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	ts := unix.NsecToTimespec((2 * time.Millisecond).Nanoseconds())
+	for range n {
+		if err := unix.ClockNanosleep(unix.CLOCK_MONOTONIC, 0, &ts, nil); err != nil {
+			t.Fatal(err)
+		}
+		unix.RawSyscall(unix.SYS_GETPID, 0, 0, 0)
+		unix.RawSyscall(unix.SYS_CLOSE, ^uintptr(0), 0, 0) // EBADF
+	}
+}
+
+func TestLatency(t *testing.T) {
+	testenv.Privileged(t)
+	testenv.Tracefs(t)
+	const n = 100
+	for _, v := range Variants {
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v}, discard())
+			if err != nil {
+				t.Fatalf("load: %+v", err)
+			}
+			defer p.Close()
+			before, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			exercise(t, n)
+			after, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			l := p.Layout()
+
+			sleeps := delta(before, after, unix.SYS_CLOCK_NANOSLEEP)
+			if c := sum(sleeps); c < n {
+				t.Errorf("clock_nanosleep count rose by %d, want >= %d", c, n)
+			}
+			want := l.Slot(uint64(2 * time.Millisecond))
+			if k := medianSlot(sleeps); k != want && k != want+1 {
+				t.Errorf("clock_nanosleep median in slot %d (<= %d ns), want %d (<= %d ns) or the next",
+					k, l.Bounds[min(k, len(l.Bounds)-1)], want, l.Bounds[want])
+			}
+
+			getpids := delta(before, after, unix.SYS_GETPID)
+			if c := sum(getpids); c < n {
+				t.Errorf("getpid count rose by %d, want >= %d", c, n)
+			}
+			if k := medianSlot(getpids); k >= l.Slot(uint64(time.Millisecond)) {
+				t.Errorf("getpid median in slot %d, not below 1 ms", k)
+			}
+
+			key := ErrorKey{Nr: unix.SYS_CLOSE, Errno: uint32(unix.EBADF)}
+			if got := after.Errors[key] - before.Errors[key]; got < n {
+				t.Errorf("close EBADF errors rose by %d, want >= %d", got, n)
+			}
+			if sn := after.Latency[unix.SYS_CLOCK_NANOSLEEP].SumNs - before.Latency[unix.SYS_CLOCK_NANOSLEEP].SumNs; sn < n*uint64(2*time.Millisecond) {
+				t.Errorf("clock_nanosleep sum rose by %d ns, want >= %d", sn, n*2*time.Millisecond)
+			}
+		})
+	}
+}
+
+// Every schema loads (the value size and slot count are load-time
+// constants) and sorts a known sleep into the right slot.
+func TestSchemas(t *testing.T) {
+	testenv.Privileged(t)
+	for schema := 0; schema <= 4; schema++ {
+		p, err := Load(Options{Schema: schema}, discard())
+		if err != nil {
+			t.Fatalf("schema %d: %+v", schema, err)
+		}
+		before, _ := p.Snapshot()
+		exercise(t, 20)
+		after, err := p.Snapshot()
+		p.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sleeps := delta(before, after, unix.SYS_CLOCK_NANOSLEEP)
+		want := p.Layout().Slot(uint64(2 * time.Millisecond))
+		if k := medianSlot(sleeps); k != want && k != want+1 {
+			t.Errorf("schema %d: median slot %d, want %d or the next", schema, k, want)
+		}
+	}
+}
+
+func TestHookSelection(t *testing.T) {
+	testenv.Privileged(t)
+	p, err := Load(Options{Schema: 3, Hook: HookRaw}, discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if p.Variant().Hook != HookRaw {
+		t.Errorf("asked for raw_tp, got %s", p.Variant())
+	}
+	if _, err := Load(Options{Schema: 3, Hook: "kprobe"}, discard()); err == nil {
+		t.Error("unknown hook accepted")
+	}
+}

@@ -1,0 +1,150 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+)
+
+// setenv sets vars for the test and unsets every other KTEL_* variable, so
+// the defaults apply.
+func setenv(t *testing.T, vars map[string]string) {
+	t.Helper()
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(name, Prefix+"_") {
+			val := os.Getenv(name)
+			os.Unsetenv(name)
+			t.Cleanup(func() { os.Setenv(name, val) })
+		}
+	}
+	for k, v := range vars {
+		t.Setenv(k, v)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	setenv(t, nil)
+	c, err := Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{ListenAddress: ":9437", Probes: "syscall", LogLevel: "info", LogFormat: "text",
+		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto"}
+	if *c != want {
+		t.Errorf("defaults %+v, want %+v", *c, want)
+	}
+}
+
+func TestValidation(t *testing.T) {
+	for _, tc := range []struct {
+		name, value string
+		ok          bool
+	}{
+		{"KTEL_LISTEN_ADDRESS", ":9437", true},
+		{"KTEL_LISTEN_ADDRESS", "127.0.0.1:0", true},
+		{"KTEL_LISTEN_ADDRESS", "[::1]:9437", true},
+		{"KTEL_LISTEN_ADDRESS", "localhost:80", true},
+		{"KTEL_LISTEN_ADDRESS", "9437", false},
+		{"KTEL_LISTEN_ADDRESS", ":http", false},
+		{"KTEL_LISTEN_ADDRESS", ":70000", false},
+		{"KTEL_LISTEN_ADDRESS", "", false},
+		{"KTEL_PROBES", "syscall", true},
+		{"KTEL_PROBES", " syscall , syscall", true},
+		{"KTEL_PROBES", "", false},
+		{"KTEL_PROBES", ",", false},
+		{"KTEL_PROBES", "syscall,nosuch", false},
+		{"KTEL_LOG_LEVEL", "debug", true},
+		{"KTEL_LOG_LEVEL", "warn", true},
+		{"KTEL_LOG_LEVEL", "error", true},
+		{"KTEL_LOG_LEVEL", "loud", false},
+		{"KTEL_LOG_LEVEL", "INFO", false},
+		{"KTEL_LOG_FORMAT", "json", true},
+		{"KTEL_LOG_FORMAT", "text", true},
+		{"KTEL_LOG_FORMAT", "xml", false},
+		{"KTEL_HISTOGRAM_SCHEMA", "0", true},
+		{"KTEL_HISTOGRAM_SCHEMA", "4", true},
+		{"KTEL_HISTOGRAM_SCHEMA", "5", false},
+		{"KTEL_HISTOGRAM_SCHEMA", "-1", false},
+		{"KTEL_HISTOGRAM_SCHEMA", "three", false},
+		{"KTEL_BPF_STATS", "true", true},
+		{"KTEL_BPF_STATS", "false", true},
+		{"KTEL_BPF_STATS", "1", true},
+		{"KTEL_BPF_STATS", "maybe", false},
+		{"KTEL_SYSCALL_HOOK", "tp_btf", true},
+		{"KTEL_SYSCALL_HOOK", "raw_tp", true},
+		{"KTEL_SYSCALL_HOOK", "tracepoint", true},
+		{"KTEL_SYSCALL_HOOK", "kprobe", false},
+	} {
+		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
+			setenv(t, map[string]string{tc.name: tc.value})
+			_, err := Load()
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("rejected: %v", err)
+				}
+				return
+			}
+			var ce *Error
+			if !errors.As(err, &ce) {
+				t.Fatalf("got %v, want *config.Error", err)
+			}
+			f, _ := fieldByVar(tc.name)
+			msg := err.Error()
+			if ce.Var != tc.name || !strings.Contains(msg, tc.name) || !strings.Contains(msg, f.Values) {
+				t.Errorf("message %q does not name %s and its values %q", msg, tc.name, f.Values)
+			}
+		})
+	}
+}
+
+func TestAllErrorsReported(t *testing.T) {
+	setenv(t, map[string]string{"KTEL_LOG_LEVEL": "loud", "KTEL_LOG_FORMAT": "xml"})
+	_, err := Load()
+	if err == nil || !strings.Contains(err.Error(), "KTEL_LOG_LEVEL") || !strings.Contains(err.Error(), "KTEL_LOG_FORMAT") {
+		t.Fatalf("want both variables named, got %v", err)
+	}
+}
+
+// Every field is documented, and the documented defaults and probe names
+// agree with the probe list.
+func TestFieldsDocumented(t *testing.T) {
+	for _, f := range Fields() {
+		if f.Var == Prefix+"_" || f.Values == "" || f.Desc == "" {
+			t.Errorf("%s lacks envconfig, values or desc tags", f.Var)
+		}
+	}
+	var defaults, all []string
+	for _, p := range Probes {
+		all = append(all, p.Name)
+		if p.Default {
+			defaults = append(defaults, p.Name)
+		}
+	}
+	f, _ := fieldByVar("KTEL_PROBES")
+	if f.Default != strings.Join(defaults, ",") {
+		t.Errorf("KTEL_PROBES default %q, want the default probes %q", f.Default, strings.Join(defaults, ","))
+	}
+	if !strings.HasSuffix(f.Values, strings.Join(all, ",")) {
+		t.Errorf("KTEL_PROBES values %q do not list %q", f.Values, strings.Join(all, ","))
+	}
+}
+
+// README.md's reference table is the one generated here.
+func TestReadmeMatches(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(readme), Markdown()) {
+		t.Errorf("README.md configuration table is stale; replace it with:\n%s", Markdown())
+	}
+}
+
+func TestUnknown(t *testing.T) {
+	got := Unknown([]string{"KTEL_PROBE=syscall", "KTEL_PROBES=syscall", "PATH=/bin", "KTEL_PRIVILEGED_TESTS=1"}, "KTEL_PRIVILEGED_TESTS")
+	if len(got) != 1 || got[0] != "KTEL_PROBE" {
+		t.Errorf("Unknown = %v, want [KTEL_PROBE]", got)
+	}
+}

@@ -1,0 +1,211 @@
+package metrics
+
+import (
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+
+	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/internal/histogram"
+)
+
+type fakeSyscalls struct {
+	layout *histogram.Layout
+	snap   *sysprobe.Snapshot
+	err    error
+	reads  atomic.Int32
+}
+
+func (f *fakeSyscalls) Snapshot() (*sysprobe.Snapshot, error) {
+	f.reads.Add(1)
+	return f.snap, f.err
+}
+func (f *fakeSyscalls) Layout() *histogram.Layout { return f.layout }
+
+func newFake(t *testing.T) *fakeSyscalls {
+	t.Helper()
+	l, err := histogram.NewLayout(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slots := make([]uint64, l.Slots())
+	slots[l.Slot(500)]++       // 500 ns
+	slots[l.Slot(3000)] += 2   // 3 µs
+	slots[l.Slot(2_000_000)]++ // 2 ms
+	return &fakeSyscalls{layout: l, snap: &sysprobe.Snapshot{
+		Latency: map[uint32]sysprobe.Hist{0: {Slots: slots, SumNs: 500 + 6000 + 2_000_000}},
+		Errors: map[sysprobe.ErrorKey]uint64{
+			{Nr: 0, Errno: 11}:  7,
+			{Nr: 0, Errno: 512}: 1,
+		},
+		ErrorsDropped: 3,
+	}}
+}
+
+func names(nr uint32) string { return sysprobe.Name("amd64", nr) }
+
+func TestSyscallCollector(t *testing.T) {
+	f := newFake(t)
+	c := &collectorAdapter{NewSyscallCollector(f, names)}
+	want := `
+# HELP ktel_syscall_errors_dropped_total Failed syscalls not counted in ktel_syscall_errors_total because its kernel map was full.
+# TYPE ktel_syscall_errors_dropped_total counter
+ktel_syscall_errors_dropped_total 3
+# HELP ktel_syscall_errors_total Syscalls that returned an error, per syscall and errno.
+# TYPE ktel_syscall_errors_total counter
+ktel_syscall_errors_total{errno="512",syscall="read"} 1
+ktel_syscall_errors_total{errno="EAGAIN",syscall="read"} 7
+# HELP ktel_syscall_latency_seconds Time from syscall entry to exit, per syscall.
+# TYPE ktel_syscall_latency_seconds histogram
+` + classicLines("read", map[int]int{-20: 1, -18: 3, -8: 4}, 4, 0.0020065) + "\n"
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", err, problems)
+	}
+}
+
+// classicLines renders the expected classic buckets: cum maps the exponent
+// from which a cumulative count applies to that count.
+func classicLines(syscall string, cum map[int]int, count int, sum float64) string {
+	var b strings.Builder
+	n := 0
+	for e := histogram.ClassicMinExp; e <= histogram.ClassicMaxExp; e++ {
+		if c, ok := cum[e]; ok {
+			n = c
+		}
+		b.WriteString("ktel_syscall_latency_seconds_bucket{syscall=\"" + syscall + "\",le=\"" + fmtFloat(e) + "\"} " + itoa(n) + "\n")
+	}
+	b.WriteString("ktel_syscall_latency_seconds_bucket{syscall=\"" + syscall + "\",le=\"+Inf\"} " + itoa(count) + "\n")
+	b.WriteString("ktel_syscall_latency_seconds_sum{syscall=\"" + syscall + "\"} " + ftoa(sum) + "\n")
+	b.WriteString("ktel_syscall_latency_seconds_count{syscall=\"" + syscall + "\"} " + itoa(count))
+	return b.String()
+}
+
+func TestSyscallNativeHistogram(t *testing.T) {
+	f := newFake(t)
+	ch := make(chan prometheus.Metric, 16)
+	if err := NewSyscallCollector(f, names).Update(ch); err != nil {
+		t.Fatal(err)
+	}
+	close(ch)
+	var h *dto.Histogram
+	for m := range ch {
+		var d dto.Metric
+		if err := m.Write(&d); err != nil {
+			t.Fatal(err)
+		}
+		if d.Histogram != nil {
+			h = d.Histogram
+		}
+	}
+	if h == nil {
+		t.Fatal("no histogram")
+	}
+	if h.GetSchema() != 3 || h.GetZeroThreshold() != 1.0/(1<<25) {
+		t.Errorf("schema %d zero threshold %g", h.GetSchema(), h.GetZeroThreshold())
+	}
+	// Decode spans and deltas back into absolute buckets.
+	got := map[int]int64{}
+	idx, i, count := 0, 0, int64(0)
+	for _, s := range h.PositiveSpan {
+		idx += int(s.GetOffset())
+		for range s.GetLength() {
+			count += h.PositiveDelta[i]
+			if count != 0 {
+				got[idx] = count
+			}
+			i++
+			idx++
+		}
+	}
+	l := f.layout
+	want := map[int]int64{
+		l.FirstIndex() + l.Slot(500):       1,
+		l.FirstIndex() + l.Slot(3000):      2,
+		l.FirstIndex() + l.Slot(2_000_000): 1,
+	}
+	if len(got) != len(want) {
+		t.Fatalf("native buckets %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("bucket %d = %d, want %d (all: %v)", k, got[k], v, got)
+		}
+	}
+	if h.GetSampleCount() != 4 || len(h.Bucket) != 25 {
+		t.Errorf("count %d, %d classic buckets", h.GetSampleCount(), len(h.Bucket))
+	}
+}
+
+func TestSpansAndDeltas(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		buckets map[int]uint64
+		spans   [][2]int // offset, length
+		deltas  []int64
+	}{
+		{"empty", nil, nil, nil},
+		{"one", map[int]uint64{-5: 3}, [][2]int{{-5, 1}}, []int64{3}},
+		{"adjacent", map[int]uint64{1: 3, 2: 5}, [][2]int{{1, 2}}, []int64{3, 2}},
+		{"gap of two filled", map[int]uint64{1: 3, 4: 1}, [][2]int{{1, 4}}, []int64{3, -3, 0, 1}},
+		{"gap of three splits", map[int]uint64{1: 3, 5: 1}, [][2]int{{1, 1}, {3, 1}}, []int64{3, -2}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			spans, deltas := spansAndDeltas(tc.buckets)
+			if len(spans) != len(tc.spans) {
+				t.Fatalf("spans %v, want %v", spans, tc.spans)
+			}
+			for i, s := range spans {
+				if int(s.GetOffset()) != tc.spans[i][0] || int(s.GetLength()) != tc.spans[i][1] {
+					t.Errorf("span %d = %d/%d, want %v", i, s.GetOffset(), s.GetLength(), tc.spans[i])
+				}
+			}
+			if len(deltas) != len(tc.deltas) {
+				t.Fatalf("deltas %v, want %v", deltas, tc.deltas)
+			}
+			for i := range deltas {
+				if deltas[i] != tc.deltas[i] {
+					t.Errorf("deltas %v, want %v", deltas, tc.deltas)
+					break
+				}
+			}
+		})
+	}
+}
+
+func TestExporterReportsFailure(t *testing.T) {
+	f := newFake(t)
+	f.err = errors.New("map gone")
+	e := NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names)}, discard())
+	want := `
+# HELP ktel_scrape_collector_success Whether a collector succeeded during this scrape (1) or not (0).
+# TYPE ktel_scrape_collector_success gauge
+ktel_scrape_collector_success{collector="syscall"} 0
+`
+	if err := testutil.CollectAndCompare(e, strings.NewReader(want), "ktel_scrape_collector_success"); err != nil {
+		t.Error(err)
+	}
+}
+
+// Rapid scrapes share one map read.
+func TestExporterSharesReads(t *testing.T) {
+	f := newFake(t)
+	e := NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names)}, discard())
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(e)
+	for range 5 {
+		if _, err := reg.Gather(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := f.reads.Load(); n != 1 {
+		t.Errorf("%d map reads for 5 rapid scrapes, want 1", n)
+	}
+}

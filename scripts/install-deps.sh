@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what building, testing and benchmarking ktel needs on Debian 12:
+# clang-19 (pinned BPF compiler), kernel UAPI headers (syscall tables),
+# bpftool, Prometheus (promtool and the server, for end-to-end tests),
+# iptables and iproute2 (network-namespace tests). Idempotent and quick
+# when everything is present.
+set -euo pipefail
+
+packages=(clang-19 llvm-19 bpftool prometheus iptables iproute2 curl
+	linux-libc-dev linux-libc-dev-arm64-cross)
+
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	if [[ $(id -u) -ne 0 ]]; then
+		echo "install-deps: missing ${missing[*]}; run as root (sudo make ...)" >&2
+		exit 1
+	fi
+	echo "install-deps: installing ${missing[*]}" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	# The Debian package starts a Prometheus server where it can; tests run
+	# their own.
+	if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+		systemctl disable --now prometheus >/dev/null 2>&1 || true
+	fi
+fi
+
+go mod download
