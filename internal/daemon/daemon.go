@@ -36,6 +36,10 @@ type Daemon struct {
 // reported as ktel_probe_up=0; the others run. New fails only if the
 // exporter itself cannot be set up.
 func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
+	return newDaemon(cfg, log, starters)
+}
+
+func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter) (*Daemon, error) {
 	reg, self := metrics.NewRegistry(version.Info())
 	d := &Daemon{cfg: cfg, log: log, reg: reg, probes: map[string]loaded{}}
 
@@ -50,7 +54,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 
 	for _, name := range cfg.EnabledProbes() {
 		plog := log.With("probe", name)
-		p, err := start(name, cfg, plog)
+		p, err := start(starters, name, cfg, plog)
 		if err != nil {
 			logLoadError(plog, err)
 			self.ProbeUp.WithLabelValues(name).Set(0)
@@ -169,9 +173,13 @@ func (d *Daemon) Close() error {
 // Check loads and attaches every enabled probe in turn, writes one verdict
 // per probe and detaches it again. It reports whether all loaded.
 func Check(cfg *config.Config, log *slog.Logger, w io.Writer) bool {
+	return check(cfg, log, w, starters)
+}
+
+func check(cfg *config.Config, log *slog.Logger, w io.Writer, starters map[string]starter) bool {
 	ok := true
 	for _, name := range cfg.EnabledProbes() {
-		p, err := start(name, cfg, log.With("probe", name))
+		p, err := start(starters, name, cfg, log.With("probe", name))
 		switch {
 		case err == nil:
 			fmt.Fprintf(w, "%s: ok\n", name)

@@ -17,9 +17,12 @@ type loaded interface {
 	io.Closer
 }
 
+// starter loads and attaches one probe.
+type starter func(cfg *config.Config, log *slog.Logger) (loaded, error)
+
 // starters load and attach each probe by name (config.Probes). Adding a
 // probe is a folder under bpf/, a collector in metrics/ and a line here.
-var starters = map[string]func(cfg *config.Config, log *slog.Logger) (loaded, error){
+var starters = map[string]starter{
 	"syscall": startSyscall,
 }
 
@@ -41,7 +44,7 @@ func startSyscall(cfg *config.Config, log *slog.Logger) (loaded, error) {
 }
 
 // start loads one probe, checking that it has a starter.
-func start(name string, cfg *config.Config, log *slog.Logger) (loaded, error) {
+func start(starters map[string]starter, name string, cfg *config.Config, log *slog.Logger) (loaded, error) {
 	s, ok := starters[name]
 	if !ok {
 		return nil, fmt.Errorf("no probe %q", name)

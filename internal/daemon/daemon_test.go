@@ -1,0 +1,118 @@
+package daemon
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ktel-dev/ktel/internal/config"
+	"github.com/ktel-dev/ktel/internal/probe"
+	"github.com/ktel-dev/ktel/internal/testenv"
+	"github.com/ktel-dev/ktel/internal/version"
+	"github.com/ktel-dev/ktel/metrics"
+)
+
+func testConfig(probes string, stats bool) *config.Config {
+	return &config.Config{ListenAddress: "127.0.0.1:0", Probes: probes, LogLevel: "debug", LogFormat: "text",
+		HistogramSchema: 3, BPFStats: stats, SyscallHook: "auto"}
+}
+
+func failing(err error) starter {
+	return func(*config.Config, *slog.Logger) (loaded, error) { return nil, err }
+}
+
+// A probe that cannot load is reported as down and logged; the others run
+// and are exported.
+func TestFailedProbeIsolated(t *testing.T) {
+	testenv.Privileged(t)
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	s := map[string]starter{
+		"syscall":     starters["syscall"],
+		"unsupported": failing(fmt.Errorf("attach: %w", probe.ErrUnsupported)),
+		"broken":      failing(fmt.Errorf("load programs: boom")),
+	}
+	d, err := newDaemon(testConfig("syscall,unsupported,broken", true), log, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if d.Running() != 1 {
+		t.Fatalf("%d probes running, want 1", d.Running())
+	}
+	want := `
+# HELP ktel_probe_up Whether a probe is loaded and attached (1) or could not be (0).
+# TYPE ktel_probe_up gauge
+ktel_probe_up{probe="broken"} 0
+ktel_probe_up{probe="syscall"} 1
+ktel_probe_up{probe="unsupported"} 0
+`
+	if err := testutil.GatherAndCompare(d.reg, strings.NewReader(want), "ktel_probe_up"); err != nil {
+		t.Error(err)
+	}
+	for _, s := range []string{`level=WARN msg="probe unsupported on this kernel" probe=unsupported`, `level=ERROR msg="probe failed to load" probe=broken`} {
+		if !strings.Contains(logs.String(), s) {
+			t.Errorf("log lacks %q:\n%s", s, logs.String())
+		}
+	}
+
+	// With KTEL_BPF_STATS the syscall programs report runs.
+	rec := httptest.NewRecorder()
+	d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body := rec.Body.String()
+	if !strings.Contains(body, `ktel_bpf_program_runs_total{probe="syscall",program="sys_enter_btf_task"}`) ||
+		strings.Contains(body, `ktel_bpf_program_runs_total{probe="syscall",program="sys_enter_btf_task"} 0`+"\n") {
+		t.Errorf("no runs reported for sys_enter:\n%s", grep(body, "ktel_bpf_program"))
+	}
+	if !strings.Contains(body, "ktel_syscall_latency_seconds_count") {
+		t.Error("no syscall latency exported")
+	}
+}
+
+func TestCheckVerdicts(t *testing.T) {
+	testenv.Privileged(t)
+	var out bytes.Buffer
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s := map[string]starter{
+		"syscall":     starters["syscall"],
+		"unsupported": failing(fmt.Errorf("attach: %w", probe.ErrUnsupported)),
+		"broken":      failing(fmt.Errorf("boom")),
+	}
+	if check(testConfig("syscall", false), log, &out, s) != true {
+		t.Errorf("check failed: %s", out.String())
+	}
+	out.Reset()
+	ok := check(testConfig("syscall,unsupported,broken", false), log, &out, s)
+	want := "syscall: ok\nunsupported: unsupported on this kernel: attach: unsupported on this kernel\nbroken: failed: boom\n"
+	if ok || out.String() != want {
+		t.Errorf("check = %v, output:\n%s\nwant:\n%s", ok, out.String(), want)
+	}
+}
+
+func TestHandlerPages(t *testing.T) {
+	d := &Daemon{log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	d.reg, _ = metrics.NewRegistry(version.Info())
+	for path, want := range map[string]int{"/": 200, "/healthz": 200, "/metrics": 200, "/nope": 404} {
+		rec := httptest.NewRecorder()
+		d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		if rec.Code != want {
+			t.Errorf("GET %s: %d, want %d", path, rec.Code, want)
+		}
+	}
+}
+
+func grep(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
