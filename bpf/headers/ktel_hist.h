@@ -39,3 +39,14 @@ static __always_inline __u32 ktel_slot(__u64 v)
 		k = ktel_slots - 1;
 	return k;
 }
+
+/*
+ * ktel_hist_add records v in a histogram value laid out as ktel_slots
+ * counters followed by their sum. The value must be 8*(ktel_slots+1) bytes,
+ * which user space sets as the map's value size.
+ */
+static __always_inline void ktel_hist_add(__u64 *hist, __u64 v)
+{
+	hist[ktel_slot(v)]++;
+	hist[ktel_slots] += v;
+}

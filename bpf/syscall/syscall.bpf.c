@@ -116,15 +116,11 @@ static __always_inline void record_error(__u32 nr, long ret)
 
 static __always_inline void record(__u32 nr, __u64 delta, long ret)
 {
-	__u64 *slots;
-	__u32 k;
+	__u64 *hist = bpf_map_lookup_elem(&syscall_latency, &nr);
 
-	slots = bpf_map_lookup_elem(&syscall_latency, &nr);
-	if (!slots)
+	if (!hist)
 		return;
-	k = ktel_slot(delta);
-	slots[k]++;
-	slots[ktel_slots] += delta;
+	ktel_hist_add(hist, delta);
 
 	if (ret < 0 && ret >= -MAX_ERRNO)
 		record_error(nr, ret);

@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -198,12 +199,12 @@ func TestSchemas(t *testing.T) {
 
 func TestHookSelection(t *testing.T) {
 	testenv.Privileged(t)
-	p, err := Load(Options{Schema: 3, Hook: HookRaw}, discard())
+	p, err := Load(Options{Schema: 3, Hook: probe.HookRaw}, discard())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	if p.Variant().Hook != HookRaw {
+	if p.Variant().Hook != probe.HookRaw {
 		t.Errorf("asked for raw_tp, got %s", p.Variant())
 	}
 	if _, err := Load(Options{Schema: 3, Hook: "kprobe"}, discard()); err == nil {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/ktel-dev/ktel/bpf/floor"
 	"github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/internal/probe"
 )
 
 // syscallConfigs: no probe, the empty-program floors, and every variant of
@@ -22,11 +23,11 @@ func syscallConfigs(log *slog.Logger) []config {
 		{name: "floor raw_tp", setup: floorSetup(false)},
 	}
 	for _, v := range syscall.Variants {
-		if v.Hook == syscall.HookTracepoint {
+		if v.Hook == probe.HookTracepoint {
 			continue // needs tracefs; a fallback, not a candidate
 		}
 		f := "floor raw_tp"
-		if v.Hook == syscall.HookBTF {
+		if v.Hook == probe.HookBTF {
 			f = "floor tp_btf"
 		}
 		cfgs = append(cfgs, config{

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/metrics"
 )
@@ -34,7 +35,7 @@ type syscallProbe struct {
 func startSyscall(cfg *config.Config, log *slog.Logger) (loaded, error) {
 	p, err := sysprobe.Load(sysprobe.Options{
 		Schema: cfg.HistogramSchema,
-		Hook:   sysprobe.Hook(cfg.SyscallHook),
+		Hook:   probe.Hook(cfg.SyscallHook),
 	}, log)
 	if err != nil {
 		return nil, err

@@ -1,0 +1,195 @@
+package probe
+
+import (
+	"errors"
+	"fmt"
+	"encoding/binary"
+	"log/slog"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/ktel-dev/ktel/internal/histogram"
+)
+
+// Hook is how a variant's programs attach to their tracepoints.
+type Hook string
+
+const (
+	HookAuto       Hook = "auto"       // the cheapest variant that loads
+	HookBTF        Hook = "tp_btf"     // BTF-enabled raw tracepoint, 5.5+
+	HookRaw        Hook = "raw_tp"     // raw tracepoint, 4.17+
+	HookTracepoint Hook = "tracepoint" // classic tracepoint; needs tracefs
+)
+
+// Storage is where a variant keeps per-task state.
+type Storage string
+
+const (
+	StorageTask Storage = "task" // BPF task storage, 5.11+
+	StorageHash Storage = "hash" // a bounded hash keyed by thread id
+)
+
+// Program is one program of a variant and the tracepoint it attaches to.
+type Program struct {
+	Name       string // in the ELF
+	Group      string // tracepoint group, for classic tracepoints
+	Tracepoint string
+}
+
+// Variant is a set of programs that together implement a probe with one
+// hook and one kind of storage.
+type Variant struct {
+	Hook     Hook
+	Storage  Storage
+	Programs []Program
+}
+
+func (v Variant) String() string { return string(v.Hook) + "+" + string(v.Storage) }
+
+// Candidates returns the variants using hook, all of them for HookAuto or
+// "", in their order of preference.
+func Candidates(variants []Variant, hook Hook) ([]Variant, error) {
+	var out []Variant
+	for _, v := range variants {
+		if hook == "" || hook == HookAuto || hook == v.Hook {
+			out = append(out, v)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no variant with hook %q", hook)
+	}
+	return out, nil
+}
+
+// FirstLoading calls load for each candidate in turn and returns the first
+// success. When none loads, the errors are combined (see Combine).
+func FirstLoading[T any](candidates []Variant, log *slog.Logger, load func(Variant) (T, error)) (T, Variant, error) {
+	var errs []error
+	for _, v := range candidates {
+		p, err := load(v)
+		if err == nil {
+			log.Debug("variant loaded", "variant", v.String())
+			return p, v, nil
+		}
+		log.Debug("variant failed", "variant", v.String(), "err", err)
+		errs = append(errs, fmt.Errorf("%s: %w", v, err))
+	}
+	var zero T
+	return zero, Variant{}, Combine(errs)
+}
+
+// Prune removes from spec every program that is not the variant's, so that
+// only the maps this variant uses are created: a kernel without task
+// storage can still run a hash variant.
+func (v Variant) Prune(spec *ebpf.CollectionSpec) {
+	keep := map[string]bool{}
+	for _, p := range v.Programs {
+		keep[p.Name] = true
+	}
+	for name := range spec.Programs {
+		if !keep[name] {
+			delete(spec.Programs, name)
+		}
+	}
+}
+
+// Attach attaches the variant's programs from progs, in the variant's
+// order, and returns the links. On error, links already made are closed.
+func (v Variant) Attach(progs map[string]*ebpf.Program) ([]link.Link, error) {
+	var links []link.Link
+	for _, p := range v.Programs {
+		l, err := attach(v.Hook, p, progs[p.Name])
+		if err != nil {
+			for _, l := range links {
+				l.Close()
+			}
+			return nil, err
+		}
+		links = append(links, l)
+	}
+	return links, nil
+}
+
+func attach(h Hook, p Program, prog *ebpf.Program) (link.Link, error) {
+	if prog == nil {
+		return nil, fmt.Errorf("program %s not loaded", p.Name)
+	}
+	var (
+		l   link.Link
+		err error
+	)
+	switch h {
+	case HookBTF:
+		l, err = link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
+	case HookRaw:
+		l, err = link.AttachRawTracepoint(link.RawTracepointOptions{Name: p.Tracepoint, Program: prog})
+	case HookTracepoint:
+		l, err = link.Tracepoint(p.Group, p.Tracepoint, prog, nil)
+	default:
+		return nil, fmt.Errorf("unknown hook %q", h)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("attach %s %s: %w", h, p.Tracepoint, err)
+	}
+	return l, nil
+}
+
+// SetHistogram writes the slot bounds of layout into the program's
+// read-only data (ktel_bounds, ktel_slots in ktel_hist.h) and sizes the
+// histogram map's values: the slots, then the sum.
+func SetHistogram(spec *ebpf.CollectionSpec, layout *histogram.Layout, histMap string) error {
+	if err := spec.Variables["ktel_bounds"].Set(layout.KernelTable()); err != nil {
+		return fmt.Errorf("set ktel_bounds: %w", err)
+	}
+	if err := spec.Variables["ktel_slots"].Set(uint32(layout.Slots())); err != nil {
+		return fmt.Errorf("set ktel_slots: %w", err)
+	}
+	m, ok := spec.Maps[histMap]
+	if !ok {
+		return fmt.Errorf("no map %s", histMap)
+	}
+	m.ValueSize = uint32(HistValueSize(layout))
+	return nil
+}
+
+// HistValueSize is the size of one histogram value in bytes.
+func HistValueSize(layout *histogram.Layout) int { return 8 * (layout.Slots() + 1) }
+
+// SumHist reads the histogram value of one key from a per-CPU map read
+// with LookupBytes: per CPU, the slots then the sum. perCPU receives each
+// CPU's copy (nil to skip); the total is returned.
+func SumHist(buf []byte, ncpu int, layout *histogram.Layout, perCPU func(cpu int, slots []uint64, sumNs uint64)) (slots []uint64, sumNs uint64) {
+	n := layout.Slots()
+	size := HistValueSize(layout)
+	stride := (size + 7) &^ 7
+	slots = make([]uint64, n)
+	for cpu := range ncpu {
+		v := buf[cpu*stride : cpu*stride+size]
+		mine := make([]uint64, n)
+		for k := range n {
+			mine[k] = nativeEndian.Uint64(v[8*k:])
+			slots[k] += mine[k]
+		}
+		s := nativeEndian.Uint64(v[8*n:])
+		sumNs += s
+		if perCPU != nil {
+			perCPU(cpu, mine, s)
+		}
+	}
+	return slots, sumNs
+}
+
+// CloseAll closes each of cs, collecting errors; nil interfaces are
+// skipped (ebpf.Map and ebpf.Program also accept nil receivers), so it
+// suits a partly constructed probe.
+func CloseAll(cs ...interface{ Close() error }) error {
+	var errs []error
+	for _, c := range cs {
+		if c != nil {
+			errs = append(errs, c.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+var nativeEndian = binary.NativeEndian
