@@ -43,9 +43,10 @@ test-unit:
 	$(GO) test ./...
 
 # The whole suite. As root with KTEL_PRIVILEGED_TESTS=1, privileged tests run
-# and may not skip.
+# and may not skip. Packages run one at a time (-p 1): privileged tests load
+# host-wide programs and cause host-wide scheduling, which must not overlap.
 test: tools
-	KTEL_PRIVILEGED_TESTS=$${KTEL_PRIVILEGED_TESTS-1} $(GO) test -count=1 -timeout 20m ./...
+	KTEL_PRIVILEGED_TESTS=$${KTEL_PRIVILEGED_TESTS-1} $(GO) test -count=1 -p 1 -timeout 20m ./...
 
 bench: tools build
 	$(GO) run ./cmd/ktel-bench

@@ -1,8 +1,8 @@
 //go:build ignore
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Empty sys_enter/sys_exit programs: the cost floor of any syscall probe,
- * against which `make bench` compares the syscall probe.
+ * Empty programs: the cost floor of attaching anything to the hooks the
+ * probes use, against which `make bench` compares the probes.
  */
 #include "vmlinux.h"
 #include "bpf_helpers.h"
@@ -30,6 +30,25 @@ int BPF_PROG(floor_enter_raw, struct pt_regs *regs, long id)
 
 SEC("raw_tp/sys_exit")
 int BPF_PROG(floor_exit_raw, struct pt_regs *regs, long ret)
+{
+	return 0;
+}
+
+/* Scheduler tracepoints: the floor of the runqlat probe. */
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(floor_wakeup_btf, struct task_struct *p)
+{
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(floor_wakeup_new_btf, struct task_struct *p)
+{
+	return 0;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(floor_switch_btf, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
 	return 0;
 }

@@ -16,10 +16,13 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	FloorProgFloorEnterBtf = "floor_enter_btf"
-	FloorProgFloorEnterRaw = "floor_enter_raw"
-	FloorProgFloorExitBtf  = "floor_exit_btf"
-	FloorProgFloorExitRaw  = "floor_exit_raw"
+	FloorProgFloorEnterBtf     = "floor_enter_btf"
+	FloorProgFloorEnterRaw     = "floor_enter_raw"
+	FloorProgFloorExitBtf      = "floor_exit_btf"
+	FloorProgFloorExitRaw      = "floor_exit_raw"
+	FloorProgFloorSwitchBtf    = "floor_switch_btf"
+	FloorProgFloorWakeupBtf    = "floor_wakeup_btf"
+	FloorProgFloorWakeupNewBtf = "floor_wakeup_new_btf"
 )
 
 // LoadFloor returns the embedded CollectionSpec for Floor.
@@ -64,10 +67,13 @@ type FloorSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type FloorProgramSpecs struct {
-	FloorEnterBtf *ebpf.ProgramSpec `ebpf:"floor_enter_btf"`
-	FloorEnterRaw *ebpf.ProgramSpec `ebpf:"floor_enter_raw"`
-	FloorExitBtf  *ebpf.ProgramSpec `ebpf:"floor_exit_btf"`
-	FloorExitRaw  *ebpf.ProgramSpec `ebpf:"floor_exit_raw"`
+	FloorEnterBtf     *ebpf.ProgramSpec `ebpf:"floor_enter_btf"`
+	FloorEnterRaw     *ebpf.ProgramSpec `ebpf:"floor_enter_raw"`
+	FloorExitBtf      *ebpf.ProgramSpec `ebpf:"floor_exit_btf"`
+	FloorExitRaw      *ebpf.ProgramSpec `ebpf:"floor_exit_raw"`
+	FloorSwitchBtf    *ebpf.ProgramSpec `ebpf:"floor_switch_btf"`
+	FloorWakeupBtf    *ebpf.ProgramSpec `ebpf:"floor_wakeup_btf"`
+	FloorWakeupNewBtf *ebpf.ProgramSpec `ebpf:"floor_wakeup_new_btf"`
 }
 
 // FloorMapSpecs contains maps before they are loaded into the kernel.
@@ -118,10 +124,13 @@ type FloorVariables struct {
 //
 // It can be passed to LoadFloorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type FloorPrograms struct {
-	FloorEnterBtf *ebpf.Program `ebpf:"floor_enter_btf"`
-	FloorEnterRaw *ebpf.Program `ebpf:"floor_enter_raw"`
-	FloorExitBtf  *ebpf.Program `ebpf:"floor_exit_btf"`
-	FloorExitRaw  *ebpf.Program `ebpf:"floor_exit_raw"`
+	FloorEnterBtf     *ebpf.Program `ebpf:"floor_enter_btf"`
+	FloorEnterRaw     *ebpf.Program `ebpf:"floor_enter_raw"`
+	FloorExitBtf      *ebpf.Program `ebpf:"floor_exit_btf"`
+	FloorExitRaw      *ebpf.Program `ebpf:"floor_exit_raw"`
+	FloorSwitchBtf    *ebpf.Program `ebpf:"floor_switch_btf"`
+	FloorWakeupBtf    *ebpf.Program `ebpf:"floor_wakeup_btf"`
+	FloorWakeupNewBtf *ebpf.Program `ebpf:"floor_wakeup_new_btf"`
 }
 
 func (p *FloorPrograms) Close() error {
@@ -130,6 +139,9 @@ func (p *FloorPrograms) Close() error {
 		p.FloorEnterRaw,
 		p.FloorExitBtf,
 		p.FloorExitRaw,
+		p.FloorSwitchBtf,
+		p.FloorWakeupBtf,
+		p.FloorWakeupNewBtf,
 	)
 }
 

@@ -35,7 +35,9 @@ type config struct {
 func main() {
 	rounds := flag.Int("rounds", 7, "interleaved rounds per configuration")
 	calls := flag.Int("calls", 300000, "syscalls per measurement")
-	cpu := flag.Int("cpu", 0, "CPU to pin the measuring thread to")
+	trips := flag.Int("trips", 50000, "pipe round trips per measurement")
+	cpu := flag.Int("cpu", 0, "CPU to pin the measuring threads to")
+	only := flag.String("only", "", "run only this benchmark: syscall or runqlat")
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -50,10 +52,18 @@ func main() {
 		os.Exit(1)
 	}
 
-	fmt.Printf("syscall probe: getpid, %d calls x %d rounds, pinned to CPU %d\n\n", *calls, *rounds, *cpu)
-	cfgs := syscallConfigs(log)
-	results := measure(cfgs, *rounds, func() float64 { return getpidLoop(*calls) })
-	report(os.Stdout, cfgs, results, "ns/syscall")
+	if *only == "" || *only == "syscall" {
+		fmt.Printf("syscall probe: getpid, %d calls x %d rounds, pinned to CPU %d\n\n", *calls, *rounds, *cpu)
+		cfgs := syscallConfigs(log)
+		results := measure(cfgs, *rounds, func() float64 { return getpidLoop(*calls) })
+		report(os.Stdout, cfgs, results, "ns/syscall")
+	}
+	if *only == "" || *only == "runqlat" {
+		fmt.Printf("\nrunqlat probe: pipe ping-pong between two threads on CPU %d, %d round trips x %d rounds\n\n", *cpu, *trips, *rounds)
+		cfgs := runqlatConfigs(log)
+		results := measure(cfgs, *rounds, func() float64 { return pingPong(*cpu, *trips) })
+		report(os.Stdout, cfgs, results, "ns/round trip")
+	}
 }
 
 // measure runs every config once per round, rotating the order so that no
@@ -86,12 +96,12 @@ func measure(cfgs []config, rounds int, run func() float64) map[string][]float64
 // addition as a multiple of its floor's.
 func report(w io.Writer, cfgs []config, samples map[string][]float64, unit string) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "config\tmedian %s\tadded vs none\tvs floor\t\n", unit)
+	fmt.Fprintf(tw, "config\tmedian %s\tadded vs none\tslowdown\tadded vs floor's\t\n", unit)
 	base := median(samples["none"])
 	for _, c := range cfgs {
 		s := samples[c.name]
 		if len(s) == 0 {
-			fmt.Fprintf(tw, "%s\tunavailable\t\t\t\n", c.name)
+			fmt.Fprintf(tw, "%s\tunavailable\t\t\t\t\n", c.name)
 			continue
 		}
 		m := median(s)
@@ -101,7 +111,7 @@ func report(w io.Writer, cfgs []config, samples map[string][]float64, unit strin
 				ratio = fmt.Sprintf("%.2fx", (m-base)/f)
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%.1f\t%+.1f\t%s\t\n", c.name, m, m-base, ratio)
+		fmt.Fprintf(tw, "%s\t%.1f\t%+.1f\t%+.1f%%\t%s\t\n", c.name, m, m-base, 100*(m-base)/base, ratio)
 	}
 	tw.Flush()
 }

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 
 	"github.com/ktel-dev/ktel/bpf/floor"
 	"github.com/ktel-dev/ktel/bpf/syscall"
@@ -57,30 +56,39 @@ func floorSetup(btf bool) setup {
 		if err := floor.LoadFloorObjects(&objs, nil); err != nil {
 			return nil, fmt.Errorf("load floor: %w", err)
 		}
-		cs := closers{&objs}
-		pairs := []struct {
-			tp   string
-			prog *ebpf.Program
-		}{{"sys_enter", objs.FloorEnterRaw}, {"sys_exit", objs.FloorExitRaw}}
+		v := probe.Variant{Hook: probe.HookRaw, Programs: []probe.Program{
+			{Name: "enter", Tracepoint: "sys_enter"}, {Name: "exit", Tracepoint: "sys_exit"}}}
+		progs := map[string]*ebpf.Program{"enter": objs.FloorEnterRaw, "exit": objs.FloorExitRaw}
 		if btf {
-			pairs[0].prog, pairs[1].prog = objs.FloorEnterBtf, objs.FloorExitBtf
+			v.Hook = probe.HookBTF
+			progs = map[string]*ebpf.Program{"enter": objs.FloorEnterBtf, "exit": objs.FloorExitBtf}
 		}
-		for _, p := range pairs {
-			var (
-				l   link.Link
-				err error
-			)
-			if btf {
-				l, err = link.AttachTracing(link.TracingOptions{Program: p.prog, AttachType: ebpf.AttachTraceRawTp})
-			} else {
-				l, err = link.AttachRawTracepoint(link.RawTracepointOptions{Name: p.tp, Program: p.prog})
-			}
-			if err != nil {
-				cs.Close()
-				return nil, fmt.Errorf("attach floor %s: %w", p.tp, err)
-			}
-			cs = append(closers{l}, cs...)
-		}
-		return cs, nil
+		return attachFloor(&objs, v, progs)
 	}
+}
+
+// schedFloorSetup attaches empty tp_btf programs to the scheduler
+// tracepoints runqlat uses.
+func schedFloorSetup() (io.Closer, error) {
+	var objs floor.FloorObjects
+	if err := floor.LoadFloorObjects(&objs, nil); err != nil {
+		return nil, fmt.Errorf("load floor: %w", err)
+	}
+	v := probe.Variant{Hook: probe.HookBTF, Programs: []probe.Program{
+		{Name: "wakeup"}, {Name: "wakeup_new"}, {Name: "switch"}}}
+	return attachFloor(&objs, v, map[string]*ebpf.Program{
+		"wakeup": objs.FloorWakeupBtf, "wakeup_new": objs.FloorWakeupNewBtf, "switch": objs.FloorSwitchBtf})
+}
+
+func attachFloor(objs *floor.FloorObjects, v probe.Variant, progs map[string]*ebpf.Program) (io.Closer, error) {
+	links, err := v.Attach(progs)
+	if err != nil {
+		objs.Close()
+		return nil, err
+	}
+	cs := closers{}
+	for _, l := range links {
+		cs = append(cs, l)
+	}
+	return append(cs, objs), nil
 }

@@ -29,6 +29,7 @@ type Probe struct {
 // Probes are every probe ktel has, in the order they start.
 var Probes = []Probe{
 	{Name: "syscall", Default: true, Help: "per-syscall latency histograms and error counts"},
+	{Name: "runqlat", Default: true, Help: "run-queue (scheduler) delay histogram"},
 }
 
 // Config is the daemon's configuration. Tags: envconfig (variable name
@@ -36,12 +37,14 @@ var Probes = []Probe{
 // errors and help) and desc.
 type Config struct {
 	ListenAddress   string `envconfig:"LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
-	Probes          string `envconfig:"PROBES" default:"syscall" values:"comma-separated probe names: syscall" desc:"Probes to load. The default is every probe that needs no further input."`
+	Probes          string `envconfig:"PROBES" default:"syscall,runqlat" values:"comma-separated probe names: syscall,runqlat" desc:"Probes to load. The default is every probe that needs no further input."`
 	LogLevel        string `envconfig:"LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
 	LogFormat       string `envconfig:"LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
 	HistogramSchema int    `envconfig:"HISTOGRAM_SCHEMA" default:"3" values:"0..4" desc:"Native-histogram schema of latency histograms: 2^schema buckets per power of two (3: at most 4.4% relative error). Higher costs kernel memory: about 1.1 MiB per CPU at 3."`
 	BPFStats        bool   `envconfig:"BPF_STATS" default:"false" values:"true|false" desc:"Enable kernel BPF run-time statistics (kernel.bpf_stats_enabled) and export run time and run count per program. Costs two clock reads per program run, for every BPF program on the host, while ktel runs."`
 	SyscallHook     string `envconfig:"SYSCALL_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the syscall probe attaches. auto picks the cheapest that loads on this kernel."`
+	RunqlatHook     string `envconfig:"RUNQLAT_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the runqlat probe attaches. auto picks the cheapest that loads on this kernel."`
+	RunqlatPerCPU   bool   `envconfig:"RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs."`
 }
 
 // Error is an invalid variable. Its message names the variable, the value
@@ -152,8 +155,10 @@ func (c *Config) Validate() error {
 	if c.HistogramSchema < 0 || c.HistogramSchema > 4 {
 		bad("HISTOGRAM_SCHEMA", strconv.Itoa(c.HistogramSchema), "out of range")
 	}
-	if !oneOf(c.SyscallHook, "auto", "tp_btf", "raw_tp", "tracepoint") {
-		bad("SYSCALL_HOOK", c.SyscallHook, "")
+	for name, hook := range map[string]string{"SYSCALL_HOOK": c.SyscallHook, "RUNQLAT_HOOK": c.RunqlatHook} {
+		if !oneOf(hook, "auto", "tp_btf", "raw_tp", "tracepoint") {
+			bad(name, hook, "")
+		}
 	}
 	return errors.Join(errs...)
 }

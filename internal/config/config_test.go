@@ -2,7 +2,10 @@ package config
 
 import (
 	"errors"
+	"flag"
 	"os"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -30,8 +33,8 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Config{ListenAddress: ":9437", Probes: "syscall", LogLevel: "info", LogFormat: "text",
-		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto"}
+	want := Config{ListenAddress: ":9437", Probes: "syscall,runqlat", LogLevel: "info", LogFormat: "text",
+		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", RunqlatHook: "auto", RunqlatPerCPU: false}
 	if *c != want {
 		t.Errorf("defaults %+v, want %+v", *c, want)
 	}
@@ -76,6 +79,13 @@ func TestValidation(t *testing.T) {
 		{"KTEL_SYSCALL_HOOK", "raw_tp", true},
 		{"KTEL_SYSCALL_HOOK", "tracepoint", true},
 		{"KTEL_SYSCALL_HOOK", "kprobe", false},
+		{"KTEL_PROBES", "runqlat", true},
+		{"KTEL_PROBES", "runqlat,syscall", true},
+		{"KTEL_RUNQLAT_HOOK", "auto", true},
+		{"KTEL_RUNQLAT_HOOK", "raw_tp", true},
+		{"KTEL_RUNQLAT_HOOK", "fentry", false},
+		{"KTEL_RUNQLAT_PER_CPU", "true", true},
+		{"KTEL_RUNQLAT_PER_CPU", "yes", false},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
 			setenv(t, map[string]string{tc.name: tc.value})
@@ -131,14 +141,28 @@ func TestFieldsDocumented(t *testing.T) {
 	}
 }
 
+var update = flag.Bool("update", false, "rewrite README.md's configuration table")
+
 // README.md's reference table is the one generated here.
 func TestReadmeMatches(t *testing.T) {
-	readme, err := os.ReadFile("../../README.md")
+	const path = "../../README.md"
+	readme, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(readme), Markdown()) {
-		t.Errorf("README.md configuration table is stale; replace it with:\n%s", Markdown())
+	begin := regexp.MustCompile(`(?m)^<!-- BEGIN config.*-->\n`).FindIndex(readme)
+	end := regexp.MustCompile(`(?m)^<!-- END config -->`).FindIndex(readme)
+	if begin == nil || end == nil || end[0] < begin[1] {
+		t.Fatal("README.md lacks the BEGIN config / END config markers")
+	}
+	if got := string(readme[begin[1]:end[0]]); got != Markdown() {
+		if !*update {
+			t.Fatalf("README.md configuration table is stale: run go test ./internal/config -run Readme -update")
+		}
+		out := append(append(slices.Clone(readme[:begin[1]]), Markdown()...), readme[end[0]:]...)
+		if err := os.WriteFile(path, out, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 
+	"github.com/ktel-dev/ktel/bpf/runqlat"
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/config"
@@ -25,6 +26,7 @@ type starter func(cfg *config.Config, log *slog.Logger) (loaded, error)
 // probe is a folder under bpf/, a collector in metrics/ and a line here.
 var starters = map[string]starter{
 	"syscall": startSyscall,
+	"runqlat": startRunqlat,
 }
 
 type syscallProbe struct {
@@ -42,6 +44,23 @@ func startSyscall(cfg *config.Config, log *slog.Logger) (loaded, error) {
 	}
 	log.Info("probe attached", "variant", p.Variant().String())
 	return syscallProbe{p, metrics.NewSyscallCollector(p, sysprobe.NativeName)}, nil
+}
+
+type runqlatProbe struct {
+	*runqlat.Probe
+	metrics.Collector
+}
+
+func startRunqlat(cfg *config.Config, log *slog.Logger) (loaded, error) {
+	p, err := runqlat.Load(runqlat.Options{
+		Schema: cfg.HistogramSchema,
+		Hook:   probe.Hook(cfg.RunqlatHook),
+	}, log)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("probe attached", "variant", p.Variant().String())
+	return runqlatProbe{p, metrics.NewRunqlatCollector(p, cfg.RunqlatPerCPU)}, nil
 }
 
 // start loads one probe, checking that it has a starter.

@@ -1,0 +1,3 @@
+package runqlat
+
+//go:generate go tool bpf2go -cc $BPF_CLANG -cflags $BPF_CFLAGS -target bpfel runqlat runqlat.bpf.c -- -I../headers

@@ -1,0 +1,257 @@
+//go:build ignore
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Run-queue delay: how long a runnable task waits for a CPU, from the moment
+ * it becomes runnable (woken, newly created, or preempted while still
+ * runnable) until it is switched in. Aggregated per CPU into native-histogram
+ * slots (ktel_hist.h); the CPU is the one the task ran on after the wait.
+ *
+ * Counted: waits after sched_wakeup and sched_wakeup_new, and after an
+ * involuntary switch-out (preemption, or a yield) of a task that is still
+ * runnable. Not counted: the idle task (pid 0), and waits that began before
+ * the probe was attached.
+ *
+ * Flavours, loaded in pairs by user space:
+ *   tp_btf     BTF-enabled raw tracepoints (5.5+), timestamps in task
+ *              storage (5.11+) or in a hash;
+ *   raw_tp     raw tracepoints, timestamps in a hash;
+ *   tracepoint classic tracepoints, timestamps in a hash.
+ */
+#include "vmlinux.h"
+#include "bpf_helpers.h"
+#include "bpf_tracing.h"
+#include "bpf_core_read.h"
+#include "ktel_hist.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define TASK_RUNNING 0
+/* Classic sched_switch reports a preempted task's state as TASK_REPORT_MAX
+ * (0x100 since 4.14) whatever its real state: it is still runnable. */
+#define TASK_REPORT_MAX 0x100
+
+enum drop_reason {
+	DROP_START_FULL = 0, /* no room to store a start: that wait is not timed */
+	DROP_REASONS,
+};
+
+/* Start of the current wait, per task; freed with the task. */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} runqlat_start_task SEC(".maps");
+
+/* Fallback keyed by pid. An entry is removed when its task is switched in;
+ * one whose task was woken while running and then blocked stays until that
+ * task's next wakeup overwrites it. When full, new waits are not timed and
+ * are counted in runqlat_drops[DROP_START_FULL]. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} runqlat_start_hash SEC(".maps");
+
+/* One histogram per CPU: ktel_slots counters then the sum in ns. The value
+ * size depends on the schema and is set by user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u64));
+} runqueue_latency SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_REASONS);
+	__type(key, __u32);
+	__type(value, __u64);
+} runqlat_drops SEC(".maps");
+
+static __always_inline void count_drop(__u32 reason)
+{
+	__u64 *v = bpf_map_lookup_elem(&runqlat_drops, &reason);
+
+	if (v)
+		(*v)++;
+}
+
+static __always_inline void record(__u64 start)
+{
+	__u32 zero = 0;
+	__u64 *hist, now = bpf_ktime_get_ns();
+
+	if (now < start)
+		return;
+	hist = bpf_map_lookup_elem(&runqueue_latency, &zero);
+	if (hist)
+		ktel_hist_add(hist, now - start);
+}
+
+/* Kernels before 5.14 call the state field "state". */
+struct task_struct___pre514 {
+	long state;
+} __attribute__((preserve_access_index));
+
+/* task_state reads through a probe helper, for untrusted pointers (raw_tp). */
+static __always_inline long task_state(struct task_struct *t)
+{
+	if (bpf_core_field_exists(t->__state))
+		return BPF_CORE_READ(t, __state);
+	return BPF_CORE_READ((struct task_struct___pre514 *)t, state);
+}
+
+/* task_state_btf loads directly, for BTF pointers (tp_btf): no helper call. */
+static __always_inline long task_state_btf(struct task_struct *t)
+{
+	if (bpf_core_field_exists(t->__state))
+		return t->__state;
+	return ((struct task_struct___pre514 *)t)->state;
+}
+
+/* --- task storage (tp_btf) --- */
+
+static __always_inline void enqueue_task(struct task_struct *t)
+{
+	__u64 *ts;
+
+	if (!t->pid)
+		return;
+	ts = bpf_task_storage_get(&runqlat_start_task, t, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!ts) {
+		count_drop(DROP_START_FULL);
+		return;
+	}
+	*ts = bpf_ktime_get_ns();
+}
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(sched_wakeup_btf_task, struct task_struct *p)
+{
+	enqueue_task(p);
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(sched_wakeup_new_btf_task, struct task_struct *p)
+{
+	enqueue_task(p);
+	return 0;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(sched_switch_btf_task, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	__u64 *ts, start;
+
+	if (preempt || task_state_btf(prev) == TASK_RUNNING)
+		enqueue_task(prev);
+	if (!next->pid)
+		return 0;
+	ts = bpf_task_storage_get(&runqlat_start_task, next, 0, 0);
+	if (!ts || !*ts)
+		return 0;
+	start = *ts;
+	*ts = 0;
+	record(start);
+	return 0;
+}
+
+/* --- hash keyed by pid (tp_btf, raw_tp, tracepoint) --- */
+
+static __always_inline void enqueue_pid(__u32 pid)
+{
+	__u64 ts;
+
+	if (!pid)
+		return;
+	ts = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&runqlat_start_hash, &pid, &ts, BPF_ANY))
+		count_drop(DROP_START_FULL);
+}
+
+static __always_inline void switch_in_pid(__u32 pid)
+{
+	__u64 *ts;
+
+	if (!pid)
+		return;
+	ts = bpf_map_lookup_elem(&runqlat_start_hash, &pid);
+	if (!ts)
+		return;
+	record(*ts);
+	bpf_map_delete_elem(&runqlat_start_hash, &pid);
+}
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(sched_wakeup_btf_hash, struct task_struct *p)
+{
+	enqueue_pid(p->pid);
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(sched_wakeup_new_btf_hash, struct task_struct *p)
+{
+	enqueue_pid(p->pid);
+	return 0;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(sched_switch_btf_hash, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	if (preempt || task_state_btf(prev) == TASK_RUNNING)
+		enqueue_pid(prev->pid);
+	switch_in_pid(next->pid);
+	return 0;
+}
+
+SEC("raw_tp/sched_wakeup")
+int BPF_PROG(sched_wakeup_raw_hash, struct task_struct *p)
+{
+	enqueue_pid(BPF_CORE_READ(p, pid));
+	return 0;
+}
+
+SEC("raw_tp/sched_wakeup_new")
+int BPF_PROG(sched_wakeup_new_raw_hash, struct task_struct *p)
+{
+	enqueue_pid(BPF_CORE_READ(p, pid));
+	return 0;
+}
+
+SEC("raw_tp/sched_switch")
+int BPF_PROG(sched_switch_raw_hash, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	if (preempt || task_state(prev) == TASK_RUNNING)
+		enqueue_pid(BPF_CORE_READ(prev, pid));
+	switch_in_pid(BPF_CORE_READ(next, pid));
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_wakeup")
+int sched_wakeup_tp_hash(struct trace_event_raw_sched_wakeup_template *ctx)
+{
+	enqueue_pid(ctx->pid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_wakeup_new")
+int sched_wakeup_new_tp_hash(struct trace_event_raw_sched_wakeup_template *ctx)
+{
+	enqueue_pid(ctx->pid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_switch")
+int sched_switch_tp_hash(struct trace_event_raw_sched_switch *ctx)
+{
+	long state = ctx->prev_state;
+
+	if (state == TASK_RUNNING || (state & TASK_REPORT_MAX))
+		enqueue_pid(ctx->prev_pid);
+	switch_in_pid(ctx->next_pid);
+	return 0;
+}

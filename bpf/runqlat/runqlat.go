@@ -1,0 +1,181 @@
+// Package runqlat loads the run-queue delay probe: scheduler tracepoint
+// programs that time how long runnable tasks wait for a CPU and sort the
+// waits into per-CPU native-histogram slots. It knows nothing of
+// Prometheus.
+package runqlat
+
+import (
+	"fmt"
+	"log/slog"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/ktel-dev/ktel/internal/histogram"
+	"github.com/ktel-dev/ktel/internal/probe"
+)
+
+func programs(suffix string) []probe.Program {
+	// Attachment order does not matter: a start without a matching
+	// switch-in is overwritten, a switch-in without a start is ignored.
+	return []probe.Program{
+		{Name: "sched_switch_" + suffix, Group: "sched", Tracepoint: "sched_switch"},
+		{Name: "sched_wakeup_" + suffix, Group: "sched", Tracepoint: "sched_wakeup"},
+		{Name: "sched_wakeup_new_" + suffix, Group: "sched", Tracepoint: "sched_wakeup_new"},
+	}
+}
+
+// Variants in order of preference, cheapest first as measured by
+// `make bench`.
+var Variants = []probe.Variant{
+	{Hook: probe.HookBTF, Storage: probe.StorageTask, Programs: programs("btf_task")},
+	{Hook: probe.HookBTF, Storage: probe.StorageHash, Programs: programs("btf_hash")},
+	{Hook: probe.HookRaw, Storage: probe.StorageHash, Programs: programs("raw_hash")},
+	{Hook: probe.HookTracepoint, Storage: probe.StorageHash, Programs: programs("tp_hash")},
+}
+
+// Options configure Load.
+type Options struct {
+	Schema  int            // native-histogram schema, 0..4
+	Hook    probe.Hook     // restricts the variants tried; "" or auto: all
+	Variant *probe.Variant // forces one variant (benchmarks, tests)
+}
+
+// Probe is the loaded and attached run-queue delay probe.
+type Probe struct {
+	layout  *histogram.Layout
+	variant probe.Variant
+	ncpu    int
+
+	latency *ebpf.Map
+	drops   *ebpf.Map
+	start   *ebpf.Map
+	progs   map[string]*ebpf.Program
+	links   []link.Link
+}
+
+// Load loads and attaches the probe with the first variant that loads.
+func Load(opts Options, log *slog.Logger) (*Probe, error) {
+	layout, err := histogram.NewLayout(opts.Schema)
+	if err != nil {
+		return nil, err
+	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("possible CPUs: %w", err)
+	}
+	candidates := []probe.Variant{}
+	if opts.Variant != nil {
+		candidates = append(candidates, *opts.Variant)
+	} else if candidates, err = probe.Candidates(Variants, opts.Hook); err != nil {
+		return nil, err
+	}
+	p, _, err := probe.FirstLoading(candidates, log, func(v probe.Variant) (*Probe, error) {
+		return load(layout, v, ncpu)
+	})
+	return p, err
+}
+
+func load(layout *histogram.Layout, v probe.Variant, ncpu int) (*Probe, error) {
+	spec, err := loadRunqlat()
+	if err != nil {
+		return nil, fmt.Errorf("load spec: %w", err)
+	}
+	if err := probe.SetHistogram(spec, layout, "runqueue_latency"); err != nil {
+		return nil, err
+	}
+	v.Prune(spec)
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		return nil, fmt.Errorf("load programs: %w", err)
+	}
+	defer coll.Close() // closes only what was not detached below
+
+	p := &Probe{
+		layout:  layout,
+		variant: v,
+		ncpu:    ncpu,
+		latency: coll.DetachMap("runqueue_latency"),
+		drops:   coll.DetachMap("runqlat_drops"),
+		progs:   map[string]*ebpf.Program{},
+	}
+	if v.Storage == probe.StorageHash {
+		p.start = coll.DetachMap("runqlat_start_hash")
+	} else {
+		p.start = coll.DetachMap("runqlat_start_task")
+	}
+	for _, prog := range v.Programs {
+		p.progs[prog.Name] = coll.DetachProgram(prog.Name)
+	}
+	if p.links, err = v.Attach(p.progs); err != nil {
+		p.Close()
+		return nil, err
+	}
+	return p, nil
+}
+
+// Variant is the variant in use.
+func (p *Probe) Variant() probe.Variant { return p.variant }
+
+// Layout is the slot layout of the histograms.
+func (p *Probe) Layout() *histogram.Layout { return p.layout }
+
+// Programs are the loaded programs by name.
+func (p *Probe) Programs() map[string]*ebpf.Program { return p.progs }
+
+// BoundedMaps are the hash maps whose fill is worth watching.
+func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
+	if p.variant.Storage == probe.StorageHash {
+		return map[string]*ebpf.Map{"runqlat_start_hash": p.start}
+	}
+	return nil
+}
+
+// Close detaches the programs and releases every map; safe on a partly
+// built Probe.
+func (p *Probe) Close() error {
+	var cs []interface{ Close() error }
+	for _, l := range p.links {
+		cs = append(cs, l)
+	}
+	for _, prog := range p.progs {
+		cs = append(cs, prog)
+	}
+	p.links, p.progs = nil, nil
+	return probe.CloseAll(append(cs, p.latency, p.drops, p.start)...)
+}
+
+// Hist is a histogram of waits: per layout slot, and the sum.
+type Hist struct {
+	Slots []uint64
+	SumNs uint64
+}
+
+// Snapshot is one read of the probe's maps.
+type Snapshot struct {
+	Total  Hist
+	PerCPU []Hist // indexed by CPU: waits that ended on that CPU
+	// Dropped counts waits not timed because their start could not be
+	// stored (hash full, or task storage allocation failed).
+	Dropped uint64
+}
+
+// Snapshot reads the per-CPU histograms.
+func (p *Probe) Snapshot() (*Snapshot, error) {
+	buf, err := p.latency.LookupBytes(uint32(0))
+	if err != nil {
+		return nil, fmt.Errorf("read runqueue_latency: %w", err)
+	}
+	s := &Snapshot{PerCPU: make([]Hist, p.ncpu)}
+	s.Total.Slots, s.Total.SumNs = probe.SumHist(buf, p.ncpu, p.layout, func(cpu int, slots []uint64, sum uint64) {
+		s.PerCPU[cpu] = Hist{Slots: slots, SumNs: sum}
+	})
+	var drops []uint64
+	if err := p.drops.Lookup(uint32(0), &drops); err != nil {
+		return nil, fmt.Errorf("read runqlat_drops: %w", err)
+	}
+	for _, d := range drops {
+		s.Dropped += d
+	}
+	return s, nil
+}

@@ -1,0 +1,139 @@
+package runqlat
+
+import (
+	"io"
+	"log/slog"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ktel-dev/ktel/internal/histogram"
+	"github.com/ktel-dev/ktel/internal/testenv"
+)
+
+func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// pin locks the calling goroutine to its OS thread and that thread to cpu.
+// The thread is never unlocked, so Go discards it when the goroutine ends
+// instead of reusing a pinned thread.
+func pin(t *testing.T, cpu int) {
+	runtime.LockOSThread()
+	var set unix.CPUSet
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		t.Errorf("pin to CPU %d: %v", cpu, err)
+	}
+}
+
+// contend runs for d on cpu: spinners busy-looping threads, plus a sleeper
+// woken through a pipe every 500 µs by a waker, all pinned to cpu.
+func contend(t *testing.T, cpu, spinners int, d time.Duration) {
+	t.Helper()
+	var fds [2]int
+	if err := unix.Pipe(fds[:]); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	deadline := time.Now().Add(d)
+	var wg sync.WaitGroup
+	for range spinners {
+		wg.Go(func() {
+			pin(t, cpu)
+			for time.Now().Before(deadline) {
+			}
+		})
+	}
+	wg.Go(func() { // sleeper
+		pin(t, cpu)
+		b := make([]byte, 1)
+		for {
+			if n, err := unix.Read(fds[0], b); n == 0 || err != nil {
+				return
+			}
+		}
+	})
+	wg.Go(func() { // waker
+		pin(t, cpu)
+		defer unix.Close(fds[1])
+		ts := unix.NsecToTimespec((500 * time.Microsecond).Nanoseconds())
+		for time.Now().Before(deadline) {
+			unix.Write(fds[1], []byte{1})
+			unix.ClockNanosleep(unix.CLOCK_MONOTONIC, 0, &ts, nil)
+		}
+	})
+	wg.Wait()
+}
+
+// waits returns the number of waits in d and how many lasted >= 100 µs.
+func waits(l *histogram.Layout, before, after Hist) (all, long uint64) {
+	// Slots whose lower bound is >= 100 µs: after the slot holding 100 µs.
+	first := l.Slot(uint64(100*time.Microsecond)) + 1
+	for k := range after.Slots {
+		n := after.Slots[k] - before.Slots[k]
+		all += n
+		if k >= first {
+			long += n
+		}
+	}
+	return all, long
+}
+
+func TestContention(t *testing.T) {
+	testenv.Privileged(t)
+	testenv.Tracefs(t)
+	if runtime.NumCPU() < 2 {
+		t.Fatal("needs 2 CPUs: one contended, one quiet")
+	}
+	for _, v := range Variants {
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v}, discard())
+			if err != nil {
+				t.Fatalf("load: %+v", err)
+			}
+			defer p.Close()
+			l := p.Layout()
+
+			// Uncontended: the pair alone on CPU 1.
+			s0, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			contend(t, 1, 0, 500*time.Millisecond)
+			s1, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			quietAll, quietLong := waits(l, s0.PerCPU[1], s1.PerCPU[1])
+
+			// Contended: three spinners with the pair on CPU 0.
+			contend(t, 0, 3, time.Second)
+			s2, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			busyAll, busyLong := waits(l, s1.PerCPU[0], s2.PerCPU[0])
+			totalAll, _ := waits(l, s1.Total, s2.Total)
+
+			t.Logf("quiet CPU 1: %d waits, %d >= 100µs; busy CPU 0: %d waits, %d >= 100µs; dropped %d",
+				quietAll, quietLong, busyAll, busyLong, s2.Dropped)
+			if quietAll < 500 {
+				t.Errorf("quiet run: %d waits on CPU 1, want >= 500 (one per wakeup)", quietAll)
+			}
+			if quietLong*10 > quietAll {
+				t.Errorf("quiet run: %d of %d waits >= 100µs, want mostly short", quietLong, quietAll)
+			}
+			if busyLong < 20 {
+				t.Errorf("contended run: %d waits >= 100µs on CPU 0, want >= 20", busyLong)
+			}
+			if totalAll < busyAll {
+				t.Errorf("total rose by %d, less than CPU 0 alone (%d)", totalAll, busyAll)
+			}
+			if sum := s2.Total.SumNs - s1.Total.SumNs; sum < busyLong*uint64(100*time.Microsecond) {
+				t.Errorf("sum rose by %d ns, less than %d long waits of 100µs", sum, busyLong)
+			}
+		})
+	}
+}

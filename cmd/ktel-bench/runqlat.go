@@ -1,0 +1,82 @@
+package main
+
+import (
+	"io"
+	"log/slog"
+	"runtime"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ktel-dev/ktel/bpf/runqlat"
+	"github.com/ktel-dev/ktel/internal/probe"
+)
+
+// runqlatConfigs: no probe, and every BTF/raw variant of runqlat.
+func runqlatConfigs(log *slog.Logger) []config {
+	cfgs := []config{{name: "none"}, {name: "floor tp_btf", setup: schedFloorSetup}}
+	for _, v := range runqlat.Variants {
+		if v.Hook == probe.HookTracepoint {
+			continue // needs tracefs; a fallback, not a candidate
+		}
+		cfgs = append(cfgs, config{
+			name:  "runqlat " + v.String(),
+			floor: "floor tp_btf",
+			setup: func() (io.Closer, error) {
+				return runqlat.Load(runqlat.Options{Schema: 3, Variant: &v}, log)
+			},
+		})
+	}
+	return cfgs
+}
+
+// pingPong passes one byte back and forth n times between two threads
+// pinned to cpu through two pipes, so that every hop is a wakeup and a
+// context switch on that CPU, and returns the mean ns per round trip.
+func pingPong(cpu, n int) float64 {
+	var ab, ba [2]int
+	if err := unix.Pipe(ab[:]); err != nil {
+		panic(err)
+	}
+	if err := unix.Pipe(ba[:]); err != nil {
+		panic(err)
+	}
+	defer func() {
+		for _, fd := range []int{ab[0], ab[1], ba[0], ba[1]} {
+			unix.Close(fd)
+		}
+	}()
+	pinThread := func() {
+		// Never unlocked: Go discards the pinned thread afterwards.
+		runtime.LockOSThread()
+		var set unix.CPUSet
+		set.Set(cpu)
+		unix.SchedSetaffinity(0, &set)
+	}
+	var wg sync.WaitGroup
+	ready := make(chan struct{})
+	wg.Go(func() {
+		pinThread()
+		close(ready)
+		b := make([]byte, 1)
+		for range n {
+			unix.Read(ab[0], b)
+			unix.Write(ba[1], b)
+		}
+	})
+	var elapsed time.Duration
+	wg.Go(func() {
+		pinThread()
+		<-ready
+		b := make([]byte, 1)
+		start := time.Now()
+		for range n {
+			unix.Write(ab[1], b)
+			unix.Read(ba[0], b)
+		}
+		elapsed = time.Since(start)
+	})
+	wg.Wait()
+	return float64(elapsed.Nanoseconds()) / float64(n)
+}

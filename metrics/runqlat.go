@@ -1,0 +1,58 @@
+package metrics
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ktel-dev/ktel/bpf/runqlat"
+	"github.com/ktel-dev/ktel/internal/histogram"
+)
+
+// RunqlatSource is what the run-queue collector reads.
+type RunqlatSource interface {
+	Snapshot() (*runqlat.Snapshot, error)
+	Layout() *histogram.Layout
+}
+
+type runqlatCollector struct {
+	layout  *histogram.Layout
+	snap    *Cached[*runqlat.Snapshot]
+	perCPU  bool
+	latency *prometheus.Desc
+	dropped *prometheus.Desc
+}
+
+// NewRunqlatCollector exports ktel_runqueue_latency_seconds, with a cpu
+// label (the CPU the task ran on after waiting) when perCPU is set.
+func NewRunqlatCollector(src RunqlatSource, perCPU bool) Collector {
+	var labels []string
+	if perCPU {
+		labels = []string{"cpu"}
+	}
+	return &runqlatCollector{
+		layout: src.Layout(),
+		snap:   NewCached(src.Snapshot, DefaultMaxAge),
+		perCPU: perCPU,
+		latency: prometheus.NewDesc("ktel_runqueue_latency_seconds",
+			"Time runnable tasks waited for a CPU: from wakeup or preemption to running.", labels, nil),
+		dropped: prometheus.NewDesc("ktel_runqueue_dropped_total",
+			"Waits not timed because their start could not be stored in the kernel.", nil, nil),
+	}
+}
+
+func (c *runqlatCollector) Update(ch chan<- prometheus.Metric) error {
+	s, err := c.snap.Get()
+	if err != nil {
+		return err
+	}
+	if c.perCPU {
+		for cpu, h := range s.PerCPU {
+			ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, strconv.Itoa(cpu))
+		}
+	} else {
+		ch <- newLatencyHistogram(c.latency, c.layout, s.Total.Slots, s.Total.SumNs)
+	}
+	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.Dropped))
+	return nil
+}
