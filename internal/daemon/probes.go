@@ -7,8 +7,8 @@ import (
 
 	"github.com/ktel-dev/ktel/bpf/runqlat"
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
-	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/config"
+	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/metrics"
 )
 

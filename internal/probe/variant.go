@@ -1,9 +1,9 @@
 package probe
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"encoding/binary"
 	"log/slog"
 
 	"github.com/cilium/ebpf"
@@ -192,4 +192,5 @@ func CloseAll(cs ...interface{ Close() error }) error {
 	}
 	return errors.Join(errs...)
 }
+
 var nativeEndian = binary.NativeEndian
