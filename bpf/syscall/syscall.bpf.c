@@ -14,6 +14,7 @@
 #include "bpf_helpers.h"
 #include "bpf_tracing.h"
 #include "ktel_hist.h"
+#include "ktel_events.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -28,6 +29,20 @@ struct start {
 	__u32 nr;
 	__u32 _pad;
 };
+
+/* An outlier syscall, for a span (ktel_events.h). Times are CLOCK_MONOTONIC. */
+struct syscall_event {
+	__u64 start_ns;
+	__u64 end_ns;
+	__u32 pid; /* thread group id */
+	__u32 tid;
+	__u32 nr;
+	__s32 ret;
+	char comm[16];
+};
+
+/* Keeps the type in BTF for bpf2go -type. */
+const struct syscall_event *unused_syscall_event __attribute__((unused));
 
 enum drop_reason {
 	DROP_ERRORS_FULL = 0, /* syscall_errors had no room for a new key */
@@ -114,13 +129,36 @@ static __always_inline void record_error(__u32 nr, long ret)
 	}
 }
 
-static __always_inline void record(__u32 nr, __u64 delta, long ret)
+static __always_inline void emit_event(__u32 nr, __u64 start, __u64 end, long ret)
 {
-	__u64 *hist = bpf_map_lookup_elem(&syscall_latency, &nr);
+	struct syscall_event *e;
+	__u64 id;
+
+	if (!ktel_span_allow(end))
+		return;
+	e = ktel_span_reserve(sizeof(*e));
+	if (!e)
+		return;
+	id = bpf_get_current_pid_tgid();
+	e->start_ns = start;
+	e->end_ns = end;
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->nr = nr;
+	e->ret = ret;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	ktel_span_submit(e);
+}
+
+static __always_inline void record(__u32 nr, __u64 start, __u64 end, long ret)
+{
+	__u64 delta = end - start, *hist = bpf_map_lookup_elem(&syscall_latency, &nr);
 
 	if (!hist)
 		return;
 	ktel_hist_add(hist, delta);
+	if (ktel_span_wanted(delta))
+		emit_event(nr, start, end, ret);
 
 	if (ret < 0 && ret >= -MAX_ERRNO)
 		record_error(nr, ret);
@@ -141,7 +179,7 @@ static __always_inline void finish(struct start *s, long ret)
 	if (!ts)
 		return;
 	s->ts = 0;
-	record(s->nr, bpf_ktime_get_ns() - ts, ret);
+	record(s->nr, ts, bpf_ktime_get_ns(), ret);
 }
 
 static __always_inline int enter_hash(long id)

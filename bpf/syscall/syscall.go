@@ -5,6 +5,7 @@
 package syscall
 
 import (
+	"encoding/binary"
 	"fmt"
 	"log/slog"
 	"unsafe"
@@ -46,6 +47,8 @@ type Options struct {
 	Hook probe.Hook
 	// Variant, when set, forces exactly one variant (benchmarks, tests).
 	Variant *probe.Variant
+	// Spans configures outlier events: syscalls slower than the threshold.
+	Spans probe.SpanOptions
 }
 
 // Probe is the loaded and attached syscall-latency probe.
@@ -54,11 +57,13 @@ type Probe struct {
 	variant probe.Variant
 	ncpu    int
 
-	latency *ebpf.Map
-	errs    *ebpf.Map
-	drops   *ebpf.Map
-	start   *ebpf.Map // the start map in use, for fill reporting
-	progs   map[string]*ebpf.Program
+	latency   *ebpf.Map
+	errs      *ebpf.Map
+	drops     *ebpf.Map
+	start     *ebpf.Map // the start map in use, for fill reporting
+	events    *ebpf.Map
+	spanDrops *ebpf.Map
+	progs     map[string]*ebpf.Program
 	links   []link.Link
 }
 
@@ -82,17 +87,20 @@ func Load(opts Options, log *slog.Logger) (*Probe, error) {
 		return nil, err
 	}
 	p, _, err := probe.FirstLoading(candidates, log, func(v probe.Variant) (*Probe, error) {
-		return load(layout, v, ncpu)
+		return load(layout, v, ncpu, opts.Spans)
 	})
 	return p, err
 }
 
-func load(layout *histogram.Layout, v probe.Variant, ncpu int) (_ *Probe, err error) {
+func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanOptions) (_ *Probe, err error) {
 	spec, err := loadSyscall()
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
 	}
 	if err := probe.SetHistogram(spec, layout, "syscall_latency"); err != nil {
+		return nil, err
+	}
+	if err := spans.Apply(spec, ncpu); err != nil {
 		return nil, err
 	}
 	v.Prune(spec)
@@ -110,6 +118,9 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int) (_ *Probe, err er
 		errs:    coll.DetachMap("syscall_errors"),
 		drops:   coll.DetachMap("syscall_drops"),
 		progs:   map[string]*ebpf.Program{},
+
+		events:    coll.DetachMap("ktel_events"),
+		spanDrops: coll.DetachMap("ktel_span_drops"),
 	}
 	if v.Storage == probe.StorageHash {
 		p.start = coll.DetachMap("syscall_start_hash")
@@ -155,8 +166,11 @@ func (p *Probe) Close() error {
 		cs = append(cs, prog)
 	}
 	p.links, p.progs = nil, nil
-	return probe.CloseAll(append(cs, p.latency, p.errs, p.drops, p.start)...)
+	return probe.CloseAll(append(cs, p.latency, p.errs, p.drops, p.start, p.events, p.spanDrops)...)
 }
+
+// Events is the ring buffer of outlier syscalls (see DecodeEvent).
+func (p *Probe) Events() *ebpf.Map { return p.events }
 
 // Hist is one syscall's histogram summed over CPUs.
 type Hist struct {
@@ -188,6 +202,8 @@ type Snapshot struct {
 	// ErrorsDropped counts failures not recorded because syscall_errors
 	// was full.
 	ErrorsDropped uint64
+	// SpanDrops are outliers the kernel did not deliver as events.
+	SpanDrops probe.SpanDrops
 }
 
 // Snapshot reads and sums the per-CPU maps. Counters only grow, but the
@@ -230,7 +246,40 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	for _, d := range drops {
 		s.ErrorsDropped += d
 	}
+	spanDrops, err := probe.ReadSpanDrops(p.spanDrops)
+	if err != nil {
+		return nil, err
+	}
+	s.SpanDrops = spanDrops
 	return s, nil
+}
+
+// Event is one outlier syscall. Times are CLOCK_MONOTONIC nanoseconds.
+type Event struct {
+	StartNs, EndNs uint64
+	Pid, Tid       uint32
+	Nr             uint32
+	Ret            int32
+	Comm           string
+}
+
+// EventSize is the size of a record in the ring buffer.
+const EventSize = int(unsafe.Sizeof(syscallSyscallEvent{}))
+
+// DecodeEvent decodes one ring-buffer record.
+func DecodeEvent(b []byte) (Event, error) {
+	var r syscallSyscallEvent
+	if len(b) != EventSize {
+		return Event{}, fmt.Errorf("syscall event: %d bytes, want %d", len(b), EventSize)
+	}
+	if _, err := binary.Decode(b, binary.NativeEndian, &r); err != nil {
+		return Event{}, fmt.Errorf("syscall event: %w", err)
+	}
+	if r.EndNs < r.StartNs {
+		return Event{}, fmt.Errorf("syscall event ends (%d) before it starts (%d)", r.EndNs, r.StartNs)
+	}
+	return Event{StartNs: r.StartNs, EndNs: r.EndNs, Pid: r.Pid, Tid: r.Tid, Nr: r.Nr, Ret: r.Ret,
+		Comm: probe.CString(r.Comm[:])}, nil
 }
 
 // Sizes of the generated structs, for the layout check in tests.

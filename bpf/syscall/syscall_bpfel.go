@@ -19,6 +19,12 @@ type syscallErrorsKey struct {
 	Err uint32
 }
 
+type syscallKtelTokenBucket struct {
+	_      structs.HostLayout
+	Credit uint64
+	Last   uint64
+}
+
 type syscallStart struct {
 	_   structs.HostLayout
 	Ts  uint64
@@ -26,27 +32,46 @@ type syscallStart struct {
 	Pad uint32
 }
 
+type syscallSyscallEvent struct {
+	_       structs.HostLayout
+	StartNs uint64
+	EndNs   uint64
+	Pid     uint32
+	Tid     uint32
+	Nr      uint32
+	Ret     int32
+	Comm    [16]int8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	syscallMapSyscallDrops     = "syscall_drops"
-	syscallMapSyscallErrors    = "syscall_errors"
-	syscallMapSyscallLatency   = "syscall_latency"
-	syscallMapSyscallStartHash = "syscall_start_hash"
-	syscallMapSyscallStartTask = "syscall_start_task"
-	syscallProgSysEnterBtfHash = "sys_enter_btf_hash"
-	syscallProgSysEnterBtfTask = "sys_enter_btf_task"
-	syscallProgSysEnterRawHash = "sys_enter_raw_hash"
-	syscallProgSysEnterRawTask = "sys_enter_raw_task"
-	syscallProgSysEnterTpHash  = "sys_enter_tp_hash"
-	syscallProgSysExitBtfHash  = "sys_exit_btf_hash"
-	syscallProgSysExitBtfTask  = "sys_exit_btf_task"
-	syscallProgSysExitRawHash  = "sys_exit_raw_hash"
-	syscallProgSysExitRawTask  = "sys_exit_raw_task"
-	syscallProgSysExitTpHash   = "sys_exit_tp_hash"
-	syscallVarKtelBounds       = "ktel_bounds"
-	syscallVarKtelSlots        = "ktel_slots"
+	syscallMapKtelEvents          = "ktel_events"
+	syscallMapKtelSpanDrops       = "ktel_span_drops"
+	syscallMapKtelSpanLimiter     = "ktel_span_limiter"
+	syscallMapSyscallDrops        = "syscall_drops"
+	syscallMapSyscallErrors       = "syscall_errors"
+	syscallMapSyscallLatency      = "syscall_latency"
+	syscallMapSyscallStartHash    = "syscall_start_hash"
+	syscallMapSyscallStartTask    = "syscall_start_task"
+	syscallProgSysEnterBtfHash    = "sys_enter_btf_hash"
+	syscallProgSysEnterBtfTask    = "sys_enter_btf_task"
+	syscallProgSysEnterRawHash    = "sys_enter_raw_hash"
+	syscallProgSysEnterRawTask    = "sys_enter_raw_task"
+	syscallProgSysEnterTpHash     = "sys_enter_tp_hash"
+	syscallProgSysExitBtfHash     = "sys_exit_btf_hash"
+	syscallProgSysExitBtfTask     = "sys_exit_btf_task"
+	syscallProgSysExitRawHash     = "sys_exit_raw_hash"
+	syscallProgSysExitRawTask     = "sys_exit_raw_task"
+	syscallProgSysExitTpHash      = "sys_exit_tp_hash"
+	syscallVarKtelBounds          = "ktel_bounds"
+	syscallVarKtelSlots           = "ktel_slots"
+	syscallVarKtelSpanBurstNs     = "ktel_span_burst_ns"
+	syscallVarKtelSpanCostNs      = "ktel_span_cost_ns"
+	syscallVarKtelSpanThresholdNs = "ktel_span_threshold_ns"
+	syscallVarKtelSpanWakeupBytes = "ktel_span_wakeup_bytes"
+	syscallVarUnusedSyscallEvent  = "unused_syscall_event"
 )
 
 // loadSyscall returns the embedded CollectionSpec for syscall.
@@ -107,6 +132,9 @@ type syscallProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type syscallMapSpecs struct {
+	KtelEvents       *ebpf.MapSpec `ebpf:"ktel_events"`
+	KtelSpanDrops    *ebpf.MapSpec `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter  *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
 	SyscallDrops     *ebpf.MapSpec `ebpf:"syscall_drops"`
 	SyscallErrors    *ebpf.MapSpec `ebpf:"syscall_errors"`
 	SyscallLatency   *ebpf.MapSpec `ebpf:"syscall_latency"`
@@ -118,8 +146,13 @@ type syscallMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type syscallVariableSpecs struct {
-	KtelBounds *ebpf.VariableSpec `ebpf:"ktel_bounds"`
-	KtelSlots  *ebpf.VariableSpec `ebpf:"ktel_slots"`
+	KtelBounds          *ebpf.VariableSpec `ebpf:"ktel_bounds"`
+	KtelSlots           *ebpf.VariableSpec `ebpf:"ktel_slots"`
+	KtelSpanBurstNs     *ebpf.VariableSpec `ebpf:"ktel_span_burst_ns"`
+	KtelSpanCostNs      *ebpf.VariableSpec `ebpf:"ktel_span_cost_ns"`
+	KtelSpanThresholdNs *ebpf.VariableSpec `ebpf:"ktel_span_threshold_ns"`
+	KtelSpanWakeupBytes *ebpf.VariableSpec `ebpf:"ktel_span_wakeup_bytes"`
+	UnusedSyscallEvent  *ebpf.VariableSpec `ebpf:"unused_syscall_event"`
 }
 
 // syscallObjects contains all objects after they have been loaded into the kernel.
@@ -142,6 +175,9 @@ func (o *syscallObjects) Close() error {
 //
 // It can be passed to loadSyscallObjects or ebpf.CollectionSpec.LoadAndAssign.
 type syscallMaps struct {
+	KtelEvents       *ebpf.Map `ebpf:"ktel_events"`
+	KtelSpanDrops    *ebpf.Map `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter  *ebpf.Map `ebpf:"ktel_span_limiter"`
 	SyscallDrops     *ebpf.Map `ebpf:"syscall_drops"`
 	SyscallErrors    *ebpf.Map `ebpf:"syscall_errors"`
 	SyscallLatency   *ebpf.Map `ebpf:"syscall_latency"`
@@ -151,6 +187,9 @@ type syscallMaps struct {
 
 func (m *syscallMaps) Close() error {
 	return _SyscallClose(
+		m.KtelEvents,
+		m.KtelSpanDrops,
+		m.KtelSpanLimiter,
 		m.SyscallDrops,
 		m.SyscallErrors,
 		m.SyscallLatency,
@@ -163,8 +202,13 @@ func (m *syscallMaps) Close() error {
 //
 // It can be passed to loadSyscallObjects or ebpf.CollectionSpec.LoadAndAssign.
 type syscallVariables struct {
-	KtelBounds *ebpf.Variable `ebpf:"ktel_bounds"`
-	KtelSlots  *ebpf.Variable `ebpf:"ktel_slots"`
+	KtelBounds          *ebpf.Variable `ebpf:"ktel_bounds"`
+	KtelSlots           *ebpf.Variable `ebpf:"ktel_slots"`
+	KtelSpanBurstNs     *ebpf.Variable `ebpf:"ktel_span_burst_ns"`
+	KtelSpanCostNs      *ebpf.Variable `ebpf:"ktel_span_cost_ns"`
+	KtelSpanThresholdNs *ebpf.Variable `ebpf:"ktel_span_threshold_ns"`
+	KtelSpanWakeupBytes *ebpf.Variable `ebpf:"ktel_span_wakeup_bytes"`
+	UnusedSyscallEvent  *ebpf.Variable `ebpf:"unused_syscall_event"`
 }
 
 // syscallPrograms contains all programs after they have been loaded into the kernel.

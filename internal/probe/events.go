@@ -1,0 +1,102 @@
+package probe
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/cilium/ebpf"
+)
+
+// SpanOptions configure a probe's outlier events (bpf/headers/ktel_events.h).
+type SpanOptions struct {
+	// Threshold: events lasting at least this long are emitted. Zero
+	// disables events; the ring buffer then shrinks to one page.
+	Threshold time.Duration
+	// Always emits every event, whatever its duration (retransmits).
+	Always bool
+	// Rate bounds events per second over all CPUs; 0 means no limit.
+	Rate int
+	// RingSize is the ring buffer size in bytes, a power-of-two multiple of
+	// the page size; 0 means 256 KiB.
+	RingSize int
+}
+
+// Enabled reports whether events are emitted at all.
+func (o SpanOptions) Enabled() bool { return o.Always || o.Threshold > 0 }
+
+// Apply writes the options into spec's read-only data and sizes its ring
+// buffer.
+func (o SpanOptions) Apply(spec *ebpf.CollectionSpec, ncpu int) error {
+	page := os.Getpagesize()
+	ring := uint32(page)
+	threshold := ^uint64(0)
+	if o.Enabled() {
+		ring = 256 << 10
+		if o.RingSize > 0 {
+			if o.RingSize%page != 0 || o.RingSize&(o.RingSize-1) != 0 {
+				return fmt.Errorf("ring buffer size %d is not a power-of-two multiple of the page size %d", o.RingSize, page)
+			}
+			ring = uint32(o.RingSize)
+		}
+		threshold = uint64(o.Threshold.Nanoseconds())
+		if o.Always {
+			threshold = 0
+		}
+	}
+	var cost uint64
+	if o.Rate > 0 {
+		cost = uint64(time.Second.Nanoseconds()) * uint64(ncpu) / uint64(o.Rate)
+	}
+	m, ok := spec.Maps["ktel_events"]
+	if !ok {
+		return fmt.Errorf("no ktel_events map")
+	}
+	m.MaxEntries = ring
+	for name, v := range map[string]uint64{
+		"ktel_span_threshold_ns": threshold,
+		"ktel_span_cost_ns":      cost,
+		// A wakeup per quarter of the ring bounds latency under load; the
+		// reader polls for the rest.
+		"ktel_span_wakeup_bytes": uint64(ring / 4),
+	} {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// SpanDrops are events the kernel did not deliver.
+type SpanDrops struct {
+	RateLimited uint64 // refused by the token bucket
+	RingbufFull uint64 // no room in the ring buffer
+}
+
+// ReadSpanDrops sums ktel_span_drops over CPUs.
+func ReadSpanDrops(m *ebpf.Map) (SpanDrops, error) {
+	var d SpanDrops
+	for reason, dst := range []*uint64{&d.RateLimited, &d.RingbufFull} {
+		var per []uint64
+		if err := m.Lookup(uint32(reason), &per); err != nil {
+			return d, fmt.Errorf("read ktel_span_drops[%d]: %w", reason, err)
+		}
+		for _, v := range per {
+			*dst += v
+		}
+	}
+	return d, nil
+}
+
+// CString converts a NUL-terminated C char array (as bpf2go renders it) to
+// a string.
+func CString(c []int8) string {
+	b := make([]byte, 0, len(c))
+	for _, ch := range c {
+		if ch == 0 {
+			break
+		}
+		b = append(b, byte(ch))
+	}
+	return string(b)
+}
