@@ -64,7 +64,7 @@ type Probe struct {
 	events    *ebpf.Map
 	spanDrops *ebpf.Map
 	progs     map[string]*ebpf.Program
-	links   []link.Link
+	links     []link.Link
 }
 
 // Load loads and attaches the probe, trying variants in order of preference
