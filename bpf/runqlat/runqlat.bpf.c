@@ -22,6 +22,7 @@
 #include "bpf_tracing.h"
 #include "bpf_core_read.h"
 #include "ktel_hist.h"
+#include "ktel_events.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -29,6 +30,20 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Classic sched_switch reports a preempted task's state as TASK_REPORT_MAX
  * (0x100 since 4.14) whatever its real state: it is still runnable. */
 #define TASK_REPORT_MAX 0x100
+
+/* A long wait, for a span (ktel_events.h). Times are CLOCK_MONOTONIC. */
+struct runqlat_event {
+	__u64 start_ns;
+	__u64 end_ns;
+	__u32 pid; /* thread group id; 0 where the hook does not give it */
+	__u32 tid;
+	__u32 cpu;
+	__u32 _pad;
+	char comm[16];
+};
+
+/* Keeps the type in BTF for bpf2go -type. */
+const struct runqlat_event *unused_runqlat_event __attribute__((unused));
 
 enum drop_reason {
 	DROP_START_FULL = 0, /* no room to store a start: that wait is not timed */
@@ -78,7 +93,27 @@ static __always_inline void count_drop(__u32 reason)
 		(*v)++;
 }
 
-static __always_inline void record(__u64 start)
+static __always_inline void emit_event(__u64 start, __u64 end, __u32 pid, __u32 tid, const char *comm)
+{
+	struct runqlat_event *e;
+
+	if (!ktel_span_allow(end))
+		return;
+	e = ktel_span_reserve(sizeof(*e));
+	if (!e)
+		return;
+	e->start_ns = start;
+	e->end_ns = end;
+	e->pid = pid;
+	e->tid = tid;
+	e->cpu = bpf_get_smp_processor_id();
+	e->_pad = 0;
+	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), comm);
+	ktel_span_submit(e);
+}
+
+/* record ends the wait that began at start for the task switched in. */
+static __always_inline void record(__u64 start, __u32 pid, __u32 tid, const char *comm)
 {
 	__u32 zero = 0;
 	__u64 *hist, now = bpf_ktime_get_ns();
@@ -88,6 +123,8 @@ static __always_inline void record(__u64 start)
 	hist = bpf_map_lookup_elem(&runqueue_latency, &zero);
 	if (hist)
 		ktel_hist_add(hist, now - start);
+	if (ktel_span_wanted(now - start))
+		emit_event(start, now, pid, tid, comm);
 }
 
 /* Kernels before 5.14 call the state field "state". */
@@ -155,7 +192,7 @@ int BPF_PROG(sched_switch_btf_task, bool preempt, struct task_struct *prev, stru
 		return 0;
 	start = *ts;
 	*ts = 0;
-	record(start);
+	record(start, next->tgid, next->pid, next->comm);
 	return 0;
 }
 
@@ -172,7 +209,7 @@ static __always_inline void enqueue_pid(__u32 pid)
 		count_drop(DROP_START_FULL);
 }
 
-static __always_inline void switch_in_pid(__u32 pid)
+static __always_inline void switch_in_pid(__u32 pid, __u32 tgid, const char *comm)
 {
 	__u64 *ts;
 
@@ -181,7 +218,7 @@ static __always_inline void switch_in_pid(__u32 pid)
 	ts = bpf_map_lookup_elem(&runqlat_start_hash, &pid);
 	if (!ts)
 		return;
-	record(*ts);
+	record(*ts, tgid, pid, comm);
 	bpf_map_delete_elem(&runqlat_start_hash, &pid);
 }
 
@@ -204,7 +241,7 @@ int BPF_PROG(sched_switch_btf_hash, bool preempt, struct task_struct *prev, stru
 {
 	if (preempt || task_state_btf(prev) == TASK_RUNNING)
 		enqueue_pid(prev->pid);
-	switch_in_pid(next->pid);
+	switch_in_pid(next->pid, next->tgid, next->comm);
 	return 0;
 }
 
@@ -227,7 +264,7 @@ int BPF_PROG(sched_switch_raw_hash, bool preempt, struct task_struct *prev, stru
 {
 	if (preempt || task_state(prev) == TASK_RUNNING)
 		enqueue_pid(BPF_CORE_READ(prev, pid));
-	switch_in_pid(BPF_CORE_READ(next, pid));
+	switch_in_pid(BPF_CORE_READ(next, pid), BPF_CORE_READ(next, tgid), next->comm);
 	return 0;
 }
 
@@ -252,6 +289,6 @@ int sched_switch_tp_hash(struct trace_event_raw_sched_switch *ctx)
 
 	if (state == TASK_RUNNING || (state & TASK_REPORT_MAX))
 		enqueue_pid(ctx->prev_pid);
-	switch_in_pid(ctx->next_pid);
+	switch_in_pid(ctx->next_pid, 0, ctx->next_comm);
 	return 0;
 }

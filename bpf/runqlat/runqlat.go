@@ -5,8 +5,10 @@
 package runqlat
 
 import (
+	"encoding/binary"
 	"fmt"
 	"log/slog"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -39,6 +41,8 @@ type Options struct {
 	Schema  int            // native-histogram schema, 0..4
 	Hook    probe.Hook     // restricts the variants tried; "" or auto: all
 	Variant *probe.Variant // forces one variant (benchmarks, tests)
+	// Spans configures outlier events: waits longer than the threshold.
+	Spans probe.SpanOptions
 }
 
 // Probe is the loaded and attached run-queue delay probe.
@@ -47,11 +51,13 @@ type Probe struct {
 	variant probe.Variant
 	ncpu    int
 
-	latency *ebpf.Map
-	drops   *ebpf.Map
-	start   *ebpf.Map
-	progs   map[string]*ebpf.Program
-	links   []link.Link
+	latency   *ebpf.Map
+	drops     *ebpf.Map
+	start     *ebpf.Map
+	events    *ebpf.Map
+	spanDrops *ebpf.Map
+	progs     map[string]*ebpf.Program
+	links     []link.Link
 }
 
 // Load loads and attaches the probe with the first variant that loads.
@@ -71,17 +77,20 @@ func Load(opts Options, log *slog.Logger) (*Probe, error) {
 		return nil, err
 	}
 	p, _, err := probe.FirstLoading(candidates, log, func(v probe.Variant) (*Probe, error) {
-		return load(layout, v, ncpu)
+		return load(layout, v, ncpu, opts.Spans)
 	})
 	return p, err
 }
 
-func load(layout *histogram.Layout, v probe.Variant, ncpu int) (*Probe, error) {
+func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanOptions) (*Probe, error) {
 	spec, err := loadRunqlat()
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
 	}
 	if err := probe.SetHistogram(spec, layout, "runqueue_latency"); err != nil {
+		return nil, err
+	}
+	if err := spans.Apply(spec, ncpu); err != nil {
 		return nil, err
 	}
 	v.Prune(spec)
@@ -98,6 +107,9 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int) (*Probe, error) {
 		latency: coll.DetachMap("runqueue_latency"),
 		drops:   coll.DetachMap("runqlat_drops"),
 		progs:   map[string]*ebpf.Program{},
+
+		events:    coll.DetachMap("ktel_events"),
+		spanDrops: coll.DetachMap("ktel_span_drops"),
 	}
 	if v.Storage == probe.StorageHash {
 		p.start = coll.DetachMap("runqlat_start_hash")
@@ -142,7 +154,37 @@ func (p *Probe) Close() error {
 		cs = append(cs, prog)
 	}
 	p.links, p.progs = nil, nil
-	return probe.CloseAll(append(cs, p.latency, p.drops, p.start)...)
+	return probe.CloseAll(append(cs, p.latency, p.drops, p.start, p.events, p.spanDrops)...)
+}
+
+// Events is the ring buffer of long waits (see DecodeEvent).
+func (p *Probe) Events() *ebpf.Map { return p.events }
+
+// Event is one long run-queue wait. Times are CLOCK_MONOTONIC nanoseconds.
+type Event struct {
+	StartNs, EndNs uint64
+	Pid            uint32 // 0 with the classic tracepoint, which lacks it
+	Tid            uint32
+	CPU            uint32 // the CPU the task ran on after waiting
+	Comm           string
+}
+
+// EventSize is the size of a record in the ring buffer.
+const EventSize = int(unsafe.Sizeof(runqlatRunqlatEvent{}))
+
+// DecodeEvent decodes one ring-buffer record.
+func DecodeEvent(b []byte) (Event, error) {
+	var r runqlatRunqlatEvent
+	if len(b) != EventSize {
+		return Event{}, fmt.Errorf("runqlat event: %d bytes, want %d", len(b), EventSize)
+	}
+	if _, err := binary.Decode(b, binary.NativeEndian, &r); err != nil {
+		return Event{}, fmt.Errorf("runqlat event: %w", err)
+	}
+	if r.EndNs < r.StartNs {
+		return Event{}, fmt.Errorf("runqlat event ends (%d) before it starts (%d)", r.EndNs, r.StartNs)
+	}
+	return Event{StartNs: r.StartNs, EndNs: r.EndNs, Pid: r.Pid, Tid: r.Tid, CPU: r.Cpu, Comm: probe.CString(r.Comm[:])}, nil
 }
 
 // Hist is a histogram of waits: per layout slot, and the sum.
@@ -158,6 +200,8 @@ type Snapshot struct {
 	// Dropped counts waits not timed because their start could not be
 	// stored (hash full, or task storage allocation failed).
 	Dropped uint64
+	// SpanDrops are long waits the kernel did not deliver as events.
+	SpanDrops probe.SpanDrops
 }
 
 // Snapshot reads the per-CPU histograms.
@@ -176,6 +220,9 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	}
 	for _, d := range drops {
 		s.Dropped += d
+	}
+	if s.SpanDrops, err = probe.ReadSpanDrops(p.spanDrops); err != nil {
+		return nil, err
 	}
 	return s, nil
 }

@@ -8,14 +8,35 @@ import (
 	_ "embed"
 	"fmt"
 	"io"
+	"structs"
 
 	"github.com/cilium/ebpf"
 )
+
+type runqlatKtelTokenBucket struct {
+	_      structs.HostLayout
+	Credit uint64
+	Last   uint64
+}
+
+type runqlatRunqlatEvent struct {
+	_       structs.HostLayout
+	StartNs uint64
+	EndNs   uint64
+	Pid     uint32
+	Tid     uint32
+	Cpu     uint32
+	Pad     uint32
+	Comm    [16]int8
+}
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	runqlatMapKtelEvents             = "ktel_events"
+	runqlatMapKtelSpanDrops          = "ktel_span_drops"
+	runqlatMapKtelSpanLimiter        = "ktel_span_limiter"
 	runqlatMapRunqlatDrops           = "runqlat_drops"
 	runqlatMapRunqlatStartHash       = "runqlat_start_hash"
 	runqlatMapRunqlatStartTask       = "runqlat_start_task"
@@ -34,6 +55,11 @@ const (
 	runqlatProgSchedWakeupTpHash     = "sched_wakeup_tp_hash"
 	runqlatVarKtelBounds             = "ktel_bounds"
 	runqlatVarKtelSlots              = "ktel_slots"
+	runqlatVarKtelSpanBurstNs        = "ktel_span_burst_ns"
+	runqlatVarKtelSpanCostNs         = "ktel_span_cost_ns"
+	runqlatVarKtelSpanThresholdNs    = "ktel_span_threshold_ns"
+	runqlatVarKtelSpanWakeupBytes    = "ktel_span_wakeup_bytes"
+	runqlatVarUnusedRunqlatEvent     = "unused_runqlat_event"
 )
 
 // loadRunqlat returns the embedded CollectionSpec for runqlat.
@@ -96,6 +122,9 @@ type runqlatProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type runqlatMapSpecs struct {
+	KtelEvents       *ebpf.MapSpec `ebpf:"ktel_events"`
+	KtelSpanDrops    *ebpf.MapSpec `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter  *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
 	RunqlatDrops     *ebpf.MapSpec `ebpf:"runqlat_drops"`
 	RunqlatStartHash *ebpf.MapSpec `ebpf:"runqlat_start_hash"`
 	RunqlatStartTask *ebpf.MapSpec `ebpf:"runqlat_start_task"`
@@ -106,8 +135,13 @@ type runqlatMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type runqlatVariableSpecs struct {
-	KtelBounds *ebpf.VariableSpec `ebpf:"ktel_bounds"`
-	KtelSlots  *ebpf.VariableSpec `ebpf:"ktel_slots"`
+	KtelBounds          *ebpf.VariableSpec `ebpf:"ktel_bounds"`
+	KtelSlots           *ebpf.VariableSpec `ebpf:"ktel_slots"`
+	KtelSpanBurstNs     *ebpf.VariableSpec `ebpf:"ktel_span_burst_ns"`
+	KtelSpanCostNs      *ebpf.VariableSpec `ebpf:"ktel_span_cost_ns"`
+	KtelSpanThresholdNs *ebpf.VariableSpec `ebpf:"ktel_span_threshold_ns"`
+	KtelSpanWakeupBytes *ebpf.VariableSpec `ebpf:"ktel_span_wakeup_bytes"`
+	UnusedRunqlatEvent  *ebpf.VariableSpec `ebpf:"unused_runqlat_event"`
 }
 
 // runqlatObjects contains all objects after they have been loaded into the kernel.
@@ -130,6 +164,9 @@ func (o *runqlatObjects) Close() error {
 //
 // It can be passed to loadRunqlatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type runqlatMaps struct {
+	KtelEvents       *ebpf.Map `ebpf:"ktel_events"`
+	KtelSpanDrops    *ebpf.Map `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter  *ebpf.Map `ebpf:"ktel_span_limiter"`
 	RunqlatDrops     *ebpf.Map `ebpf:"runqlat_drops"`
 	RunqlatStartHash *ebpf.Map `ebpf:"runqlat_start_hash"`
 	RunqlatStartTask *ebpf.Map `ebpf:"runqlat_start_task"`
@@ -138,6 +175,9 @@ type runqlatMaps struct {
 
 func (m *runqlatMaps) Close() error {
 	return _RunqlatClose(
+		m.KtelEvents,
+		m.KtelSpanDrops,
+		m.KtelSpanLimiter,
 		m.RunqlatDrops,
 		m.RunqlatStartHash,
 		m.RunqlatStartTask,
@@ -149,8 +189,13 @@ func (m *runqlatMaps) Close() error {
 //
 // It can be passed to loadRunqlatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type runqlatVariables struct {
-	KtelBounds *ebpf.Variable `ebpf:"ktel_bounds"`
-	KtelSlots  *ebpf.Variable `ebpf:"ktel_slots"`
+	KtelBounds          *ebpf.Variable `ebpf:"ktel_bounds"`
+	KtelSlots           *ebpf.Variable `ebpf:"ktel_slots"`
+	KtelSpanBurstNs     *ebpf.Variable `ebpf:"ktel_span_burst_ns"`
+	KtelSpanCostNs      *ebpf.Variable `ebpf:"ktel_span_cost_ns"`
+	KtelSpanThresholdNs *ebpf.Variable `ebpf:"ktel_span_threshold_ns"`
+	KtelSpanWakeupBytes *ebpf.Variable `ebpf:"ktel_span_wakeup_bytes"`
+	UnusedRunqlatEvent  *ebpf.Variable `ebpf:"unused_runqlat_event"`
 }
 
 // runqlatPrograms contains all programs after they have been loaded into the kernel.

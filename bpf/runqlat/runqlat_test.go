@@ -1,16 +1,21 @@
 package runqlat
 
 import (
+	"errors"
 	"io"
+	"os"
 	"log/slog"
 	"runtime"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
+	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ktel-dev/ktel/internal/histogram"
+	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -135,5 +140,63 @@ func TestContention(t *testing.T) {
 				t.Errorf("sum rose by %d ns, less than %d long waits of 100µs", sum, busyLong)
 			}
 		})
+	}
+}
+
+func TestStructSizes(t *testing.T) {
+	spec, err := loadRunqlat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := uint32(unsafe.Sizeof(runqlatRunqlatEvent{})), uint32(48); got != want {
+		t.Errorf("struct runqlat_event: Go %d bytes, C %d", got, want)
+	}
+	if spec.Maps["runqlat_start_task"].ValueSize != 8 || spec.Maps["runqlat_start_hash"].ValueSize != 8 {
+		t.Error("start maps do not hold a u64")
+	}
+}
+
+// A task that waits behind spinners longer than the threshold produces an
+// event naming it.
+func TestLongWaitEvents(t *testing.T) {
+	testenv.Privileged(t)
+	p, err := Load(Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 2 * time.Millisecond}}, discard())
+	if err != nil {
+		t.Fatalf("%+v", err)
+	}
+	defer p.Close()
+	rd, err := ringbuf.NewReader(p.Events())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	contend(t, 0, 3, 500*time.Millisecond)
+
+	var n int
+	for {
+		rd.SetDeadline(time.Now().Add(200 * time.Millisecond))
+		rec, err := rd.Read()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := DecodeEvent(rec.RawSample)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Pid == uint32(os.Getpid()) && e.CPU == 0 {
+			if d := time.Duration(e.EndNs - e.StartNs); d < 2*time.Millisecond {
+				t.Errorf("event below threshold: %+v (%v)", e, d)
+			}
+			if e.Comm == "" || e.Tid == 0 {
+				t.Errorf("event lacks comm or tid: %+v", e)
+			}
+			n++
+		}
+	}
+	if n == 0 {
+		t.Error("no long-wait event from this process on the contended CPU")
 	}
 }
