@@ -22,8 +22,8 @@ type nativeAndClassic struct {
 }
 
 // newLatencyHistogram builds the metric for per-slot counts and a sum in
-// nanoseconds.
-func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots []uint64, sumNs uint64, labelValues ...string) prometheus.Metric {
+// nanoseconds, with exemplars by classic bucket (may be nil).
+func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots []uint64, sumNs uint64, ex map[float64]Exemplar, labelValues ...string) prometheus.Metric {
 	var count uint64
 	for _, c := range slots {
 		count += c
@@ -46,6 +46,7 @@ func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots 
 		// from a classic one.
 		h.PositiveSpan = []*dto.BucketSpan{{Offset: proto.Int32(0), Length: proto.Uint32(0)}}
 	}
+	attachExemplars(h, ex)
 	return &nativeAndClassic{desc: desc, labels: prometheus.MakeLabelPairs(desc, labelValues), h: h}
 }
 

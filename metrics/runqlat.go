@@ -9,6 +9,9 @@ import (
 	"github.com/ktel-dev/ktel/internal/histogram"
 )
 
+// RunqueueLatency is the run-queue histogram's name, for exemplars.
+const RunqueueLatency = "ktel_runqueue_latency_seconds"
+
 // RunqlatSource is what the run-queue collector reads.
 type RunqlatSource interface {
 	Snapshot() (*runqlat.Snapshot, error)
@@ -16,7 +19,8 @@ type RunqlatSource interface {
 }
 
 type runqlatCollector struct {
-	layout  *histogram.Layout
+	layout    *histogram.Layout
+	exemplars *Exemplars
 	snap    *Cached[*runqlat.Snapshot]
 	perCPU  bool
 	latency *prometheus.Desc
@@ -25,16 +29,18 @@ type runqlatCollector struct {
 
 // NewRunqlatCollector exports ktel_runqueue_latency_seconds, with a cpu
 // label (the CPU the task ran on after waiting) when perCPU is set.
-func NewRunqlatCollector(src RunqlatSource, perCPU bool) Collector {
+// Exemplars, when not nil, supply exemplars (of the summed histogram).
+func NewRunqlatCollector(src RunqlatSource, perCPU bool, ex *Exemplars) Collector {
 	var labels []string
 	if perCPU {
 		labels = []string{"cpu"}
 	}
 	return &runqlatCollector{
-		layout: src.Layout(),
+		layout:    src.Layout(),
+		exemplars: ex,
 		snap:   NewCached(src.Snapshot, DefaultMaxAge),
 		perCPU: perCPU,
-		latency: prometheus.NewDesc("ktel_runqueue_latency_seconds",
+		latency: prometheus.NewDesc(RunqueueLatency,
 			"Time runnable tasks waited for a CPU: from wakeup or preemption to running.", labels, nil),
 		dropped: prometheus.NewDesc("ktel_runqueue_dropped_total",
 			"Waits not timed because their start could not be stored in the kernel.", nil, nil),
@@ -48,10 +54,10 @@ func (c *runqlatCollector) Update(ch chan<- prometheus.Metric) error {
 	}
 	if c.perCPU {
 		for cpu, h := range s.PerCPU {
-			ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, strconv.Itoa(cpu))
+			ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, nil, strconv.Itoa(cpu))
 		}
 	} else {
-		ch <- newLatencyHistogram(c.latency, c.layout, s.Total.Slots, s.Total.SumNs)
+		ch <- newLatencyHistogram(c.latency, c.layout, s.Total.Slots, s.Total.SumNs, c.exemplars.get(RunqueueLatency, nil))
 	}
 	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.Dropped))
 	return nil

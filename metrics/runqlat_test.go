@@ -53,7 +53,7 @@ func TestRunqlatCollector(t *testing.T) {
 		{true, bucket(`cpu="0",`, "3.814697265625e-06", "2") + bucket(`cpu="1",`, "0.0078125", "1") +
 			"ktel_runqueue_latency_seconds_count{cpu=\"0\"} 2\nktel_runqueue_latency_seconds_count{cpu=\"1\"} 1\n"},
 	} {
-		c := &collectorAdapter{NewRunqlatCollector(f, tc.perCPU)}
+		c := &collectorAdapter{NewRunqlatCollector(f, tc.perCPU, nil)}
 		got, err := testutil.CollectAndFormat(c, expfmt.TypeTextPlain, "ktel_runqueue_latency_seconds")
 		if err != nil {
 			t.Fatal(err)

@@ -10,6 +10,9 @@ import (
 	"github.com/ktel-dev/ktel/internal/histogram"
 )
 
+// SyscallLatency is the syscall latency histogram's name, for exemplars.
+const SyscallLatency = "ktel_syscall_latency_seconds"
+
 // SyscallSource is what the syscall collector reads: the loaded probe, or a
 // fake in tests.
 type SyscallSource interface {
@@ -18,7 +21,8 @@ type SyscallSource interface {
 }
 
 type syscallCollector struct {
-	layout  *histogram.Layout
+	layout    *histogram.Layout
+	exemplars *Exemplars
 	snap    *Cached[*sysprobe.Snapshot]
 	name    func(nr uint32) string
 	latency *prometheus.Desc
@@ -30,12 +34,14 @@ type syscallCollector struct {
 // ktel_syscall_latency_seconds{syscall} and its failures as
 // ktel_syscall_errors_total{syscall,errno}. name turns syscall numbers
 // into names (sysprobe.NativeName outside tests).
-func NewSyscallCollector(src SyscallSource, name func(nr uint32) string) Collector {
+// Exemplars, when not nil, supply exemplars for the latency histograms.
+func NewSyscallCollector(src SyscallSource, name func(nr uint32) string, ex *Exemplars) Collector {
 	return &syscallCollector{
-		layout: src.Layout(),
+		layout:    src.Layout(),
+		exemplars: ex,
 		snap:   NewCached(src.Snapshot, DefaultMaxAge),
 		name:   name,
-		latency: prometheus.NewDesc("ktel_syscall_latency_seconds",
+		latency: prometheus.NewDesc(SyscallLatency,
 			"Time from syscall entry to exit, per syscall.", []string{"syscall"}, nil),
 		errors: prometheus.NewDesc("ktel_syscall_errors_total",
 			"Syscalls that returned an error, per syscall and errno.", []string{"syscall", "errno"}, nil),
@@ -50,7 +56,8 @@ func (c *syscallCollector) Update(ch chan<- prometheus.Metric) error {
 		return err
 	}
 	for nr, h := range s.Latency {
-		ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, c.name(nr))
+		name := c.name(nr)
+		ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, c.exemplars.get(SyscallLatency, []string{name}), name)
 	}
 	for k, n := range s.Errors {
 		ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(n), c.name(k.Nr), errnoName(k.Errno))

@@ -51,7 +51,7 @@ func names(nr uint32) string { return sysprobe.Name("amd64", nr) }
 
 func TestSyscallCollector(t *testing.T) {
 	f := newFake(t)
-	c := &collectorAdapter{NewSyscallCollector(f, names)}
+	c := &collectorAdapter{NewSyscallCollector(f, names, nil)}
 	want := `
 # HELP ktel_syscall_errors_dropped_total Failed syscalls not counted in ktel_syscall_errors_total because its kernel map was full.
 # TYPE ktel_syscall_errors_dropped_total counter
@@ -91,7 +91,7 @@ func classicLines(syscall string, cum map[int]int, count int, sum float64) strin
 func TestSyscallNativeHistogram(t *testing.T) {
 	f := newFake(t)
 	ch := make(chan prometheus.Metric, 16)
-	if err := NewSyscallCollector(f, names).Update(ch); err != nil {
+	if err := NewSyscallCollector(f, names, nil).Update(ch); err != nil {
 		t.Fatal(err)
 	}
 	close(ch)
@@ -183,7 +183,7 @@ func TestSpansAndDeltas(t *testing.T) {
 func TestExporterReportsFailure(t *testing.T) {
 	f := newFake(t)
 	f.err = errors.New("map gone")
-	e := NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names)}, discard())
+	e := NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}, discard())
 	want := `
 # HELP ktel_scrape_collector_success Whether a collector succeeded during this scrape (1) or not (0).
 # TYPE ktel_scrape_collector_success gauge
@@ -197,7 +197,7 @@ ktel_scrape_collector_success{collector="syscall"} 0
 // Rapid scrapes share one map read.
 func TestExporterSharesReads(t *testing.T) {
 	f := newFake(t)
-	e := NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names)}, discard())
+	e := NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}, discard())
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(e)
 	for range 5 {

@@ -39,7 +39,8 @@ struct runqlat_event {
 	__u32 tid;
 	__u32 cpu;
 	__u32 _pad;
-	char comm[16];
+	char comm[16];  /* the thread's */
+	char pcomm[16]; /* the process's: its main thread's */
 };
 
 /* Keeps the type in BTF for bpf2go -type. */
@@ -93,7 +94,8 @@ static __always_inline void count_drop(__u32 reason)
 		(*v)++;
 }
 
-static __always_inline void emit_event(__u64 start, __u64 end, __u32 pid, __u32 tid, const char *comm)
+static __always_inline void emit_event(__u64 start, __u64 end, __u32 pid, __u32 tid, const char *comm,
+				       struct task_struct *task)
 {
 	struct runqlat_event *e;
 
@@ -109,11 +111,16 @@ static __always_inline void emit_event(__u64 start, __u64 end, __u32 pid, __u32 
 	e->cpu = bpf_get_smp_processor_id();
 	e->_pad = 0;
 	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), comm);
+	e->pcomm[0] = 0;
+	if (task)
+		BPF_CORE_READ_STR_INTO(&e->pcomm, task, group_leader, comm);
 	ktel_span_submit(e);
 }
 
-/* record ends the wait that began at start for the task switched in. */
-static __always_inline void record(__u64 start, __u32 pid, __u32 tid, const char *comm)
+/* record ends the wait that began at start for the task switched in; task
+ * is NULL where the hook does not give it (classic tracepoint). */
+static __always_inline void record(__u64 start, __u32 pid, __u32 tid, const char *comm,
+				   struct task_struct *task)
 {
 	__u32 zero = 0;
 	__u64 *hist, now = bpf_ktime_get_ns();
@@ -124,7 +131,7 @@ static __always_inline void record(__u64 start, __u32 pid, __u32 tid, const char
 	if (hist)
 		ktel_hist_add(hist, now - start);
 	if (ktel_span_wanted(now - start))
-		emit_event(start, now, pid, tid, comm);
+		emit_event(start, now, pid, tid, comm, task);
 }
 
 /* Kernels before 5.14 call the state field "state". */
@@ -192,7 +199,7 @@ int BPF_PROG(sched_switch_btf_task, bool preempt, struct task_struct *prev, stru
 		return 0;
 	start = *ts;
 	*ts = 0;
-	record(start, next->tgid, next->pid, next->comm);
+	record(start, next->tgid, next->pid, next->comm, next);
 	return 0;
 }
 
@@ -209,7 +216,7 @@ static __always_inline void enqueue_pid(__u32 pid)
 		count_drop(DROP_START_FULL);
 }
 
-static __always_inline void switch_in_pid(__u32 pid, __u32 tgid, const char *comm)
+static __always_inline void switch_in_pid(__u32 pid, __u32 tgid, const char *comm, struct task_struct *task)
 {
 	__u64 *ts;
 
@@ -218,7 +225,7 @@ static __always_inline void switch_in_pid(__u32 pid, __u32 tgid, const char *com
 	ts = bpf_map_lookup_elem(&runqlat_start_hash, &pid);
 	if (!ts)
 		return;
-	record(*ts, tgid, pid, comm);
+	record(*ts, tgid, pid, comm, task);
 	bpf_map_delete_elem(&runqlat_start_hash, &pid);
 }
 
@@ -241,7 +248,7 @@ int BPF_PROG(sched_switch_btf_hash, bool preempt, struct task_struct *prev, stru
 {
 	if (preempt || task_state_btf(prev) == TASK_RUNNING)
 		enqueue_pid(prev->pid);
-	switch_in_pid(next->pid, next->tgid, next->comm);
+	switch_in_pid(next->pid, next->tgid, next->comm, next);
 	return 0;
 }
 
@@ -264,7 +271,7 @@ int BPF_PROG(sched_switch_raw_hash, bool preempt, struct task_struct *prev, stru
 {
 	if (preempt || task_state(prev) == TASK_RUNNING)
 		enqueue_pid(BPF_CORE_READ(prev, pid));
-	switch_in_pid(BPF_CORE_READ(next, pid), BPF_CORE_READ(next, tgid), next->comm);
+	switch_in_pid(BPF_CORE_READ(next, pid), BPF_CORE_READ(next, tgid), next->comm, next);
 	return 0;
 }
 
@@ -289,6 +296,6 @@ int sched_switch_tp_hash(struct trace_event_raw_sched_switch *ctx)
 
 	if (state == TASK_RUNNING || (state & TASK_REPORT_MAX))
 		enqueue_pid(ctx->prev_pid);
-	switch_in_pid(ctx->next_pid, 0, ctx->next_comm);
+	switch_in_pid(ctx->next_pid, 0, ctx->next_comm, NULL);
 	return 0;
 }

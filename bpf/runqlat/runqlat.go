@@ -166,7 +166,8 @@ type Event struct {
 	Pid            uint32 // 0 with the classic tracepoint, which lacks it
 	Tid            uint32
 	CPU            uint32 // the CPU the task ran on after waiting
-	Comm           string
+	Comm           string // the thread's name
+	ProcessComm    string // the process's name; empty with the classic tracepoint
 }
 
 // EventSize is the size of a record in the ring buffer.
@@ -184,7 +185,8 @@ func DecodeEvent(b []byte) (Event, error) {
 	if r.EndNs < r.StartNs {
 		return Event{}, fmt.Errorf("runqlat event ends (%d) before it starts (%d)", r.EndNs, r.StartNs)
 	}
-	return Event{StartNs: r.StartNs, EndNs: r.EndNs, Pid: r.Pid, Tid: r.Tid, CPU: r.Cpu, Comm: probe.CString(r.Comm[:])}, nil
+	return Event{StartNs: r.StartNs, EndNs: r.EndNs, Pid: r.Pid, Tid: r.Tid, CPU: r.Cpu,
+		Comm: probe.CString(r.Comm[:]), ProcessComm: probe.CString(r.Pcomm[:])}, nil
 }
 
 // Hist is a histogram of waits: per layout slot, and the sum.

@@ -28,6 +28,7 @@ type runqlatRunqlatEvent struct {
 	Cpu     uint32
 	Pad     uint32
 	Comm    [16]int8
+	Pcomm   [16]int8
 }
 
 // Names of all BPF objects in the ELF.

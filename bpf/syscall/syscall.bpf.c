@@ -13,6 +13,7 @@
 #include "vmlinux.h"
 #include "bpf_helpers.h"
 #include "bpf_tracing.h"
+#include "bpf_core_read.h"
 #include "ktel_hist.h"
 #include "ktel_events.h"
 
@@ -38,7 +39,8 @@ struct syscall_event {
 	__u32 tid;
 	__u32 nr;
 	__s32 ret;
-	char comm[16];
+	char comm[16];  /* the thread's */
+	char pcomm[16]; /* the process's: its main thread's */
 };
 
 /* Keeps the type in BTF for bpf2go -type. */
@@ -132,6 +134,7 @@ static __always_inline void record_error(__u32 nr, long ret)
 static __always_inline void emit_event(__u32 nr, __u64 start, __u64 end, long ret)
 {
 	struct syscall_event *e;
+	struct task_struct *task;
 	__u64 id;
 
 	if (!ktel_span_allow(end))
@@ -147,6 +150,8 @@ static __always_inline void emit_event(__u32 nr, __u64 start, __u64 end, long re
 	e->nr = nr;
 	e->ret = ret;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	task = (struct task_struct *)bpf_get_current_task();
+	BPF_CORE_READ_STR_INTO(&e->pcomm, task, group_leader, comm);
 	ktel_span_submit(e);
 }
 

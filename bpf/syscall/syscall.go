@@ -260,7 +260,8 @@ type Event struct {
 	Pid, Tid       uint32
 	Nr             uint32
 	Ret            int32
-	Comm           string
+	Comm           string // the thread's name
+	ProcessComm    string // the process's (its main thread's) name
 }
 
 // EventSize is the size of a record in the ring buffer.
@@ -279,7 +280,7 @@ func DecodeEvent(b []byte) (Event, error) {
 		return Event{}, fmt.Errorf("syscall event ends (%d) before it starts (%d)", r.EndNs, r.StartNs)
 	}
 	return Event{StartNs: r.StartNs, EndNs: r.EndNs, Pid: r.Pid, Tid: r.Tid, Nr: r.Nr, Ret: r.Ret,
-		Comm: probe.CString(r.Comm[:])}, nil
+		Comm: probe.CString(r.Comm[:]), ProcessComm: probe.CString(r.Pcomm[:])}, nil
 }
 
 // Sizes of the generated structs, for the layout check in tests.

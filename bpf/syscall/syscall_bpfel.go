@@ -41,6 +41,7 @@ type syscallSyscallEvent struct {
 	Nr      uint32
 	Ret     int32
 	Comm    [16]int8
+	Pcomm   [16]int8
 }
 
 // Names of all BPF objects in the ELF.

@@ -43,7 +43,7 @@ func startSyscall(cfg *config.Config, log *slog.Logger) (loaded, error) {
 		return nil, err
 	}
 	log.Info("probe attached", "variant", p.Variant().String())
-	return syscallProbe{p, metrics.NewSyscallCollector(p, sysprobe.NativeName)}, nil
+	return syscallProbe{p, metrics.NewSyscallCollector(p, sysprobe.NativeName, nil)}, nil
 }
 
 type runqlatProbe struct {
@@ -60,7 +60,7 @@ func startRunqlat(cfg *config.Config, log *slog.Logger) (loaded, error) {
 		return nil, err
 	}
 	log.Info("probe attached", "variant", p.Variant().String())
-	return runqlatProbe{p, metrics.NewRunqlatCollector(p, cfg.RunqlatPerCPU)}, nil
+	return runqlatProbe{p, metrics.NewRunqlatCollector(p, cfg.RunqlatPerCPU, nil)}, nil
 }
 
 // start loads one probe, checking that it has a starter.

@@ -4,8 +4,10 @@
 package testenv
 
 import (
+	"errors"
 	"os"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -29,15 +31,36 @@ func Privileged(tb testing.TB) {
 }
 
 // Tracefs makes sure tracefs is mounted at /sys/kernel/tracing, which
-// classic tracepoints need, and unmounts it after the test if it mounted it.
+// classic tracepoints need. It stays mounted, as on most hosts: unmounting
+// it would pull it from under concurrent users.
 func Tracefs(tb testing.TB) {
 	tb.Helper()
 	const dir = "/sys/kernel/tracing"
 	if _, err := os.Stat(dir + "/events"); err == nil {
 		return
 	}
-	if err := unix.Mount("tracefs", dir, "tracefs", 0, ""); err != nil {
+	if err := unix.Mount("tracefs", dir, "tracefs", 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
 		tb.Fatalf("mount tracefs on %s: %v", dir, err)
 	}
-	tb.Cleanup(func() { unix.Unmount(dir, 0) })
+}
+
+// Sleep sleeps in clock_nanosleep until d has passed, resuming after
+// signals (the Go runtime's interrupt syscalls with EINTR). Each resumption
+// is a separate syscall.
+func Sleep(tb testing.TB, d time.Duration) {
+	tb.Helper()
+	var now unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &now); err != nil {
+		tb.Fatal(err)
+	}
+	deadline := unix.NsecToTimespec(now.Nano() + d.Nanoseconds())
+	for {
+		err := unix.ClockNanosleep(unix.CLOCK_MONOTONIC, unix.TIMER_ABSTIME, &deadline, nil)
+		if err == nil {
+			return
+		}
+		if !errors.Is(err, unix.EINTR) {
+			tb.Fatalf("clock_nanosleep: %v", err)
+		}
+	}
 }

@@ -1,0 +1,172 @@
+// Package tracing turns outlier kernel events, read from the probes' ring
+// buffers, into OTLP spans with the events' own kernel timestamps. Export
+// never blocks the readers: spans wait in a bounded queue, and what cannot
+// be queued or exported is counted by reason.
+package tracing
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+)
+
+// Drop reasons, as in ktel_spans_dropped_total{reason}. The kernel's own
+// (rate_limited, ringbuf_full) are counted by the probes.
+const (
+	ReasonQueueFull    = "queue_full"
+	ReasonExportFailed = "export_failed"
+)
+
+// Counts are per-probe span counters.
+type Counts struct {
+	Exported, QueueFull, ExportFailed uint64
+}
+
+type counters struct{ exported, queueFull, exportFailed atomic.Uint64 }
+
+// exporter is a span processor with a bounded queue, exporting in batches
+// from one goroutine. Unlike the SDK's batch processor it counts, per
+// probe, every span it could not queue or export.
+type exporter struct {
+	exp      sdktrace.SpanExporter
+	log      *slog.Logger
+	queue    chan sdktrace.ReadOnlySpan
+	batch    int
+	interval time.Duration
+	timeout  time.Duration
+
+	mu     sync.Mutex
+	counts map[string]*counters // by instrumentation scope = probe
+
+	stop chan struct{}
+	done chan struct{}
+}
+
+func newExporter(exp sdktrace.SpanExporter, queueSize, batch int, interval time.Duration, log *slog.Logger) *exporter {
+	e := &exporter{
+		exp: exp, log: log,
+		queue: make(chan sdktrace.ReadOnlySpan, queueSize),
+		batch: batch, interval: interval, timeout: 10 * time.Second,
+		counts: map[string]*counters{},
+		stop:   make(chan struct{}), done: make(chan struct{}),
+	}
+	go e.run()
+	return e
+}
+
+func (e *exporter) counter(probe string) *counters {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	c := e.counts[probe]
+	if c == nil {
+		c = &counters{}
+		e.counts[probe] = c
+	}
+	return c
+}
+
+// Counts returns the counters of every probe that produced spans.
+func (e *exporter) Counts() map[string]Counts {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make(map[string]Counts, len(e.counts))
+	for p, c := range e.counts {
+		out[p] = Counts{Exported: c.exported.Load(), QueueFull: c.queueFull.Load(), ExportFailed: c.exportFailed.Load()}
+	}
+	return out
+}
+
+// OnStart is part of sdktrace.SpanProcessor.
+func (e *exporter) OnStart(context.Context, sdktrace.ReadWriteSpan) {}
+
+// OnEnd queues the span, or counts it as dropped if the queue is full.
+func (e *exporter) OnEnd(s sdktrace.ReadOnlySpan) {
+	select {
+	case e.queue <- s:
+	default:
+		e.counter(s.InstrumentationScope().Name).queueFull.Add(1)
+	}
+}
+
+func (e *exporter) run() {
+	defer close(e.done)
+	tick := time.NewTicker(e.interval)
+	defer tick.Stop()
+	buf := make([]sdktrace.ReadOnlySpan, 0, e.batch)
+	for {
+		select {
+		case s := <-e.queue:
+			if buf = append(buf, s); len(buf) >= e.batch {
+				buf = e.export(buf)
+			}
+		case <-tick.C:
+			buf = e.export(buf)
+		case <-e.stop:
+			for drained := false; !drained; {
+				select {
+				case s := <-e.queue:
+					if buf = append(buf, s); len(buf) >= e.batch {
+						buf = e.export(buf)
+					}
+				default:
+					drained = true
+				}
+			}
+			e.export(buf)
+			return
+		}
+	}
+}
+
+// export sends buf and returns it emptied.
+func (e *exporter) export(buf []sdktrace.ReadOnlySpan) []sdktrace.ReadOnlySpan {
+	if len(buf) == 0 {
+		return buf
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), e.timeout)
+	err := e.exp.ExportSpans(ctx, buf)
+	cancel()
+	for _, s := range buf {
+		c := e.counter(s.InstrumentationScope().Name)
+		if err != nil {
+			c.exportFailed.Add(1)
+		} else {
+			c.exported.Add(1)
+		}
+	}
+	if err != nil {
+		e.log.Warn("span export failed", "spans", len(buf), "err", err)
+	}
+	clear(buf)
+	return buf[:0]
+}
+
+// Shutdown exports what is queued and shuts the exporter down.
+func (e *exporter) Shutdown(ctx context.Context) error {
+	select {
+	case <-e.stop:
+		return nil
+	default:
+	}
+	close(e.stop)
+	select {
+	case <-e.done:
+	case <-ctx.Done():
+		return fmt.Errorf("flush spans: %w", ctx.Err())
+	}
+	return e.exp.Shutdown(ctx)
+}
+
+// ForceFlush is part of sdktrace.SpanProcessor; spans are exported on the
+// exporter's own schedule.
+func (e *exporter) ForceFlush(context.Context) error { return nil }
+
+var _ sdktrace.SpanProcessor = (*exporter)(nil)
+
+var errDisabled = errors.New("tracing disabled: no OTLP endpoint configured")

@@ -1,0 +1,214 @@
+package tracing
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	semconv "go.opentelemetry.io/otel/semconv/v1.37.0"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/ktel-dev/ktel/internal/version"
+	"github.com/ktel-dev/ktel/metrics"
+)
+
+// Enabled reports whether the environment configures an OTLP endpoint for
+// traces; tracing is off otherwise. getenv is os.Getenv outside tests.
+func Enabled(getenv func(string) string) bool {
+	if strings.EqualFold(getenv("OTEL_SDK_DISABLED"), "true") || getenv("OTEL_TRACES_EXPORTER") == "none" {
+		return false
+	}
+	return getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != ""
+}
+
+// Protocol is the OTLP protocol the environment asks for: "grpc" or
+// "http/protobuf" (the specification's default).
+func Protocol(getenv func(string) string) (string, error) {
+	p := getenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+	if p == "" {
+		p = getenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+	}
+	switch p {
+	case "", "http/protobuf":
+		return "http/protobuf", nil
+	case "grpc":
+		return "grpc", nil
+	}
+	return "", fmt.Errorf("invalid OTEL_EXPORTER_OTLP_PROTOCOL %q; accepted values: grpc, http/protobuf", p)
+}
+
+// Options configure the pipeline.
+type Options struct {
+	QueueSize int // spans waiting for export; beyond, they are dropped
+	Batch     int // spans per export request
+	Interval  time.Duration
+}
+
+// Pipeline reads events from probes' ring buffers and exports spans.
+type Pipeline struct {
+	log       *slog.Logger
+	provider  *sdktrace.TracerProvider
+	exporter  *exporter
+	clock     *Clock
+	exemplars *metrics.Exemplars
+
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	readers []*ringbuf.Reader
+}
+
+// New builds the OTLP exporter from the standard OTEL_* variables and a
+// resource with service.name (default ktel, or OTEL_SERVICE_NAME), host.name
+// and whatever OTEL_RESOURCE_ATTRIBUTES adds (k8s.node.name and k8s.pod.name
+// from the downward API, for instance).
+func New(ctx context.Context, opts Options, ex *metrics.Exemplars, log *slog.Logger) (*Pipeline, error) {
+	if !Enabled(os.Getenv) {
+		return nil, errDisabled
+	}
+	proto, err := Protocol(os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	var exp sdktrace.SpanExporter
+	if proto == "grpc" {
+		exp, err = otlptracegrpc.New(ctx)
+	} else {
+		exp, err = otlptracehttp.New(ctx)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("OTLP %s exporter: %w", proto, err)
+	}
+	v, _, _ := version.Info()
+	detected, err := resource.New(ctx, resource.WithHost(), resource.WithFromEnv(), resource.WithTelemetrySDK())
+	if err != nil {
+		// A partial resource is still useful; err names what is missing.
+		log.Warn("span resource incomplete", "err", err)
+	}
+	if detected == nil {
+		detected = resource.Empty()
+	}
+	// Later resources win: OTEL_SERVICE_NAME overrides the default name.
+	res, err := resource.Merge(resource.NewSchemaless(semconv.ServiceName("ktel"), semconv.ServiceVersion(v)), detected)
+	if err != nil {
+		return nil, fmt.Errorf("resource: %w", err)
+	}
+	return newPipeline(exp, res, opts, ex, log), nil
+}
+
+func newPipeline(exp sdktrace.SpanExporter, res *resource.Resource, opts Options, ex *metrics.Exemplars, log *slog.Logger) *Pipeline {
+	if opts.QueueSize <= 0 {
+		opts.QueueSize = 4096
+	}
+	if opts.Batch <= 0 {
+		opts.Batch = 512
+	}
+	if opts.Interval <= 0 {
+		opts.Interval = time.Second
+	}
+	e := newExporter(exp, opts.QueueSize, opts.Batch, opts.Interval, log)
+	p := &Pipeline{
+		log:       log,
+		exporter:  e,
+		provider:  sdktrace.NewTracerProvider(sdktrace.WithResource(res), sdktrace.WithSpanProcessor(e)),
+		clock:     NewClock(10 * time.Second),
+		exemplars: ex,
+	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	return p
+}
+
+// Span is what a probe's decoder makes of one record.
+type Span struct {
+	Name           string
+	StartNs, EndNs uint64 // CLOCK_MONOTONIC
+	Attrs          []attribute.KeyValue
+	// Exemplar, if Metric is set: the histogram series the event was
+	// observed in, which gets an exemplar pointing at this span.
+	Metric      string
+	LabelValues []string
+}
+
+// Decoder turns one ring-buffer record into a span.
+type Decoder func(record []byte) (Span, error)
+
+// Add starts reading events of probe from ring. Records that do not
+// decode are logged and skipped.
+func (p *Pipeline) Add(probe string, ring *ebpf.Map, decode Decoder) error {
+	rd, err := ringbuf.NewReader(ring)
+	if err != nil {
+		return fmt.Errorf("%s ring buffer: %w", probe, err)
+	}
+	p.readers = append(p.readers, rd)
+	tracer := p.provider.Tracer(probe)
+	log := p.log.With("probe", probe)
+	p.wg.Go(func() { p.read(rd, tracer, decode, log) })
+	return nil
+}
+
+// pollInterval bounds how long a record waits when the kernel did not wake
+// the reader (wakeups are batched).
+const pollInterval = 200 * time.Millisecond
+
+func (p *Pipeline) read(rd *ringbuf.Reader, tracer trace.Tracer, decode Decoder, log *slog.Logger) {
+	var rec ringbuf.Record
+	for p.ctx.Err() == nil {
+		rd.SetDeadline(time.Now().Add(pollInterval))
+		if err := rd.ReadInto(&rec); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue
+			}
+			if !errors.Is(err, ringbuf.ErrClosed) {
+				log.Error("read ring buffer", "err", err)
+			}
+			return
+		}
+		s, err := decode(rec.RawSample)
+		if err != nil {
+			log.Warn("bad event record", "err", err)
+			continue
+		}
+		p.emit(tracer, s)
+	}
+}
+
+func (p *Pipeline) emit(tracer trace.Tracer, s Span) {
+	start, end := p.clock.Wall(s.StartNs), p.clock.Wall(s.EndNs)
+	_, span := tracer.Start(p.ctx, s.Name, trace.WithTimestamp(start), trace.WithAttributes(s.Attrs...),
+		trace.WithSpanKind(trace.SpanKindInternal), trace.WithNewRoot())
+	span.End(trace.WithTimestamp(end))
+	if s.Metric != "" {
+		sc := span.SpanContext()
+		p.exemplars.Observe(s.Metric, s.LabelValues, metrics.Exemplar{
+			Value: end.Sub(start).Seconds(), TraceID: sc.TraceID().String(), SpanID: sc.SpanID().String(), Time: end,
+		})
+	}
+}
+
+// Counts are the per-probe export counters.
+func (p *Pipeline) Counts() map[string]Counts { return p.exporter.Counts() }
+
+// Close stops the readers, exports what is queued (within ctx) and shuts
+// the exporter down.
+func (p *Pipeline) Close(ctx context.Context) error {
+	p.cancel()
+	var errs []error
+	for _, rd := range p.readers {
+		errs = append(errs, rd.Close())
+	}
+	p.wg.Wait()
+	errs = append(errs, p.provider.Shutdown(ctx))
+	return errors.Join(errs...)
+}
