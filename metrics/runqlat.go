@@ -21,10 +21,10 @@ type RunqlatSource interface {
 type runqlatCollector struct {
 	layout    *histogram.Layout
 	exemplars *Exemplars
-	snap    *Cached[*runqlat.Snapshot]
-	perCPU  bool
-	latency *prometheus.Desc
-	dropped *prometheus.Desc
+	snap      *Cached[*runqlat.Snapshot]
+	perCPU    bool
+	latency   *prometheus.Desc
+	dropped   *prometheus.Desc
 }
 
 // NewRunqlatCollector exports ktel_runqueue_latency_seconds, with a cpu
@@ -38,8 +38,8 @@ func NewRunqlatCollector(src RunqlatSource, perCPU bool, ex *Exemplars) Collecto
 	return &runqlatCollector{
 		layout:    src.Layout(),
 		exemplars: ex,
-		snap:   NewCached(src.Snapshot, DefaultMaxAge),
-		perCPU: perCPU,
+		snap:      NewCached(src.Snapshot, DefaultMaxAge),
+		perCPU:    perCPU,
 		latency: prometheus.NewDesc(RunqueueLatency,
 			"Time runnable tasks waited for a CPU: from wakeup or preemption to running.", labels, nil),
 		dropped: prometheus.NewDesc("ktel_runqueue_dropped_total",

@@ -23,11 +23,11 @@ type SyscallSource interface {
 type syscallCollector struct {
 	layout    *histogram.Layout
 	exemplars *Exemplars
-	snap    *Cached[*sysprobe.Snapshot]
-	name    func(nr uint32) string
-	latency *prometheus.Desc
-	errors  *prometheus.Desc
-	dropped *prometheus.Desc
+	snap      *Cached[*sysprobe.Snapshot]
+	name      func(nr uint32) string
+	latency   *prometheus.Desc
+	errors    *prometheus.Desc
+	dropped   *prometheus.Desc
 }
 
 // NewSyscallCollector exports the syscall probe's histograms as
@@ -39,8 +39,8 @@ func NewSyscallCollector(src SyscallSource, name func(nr uint32) string, ex *Exe
 	return &syscallCollector{
 		layout:    src.Layout(),
 		exemplars: ex,
-		snap:   NewCached(src.Snapshot, DefaultMaxAge),
-		name:   name,
+		snap:      NewCached(src.Snapshot, DefaultMaxAge),
+		name:      name,
 		latency: prometheus.NewDesc(SyscallLatency,
 			"Time from syscall entry to exit, per syscall.", []string{"syscall"}, nil),
 		errors: prometheus.NewDesc("ktel_syscall_errors_total",

@@ -3,8 +3,8 @@ package runqlat
 import (
 	"errors"
 	"io"
-	"os"
 	"log/slog"
+	"os"
 	"runtime"
 	"sync"
 	"testing"
