@@ -64,8 +64,8 @@ func classicBucket(v float64) float64 {
 	return math.Inf(1)
 }
 
-// get returns the exemplars of a series, by classic bucket.
-func (s *Exemplars) get(metric string, labelValues []string) map[float64]Exemplar {
+// Lookup returns the exemplars of a series, by classic bucket upper bound.
+func (s *Exemplars) Lookup(metric string, labelValues []string) map[float64]Exemplar {
 	if s == nil {
 		return nil
 	}

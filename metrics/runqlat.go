@@ -57,8 +57,9 @@ func (c *runqlatCollector) Update(ch chan<- prometheus.Metric) error {
 			ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, nil, strconv.Itoa(cpu))
 		}
 	} else {
-		ch <- newLatencyHistogram(c.latency, c.layout, s.Total.Slots, s.Total.SumNs, c.exemplars.get(RunqueueLatency, nil))
+		ch <- newLatencyHistogram(c.latency, c.layout, s.Total.Slots, s.Total.SumNs, c.exemplars.Lookup(RunqueueLatency, nil))
 	}
 	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.Dropped))
+	sendKernelSpanDrops(ch, "runqlat", s.SpanDrops)
 	return nil
 }

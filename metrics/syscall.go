@@ -57,12 +57,13 @@ func (c *syscallCollector) Update(ch chan<- prometheus.Metric) error {
 	}
 	for nr, h := range s.Latency {
 		name := c.name(nr)
-		ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, c.exemplars.get(SyscallLatency, []string{name}), name)
+		ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, c.exemplars.Lookup(SyscallLatency, []string{name}), name)
 	}
 	for k, n := range s.Errors {
 		ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(n), c.name(k.Nr), errnoName(k.Errno))
 	}
 	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.ErrorsDropped))
+	sendKernelSpanDrops(ch, "syscall", s.SpanDrops)
 	return nil
 }
 

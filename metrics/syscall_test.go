@@ -1,17 +1,21 @@
 package metrics
 
 import (
+	"bytes"
 	"errors"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/prometheus/common/expfmt"
 	dto "github.com/prometheus/client_model/go"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/histogram"
+	"github.com/ktel-dev/ktel/internal/probe"
 )
 
 type fakeSyscalls struct {
@@ -44,6 +48,7 @@ func newFake(t *testing.T) *fakeSyscalls {
 			{Nr: 0, Errno: 512}: 1,
 		},
 		ErrorsDropped: 3,
+		SpanDrops:     probe.SpanDrops{RateLimited: 5},
 	}}
 }
 
@@ -60,6 +65,10 @@ ktel_syscall_errors_dropped_total 3
 # TYPE ktel_syscall_errors_total counter
 ktel_syscall_errors_total{errno="512",syscall="read"} 1
 ktel_syscall_errors_total{errno="EAGAIN",syscall="read"} 7
+# HELP ktel_spans_dropped_total Outlier events that did not become exported spans, by probe and reason: rate_limited and ringbuf_full in the kernel, queue_full and export_failed in ktel.
+# TYPE ktel_spans_dropped_total counter
+ktel_spans_dropped_total{probe="syscall",reason="rate_limited"} 5
+ktel_spans_dropped_total{probe="syscall",reason="ringbuf_full"} 0
 # HELP ktel_syscall_latency_seconds Time from syscall entry to exit, per syscall.
 # TYPE ktel_syscall_latency_seconds histogram
 ` + classicLines("read", map[int]int{-20: 1, -18: 3, -8: 4}, 4, 0.0020065) + "\n"
@@ -207,5 +216,36 @@ func TestExporterSharesReads(t *testing.T) {
 	}
 	if n := f.reads.Load(); n != 1 {
 		t.Errorf("%d map reads for 5 rapid scrapes, want 1", n)
+	}
+}
+
+// An exemplar recorded for a series shows on the classic bucket holding its
+// value (OpenMetrics) and in the native histogram (protobuf).
+func TestSyscallExemplars(t *testing.T) {
+	f := newFake(t)
+	ex := NewExemplars()
+	ex.Observe(SyscallLatency, []string{"read"}, Exemplar{Value: 0.002, TraceID: "0af7651916cd43dd8448eb211c80319c",
+		SpanID: "b7ad6b7169203331", Time: time.Unix(1700000000, 0)})
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(&collectorAdapter{NewSyscallCollector(f, names, ex)})
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	enc := expfmt.NewEncoder(&buf, expfmt.NewFormat(expfmt.TypeOpenMetrics))
+	for _, mf := range mfs {
+		if mf.GetName() == SyscallLatency {
+			if err := enc.Encode(mf); err != nil {
+				t.Fatal(err)
+			}
+			if n := len(mf.Metric[0].Histogram.Exemplars); n != 1 {
+				t.Errorf("%d native exemplars, want 1", n)
+			}
+		}
+	}
+	want := `ktel_syscall_latency_seconds_bucket{syscall="read",le="0.00390625"} 4 # {trace_id="0af7651916cd43dd8448eb211c80319c",span_id="b7ad6b7169203331"} 0.002 1.7e+09`
+	if !strings.Contains(buf.String(), want) {
+		t.Errorf("OpenMetrics output lacks\n%s\nin\n%s", want, buf.String())
 	}
 }

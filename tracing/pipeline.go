@@ -14,6 +14,8 @@ import (
 	"time"
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+
+	"github.com/ktel-dev/ktel/metrics"
 )
 
 // Drop reasons, as in ktel_spans_dropped_total{reason}. The kernel's own
@@ -22,11 +24,6 @@ const (
 	ReasonQueueFull    = "queue_full"
 	ReasonExportFailed = "export_failed"
 )
-
-// Counts are per-probe span counters.
-type Counts struct {
-	Exported, QueueFull, ExportFailed uint64
-}
 
 type counters struct{ exported, queueFull, exportFailed atomic.Uint64 }
 
@@ -72,12 +69,12 @@ func (e *exporter) counter(probe string) *counters {
 }
 
 // Counts returns the counters of every probe that produced spans.
-func (e *exporter) Counts() map[string]Counts {
+func (e *exporter) Counts() map[string]metrics.SpanCounts {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	out := make(map[string]Counts, len(e.counts))
+	out := make(map[string]metrics.SpanCounts, len(e.counts))
 	for p, c := range e.counts {
-		out[p] = Counts{Exported: c.exported.Load(), QueueFull: c.queueFull.Load(), ExportFailed: c.exportFailed.Load()}
+		out[p] = metrics.SpanCounts{Exported: c.exported.Load(), QueueFull: c.queueFull.Load(), ExportFailed: c.exportFailed.Load()}
 	}
 	return out
 }

@@ -198,7 +198,7 @@ func (p *Pipeline) emit(tracer trace.Tracer, s Span) {
 }
 
 // Counts are the per-probe export counters.
-func (p *Pipeline) Counts() map[string]Counts { return p.exporter.Counts() }
+func (p *Pipeline) Counts() map[string]metrics.SpanCounts { return p.exporter.Counts() }
 
 // Close stops the readers, exports what is queued (within ctx) and shuts
 // the exporter down.

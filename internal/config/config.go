@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/kelseyhightower/envconfig"
 )
@@ -45,6 +46,11 @@ type Config struct {
 	SyscallHook     string `envconfig:"SYSCALL_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the syscall probe attaches. auto picks the cheapest that loads on this kernel."`
 	RunqlatHook     string `envconfig:"RUNQLAT_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the runqlat probe attaches. auto picks the cheapest that loads on this kernel."`
 	RunqlatPerCPU   bool   `envconfig:"RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs."`
+
+	SyscallSpanThreshold time.Duration `envconfig:"SYSCALL_SPAN_THRESHOLD" default:"100ms" values:"duration >= 0 (0 disables)" desc:"With tracing on (an OTLP endpoint in OTEL_EXPORTER_OTLP_ENDPOINT), syscalls at least this slow become spans."`
+	RunqlatSpanThreshold time.Duration `envconfig:"RUNQLAT_SPAN_THRESHOLD" default:"50ms" values:"duration >= 0 (0 disables)" desc:"With tracing on, run-queue waits at least this long become spans."`
+	SpanRateLimit        int           `envconfig:"SPAN_RATE_LIMIT" default:"1000" values:"integer >= 0 (0: no limit)" desc:"Most spans per second and probe, enforced in the kernel by a per-CPU token bucket; the excess is counted in ktel_spans_dropped_total{reason=\"rate_limited\"}."`
+	SpanQueueSize        int           `envconfig:"SPAN_QUEUE_SIZE" default:"4096" values:"integer >= 1" desc:"Spans waiting for export; when the OTLP endpoint is slow or down, more are dropped and counted (reason queue_full)."`
 }
 
 // Error is an invalid variable. Its message names the variable, the value
@@ -154,6 +160,17 @@ func (c *Config) Validate() error {
 	}
 	if c.HistogramSchema < 0 || c.HistogramSchema > 4 {
 		bad("HISTOGRAM_SCHEMA", strconv.Itoa(c.HistogramSchema), "out of range")
+	}
+	for name, d := range map[string]time.Duration{"SYSCALL_SPAN_THRESHOLD": c.SyscallSpanThreshold, "RUNQLAT_SPAN_THRESHOLD": c.RunqlatSpanThreshold} {
+		if d < 0 {
+			bad(name, d.String(), "negative")
+		}
+	}
+	if c.SpanRateLimit < 0 {
+		bad("SPAN_RATE_LIMIT", strconv.Itoa(c.SpanRateLimit), "negative")
+	}
+	if c.SpanQueueSize < 1 {
+		bad("SPAN_QUEUE_SIZE", strconv.Itoa(c.SpanQueueSize), "below 1")
 	}
 	for name, hook := range map[string]string{"SYSCALL_HOOK": c.SyscallHook, "RUNQLAT_HOOK": c.RunqlatHook} {
 		if !oneOf(hook, "auto", "tp_btf", "raw_tp", "tracepoint") {

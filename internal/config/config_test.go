@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // setenv sets vars for the test and unsets every other KTEL_* variable, so
@@ -34,7 +35,9 @@ func TestDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Config{ListenAddress: ":9437", Probes: "syscall,runqlat", LogLevel: "info", LogFormat: "text",
-		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", RunqlatHook: "auto", RunqlatPerCPU: false}
+		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", RunqlatHook: "auto", RunqlatPerCPU: false,
+		SyscallSpanThreshold: 100 * time.Millisecond, RunqlatSpanThreshold: 50 * time.Millisecond,
+		SpanRateLimit: 1000, SpanQueueSize: 4096}
 	if *c != want {
 		t.Errorf("defaults %+v, want %+v", *c, want)
 	}
@@ -86,6 +89,17 @@ func TestValidation(t *testing.T) {
 		{"KTEL_RUNQLAT_HOOK", "fentry", false},
 		{"KTEL_RUNQLAT_PER_CPU", "true", true},
 		{"KTEL_RUNQLAT_PER_CPU", "yes", false},
+		{"KTEL_SYSCALL_SPAN_THRESHOLD", "250ms", true},
+		{"KTEL_SYSCALL_SPAN_THRESHOLD", "0", true},
+		{"KTEL_SYSCALL_SPAN_THRESHOLD", "-1s", false},
+		{"KTEL_SYSCALL_SPAN_THRESHOLD", "100", false},
+		{"KTEL_RUNQLAT_SPAN_THRESHOLD", "2ms", true},
+		{"KTEL_RUNQLAT_SPAN_THRESHOLD", "soon", false},
+		{"KTEL_SPAN_RATE_LIMIT", "0", true},
+		{"KTEL_SPAN_RATE_LIMIT", "-5", false},
+		{"KTEL_SPAN_RATE_LIMIT", "lots", false},
+		{"KTEL_SPAN_QUEUE_SIZE", "1", true},
+		{"KTEL_SPAN_QUEUE_SIZE", "0", false},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
 			setenv(t, map[string]string{tc.name: tc.value})

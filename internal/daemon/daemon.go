@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -21,15 +22,17 @@ import (
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/version"
 	"github.com/ktel-dev/ktel/metrics"
+	"github.com/ktel-dev/ktel/tracing"
 )
 
 // Daemon is a running ktel.
 type Daemon struct {
-	cfg    *config.Config
-	log    *slog.Logger
-	reg    *prometheus.Registry
-	probes map[string]loaded
-	stats  io.Closer // keeps kernel.bpf_stats_enabled on; nil if off
+	cfg     *config.Config
+	log     *slog.Logger
+	reg     *prometheus.Registry
+	probes  map[string]loaded
+	stats   io.Closer         // keeps kernel.bpf_stats_enabled on; nil if off
+	tracing *tracing.Pipeline // nil unless an OTLP endpoint is configured
 }
 
 // New loads every enabled probe. A probe that cannot load is logged and
@@ -42,6 +45,18 @@ func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
 func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter) (*Daemon, error) {
 	reg, self := metrics.NewRegistry(version.Info())
 	d := &Daemon{cfg: cfg, log: log, reg: reg, probes: map[string]loaded{}}
+	exemplars := metrics.NewExemplars()
+
+	// Tracing first: probes enable their outlier events only if spans go
+	// somewhere.
+	if tracing.Enabled(os.Getenv) {
+		p, err := tracing.New(context.Background(), tracing.Options{QueueSize: cfg.SpanQueueSize}, exemplars, log.With("component", "tracing"))
+		if err != nil {
+			return nil, fmt.Errorf("tracing: %w", err)
+		}
+		d.tracing = p
+		log.Info("exporting spans of kernel outliers over OTLP")
+	}
 
 	if cfg.BPFStats {
 		closer, err := ebpf.EnableStats(uint32(bpfStatsRunTime))
@@ -54,7 +69,7 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 
 	for _, name := range cfg.EnabledProbes() {
 		plog := log.With("probe", name)
-		p, err := start(starters, name, cfg, plog)
+		p, err := start(starters, name, env{cfg: cfg, log: plog, exemplars: exemplars, spans: d.tracing != nil})
 		if err != nil {
 			logLoadError(plog, err)
 			self.ProbeUp.WithLabelValues(name).Set(0)
@@ -62,6 +77,11 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		}
 		d.probes[name] = p
 		self.ProbeUp.WithLabelValues(name).Set(1)
+		if es, ok := p.(eventSource); ok && d.tracing != nil {
+			if err := d.tracing.Add(name, es.Events(), es.decoder()); err != nil {
+				plog.Error("cannot read outlier events; no spans from this probe", "err", err)
+			}
+		}
 	}
 
 	collectors := map[string]metrics.Collector{}
@@ -71,6 +91,9 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		objs[name] = p
 	}
 	collectors["bpf"] = metrics.NewBPFCollector(objs, d.stats != nil)
+	if d.tracing != nil {
+		collectors["spans"] = metrics.NewSpansCollector(d.tracing.Counts)
+	}
 	if err := reg.Register(metrics.NewExporter(collectors, log)); err != nil {
 		d.Close()
 		return nil, fmt.Errorf("register exporter: %w", err)
@@ -155,9 +178,16 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	return srv.Shutdown(shutdown)
 }
 
-// Close detaches every probe and releases its maps.
+// Close stops tracing (exporting what is queued, for up to 5 s), then
+// detaches every probe and releases its maps.
 func (d *Daemon) Close() error {
 	var errs []error
+	if d.tracing != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		errs = append(errs, d.tracing.Close(ctx))
+		cancel()
+		d.tracing = nil
+	}
 	for name, p := range d.probes {
 		if err := p.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close %s: %w", name, err))
@@ -179,7 +209,7 @@ func Check(cfg *config.Config, log *slog.Logger, w io.Writer) bool {
 func check(cfg *config.Config, log *slog.Logger, w io.Writer, starters map[string]starter) bool {
 	ok := true
 	for _, name := range cfg.EnabledProbes() {
-		p, err := start(starters, name, cfg, log.With("probe", name))
+		p, err := start(starters, name, env{cfg: cfg, log: log.With("probe", name)})
 		switch {
 		case err == nil:
 			fmt.Fprintf(w, "%s: ok\n", name)

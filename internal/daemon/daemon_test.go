@@ -24,7 +24,7 @@ func testConfig(probes string, stats bool) *config.Config {
 }
 
 func failing(err error) starter {
-	return func(*config.Config, *slog.Logger) (loaded, error) { return nil, err }
+	return func(env) (loaded, error) { return nil, err }
 }
 
 // A probe that cannot load is reported as down and logged; the others run

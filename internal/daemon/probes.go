@@ -4,12 +4,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/ktel-dev/ktel/bpf/runqlat"
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/metrics"
+	"github.com/ktel-dev/ktel/tracing"
 )
 
 // loaded is a probe in the kernel together with its collector.
@@ -19,8 +23,31 @@ type loaded interface {
 	io.Closer
 }
 
+// eventSource is a loaded probe that emits outlier events.
+type eventSource interface {
+	Events() *ebpf.Map
+	decoder() tracing.Decoder
+}
+
+// env is what starters get: the configuration, a logger scoped to the
+// probe, the exemplar store, and whether spans are exported at all.
+type env struct {
+	cfg       *config.Config
+	log       *slog.Logger
+	exemplars *metrics.Exemplars
+	spans     bool
+}
+
+// spanOptions enables outlier events above threshold when spans are on.
+func (e env) spanOptions(threshold time.Duration) probe.SpanOptions {
+	if !e.spans || threshold <= 0 {
+		return probe.SpanOptions{}
+	}
+	return probe.SpanOptions{Threshold: threshold, Rate: e.cfg.SpanRateLimit}
+}
+
 // starter loads and attaches one probe.
-type starter func(cfg *config.Config, log *slog.Logger) (loaded, error)
+type starter func(env) (loaded, error)
 
 // starters load and attach each probe by name (config.Probes). Adding a
 // probe is a folder under bpf/, a collector in metrics/ and a line here.
@@ -34,16 +61,19 @@ type syscallProbe struct {
 	metrics.Collector
 }
 
-func startSyscall(cfg *config.Config, log *slog.Logger) (loaded, error) {
+func (syscallProbe) decoder() tracing.Decoder { return tracing.SyscallDecoder(sysprobe.NativeName) }
+
+func startSyscall(e env) (loaded, error) {
 	p, err := sysprobe.Load(sysprobe.Options{
-		Schema: cfg.HistogramSchema,
-		Hook:   probe.Hook(cfg.SyscallHook),
-	}, log)
+		Schema: e.cfg.HistogramSchema,
+		Hook:   probe.Hook(e.cfg.SyscallHook),
+		Spans:  e.spanOptions(e.cfg.SyscallSpanThreshold),
+	}, e.log)
 	if err != nil {
 		return nil, err
 	}
-	log.Info("probe attached", "variant", p.Variant().String())
-	return syscallProbe{p, metrics.NewSyscallCollector(p, sysprobe.NativeName, nil)}, nil
+	e.log.Info("probe attached", "variant", p.Variant().String())
+	return syscallProbe{p, metrics.NewSyscallCollector(p, sysprobe.NativeName, e.exemplars)}, nil
 }
 
 type runqlatProbe struct {
@@ -51,23 +81,26 @@ type runqlatProbe struct {
 	metrics.Collector
 }
 
-func startRunqlat(cfg *config.Config, log *slog.Logger) (loaded, error) {
+func (runqlatProbe) decoder() tracing.Decoder { return tracing.RunqlatDecoder }
+
+func startRunqlat(e env) (loaded, error) {
 	p, err := runqlat.Load(runqlat.Options{
-		Schema: cfg.HistogramSchema,
-		Hook:   probe.Hook(cfg.RunqlatHook),
-	}, log)
+		Schema: e.cfg.HistogramSchema,
+		Hook:   probe.Hook(e.cfg.RunqlatHook),
+		Spans:  e.spanOptions(e.cfg.RunqlatSpanThreshold),
+	}, e.log)
 	if err != nil {
 		return nil, err
 	}
-	log.Info("probe attached", "variant", p.Variant().String())
-	return runqlatProbe{p, metrics.NewRunqlatCollector(p, cfg.RunqlatPerCPU, nil)}, nil
+	e.log.Info("probe attached", "variant", p.Variant().String())
+	return runqlatProbe{p, metrics.NewRunqlatCollector(p, e.cfg.RunqlatPerCPU, e.exemplars)}, nil
 }
 
-// start loads one probe, checking that it has a starter.
-func start(starters map[string]starter, name string, cfg *config.Config, log *slog.Logger) (loaded, error) {
+// start loads one probe.
+func start(starters map[string]starter, name string, e env) (loaded, error) {
 	s, ok := starters[name]
 	if !ok {
 		return nil, fmt.Errorf("no probe %q", name)
 	}
-	return s(cfg, log)
+	return s(e)
 }

@@ -1,0 +1,187 @@
+package tracing
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+
+	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/metrics"
+)
+
+func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestClock(t *testing.T) {
+	c := NewClock(time.Hour)
+	mono := int64(1_000_000_000)
+	c.mono = func() int64 { mono += 10; return mono } // each read advances 10 ns
+	c.wall = func() int64 { return 1_700_000_000_000_000_000 }
+	got := c.Wall(2_000_000_000)
+	// Wall was read between monos m1 and m1+10: offset = wall - (m1+5).
+	want := time.Unix(0, 1_700_000_000_000_000_000+(2_000_000_000-1_000_000_015))
+	if !got.Equal(want) {
+		t.Errorf("Wall = %v, want %v", got, want)
+	}
+	// Real clocks: a timestamp taken now converts to now.
+	c = NewClock(time.Hour)
+	if d := time.Since(c.Wall(uint64(monotonicNow()))); d < 0 || d > 10*time.Millisecond {
+		t.Errorf("now converts %v away from now", d)
+	}
+}
+
+func TestEnabledAndProtocol(t *testing.T) {
+	env := func(kv map[string]string) func(string) string { return func(k string) string { return kv[k] } }
+	for _, tc := range []struct {
+		env     map[string]string
+		enabled bool
+		proto   string
+	}{
+		{nil, false, "http/protobuf"},
+		{map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, true, "http/protobuf"},
+		{map[string]string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, true, "grpc"},
+		{map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "x", "OTEL_SDK_DISABLED": "true"}, false, "http/protobuf"},
+		{map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "x", "OTEL_TRACES_EXPORTER": "none"}, false, "http/protobuf"},
+		{map[string]string{"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}, false, "http/protobuf"},
+	} {
+		if got := Enabled(env(tc.env)); got != tc.enabled {
+			t.Errorf("Enabled(%v) = %v", tc.env, got)
+		}
+		if got, err := Protocol(env(tc.env)); err != nil || got != tc.proto {
+			t.Errorf("Protocol(%v) = %q, %v", tc.env, got, err)
+		}
+	}
+	if _, err := Protocol(env(map[string]string{"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})); err == nil {
+		t.Error("http/json accepted")
+	}
+}
+
+// record builds a syscall ring-buffer record as the kernel writes it.
+func record(start, end uint64, pid, tid, nr uint32, ret int32, comm, pcomm string) []byte {
+	b := make([]byte, sysprobe.EventSize)
+	binary.NativeEndian.PutUint64(b[0:], start)
+	binary.NativeEndian.PutUint64(b[8:], end)
+	binary.NativeEndian.PutUint32(b[16:], pid)
+	binary.NativeEndian.PutUint32(b[20:], tid)
+	binary.NativeEndian.PutUint32(b[24:], nr)
+	binary.NativeEndian.PutUint32(b[28:], uint32(ret))
+	copy(b[32:48], comm)
+	copy(b[48:64], pcomm)
+	return b
+}
+
+func TestSyscallDecoder(t *testing.T) {
+	dec := SyscallDecoder(func(nr uint32) string { return sysprobe.Name("amd64", nr) })
+	s, err := dec(record(100, 200_000_100, 42, 43, 230, 0, "worker", "myapp"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Name != "syscall clock_nanosleep" || s.StartNs != 100 || s.EndNs != 200_000_100 {
+		t.Errorf("span %+v", s)
+	}
+	want := map[attribute.Key]attribute.Value{
+		"process.pid": attribute.IntValue(42), "thread.id": attribute.IntValue(43),
+		"thread.name": attribute.StringValue("worker"), "process.executable.name": attribute.StringValue("myapp"),
+		"ktel.syscall.name": attribute.StringValue("clock_nanosleep"), "ktel.syscall.return": attribute.IntValue(0),
+	}
+	got := map[attribute.Key]attribute.Value{}
+	for _, kv := range s.Attrs {
+		got[kv.Key] = kv.Value
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s = %v, want %v", k, got[k].Emit(), v.Emit())
+		}
+	}
+	if s.Metric != metrics.SyscallLatency || len(s.LabelValues) != 1 || s.LabelValues[0] != "clock_nanosleep" {
+		t.Errorf("exemplar target %q %v", s.Metric, s.LabelValues)
+	}
+	if _, err := dec([]byte{1, 2}); err == nil {
+		t.Error("short record accepted")
+	}
+}
+
+// fakeExporter fails while fail is set and records what it exported.
+type fakeExporter struct {
+	mu    sync.Mutex
+	fail  bool
+	got   int
+	block chan struct{}
+}
+
+func (f *fakeExporter) ExportSpans(ctx context.Context, spans []sdktrace.ReadOnlySpan) error {
+	if f.block != nil {
+		<-f.block
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fail {
+		return errors.New("collector down")
+	}
+	f.got += len(spans)
+	return nil
+}
+func (f *fakeExporter) Shutdown(context.Context) error { return nil }
+
+func emitN(p *Pipeline, n int) {
+	tr := p.provider.Tracer("syscall")
+	for range n {
+		p.emit(tr, Span{Name: "syscall read", StartNs: 1, EndNs: 2})
+	}
+}
+
+func TestExporterAccounting(t *testing.T) {
+	f := &fakeExporter{block: make(chan struct{})}
+	p := newPipeline(f, resource.Empty(), Options{QueueSize: 10, Batch: 5, Interval: 10 * time.Millisecond}, metrics.NewExemplars(), discard())
+	// The exporter is stuck on its first batch: the queue fills, the rest
+	// is dropped and counted, memory stays bounded.
+	emitN(p, 100)
+	time.Sleep(50 * time.Millisecond)
+	c := p.Counts()["syscall"]
+	if c.QueueFull < 100-10-5 || c.QueueFull > 100-10 {
+		t.Errorf("queue_full %d, want about 85..90 (queue 10, batch 5 in flight)", c.QueueFull)
+	}
+	// Collector down: exports fail and are counted.
+	f.mu.Lock()
+	f.fail = true
+	f.mu.Unlock()
+	close(f.block)
+	time.Sleep(100 * time.Millisecond)
+	c = p.Counts()["syscall"]
+	if c.ExportFailed+c.QueueFull != 100 || c.Exported != 0 {
+		t.Errorf("counts %+v, want failed + queue_full = 100", c)
+	}
+	// Back up: spans flow again.
+	f.mu.Lock()
+	f.fail = false
+	f.mu.Unlock()
+	emitN(p, 7)
+	if err := p.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if c = p.Counts()["syscall"]; c.Exported != 7 || f.got != 7 {
+		t.Errorf("after recovery: %+v, exporter got %d, want 7", c, f.got)
+	}
+}
+
+func TestExemplarFromSpan(t *testing.T) {
+	ex := metrics.NewExemplars()
+	f := &fakeExporter{}
+	p := newPipeline(f, resource.Empty(), Options{}, ex, discard())
+	defer p.Close(context.Background())
+	p.emit(p.provider.Tracer("syscall"), Span{Name: "syscall read", StartNs: 0, EndNs: 3e8,
+		Metric: metrics.SyscallLatency, LabelValues: []string{"read"}})
+	got := ex.Lookup(metrics.SyscallLatency, []string{"read"})
+	e, ok := got[0.5] // 300 ms is in the le=0.5 classic bucket
+	if !ok || len(e.TraceID) != 32 || len(e.SpanID) != 16 || e.Value < 0.29 || e.Value > 0.31 {
+		t.Errorf("exemplars %+v", got)
+	}
+}
