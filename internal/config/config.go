@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+	"github.com/prometheus/exporter-toolkit/web"
 )
 
 // Prefix of every variable.
@@ -38,6 +39,8 @@ var Probes = []Probe{
 // errors and help) and desc.
 type Config struct {
 	ListenAddress   string `envconfig:"LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
+	WebConfigFile   string `envconfig:"WEB_CONFIG_FILE" default:"" values:"path to a Prometheus web configuration file, or empty" desc:"TLS and basic authentication for the HTTP server, in the exporter-toolkit format (tls_server_config, basic_auth_users). Empty: plain HTTP."`
+	MaxScrapes      int    `envconfig:"MAX_CONCURRENT_SCRAPES" default:"10" values:"integer >= 1" desc:"Scrapes served at once; more get HTTP 503 at once rather than queueing."`
 	Probes          string `envconfig:"PROBES" default:"syscall,runqlat" values:"comma-separated probe names: syscall,runqlat" desc:"Probes to load. The default is every probe that needs no further input."`
 	LogLevel        string `envconfig:"LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
 	LogFormat       string `envconfig:"LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
@@ -140,6 +143,15 @@ func (c *Config) Validate() error {
 		bad("LISTEN_ADDRESS", c.ListenAddress, "port is not a number 0..65535")
 	} else if host != "" && net.ParseIP(strings.Trim(host, "[]")) == nil && strings.ContainsAny(host, " /") {
 		bad("LISTEN_ADDRESS", c.ListenAddress, "invalid host")
+	}
+
+	if c.WebConfigFile != "" {
+		if err := web.Validate(c.WebConfigFile); err != nil {
+			bad("WEB_CONFIG_FILE", c.WebConfigFile, err.Error())
+		}
+	}
+	if c.MaxScrapes < 1 {
+		bad("MAX_CONCURRENT_SCRAPES", strconv.Itoa(c.MaxScrapes), "below 1")
 	}
 
 	enabled := c.EnabledProbes()

@@ -34,7 +34,7 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Config{ListenAddress: ":9437", Probes: "syscall,runqlat", LogLevel: "info", LogFormat: "text",
+	want := Config{ListenAddress: ":9437", MaxScrapes: 10, Probes: "syscall,runqlat", LogLevel: "info", LogFormat: "text",
 		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", RunqlatHook: "auto", RunqlatPerCPU: false,
 		SyscallSpanThreshold: 100 * time.Millisecond, RunqlatSpanThreshold: 50 * time.Millisecond,
 		SpanRateLimit: 1000, SpanQueueSize: 4096}
@@ -56,6 +56,12 @@ func TestValidation(t *testing.T) {
 		{"KTEL_LISTEN_ADDRESS", ":http", false},
 		{"KTEL_LISTEN_ADDRESS", ":70000", false},
 		{"KTEL_LISTEN_ADDRESS", "", false},
+		{"KTEL_WEB_CONFIG_FILE", "", true},
+		{"KTEL_WEB_CONFIG_FILE", "/nonexistent/web.yml", false},
+		{"KTEL_WEB_CONFIG_FILE", "testdata/web-bad.yml", false},
+		{"KTEL_WEB_CONFIG_FILE", "testdata/web-ok.yml", true},
+		{"KTEL_MAX_CONCURRENT_SCRAPES", "1", true},
+		{"KTEL_MAX_CONCURRENT_SCRAPES", "0", false},
 		{"KTEL_PROBES", "syscall", true},
 		{"KTEL_PROBES", " syscall , syscall", true},
 		{"KTEL_PROBES", "", false},

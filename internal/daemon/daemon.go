@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/prometheus/exporter-toolkit/web"
 
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/probe"
@@ -130,6 +131,9 @@ func (d *Daemon) Handler() http.Handler {
 		ErrorHandling:     promhttp.ContinueOnError,
 		Registry:          d.reg,
 		EnableOpenMetrics: true,
+		// Beyond this many concurrent scrapes, answer 503 at once.
+		MaxRequestsInFlight: d.cfg.MaxScrapes,
+		Timeout:             scrapeTimeout,
 	}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, "ok\n")
@@ -153,8 +157,13 @@ const landing = `<!doctype html>
 </body></html>
 `
 
+// scrapeTimeout bounds one scrape; the HTTP write timeout leaves room
+// beyond it to send the error.
+const scrapeTimeout = 20 * time.Second
+
 // Serve serves HTTP on the configured address until ctx is done, then
-// shuts the server down gracefully.
+// shuts the server down gracefully. With KTEL_WEB_CONFIG_FILE, TLS and
+// basic authentication apply to every path.
 func (d *Daemon) Serve(ctx context.Context) error {
 	ln, err := net.Listen("tcp", d.cfg.ListenAddress)
 	if err != nil {
@@ -163,11 +172,16 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	srv := &http.Server{
 		Handler:           d.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      scrapeTimeout + 10*time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
-	d.log.Info("serving", "address", ln.Addr().String())
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() {
+		errc <- web.Serve(ln, srv, &web.FlagConfig{WebConfigFile: &d.cfg.WebConfigFile}, d.log.With("component", "http"))
+	}()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)

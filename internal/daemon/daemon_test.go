@@ -20,7 +20,7 @@ import (
 
 func testConfig(probes string, stats bool) *config.Config {
 	return &config.Config{ListenAddress: "127.0.0.1:0", Probes: probes, LogLevel: "debug", LogFormat: "text",
-		HistogramSchema: 3, BPFStats: stats, SyscallHook: "auto"}
+		HistogramSchema: 3, BPFStats: stats, SyscallHook: "auto", RunqlatHook: "auto", MaxScrapes: 10}
 }
 
 func failing(err error) starter {
@@ -96,7 +96,7 @@ func TestCheckVerdicts(t *testing.T) {
 }
 
 func TestHandlerPages(t *testing.T) {
-	d := &Daemon{log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	d := &Daemon{log: slog.New(slog.NewTextHandler(io.Discard, nil)), cfg: testConfig("", false)}
 	d.reg, _ = metrics.NewRegistry(version.Info())
 	for path, want := range map[string]int{"/": 200, "/healthz": 200, "/metrics": 200, "/nope": 404} {
 		rec := httptest.NewRecorder()
