@@ -1,0 +1,3 @@
+package tcpretrans
+
+//go:generate go tool bpf2go -cc $BPF_CLANG -cflags $BPF_CFLAGS -target bpfel -type peer_key tcpretrans tcpretrans.bpf.c -- -I../headers

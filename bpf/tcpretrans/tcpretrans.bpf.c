@@ -1,0 +1,230 @@
+//go:build ignore
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * TCP retransmits by address family, TCP state and kind (SYN, SYN-ACK,
+ * data), counted in segments exactly as the kernel's TcpRetransSegs counts
+ * them, and, when user space asks for it, by peer.
+ *
+ * Two hook flavours share the same logic; user space loads one pair:
+ *   tp_btf      BTF-enabled raw tracepoints (5.5+), no tracefs needed.
+ *   tracepoint  classic tracepoints tcp/tcp_retransmit_{skb,synack}.
+ */
+#include "vmlinux.h"
+#include "bpf_helpers.h"
+#include "bpf_tracing.h"
+#include "bpf_core_read.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define EEXIST 17
+
+/* Families, states and kinds index tcp_retransmits; user space decodes the
+ * index with the same constants (tcpretrans.go). */
+enum rt_family { RT_IPV4, RT_IPV6, RT_FAMILIES };
+#define RT_STATES 16 /* TCP states are 1..13; 0 stands for anything else */
+enum rt_kind { RT_SYN, RT_SYNACK, RT_DATA, RT_KINDS };
+
+/* Whether to count by peer; set by user space before loading. */
+volatile const __u32 track_peers = 0;
+
+struct peer_key {
+	__u8 family; /* enum rt_family */
+	__u8 state;
+	__u8 kind;   /* enum rt_kind */
+	__u8 _pad;
+	__u16 port;  /* remote port, host byte order */
+	__u16 _pad2;
+	__u8 addr[16]; /* remote address, network byte order; IPv4 in the first 4 */
+};
+
+/*
+ * Segments by (family, state, kind) at index
+ * (family * RT_STATES + state) * RT_KINDS + kind. Without peers this counts
+ * every retransmit. With peers it holds, per (family, state, kind), the
+ * reserved "no peer" key of tcp_rtx_peers: the retransmits that map had
+ * no room for, exported as peer="other". Being an array it always has room,
+ * and since it then counts nothing else, its sum is also the count of
+ * retransmits the peer map had no room for.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RT_FAMILIES * RT_STATES * RT_KINDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} tcp_retransmits SEC(".maps");
+
+/*
+ * With peers: segments by (family, state, kind, peer). User space sizes it
+ * at load time (one key when peers are off). Keys are never deleted. When
+ * it is full, a retransmit whose key is not in it yet is counted in
+ * tcp_retransmits under its (family, state, kind), that is as peer="other"
+ * (and in ktel_tcp_retransmits_peer_map_full_total). Its fill is exported
+ * as ktel_bpf_map_entries.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct peer_key);
+	__type(value, __u64);
+} tcp_rtx_peers SEC(".maps");
+
+/* add_peer counts n segments under k; it fails only when the map is full. */
+static __always_inline int add_peer(const struct peer_key *k, __u64 n)
+{
+	__u64 *v;
+	long err;
+
+	/* Plain increments of per-CPU values: the kernel never nests runs of
+	 * a program on one CPU (it skips the inner run and counts a recursion
+	 * miss, exported as ktel_bpf_program_recursion_misses_total). */
+	v = bpf_map_lookup_elem(&tcp_rtx_peers, k);
+	if (v) {
+		*v += n;
+		return 0;
+	}
+	/* A new key starts at n on this CPU and 0 on the others. */
+	err = bpf_map_update_elem(&tcp_rtx_peers, k, &n, BPF_NOEXIST);
+	if (!err)
+		return 0;
+	if (err == -EEXIST) { /* another CPU inserted it first */
+		v = bpf_map_lookup_elem(&tcp_rtx_peers, k);
+		if (v) {
+			*v += n;
+			return 0;
+		}
+	}
+	return -1; /* E2BIG: full (preallocated, so no ENOMEM) */
+}
+
+static __always_inline void count(const struct peer_key *k, __u64 n)
+{
+	__u32 idx;
+	__u64 *v;
+
+	if (track_peers && !add_peer(k, n))
+		return;
+	idx = ((__u32)k->family * RT_STATES + k->state) * RT_KINDS + k->kind;
+	v = bpf_map_lookup_elem(&tcp_retransmits, &idx);
+	if (v)
+		*v += n;
+}
+
+/* fill_remote fills in the family and, with peers, the remote end of skc.
+ * Sockets of other families (none in practice) are skipped. */
+static __always_inline int fill_remote(struct peer_key *k, const struct sock_common *skc)
+{
+	__u16 family = BPF_CORE_READ(skc, skc_family);
+	__be32 daddr;
+
+	if (family == AF_INET) {
+		k->family = RT_IPV4;
+		if (track_peers) {
+			daddr = BPF_CORE_READ(skc, skc_daddr);
+			__builtin_memcpy(k->addr, &daddr, sizeof(daddr));
+		}
+	} else if (family == AF_INET6) {
+		k->family = RT_IPV6;
+		if (track_peers)
+			BPF_CORE_READ_INTO(&k->addr, skc, skc_v6_daddr);
+	} else {
+		return -1;
+	}
+	if (track_peers)
+		k->port = __builtin_bswap16(BPF_CORE_READ(skc, skc_dport)); /* bpfel only */
+	return 0;
+}
+
+/* segs is tcp_skb_pcount(skb), the number of segments a GSO skb stands for:
+ * what the kernel adds to TcpRetransSegs for one tracepoint hit. */
+static __always_inline __u64 segs(const struct sk_buff *skb)
+{
+	const struct tcp_skb_cb *cb = (const void *)skb->cb;
+	__u16 n = BPF_CORE_READ(cb, tcp_gso_segs);
+
+	return n ? n : 1;
+}
+
+static __always_inline int retransmit_skb(const struct sock *sk, const struct sk_buff *skb)
+{
+	struct peer_key k = {};
+	__u8 state;
+
+	if (fill_remote(&k, &sk->__sk_common))
+		return 0;
+	state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	k.state = state < RT_STATES ? state : 0;
+	k.kind = state == TCP_SYN_SENT ? RT_SYN : RT_DATA;
+	count(&k, segs(skb));
+	return 0;
+}
+
+/* The SYN-ACK of a request socket; the listener's state is irrelevant. */
+static __always_inline int retransmit_synack(const struct request_sock *req)
+{
+	struct peer_key k = { .state = TCP_SYN_RECV, .kind = RT_SYNACK };
+
+	if (fill_remote(&k, &req->__req_common))
+		return 0;
+	count(&k, 1);
+	return 0;
+}
+
+/*
+ * Newer kernels (6.18 among them; upstream commit "tcp: trace retransmit
+ * failures in tcp_retransmit_skb") fire tcp_retransmit_skb for failed
+ * retransmits too, with the error as a new last argument; older ones fire
+ * for successful retransmits only and have no such argument. The same
+ * commit added the err field to the trace record, whose existence therefore
+ * tells the two apart. On older kernels the branch is dead code and the
+ * verifier never sees the read of the missing argument or field.
+ */
+static __always_inline bool tracepoint_has_err(void)
+{
+	return bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb, err);
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(rtx_skb_btf, const struct sock *sk, const struct sk_buff *skb)
+{
+	if (tracepoint_has_err() && (int)ctx[2] != 0)
+		return 0;
+	return retransmit_skb(sk, skb);
+}
+
+SEC("tp_btf/tcp_retransmit_synack")
+int BPF_PROG(rtx_synack_btf, const struct sock *sk, const struct request_sock *req)
+{
+	return retransmit_synack(req);
+}
+
+/* The leading fields of the classic records, unchanged since the
+ * tracepoints appeared (4.15, 4.16); the structs' names have not been
+ * (tcp_retransmit_skb shared trace_event_raw_tcp_event_sk_skb until err was
+ * added), hence these fixed layouts rather than CO-RE. */
+struct retransmit_skb_record {
+	__u64 common;
+	const struct sk_buff *skbaddr;
+	const struct sock *skaddr;
+};
+
+struct retransmit_synack_record {
+	__u64 common;
+	const struct sock *skaddr;
+	const struct request_sock *req;
+};
+
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int rtx_skb_tp(struct retransmit_skb_record *ctx)
+{
+	if (tracepoint_has_err() && ((struct trace_event_raw_tcp_retransmit_skb *)ctx)->err != 0)
+		return 0;
+	return retransmit_skb(ctx->skaddr, ctx->skbaddr);
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_synack")
+int rtx_synack_tp(struct retransmit_synack_record *ctx)
+{
+	return retransmit_synack(ctx->req);
+}

@@ -1,0 +1,430 @@
+// Package tcpretrans loads the TCP retransmit probe: programs on the
+// tcp_retransmit_skb and tcp_retransmit_synack tracepoints that count
+// retransmitted segments per CPU by family, TCP state and kind, and
+// optionally by peer, and typed readers for those counts. It knows nothing
+// of Prometheus.
+package tcpretrans
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strconv"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/ktel-dev/ktel/internal/probe"
+)
+
+// Family is the address family of a retransmitting socket. A dual-stack
+// IPv6 socket talking IPv4 is IPv6, its peer an IPv4-mapped address.
+type Family uint8
+
+// The values are those of enum rt_family in C.
+const (
+	IPv4 Family = iota
+	IPv6
+)
+
+// numFamilies is RT_FAMILIES in C.
+const numFamilies = 2
+
+func (f Family) String() string {
+	switch f {
+	case IPv4:
+		return "ipv4"
+	case IPv6:
+		return "ipv6"
+	}
+	return strconv.Itoa(int(f))
+}
+
+// Kind is what was retransmitted.
+type Kind uint8
+
+// The values are those of enum rt_kind in C.
+const (
+	KindSyn    Kind = iota // a SYN, from tcp_retransmit_skb in state SYN_SENT
+	KindSynAck             // a SYN-ACK, from tcp_retransmit_synack
+	KindData               // anything else from tcp_retransmit_skb
+)
+
+// numKinds is RT_KINDS in C.
+const numKinds = 3
+
+func (k Kind) String() string {
+	switch k {
+	case KindSyn:
+		return "syn"
+	case KindSynAck:
+		return "synack"
+	case KindData:
+		return "data"
+	}
+	return strconv.Itoa(int(k))
+}
+
+// numStates is RT_STATES in C: states at or above it are counted as 0.
+const numStates = 16
+
+// TCP states as the kernel numbers them (include/net/tcp_states.h).
+const (
+	StateEstablished uint8 = 1
+	StateSynSent     uint8 = 2
+	StateSynRecv     uint8 = 3
+)
+
+// stateNames are the kernel's TCP state names without the TCP_ prefix.
+var stateNames = [...]string{
+	1:  "ESTABLISHED",
+	2:  "SYN_SENT",
+	3:  "SYN_RECV",
+	4:  "FIN_WAIT1",
+	5:  "FIN_WAIT2",
+	6:  "TIME_WAIT",
+	7:  "CLOSE",
+	8:  "CLOSE_WAIT",
+	9:  "LAST_ACK",
+	10: "LISTEN",
+	11: "CLOSING",
+	12: "NEW_SYN_RECV",
+	13: "BOUND_INACTIVE",
+}
+
+// StateName is the kernel's name of a TCP state without the TCP_ prefix
+// (SYN_SENT), or its number for values that are not TCP states.
+func StateName(s uint8) string {
+	if int(s) < len(stateNames) && stateNames[s] != "" {
+		return stateNames[s]
+	}
+	return strconv.Itoa(int(s))
+}
+
+// Hook selects how the programs attach to the tracepoints.
+type Hook string
+
+const (
+	HookBTF        Hook = "tp_btf"     // BTF-enabled raw tracepoint, 5.5+
+	HookTracepoint Hook = "tracepoint" // classic tracepoint, needs tracefs
+)
+
+// Variant is one attachable pair of programs.
+type Variant struct {
+	Hook   Hook
+	skb    string
+	synack string
+}
+
+func (v Variant) String() string { return string(v.Hook) }
+
+// Variants in order of preference: tp_btf needs neither tracefs nor a
+// trace record to be built.
+var Variants = []Variant{
+	{HookBTF, "rtx_skb_btf", "rtx_synack_btf"},
+	{HookTracepoint, "rtx_skb_tp", "rtx_synack_tp"},
+}
+
+const (
+	// DefaultMaxPeers is the cap on distinct peers when Options.MaxPeers
+	// is 0.
+	DefaultMaxPeers = 100
+	// PeerLimit is the largest Options.MaxPeers accepted: more distinct
+	// label values than this make neither a usable metric nor a small
+	// kernel map.
+	PeerLimit = 4096
+)
+
+// Options configure Load.
+type Options struct {
+	// Peers counts retransmits by peer (remote address and port) too.
+	Peers bool
+	// MaxPeers is the number of distinct peers the exporter will name,
+	// 0..PeerLimit (0: DefaultMaxPeers). It sizes the kernel's peer map:
+	// see PeerMapEntries.
+	MaxPeers int
+}
+
+// PeerMapEntries is the capacity of the kernel's peer map for a cap of
+// maxPeers peers: room for each peer in 16 (state, kind) combinations, and
+// at least 4096 keys so that peers beyond the cap, which the kernel cannot
+// tell apart from the others, do not fill it soon. When it is full, new
+// keys are counted without their peer (PeerMapFull). The map is
+// preallocated: about 100 bytes plus 8 per possible CPU for each entry,
+// 0.7 MiB for 4096 entries on 8 CPUs, 11 MiB for the 65536 of PeerLimit.
+func PeerMapEntries(maxPeers int) uint32 {
+	return uint32(max(4096, 16*maxPeers))
+}
+
+// Probe is the loaded and attached TCP retransmit probe.
+type Probe struct {
+	variant Variant
+	peers   bool
+
+	counts *ebpf.Map // tcp_retransmits
+	peer   *ebpf.Map // tcp_rtx_peers
+	skb    *ebpf.Program
+	synack *ebpf.Program
+	links  []link.Link
+}
+
+// Load loads and attaches the probe, trying variants in order of preference
+// and returning the first that loads. When none does, the errors of all are
+// returned, wrapping probe.ErrUnsupported if the kernel lacks what every
+// variant needs.
+func Load(opts Options, log *slog.Logger) (*Probe, error) {
+	if err := opts.check(); err != nil {
+		return nil, err
+	}
+	var errs []error
+	for _, v := range Variants {
+		p, err := load(opts, v, PeerMapEntries(opts.MaxPeers))
+		if err == nil {
+			log.Debug("tcpretrans probe loaded", "variant", v.String(), "peers", opts.Peers)
+			return p, nil
+		}
+		log.Debug("tcpretrans probe variant failed", "variant", v.String(), "err", err)
+		errs = append(errs, fmt.Errorf("%s: %w", v, err))
+	}
+	return nil, probe.Combine(errs)
+}
+
+func (o *Options) check() error {
+	if o.MaxPeers < 0 || o.MaxPeers > PeerLimit {
+		return fmt.Errorf("max peers %d: want 0..%d", o.MaxPeers, PeerLimit)
+	}
+	if o.MaxPeers == 0 {
+		o.MaxPeers = DefaultMaxPeers
+	}
+	return nil
+}
+
+// load loads variant v with a peer map of peerEntries keys when
+// opts.Peers is set.
+func load(opts Options, v Variant, peerEntries uint32) (_ *Probe, err error) {
+	spec, err := loadTcpretrans()
+	if err != nil {
+		return nil, fmt.Errorf("load spec: %w", err)
+	}
+	var track uint32
+	if opts.Peers {
+		track = 1
+		// Without peers the map keeps the single key it is declared with,
+		// so that it costs nothing.
+		spec.Maps["tcp_rtx_peers"].MaxEntries = peerEntries
+	}
+	if err := spec.Variables["track_peers"].Set(track); err != nil {
+		return nil, fmt.Errorf("set track_peers: %w", err)
+	}
+
+	keep := map[string]bool{v.skb: true, v.synack: true}
+	for name := range spec.Programs {
+		if !keep[name] {
+			delete(spec.Programs, name)
+		}
+	}
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		return nil, fmt.Errorf("load programs: %w", err)
+	}
+	p := &Probe{
+		variant: v,
+		peers:   opts.Peers,
+		counts:  coll.DetachMap("tcp_retransmits"),
+		peer:    coll.DetachMap("tcp_rtx_peers"),
+		skb:     coll.DetachProgram(v.skb),
+		synack:  coll.DetachProgram(v.synack),
+	}
+	coll.Close()
+	defer func() {
+		if err != nil {
+			p.Close()
+		}
+	}()
+	if p.counts == nil || p.peer == nil || p.skb == nil || p.synack == nil {
+		return nil, errors.New("collection lacks a map or program")
+	}
+
+	for _, a := range []struct {
+		tp   string
+		prog *ebpf.Program
+	}{{"tcp_retransmit_skb", p.skb}, {"tcp_retransmit_synack", p.synack}} {
+		l, err := attach(v.Hook, a.tp, a.prog)
+		if err != nil {
+			return nil, err
+		}
+		p.links = append(p.links, l)
+	}
+	return p, nil
+}
+
+func attach(h Hook, name string, prog *ebpf.Program) (link.Link, error) {
+	var (
+		l   link.Link
+		err error
+	)
+	switch h {
+	case HookBTF:
+		l, err = link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
+	case HookTracepoint:
+		l, err = link.Tracepoint("tcp", name, prog, nil)
+	default:
+		return nil, fmt.Errorf("unknown hook %q", h)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("attach %s %s: %w", h, name, err)
+	}
+	return l, nil
+}
+
+// Variant is the variant in use.
+func (p *Probe) Variant() Variant { return p.variant }
+
+// Programs are the loaded programs by name, for run-time statistics.
+func (p *Probe) Programs() map[string]*ebpf.Program {
+	return map[string]*ebpf.Program{p.variant.skb: p.skb, p.variant.synack: p.synack}
+}
+
+// BoundedMaps are the hash maps whose fill is worth watching: the peer map,
+// when peers are counted.
+func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
+	if !p.peers {
+		return map[string]*ebpf.Map{}
+	}
+	return map[string]*ebpf.Map{"tcp_rtx_peers": p.peer}
+}
+
+// Close detaches the programs and releases every map. It is safe to call
+// on a partly built Probe.
+func (p *Probe) Close() error {
+	var errs []error
+	for _, l := range p.links {
+		errs = append(errs, l.Close())
+	}
+	p.links = nil
+	for _, prog := range []*ebpf.Program{p.skb, p.synack} {
+		if prog != nil {
+			errs = append(errs, prog.Close())
+		}
+	}
+	for _, m := range []*ebpf.Map{p.counts, p.peer} {
+		if m != nil {
+			errs = append(errs, m.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Key identifies retransmits of one kind by sockets of one family in one
+// TCP state.
+type Key struct {
+	Family Family
+	State  uint8 // TCP state at retransmit, see StateName; SYN_RECV for SYN-ACKs
+	Kind   Kind
+}
+
+// PeerKey is a Key with the remote end of the connection. The zero Peer
+// (!Peer.IsValid()) stands for retransmits the kernel could not attribute
+// to a peer because its peer map was full.
+type PeerKey struct {
+	Key
+	Peer netip.AddrPort
+}
+
+// Snapshot is one read of the probe's maps, in segments (a GSO packet
+// retransmitted at once counts for each segment), as the kernel's
+// TcpRetransSegs counts them. Only keys that occurred are present.
+type Snapshot struct {
+	// Retransmits counts every retransmit.
+	Retransmits map[Key]uint64
+	// Peers counts retransmits by peer too; nil without Options.Peers.
+	Peers map[PeerKey]uint64
+	// PeerMapFull is the sum of Peers under the zero peer: retransmits
+	// not attributed to their peer because the kernel's map was full.
+	PeerMapFull uint64
+}
+
+// Snapshot reads and sums the per-CPU maps. Counters only grow, but the
+// read is not atomic across keys.
+func (p *Probe) Snapshot() (*Snapshot, error) {
+	s := &Snapshot{Retransmits: make(map[Key]uint64)}
+	if p.peers {
+		s.Peers = make(map[PeerKey]uint64)
+	}
+
+	var (
+		idx  uint32
+		vals []uint64
+		iter = p.counts.Iterate()
+	)
+	for iter.Next(&idx, &vals) {
+		n := sum(vals)
+		if n == 0 {
+			continue
+		}
+		k := keyOfIndex(idx)
+		s.Retransmits[k] += n
+		if p.peers {
+			// With peers, only what the peer map had no room for.
+			s.Peers[PeerKey{Key: k}] += n
+			s.PeerMapFull += n
+		}
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("read tcp_retransmits: %w", err)
+	}
+	if !p.peers {
+		return s, nil
+	}
+
+	var pk tcpretransPeerKey
+	iter = p.peer.Iterate()
+	for iter.Next(&pk, &vals) {
+		n := sum(vals)
+		if n == 0 {
+			continue
+		}
+		k := decodePeerKey(pk)
+		s.Retransmits[k.Key] += n
+		s.Peers[k] += n
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("read tcp_rtx_peers: %w", err)
+	}
+	return s, nil
+}
+
+func sum(vals []uint64) (n uint64) {
+	for _, v := range vals {
+		n += v
+	}
+	return n
+}
+
+// keyOfIndex inverts the index of tcp_retransmits,
+// (family * RT_STATES + state) * RT_KINDS + kind.
+func keyOfIndex(idx uint32) Key {
+	return Key{
+		Family: Family(idx / (numKinds * numStates)),
+		State:  uint8(idx / numKinds % numStates),
+		Kind:   Kind(idx % numKinds),
+	}
+}
+
+func decodePeerKey(k tcpretransPeerKey) PeerKey {
+	var addr netip.Addr
+	if Family(k.Family) == IPv4 {
+		addr = netip.AddrFrom4([4]byte(k.Addr[:4]))
+	} else {
+		addr = netip.AddrFrom16(k.Addr)
+	}
+	return PeerKey{
+		Key:  Key{Family: Family(k.Family), State: k.State, Kind: Kind(k.Kind)},
+		Peer: netip.AddrPortFrom(addr, k.Port),
+	}
+}
+
+// Sizes of the generated structs, for the layout check in tests.
+const peerKeySize = unsafe.Sizeof(tcpretransPeerKey{})
