@@ -1,0 +1,438 @@
+// Package netdev loads the network-device probe: TC (tcx or clsact) and
+// optionally XDP programs that count packets and bytes per interface,
+// direction and protocol class into per-CPU maps, attached to the
+// interfaces whose names match the configured globs, including ones that
+// appear later (netlink link updates). It knows nothing of Prometheus.
+package netdev
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"path"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Hook is where ingress is counted. Egress is always counted at TC.
+type Hook string
+
+const (
+	HookTC  Hook = "tc"  // TC for both directions (the default)
+	HookXDP Hook = "xdp" // XDP for ingress on Ethernet devices; TC elsewhere
+)
+
+// TCMode is how programs attach to TC.
+type TCMode string
+
+const (
+	TCAuto   TCMode = "auto"   // tcx where the kernel has it (6.6+), else clsact
+	TCX      TCMode = "tcx"    // tcx links only
+	TCClsact TCMode = "clsact" // a clsact qdisc with direct-action cls_bpf filters
+)
+
+// DefaultMaxInterfaces is the default number of interface slots.
+const DefaultMaxInterfaces = 256
+
+// maxSlots bounds MaxInterfaces: each slot is a per-CPU value of
+// valueSize bytes in the kernel.
+const maxSlots = 65536
+
+// Options configure Load.
+type Options struct {
+	// Interfaces are names or path.Match globs ("eth0", "veth*"). Load
+	// refuses an empty list: the daemon does not start the probe then.
+	Interfaces []string
+	// Hook is HookTC ("" too) or HookXDP.
+	Hook Hook
+	// TC is TCAuto ("" too), TCX or TCClsact (forces the fallback).
+	TC TCMode
+	// MaxInterfaces is the number of interface slots, 0 for
+	// DefaultMaxInterfaces. Matching interfaces beyond it are not
+	// attached until a slot frees; each refusal is logged and counted
+	// (Snapshot.Overflow).
+	MaxInterfaces int
+	// PacketSizes also counts frame sizes in powers of two.
+	PacketSizes bool
+	// NetNS is the path of a network namespace file (/var/run/netns/NAME,
+	// /proc/PID/ns/net) whose interfaces to watch and attach to; "" is
+	// the namespace Load is called in.
+	NetNS string
+}
+
+// ErrNoInterfaces is returned by Load for an empty Options.Interfaces.
+var ErrNoInterfaces = errors.New("no interfaces to watch")
+
+// ParseInterfaces splits a comma-separated list of names and globs and
+// checks each glob.
+func ParseInterfaces(s string) ([]string, error) {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p == "" || slices.Contains(out, p) {
+			continue
+		}
+		if _, err := path.Match(p, ""); err != nil {
+			return nil, fmt.Errorf("interface pattern %q: %w", p, err)
+		}
+		if len(p) >= unix.IFNAMSIZ && !strings.ContainsAny(p, "*?[") {
+			return nil, fmt.Errorf("interface name %q: longer than %d bytes", p, unix.IFNAMSIZ-1)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// Match reports whether name matches one of patterns (path.Match globs).
+func Match(patterns []string, name string) bool {
+	for _, p := range patterns {
+		if ok, _ := path.Match(p, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// Direction of a packet relative to the interface.
+type Direction int
+
+const (
+	Ingress Direction = iota
+	Egress
+	NumDirections
+)
+
+func (d Direction) String() string {
+	switch d {
+	case Ingress:
+		return "ingress"
+	case Egress:
+		return "egress"
+	}
+	return fmt.Sprintf("direction(%d)", int(d))
+}
+
+// Protocol is a protocol class: L3 and, for IP, L4 (ICMPv6 is ipv6_icmp).
+type Protocol int
+
+// Protocols names the classes in kernel order (enum netdev_proto).
+var Protocols = [...]string{
+	"ipv4_tcp", "ipv4_udp", "ipv4_icmp", "ipv4_other",
+	"ipv6_tcp", "ipv6_udp", "ipv6_icmp", "ipv6_other",
+	"arp", "other",
+}
+
+// NumProtocols is the number of protocol classes.
+const NumProtocols = len(Protocols)
+
+func (p Protocol) String() string {
+	if p >= 0 && int(p) < NumProtocols {
+		return Protocols[p]
+	}
+	return fmt.Sprintf("protocol(%d)", int(p))
+}
+
+// ProtocolByName returns the class named name.
+func ProtocolByName(name string) (Protocol, bool) {
+	i := slices.Index(Protocols[:], name)
+	return Protocol(i), i >= 0
+}
+
+// NumSizes is the number of frame-size slots: slot k < NumSizes-1 counts
+// frames of at most SizeBound(k) bytes (and more than SizeBound(k-1)),
+// the last one longer frames.
+const NumSizes = 12
+
+// SizeBound is the inclusive upper bound in bytes of size slot k: 64 << k.
+func SizeBound(k int) uint64 { return 64 << k }
+
+// Counter is what was counted for one interface, direction and class.
+type Counter struct {
+	Packets, Bytes uint64
+}
+
+// Counters are one CPU's counters of one interface.
+type Counters [NumDirections][NumProtocols]Counter
+
+// Sizes are one CPU's frame-size slots of one interface.
+type Sizes [NumDirections][NumSizes]uint64
+
+// Interface is one attached interface's counters.
+type Interface struct {
+	Name  string
+	Index int
+	// IngressHook and EgressHook say how each direction is attached:
+	// "tcx", "clsact" or "xdp".
+	IngressHook, EgressHook string
+	PerCPU                  []Counters // indexed by CPU
+	// SizesPerCPU is indexed by CPU; nil unless Options.PacketSizes.
+	SizesPerCPU []Sizes
+}
+
+// Total sums the per-CPU counters.
+func (i *Interface) Total() Counters {
+	var t Counters
+	for _, c := range i.PerCPU {
+		for d := range c {
+			for p := range c[d] {
+				t[d][p].Packets += c[d][p].Packets
+				t[d][p].Bytes += c[d][p].Bytes
+			}
+		}
+	}
+	return t
+}
+
+// Snapshot is one read of the probe's maps.
+type Snapshot struct {
+	Interfaces []Interface // attached interfaces, by name
+	// Overflow counts matching interfaces that were not attached because
+	// every slot was taken (once per interface and refusal).
+	Overflow uint64
+	// Missed counts packets seen on an interface without a slot: only in
+	// the moment between an interface's removal and the probe noticing.
+	Missed uint64
+}
+
+// Probe is the loaded network-device probe and its interface watcher.
+type Probe struct {
+	log      *slog.Logger
+	patterns []string
+	hook     Hook
+	tc       TCMode
+	slots    int
+	sizes    bool
+	ncpu     int
+	nsFD     int // -1: the caller's namespace
+
+	counters *ebpf.Map
+	missed   *ebpf.Map
+	progs    map[string]*ebpf.Program
+
+	mu       sync.Mutex
+	names    map[int]ifaceInfo // attached interfaces by ifindex
+	overflow atomic.Uint64
+
+	stop     chan struct{}
+	done     chan struct{} // closed when the watcher has detached everything
+	stopOnce sync.Once
+}
+
+// ifaceInfo is what Snapshot tells of an attached interface.
+type ifaceInfo struct{ name, ingress, egress string }
+
+// Load loads the programs and starts the watcher, which attaches to every
+// matching interface present; it returns once those are attached (a
+// failure on one interface is logged, not returned).
+func Load(opts Options, log *slog.Logger) (*Probe, error) {
+	if len(opts.Interfaces) == 0 {
+		return nil, ErrNoInterfaces
+	}
+	for _, p := range opts.Interfaces {
+		if _, err := path.Match(p, ""); err != nil {
+			return nil, fmt.Errorf("interface pattern %q: %w", p, err)
+		}
+	}
+	p := &Probe{
+		log:      log,
+		patterns: slices.Clone(opts.Interfaces),
+		hook:     opts.Hook,
+		tc:       opts.TC,
+		slots:    opts.MaxInterfaces,
+		sizes:    opts.PacketSizes,
+		nsFD:     -1,
+		names:    map[int]ifaceInfo{},
+	}
+	switch p.hook {
+	case "":
+		p.hook = HookTC
+	case HookTC, HookXDP:
+	default:
+		return nil, fmt.Errorf("unknown hook %q (want tc or xdp)", opts.Hook)
+	}
+	switch p.tc {
+	case "":
+		p.tc = TCAuto
+	case TCAuto, TCX, TCClsact:
+	default:
+		return nil, fmt.Errorf("unknown TC mode %q (want auto, tcx or clsact)", opts.TC)
+	}
+	if p.slots == 0 {
+		p.slots = DefaultMaxInterfaces
+	}
+	if p.slots < 1 || p.slots > maxSlots {
+		return nil, fmt.Errorf("MaxInterfaces %d out of 1..%d", p.slots, maxSlots)
+	}
+	var err error
+	if p.ncpu, err = ebpf.PossibleCPU(); err != nil {
+		return nil, fmt.Errorf("possible CPUs: %w", err)
+	}
+	if err := p.load(); err != nil {
+		p.Close()
+		return nil, err
+	}
+	if opts.NetNS != "" {
+		if p.nsFD, err = unix.Open(opts.NetNS, unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+			p.Close()
+			return nil, fmt.Errorf("open network namespace: %w", err)
+		}
+	}
+	p.stop, p.done = make(chan struct{}), make(chan struct{})
+	ready := make(chan error, 1)
+	go p.watch(ready)
+	if err := <-ready; err != nil {
+		p.Close()
+		return nil, err
+	}
+	return p, nil
+}
+
+func (p *Probe) load() error {
+	spec, err := loadNetdev()
+	if err != nil {
+		return fmt.Errorf("load spec: %w", err)
+	}
+	spec.Maps[netdevMapNetdevCounters].MaxEntries = uint32(p.slots)
+	if err := spec.Variables[netdevVarNetdevSizes].Set(boolByte(p.sizes)); err != nil {
+		return fmt.Errorf("set netdev_sizes: %w", err)
+	}
+	if p.hook != HookXDP {
+		delete(spec.Programs, netdevProgNetdevXdpIngress)
+	}
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		return fmt.Errorf("load programs: %w", err)
+	}
+	defer coll.Close() // closes only what was not detached below
+	p.counters = coll.DetachMap(netdevMapNetdevCounters)
+	p.missed = coll.DetachMap(netdevMapNetdevMissed)
+	p.progs = map[string]*ebpf.Program{}
+	for name := range spec.Programs {
+		p.progs[name] = coll.DetachProgram(name)
+	}
+	return nil
+}
+
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// Programs are the loaded programs by name.
+func (p *Probe) Programs() map[string]*ebpf.Program { return p.progs }
+
+// BoundedMaps are the maps whose fill is worth watching: the interface
+// slots.
+func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{netdevMapNetdevCounters: p.counters}
+}
+
+// Interfaces returns the names of the attached interfaces, sorted.
+func (p *Probe) Interfaces() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]string, 0, len(p.names))
+	for _, n := range p.names {
+		out = append(out, n.name)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Close stops the watcher, detaches everything the probe attached (and
+// only that) and releases the maps; safe on a partly built Probe.
+func (p *Probe) Close() error {
+	p.stopOnce.Do(func() {
+		if p.stop != nil {
+			close(p.stop)
+			<-p.done
+		}
+	})
+	var cs []interface{ Close() error }
+	for _, prog := range p.progs {
+		cs = append(cs, prog)
+	}
+	p.progs = nil
+	cs = append(cs, p.counters, p.missed)
+	p.counters, p.missed = nil, nil
+	if p.nsFD >= 0 {
+		unix.Close(p.nsFD)
+		p.nsFD = -1
+	}
+	return closeAll(cs...)
+}
+
+func closeAll(cs ...interface{ Close() error }) error {
+	var errs []error
+	for _, c := range cs {
+		if c != nil {
+			errs = append(errs, c.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// valueSize is the size of one CPU's value in netdev_counters.
+const valueSize = int(unsafe.Sizeof(netdevNetdevValue{}))
+
+// Snapshot reads the counters of every attached interface.
+func (p *Probe) Snapshot() (*Snapshot, error) {
+	p.mu.Lock()
+	names := make(map[int]ifaceInfo, len(p.names))
+	for i, n := range p.names {
+		names[i] = n
+	}
+	p.mu.Unlock()
+
+	s := &Snapshot{Overflow: p.overflow.Load()}
+	var (
+		key  uint32
+		vals []netdevNetdevValue
+	)
+	seen := map[uint32]bool{}
+	it := p.counters.Iterate()
+	for it.Next(&key, &vals) {
+		info, ok := names[int(key)]
+		if !ok || seen[key] {
+			continue // being attached or removed; or seen before a restart of the walk
+		}
+		seen[key] = true
+		iface := Interface{
+			Name: info.name, Index: int(key), IngressHook: info.ingress, EgressHook: info.egress,
+			PerCPU: make([]Counters, len(vals)),
+		}
+		if p.sizes {
+			iface.SizesPerCPU = make([]Sizes, len(vals))
+		}
+		for cpu, v := range vals {
+			for d := range v.C {
+				for pr := range v.C[d] {
+					iface.PerCPU[cpu][d][pr] = Counter{Packets: v.C[d][pr].Packets, Bytes: v.C[d][pr].Bytes}
+				}
+			}
+			if p.sizes {
+				iface.SizesPerCPU[cpu] = v.Sizes
+			}
+		}
+		s.Interfaces = append(s.Interfaces, iface)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read netdev_counters: %w", err)
+	}
+	slices.SortFunc(s.Interfaces, func(a, b Interface) int { return strings.Compare(a.Name, b.Name) })
+	var missed []uint64
+	if err := p.missed.Lookup(uint32(0), &missed); err != nil {
+		return nil, fmt.Errorf("read netdev_missed: %w", err)
+	}
+	for _, m := range missed {
+		s.Missed += m
+	}
+	return s, nil
+}
