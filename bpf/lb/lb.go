@@ -1,0 +1,396 @@
+// Package lb loads the socket-level service load balancer: cgroup
+// connect/sendmsg/recvmsg/getpeername programs that send connections to a
+// service address (VIP:port) to one of its backends, configured from a
+// services file (internal/lb), and typed readers of its per-CPU counters.
+// It knows nothing of Prometheus.
+package lb
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
+
+	ctl "github.com/ktel-dev/ktel/internal/lb"
+	"github.com/ktel-dev/ktel/internal/probe"
+)
+
+// Defaults of Options.
+const (
+	DefaultMaxServices = 16384
+	DefaultMaxBackends = 65536
+	DefaultMaxSockets  = 65536
+)
+
+// Options configure Load.
+type Options struct {
+	// Cgroup is the cgroup v2 directory whose processes (and their
+	// descendants') are load balanced; "" is the root of the hierarchy.
+	Cgroup string
+	// ServicesFile is the services file (YAML or JSON); required.
+	ServicesFile string
+	// MaxServices bounds lb_services; 0 is DefaultMaxServices.
+	MaxServices int
+	// MaxBackends bounds lb_backends, the backend slots of all services,
+	// and the per-backend counters; 0 is DefaultMaxBackends. In random mode
+	// a backend takes weight/gcd(weights) slots, in Maglev mode one.
+	MaxBackends int
+	// MaxSockets bounds lb_reverse, the sockets whose peer is shown as the
+	// VIP; 0 is DefaultMaxSockets.
+	MaxSockets int
+	// Algorithm is "random" (default) or "maglev".
+	Algorithm string
+	// MaglevSize is the entries of each Maglev table, a prime of
+	// ctl.MaglevSizes; 0 is ctl.DefaultMaglevSize.
+	MaglevSize int
+}
+
+func (o *Options) defaults() {
+	if o.MaxServices == 0 {
+		o.MaxServices = DefaultMaxServices
+	}
+	if o.MaxBackends == 0 {
+		o.MaxBackends = DefaultMaxBackends
+	}
+	if o.MaxSockets == 0 {
+		o.MaxSockets = DefaultMaxSockets
+	}
+	if o.Algorithm == "" {
+		o.Algorithm = string(ctl.AlgRandom)
+	}
+	if o.MaglevSize == 0 {
+		o.MaglevSize = ctl.DefaultMaglevSize
+	}
+}
+
+// hooks are the programs and where they attach. Reverse translation is
+// attached first, so that no rewritten socket misses it.
+var hooks = []struct {
+	name   string
+	attach ebpf.AttachType
+}{
+	{"lb_getpeername4", ebpf.AttachCgroupInet4GetPeername},
+	{"lb_recvmsg4", ebpf.AttachCGroupUDP4Recvmsg},
+	{"lb_getpeername6", ebpf.AttachCgroupInet6GetPeername},
+	{"lb_recvmsg6", ebpf.AttachCGroupUDP6Recvmsg},
+	{"lb_connect4", ebpf.AttachCGroupInet4Connect},
+	{"lb_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
+	{"lb_connect6", ebpf.AttachCGroupInet6Connect},
+	{"lb_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
+}
+
+// Probe is the loaded and attached load balancer.
+type Probe struct {
+	cgroup string
+	ncpu   int
+	refuse string // errno of a connect to a service without backends
+
+	maps  *maps
+	mgr   *ctl.Manager
+	progs map[string]*ebpf.Program
+	links []link.Link
+}
+
+// Load checks opts, loads the programs, applies the services file and
+// attaches to the cgroup, then watches the file. An invalid services file
+// fails Load.
+func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
+	opts.defaults()
+	if opts.ServicesFile == "" {
+		return nil, errors.New("no services file given")
+	}
+	lim := ctl.Limits{
+		MaxServices: opts.MaxServices,
+		MaxSlots:    opts.MaxBackends,
+		MaxCounters: opts.MaxBackends,
+		Algorithm:   ctl.Algorithm(opts.Algorithm),
+		MaglevSize:  opts.MaglevSize,
+	}
+	if err := lim.Validate(); err != nil {
+		return nil, err
+	}
+	if opts.MaxSockets < 1 || opts.MaxSockets > 1<<24 {
+		return nil, fmt.Errorf("max sockets %d: want 1..%d", opts.MaxSockets, 1<<24)
+	}
+	if opts.Cgroup == "" {
+		if opts.Cgroup, err = ctl.CgroupV2Root(); err != nil {
+			return nil, fmt.Errorf("%w: %w", probe.ErrUnsupported, err)
+		}
+	}
+	if fi, err := os.Stat(opts.Cgroup); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("cgroup %s: not a directory: %v", opts.Cgroup, err)
+	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("possible CPUs: %w", err)
+	}
+
+	spec, err := loadLb()
+	if err != nil {
+		return nil, fmt.Errorf("load spec: %w", err)
+	}
+	// Kernels before 5.18 lack bpf_set_retval here: refused connects then
+	// fail with EPERM, the default of a cgroup hook that rejects.
+	setRetval := features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval) == nil
+	refuse := "ECONNREFUSED"
+	if !setRetval {
+		refuse = "EPERM"
+		log.Warn("kernel lacks bpf_set_retval for cgroup sock_addr programs (5.18+): connects to services without backends fail with EPERM, not ECONNREFUSED")
+	}
+	if err := spec.Variables["has_set_retval"].Set(boolByte(setRetval)); err != nil {
+		return nil, fmt.Errorf("set has_set_retval: %w", err)
+	}
+	if err := spec.Variables["maglev_size"].Set(uint32(opts.MaglevSize)); err != nil {
+		return nil, fmt.Errorf("set maglev_size: %w", err)
+	}
+	spec.Maps["lb_services"].MaxEntries = uint32(opts.MaxServices)
+	spec.Maps["lb_service_stats"].MaxEntries = uint32(opts.MaxServices)
+	spec.Maps["lb_backends"].MaxEntries = uint32(opts.MaxBackends)
+	spec.Maps["lb_backend_stats"].MaxEntries = uint32(opts.MaxBackends)
+	spec.Maps["lb_reverse"].MaxEntries = uint32(opts.MaxSockets)
+	mg := spec.Maps["lb_maglev"]
+	mg.InnerMap.MaxEntries = uint32(opts.MaglevSize)
+	if lim.Algorithm == ctl.AlgMaglev {
+		mg.MaxEntries = uint32(opts.MaxBackends) // keyed by range base
+	}
+
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		return nil, fmt.Errorf("load programs: %w", err)
+	}
+	defer coll.Close() // closes only what was not detached below
+
+	p := &Probe{
+		cgroup: opts.Cgroup,
+		ncpu:   ncpu,
+		refuse: refuse,
+		progs:  map[string]*ebpf.Program{},
+		maps: &maps{
+			ncpu:         ncpu,
+			services:     coll.DetachMap("lb_services"),
+			backends:     coll.DetachMap("lb_backends"),
+			maglev:       coll.DetachMap("lb_maglev"),
+			maglevInner:  mg.InnerMap.Copy(),
+			reverse:      coll.DetachMap("lb_reverse"),
+			serviceStats: coll.DetachMap("lb_service_stats"),
+			backendStats: coll.DetachMap("lb_backend_stats"),
+			drops:        coll.DetachMap("lb_drops"),
+		},
+	}
+	defer func() {
+		if err != nil {
+			p.Close()
+		}
+	}()
+	for _, h := range hooks {
+		p.progs[h.name] = coll.DetachProgram(h.name)
+	}
+
+	state, err := ctl.NewState(p.maps, lim)
+	if err != nil {
+		return nil, err
+	}
+	p.mgr = ctl.NewManager(opts.ServicesFile, state, log)
+	if err := p.mgr.Reload(); err != nil {
+		return nil, fmt.Errorf("services file: %w", err)
+	}
+	for _, h := range hooks {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: opts.Cgroup, Attach: h.attach, Program: p.progs[h.name]})
+		if err != nil {
+			return nil, fmt.Errorf("attach %s to %s: %w", h.name, opts.Cgroup, err)
+		}
+		p.links = append(p.links, l)
+	}
+	if err := p.mgr.Watch(); err != nil {
+		return nil, fmt.Errorf("watch services file: %w", err)
+	}
+	return p, nil
+}
+
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// Cgroup is the cgroup the programs are attached to.
+func (p *Probe) Cgroup() string { return p.cgroup }
+
+// RefuseErrno is the errno ("ECONNREFUSED", or "EPERM" before Linux 5.18)
+// of a connect to a service without backends.
+func (p *Probe) RefuseErrno() string { return p.refuse }
+
+// Reload reads and applies the services file now (on SIGHUP). An invalid
+// file is logged, counted and returned; the previous configuration keeps
+// serving.
+func (p *Probe) Reload() error { return p.mgr.Reload() }
+
+// Programs are the loaded programs by name, for run-time statistics.
+func (p *Probe) Programs() map[string]*ebpf.Program { return p.progs }
+
+// BoundedMaps are the hash maps whose fill is worth watching.
+func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
+	if p.maps == nil {
+		return map[string]*ebpf.Map{}
+	}
+	return map[string]*ebpf.Map{"lb_services": p.maps.services, "lb_reverse": p.maps.reverse}
+}
+
+// Close stops the watcher, detaches the programs and releases every map.
+// It is safe to call on a partly built Probe, and more than once.
+func (p *Probe) Close() error {
+	var cs []interface{ Close() error }
+	if p.mgr != nil {
+		cs = append(cs, p.mgr)
+	}
+	for _, l := range p.links {
+		cs = append(cs, l)
+	}
+	for _, prog := range p.progs {
+		cs = append(cs, prog)
+	}
+	p.mgr, p.links, p.progs = nil, nil, nil
+	if m := p.maps; m != nil {
+		cs = append(cs, m.services, m.backends, m.maglev, m.reverse, m.serviceStats, m.backendStats, m.drops)
+		p.maps = nil
+	}
+	return probe.CloseAll(cs...)
+}
+
+// Snapshot is one read of the probe's counters and configuration.
+type Snapshot struct {
+	// Services are the applied services, sorted by name.
+	Services []ServiceStats
+	// Backends is the number of backends of all services.
+	Backends int
+	// Reloads of the services file, by result; the first load counts.
+	ReloadSuccess, ReloadError uint64
+	// LastReloadSuccess is when the file was last applied, and
+	// LastApply how long writing the maps took then (parsing excluded).
+	LastReloadSuccess time.Time
+	LastApply         time.Duration
+	// Kernel-side anomalies (see enum drop_reason in lb.bpf.c).
+	ReverseFailed, SlotMissing, MaglevMissing uint64
+}
+
+// ServiceStats are one service's counters.
+type ServiceStats struct {
+	Name string
+	// Connections counts connects and unconnected UDP datagrams sent to
+	// the service, including refused ones.
+	Connections uint64
+	// NoBackend counts those refused because the service had no backend.
+	NoBackend uint64
+	Backends  []BackendStats
+}
+
+// BackendStats are one backend's counters within a service.
+type BackendStats struct {
+	Address     string // ip:port, [ip6]:port
+	Connections uint64
+}
+
+// Snapshot reads and sums the per-CPU counters of the applied services.
+func (p *Probe) Snapshot() (*Snapshot, error) {
+	svcs, nb := p.mgr.Services()
+	rs := p.mgr.Stats()
+	s := &Snapshot{Backends: nb, ReloadSuccess: rs.Success, ReloadError: rs.Error, LastReloadSuccess: rs.LastSuccess, LastApply: rs.LastApply}
+
+	var maxSvc, maxB uint32
+	for _, sv := range svcs {
+		maxSvc = max(maxSvc, sv.ID+1)
+		for _, b := range sv.Backends {
+			maxB = max(maxB, b.Counter+1)
+		}
+	}
+	svcStats, err := readPerCPU[lbSvcStats](p.maps.serviceStats, maxSvc, p.ncpu)
+	if err != nil {
+		return nil, fmt.Errorf("read lb_service_stats: %w", err)
+	}
+	bStats, err := readPerCPU[uint64](p.maps.backendStats, maxB, p.ncpu)
+	if err != nil {
+		return nil, fmt.Errorf("read lb_backend_stats: %w", err)
+	}
+	for _, sv := range svcs {
+		st := ServiceStats{Name: sv.Name}
+		for _, v := range svcStats[sv.ID] {
+			st.Connections += v.Connections
+			st.NoBackend += v.NoBackend
+		}
+		for _, b := range sv.Backends {
+			bs := BackendStats{Address: b.Addr.String()}
+			for _, v := range bStats[b.Counter] {
+				bs.Connections += v
+			}
+			st.Backends = append(st.Backends, bs)
+		}
+		s.Services = append(s.Services, st)
+	}
+
+	var drops []uint64
+	for reason, dst := range []*uint64{&s.ReverseFailed, &s.SlotMissing, &s.MaglevMissing} {
+		if err := p.maps.drops.Lookup(uint32(reason), &drops); err != nil {
+			return nil, fmt.Errorf("read lb_drops: %w", err)
+		}
+		for _, d := range drops {
+			*dst += d
+		}
+	}
+	return s, nil
+}
+
+// readPerCPU reads indexes 0..n-1 of a per-CPU array, in batches.
+func readPerCPU[T any](m *ebpf.Map, n uint32, ncpu int) ([][]T, error) {
+	out := make([][]T, n)
+	const chunk = 1024
+	var cursor ebpf.MapBatchCursor
+	keys := make([]uint32, chunk)
+	vals := make([]T, chunk*ncpu)
+	for got := uint32(0); got < n; {
+		k, err := m.BatchLookup(&cursor, keys, vals, nil)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				return readPerCPUSlow[T](m, n)
+			}
+			return nil, err
+		}
+		for i := range k {
+			if idx := keys[i]; idx < n {
+				out[idx] = append([]T(nil), vals[i*ncpu:(i+1)*ncpu]...)
+			}
+		}
+		got += uint32(k)
+		if k == 0 || err != nil {
+			break
+		}
+	}
+	return out, nil
+}
+
+func readPerCPUSlow[T any](m *ebpf.Map, n uint32) ([][]T, error) {
+	out := make([][]T, n)
+	for i := range n {
+		if err := m.Lookup(i, &out[i]); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// Sizes of the generated structs, for the layout check in tests.
+const (
+	svcKeySize   = unsafe.Sizeof(lbSvcKey{})
+	svcValSize   = unsafe.Sizeof(lbSvcVal{})
+	backendSize  = unsafe.Sizeof(lbBackend{})
+	revKeySize   = unsafe.Sizeof(lbRevKey{})
+	revValSize   = unsafe.Sizeof(lbRevVal{})
+	svcStatsSize = unsafe.Sizeof(lbSvcStats{})
+)

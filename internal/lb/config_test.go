@@ -1,0 +1,149 @@
+package lb
+
+import (
+	"net/netip"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestParse(t *testing.T) {
+	svcs, err := Parse("s.yaml", []byte(`
+services:
+  - name: web
+    vip: 10.96.0.10
+    port: 80
+    backends:
+      - address: 10.0.0.2
+        port: 8080
+      - {address: 10.0.0.3, port: 8080, weight: 3}
+  - name: dns
+    vip: fd00::53
+    port: 53
+    protocol: UDP
+    backends: []
+  - name: idle
+    vip: 10.96.0.11
+    port: 443
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Service{
+		{Name: "web", VIP: netip.MustParseAddrPort("10.96.0.10:80"), Protocol: TCP, Line: 3, Backends: []Backend{
+			{Addr: netip.MustParseAddrPort("10.0.0.2:8080"), Weight: 1},
+			{Addr: netip.MustParseAddrPort("10.0.0.3:8080"), Weight: 3},
+		}},
+		{Name: "dns", VIP: netip.MustParseAddrPort("[fd00::53]:53"), Protocol: UDP, Line: 10},
+		{Name: "idle", VIP: netip.MustParseAddrPort("10.96.0.11:443"), Protocol: TCP, Line: 15},
+	}
+	if !reflect.DeepEqual(svcs, want) {
+		t.Errorf("got  %+v\nwant %+v", svcs, want)
+	}
+
+	// The same as JSON.
+	js, err := Marshal(svcs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := Parse("s.json", js)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, js)
+	}
+	for i := range again {
+		again[i].Line = want[i].Line
+	}
+	if !reflect.DeepEqual(again, want) {
+		t.Errorf("JSON round trip: got %+v", again)
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	head := "services:\n  - name: web\n    vip: 10.96.0.10\n    port: 80\n"
+	for _, tc := range []struct {
+		name, file, want string
+	}{
+		{"empty", "", "empty file"},
+		{"not yaml", "services: [", "not YAML or JSON"},
+		{"no services key", "other: 1\n", "s.yaml:1: other: unknown field"},
+		{"services not a list", "services: 3\n", "s.yaml:1: services: want a list"},
+		{"missing name", "services:\n  - vip: 10.96.0.10\n    port: 80\n", "s.yaml:2: services[0].name: missing"},
+		{"bad name", strings.Replace(head, "web", "'we b'", 1), "s.yaml:2: services[0].name: \"we b\""},
+		{"numeric name", strings.Replace(head, "web", "42", 1), "services[0].name: want a non-empty string"},
+		{"bad vip", strings.Replace(head, "10.96.0.10", "10.96.0.300", 1), "s.yaml:3: services[0].vip: \"10.96.0.300\" is not an IPv4 or IPv6 address"},
+		{"unspecified vip", strings.Replace(head, "10.96.0.10", "0.0.0.0", 1), "services[0].vip: \"0.0.0.0\" is not a unicast address"},
+		{"mapped vip", strings.Replace(head, "10.96.0.10", "'::ffff:10.0.0.1'", 1), "write IPv4 addresses in dotted form"},
+		{"port range", strings.Replace(head, "80", "70000", 1), "s.yaml:4: services[0].port: 70000 is out of range 1..65535"},
+		{"port zero", strings.Replace(head, "80", "0", 1), "services[0].port: 0 is out of range"},
+		{"port string", strings.Replace(head, "80", "http", 1), "services[0].port: want a number 1..65535"},
+		{"protocol", head + "    protocol: sctp\n", "s.yaml:5: services[0].protocol: \"sctp\": want tcp or udp"},
+		{"unknown field", head + "    backend: []\n", "s.yaml:5: services[0].backend: unknown field"},
+		{"twice", head + "    port: 81\n", "s.yaml:5: services[0].port: given twice"},
+		{"backends not a list", head + "    backends: 3\n", "services[0].backends: want a list"},
+		{"backend port", head + "    backends:\n      - {address: 10.0.0.1, port: 99999}\n", "s.yaml:6: services[0].backends[0].port: 99999 is out of range"},
+		{"backend address", head + "    backends:\n      - {address: nowhere, port: 1}\n", "services[0].backends[0].address: \"nowhere\""},
+		{"backend missing port", head + "    backends:\n      - address: 10.0.0.1\n", "s.yaml:6: services[0].backends[0].port: missing"},
+		{"weight", head + "    backends:\n      - {address: 10.0.0.1, port: 1, weight: 0}\n", "services[0].backends[0].weight: 0 is out of range 1..100"},
+		{"family", head + "    backends:\n      - {address: '::1', port: 1}\n", "services[0].backends[0].address: ::1 is not of the VIP's address family"},
+		{"duplicate backend", head + "    backends:\n      - {address: 10.0.0.1, port: 1}\n      - {address: 10.0.0.1, port: 1}\n", "s.yaml:7: services[0].backends[1]: 10.0.0.1:1 already listed on line 6"},
+		{"duplicate name", head + strings.Replace(head, "services:\n", "", 1), "s.yaml:5: services[1].name: \"web\" already used on line 2"},
+		{"duplicate vip", head + "  - name: other\n    vip: 10.96.0.10\n    port: 80\n", "s.yaml:5: services[1]: tcp 10.96.0.10:80 already served by the service on line 2"},
+		{"two documents", head + "---\nservices: []\n", "more than one YAML document"},
+		{"json", `{"services": [{"name": "a", "vip": "10.0.0.1", "port": "80"}]}`, "s.yaml:1: services[0].port: want a number"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("s.yaml", []byte(tc.file))
+			if err == nil {
+				t.Fatalf("accepted")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q\nwant it to contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// Every error is reported, not only the first.
+func TestParseAllErrors(t *testing.T) {
+	_, err := Parse("s.yaml", []byte("services:\n  - name: a\n    vip: x\n    port: 0\n  - name: b\n    vip: 10.0.0.1\n    port: 1\n    protocol: icmp\n"))
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	for _, want := range []string{"services[0].vip", "services[0].port", "services[1].protocol"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("%q lacks %s", err, want)
+		}
+	}
+}
+
+func TestParseEmpty(t *testing.T) {
+	for _, f := range []string{"services: []\n", "services:\n", `{"services": []}`} {
+		svcs, err := Parse("", []byte(f))
+		if err != nil || svcs == nil || len(svcs) != 0 {
+			t.Errorf("%q: %v %v", f, svcs, err)
+		}
+	}
+}
+
+func TestCgroup2Mount(t *testing.T) {
+	const hybrid = `31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+`
+	if got, err := cgroup2Mount(strings.NewReader(hybrid)); err != nil || got != "/sys/fs/cgroup/unified" {
+		t.Errorf("hybrid: %q %v", got, err)
+	}
+	const unified = `35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate
+`
+	if got, err := cgroup2Mount(strings.NewReader(unified)); err != nil || got != "/sys/fs/cgroup" {
+		t.Errorf("unified: %q %v", got, err)
+	}
+	const spaced = `35 24 0:30 / /mnt/my\040cgroup rw - cgroup2 none rw
+`
+	if got, _ := cgroup2Mount(strings.NewReader(spaced)); got != "/mnt/my cgroup" {
+		t.Errorf("escaped: %q", got)
+	}
+	if _, err := cgroup2Mount(strings.NewReader("1 2 0:1 / / rw - ext4 /dev/sda rw\n")); err == nil {
+		t.Error("found a cgroup2 mount in none")
+	}
+}

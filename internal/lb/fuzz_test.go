@@ -1,0 +1,57 @@
+package lb
+
+import (
+	"reflect"
+	"testing"
+)
+
+// FuzzParse: no input makes Parse panic, and what it accepts is valid and
+// survives a round trip through Marshal.
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{
+		"services: []\n",
+		"services:\n  - name: web\n    vip: 10.96.0.10\n    port: 80\n    backends:\n      - {address: 10.0.0.1, port: 8080, weight: 2}\n",
+		`{"services": [{"name": "dns", "vip": "fd00::53", "port": 53, "protocol": "udp", "backends": [{"address": "fd00::1", "port": 5353}]}]}`,
+		"services:\n  - name: x\n    vip: 1.2.3.4\n    port: 70000\n",
+		"services: [{name: a, vip: 1.1.1.1, port: 1}, {name: a, vip: 1.1.1.1, port: 1}]",
+		"&a [*a]",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		svcs, err := Parse("f.yaml", data)
+		if err != nil {
+			return
+		}
+		names := map[string]bool{}
+		keys := map[Key]bool{}
+		for _, s := range svcs {
+			if s.Name == "" || names[s.Name] || keys[s.Key()] || s.VIP.Port() == 0 || !s.VIP.Addr().IsValid() {
+				t.Fatalf("invalid service accepted: %+v", s)
+			}
+			names[s.Name], keys[s.Key()] = true, true
+			if s.Protocol != TCP && s.Protocol != UDP {
+				t.Fatalf("protocol %d", s.Protocol)
+			}
+			for _, b := range s.Backends {
+				if b.Addr.Port() == 0 || b.Weight < 1 || b.Weight > MaxWeight || b.Addr.Addr().Is4() != s.VIP.Addr().Is4() {
+					t.Fatalf("invalid backend accepted: %+v", b)
+				}
+			}
+		}
+		js, err := Marshal(svcs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := Parse("f.json", js)
+		if err != nil {
+			t.Fatalf("round trip: %v\n%s", err, js)
+		}
+		for i := range again {
+			again[i].Line = svcs[i].Line
+		}
+		if !reflect.DeepEqual(again, svcs) {
+			t.Fatalf("round trip: %+v, want %+v", again, svcs)
+		}
+	})
+}

@@ -1,0 +1,475 @@
+package lb
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sort"
+	"time"
+)
+
+// Algorithm is how a backend is chosen.
+type Algorithm string
+
+const (
+	// AlgRandom picks a backend at random for each connect, and by a hash
+	// of the socket for each unconnected UDP datagram.
+	AlgRandom Algorithm = "random"
+	// AlgMaglev picks through a per-service Maglev table indexed by a hash
+	// of the socket, so that a backend change moves as few sockets as
+	// possible.
+	AlgMaglev Algorithm = "maglev"
+)
+
+// Limits are the capacities of the datapath's maps.
+type Limits struct {
+	MaxServices int       // lb_services and lb_service_stats entries
+	MaxSlots    int       // lb_backends entries (and lb_maglev)
+	MaxCounters int       // lb_backend_stats entries
+	Algorithm   Algorithm // "" is AlgRandom
+	MaglevSize  int       // entries of each Maglev table (AlgMaglev)
+}
+
+// MaxSlotsPerService bounds the slots one service takes in random mode,
+// where a backend of weight w takes w slots after dividing all weights of
+// the service by their greatest common divisor.
+const MaxSlotsPerService = 4096
+
+// Slot is one entry of lb_backends.
+type Slot struct {
+	Addr    netip.AddrPort
+	Counter uint32 // index into lb_backend_stats
+}
+
+// Entry is one entry of lb_services.
+type Entry struct {
+	Key    Key
+	ID     uint32 // index into lb_service_stats
+	Base   uint32 // first slot
+	Count  uint32 // slots; 0 refuses connections
+	Maglev bool
+}
+
+// Datapath is what a configuration is applied to: the BPF maps, or a fake
+// in tests. Writes of services must replace each entry whole.
+type Datapath interface {
+	// ResetCounters zeroes the counters of indexes about to be reused.
+	ResetCounters(services, backends []uint32) error
+	// WriteSlots writes slots[i] at index idx[i] of lb_backends.
+	WriteSlots(idx []uint32, slots []Slot) error
+	// WriteMaglev installs the Maglev table of the range starting at base.
+	WriteMaglev(base uint32, table []uint32) error
+	// DeleteMaglev removes the tables of ranges no longer used.
+	DeleteMaglev(bases []uint32) error
+	// WriteServices creates or replaces service entries.
+	WriteServices(entries []Entry) error
+	// DeleteServices removes service entries.
+	DeleteServices(keys []Key) error
+}
+
+// ErrFull means a configuration does not fit the maps.
+var ErrFull = errors.New("does not fit the maps")
+
+// DefaultQuarantine is how long freed slots and indexes stay unused:
+// programs that read a service entry before it was replaced may still read
+// its old slots for the few microseconds they run.
+const DefaultQuarantine = time.Second
+
+// live is a service as applied.
+type live struct {
+	svc      Service
+	id       uint32
+	base     uint32
+	count    uint32
+	maglev   bool
+	counters map[netip.AddrPort]uint32
+	slots    []Slot
+	table    []uint32
+}
+
+type retired struct {
+	at           time.Time
+	base, count  uint32
+	maglev       bool
+	svcID        uint32
+	freeID       bool
+	counters     []uint32
+	freeCounters bool
+}
+
+// State is the applied configuration and the allocation of map entries.
+// It is not safe for concurrent use (Manager serializes it).
+type State struct {
+	lim        Limits
+	dp         Datapath
+	now        func() time.Time
+	sleep      func(time.Duration)
+	quarantine time.Duration
+
+	live     map[string]*live
+	slots    *rangeAlloc
+	svcIDs   *idAlloc
+	counters *idAlloc
+	retired  []retired
+}
+
+// NewState returns an empty State over dp.
+func NewState(dp Datapath, lim Limits) (*State, error) {
+	if lim.Algorithm == "" {
+		lim.Algorithm = AlgRandom
+	}
+	if err := lim.Validate(); err != nil {
+		return nil, err
+	}
+	return &State{
+		lim:        lim,
+		dp:         dp,
+		now:        time.Now,
+		sleep:      time.Sleep,
+		quarantine: DefaultQuarantine,
+		live:       map[string]*live{},
+		slots:      newRangeAlloc(uint32(lim.MaxSlots)),
+		svcIDs:     &idAlloc{limit: uint32(lim.MaxServices)},
+		counters:   &idAlloc{limit: uint32(lim.MaxCounters)},
+	}, nil
+}
+
+// Validate checks the limits.
+func (l Limits) Validate() error {
+	var errs []error
+	if l.MaxServices < 1 || l.MaxServices > 1<<24 {
+		errs = append(errs, fmt.Errorf("max services %d: want 1..%d", l.MaxServices, 1<<24))
+	}
+	if l.MaxSlots < 1 || l.MaxSlots > 1<<24 {
+		errs = append(errs, fmt.Errorf("max backends %d: want 1..%d", l.MaxSlots, 1<<24))
+	}
+	if l.MaxCounters < 1 || l.MaxCounters > 1<<24 {
+		errs = append(errs, fmt.Errorf("max backend counters %d: want 1..%d", l.MaxCounters, 1<<24))
+	}
+	switch l.Algorithm {
+	case AlgRandom, "":
+	case AlgMaglev:
+		if !slices.Contains(MaglevSizes, l.MaglevSize) {
+			errs = append(errs, fmt.Errorf("maglev table size %d: want one of %v", l.MaglevSize, MaglevSizes))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("algorithm %q: want random or maglev", l.Algorithm))
+	}
+	return errors.Join(errs...)
+}
+
+// layout is the content of a service's slots, and its Maglev table.
+func (s *State) layout(svc Service, counters map[netip.AddrPort]uint32) ([]Slot, []uint32, error) {
+	if len(svc.Backends) == 0 {
+		return nil, nil, nil
+	}
+	if s.lim.Algorithm == AlgMaglev {
+		slots := make([]Slot, len(svc.Backends))
+		for i, b := range svc.Backends {
+			slots[i] = Slot{Addr: b.Addr, Counter: counters[b.Addr]}
+		}
+		table, err := Maglev(svc.Backends, s.lim.MaglevSize)
+		return slots, table, err
+	}
+	g := uint32(0)
+	for _, b := range svc.Backends {
+		g = gcd(g, weight(b))
+	}
+	var slots []Slot
+	for _, b := range svc.Backends {
+		for range weight(b) / g {
+			slots = append(slots, Slot{Addr: b.Addr, Counter: counters[b.Addr]})
+		}
+	}
+	if len(slots) > MaxSlotsPerService {
+		return nil, nil, fmt.Errorf("service %s (line %d): weights need %d slots, more than %d; use smaller or more even weights",
+			svc.Name, svc.Line, len(slots), MaxSlotsPerService)
+	}
+	return slots, nil, nil
+}
+
+func gcd(a, b uint32) uint32 {
+	for b != 0 {
+		a, b = b, a%b
+	}
+	return a
+}
+
+// release frees what was retired at least a quarantine ago.
+func (s *State) release() error {
+	now := s.now()
+	var bases []uint32
+	keep := s.retired[:0]
+	for _, r := range s.retired {
+		if now.Sub(r.at) < s.quarantine {
+			keep = append(keep, r)
+			continue
+		}
+		s.slots.release(r.base, r.count)
+		if r.maglev {
+			bases = append(bases, r.base)
+		}
+		if r.freeID {
+			s.svcIDs.put(r.svcID)
+		}
+		for _, c := range r.counters {
+			s.counters.put(c)
+		}
+	}
+	s.retired = keep
+	if len(bases) > 0 {
+		return s.dp.DeleteMaglev(bases)
+	}
+	return nil
+}
+
+// Applied summarizes what Apply changed.
+type Applied struct {
+	Written int // service entries created or replaced
+	Deleted int // service entries removed
+	Slots   int // backend slots written
+}
+
+// Apply makes svcs the configuration, atomically per service: a connect
+// sees either a service's old entry and backends or its new ones. Services
+// whose backends did not change are not rewritten. When svcs does not fit,
+// nothing changes and the error wraps ErrFull.
+func (s *State) Apply(svcs []Service) (Applied, error) {
+	if err := s.release(); err != nil {
+		return Applied{}, fmt.Errorf("delete maglev tables: %w", err)
+	}
+	a, err := s.apply(svcs)
+	if errors.Is(err, ErrFull) && len(s.retired) > 0 {
+		// What was freed by recent reloads may make room once its
+		// quarantine is over.
+		s.sleep(s.quarantine - s.now().Sub(s.retired[len(s.retired)-1].at))
+		if err := s.release(); err != nil {
+			return Applied{}, fmt.Errorf("delete maglev tables: %w", err)
+		}
+		a, err = s.apply(svcs)
+	}
+	return a, err
+}
+
+func (s *State) apply(svcs []Service) (_ Applied, err error) {
+	if len(svcs) > s.lim.MaxServices {
+		return Applied{}, fmt.Errorf("%d services: more than the %d the services map holds: %w", len(svcs), s.lim.MaxServices, ErrFull)
+	}
+	var undo []func()
+	defer func() {
+		if err != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				undo[i]()
+			}
+		}
+	}()
+
+	var (
+		next             = make(map[string]*live, len(svcs))
+		resetSvc, resetB []uint32
+		slotIdx          []uint32
+		slotVals         []Slot
+		tables           []*live
+		entries          []Entry
+		newKeys          = make(map[Key]bool, len(svcs))
+	)
+	for _, svc := range svcs {
+		old := s.live[svc.Name]
+		l := &live{svc: svc, counters: make(map[netip.AddrPort]uint32, len(svc.Backends))}
+		if old != nil {
+			l.id = old.id
+		} else {
+			id, ok := s.svcIDs.get()
+			if !ok {
+				return Applied{}, fmt.Errorf("service %s: no free service index (%d in use or quarantined): %w", svc.Name, s.lim.MaxServices, ErrFull)
+			}
+			undo = append(undo, func() { s.svcIDs.put(id) })
+			l.id = id
+			resetSvc = append(resetSvc, id)
+		}
+		for _, b := range svc.Backends {
+			if c, ok := old.counter(b.Addr); ok {
+				l.counters[b.Addr] = c
+				continue
+			}
+			c, ok := s.counters.get()
+			if !ok {
+				return Applied{}, fmt.Errorf("service %s: no free backend counter (%d in use or quarantined): %w", svc.Name, s.lim.MaxCounters, ErrFull)
+			}
+			undo = append(undo, func() { s.counters.put(c) })
+			l.counters[b.Addr] = c
+			resetB = append(resetB, c)
+		}
+		if l.slots, l.table, err = s.layout(svc, l.counters); err != nil {
+			return Applied{}, err
+		}
+		l.maglev = l.table != nil
+		if old != nil && old.maglev == l.maglev && slices.Equal(old.slots, l.slots) && slices.Equal(old.table, l.table) {
+			l.base, l.count = old.base, old.count
+		} else if n := uint32(len(l.slots)); n > 0 {
+			base, ok := s.slots.alloc(n)
+			if !ok {
+				return Applied{}, fmt.Errorf("service %s: %d backend slots needed, %d free of %d: %w",
+					svc.Name, n, s.slots.available(), s.lim.MaxSlots, ErrFull)
+			}
+			undo = append(undo, func() { s.slots.release(base, n) })
+			l.base, l.count = base, n
+			for i, sl := range l.slots {
+				slotIdx = append(slotIdx, base+uint32(i))
+				slotVals = append(slotVals, sl)
+			}
+			if l.maglev {
+				tables = append(tables, l)
+			}
+		}
+		if old == nil || old.id != l.id || old.base != l.base || old.count != l.count || old.maglev != l.maglev || old.svc.Key() != svc.Key() {
+			entries = append(entries, l.entry())
+		}
+		next[svc.Name] = l
+		newKeys[svc.Key()] = true
+	}
+
+	// Publish: counters and backends first, then the entries that point
+	// at them, then deletions.
+	if err := s.dp.ResetCounters(resetSvc, resetB); err != nil {
+		return Applied{}, fmt.Errorf("reset counters: %w", err)
+	}
+	if len(slotIdx) > 0 {
+		if err := s.dp.WriteSlots(slotIdx, slotVals); err != nil {
+			return Applied{}, fmt.Errorf("write backends: %w", err)
+		}
+	}
+	var written []uint32
+	undo = append(undo, func() {
+		if len(written) > 0 {
+			_ = s.dp.DeleteMaglev(written)
+		}
+	})
+	for _, l := range tables {
+		if err := s.dp.WriteMaglev(l.base, l.table); err != nil {
+			return Applied{}, fmt.Errorf("write maglev table of %s: %w", l.svc.Name, err)
+		}
+		written = append(written, l.base)
+	}
+	if len(entries) > 0 {
+		if err := s.dp.WriteServices(entries); err != nil {
+			s.restore(entries)
+			return Applied{}, fmt.Errorf("write services: %w", err)
+		}
+	}
+
+	var (
+		del      []Key
+		leak     = map[string]bool{}
+		now      = s.now()
+		toRetire []retired
+	)
+	for name, old := range s.live {
+		if k := old.svc.Key(); !newKeys[k] {
+			del = append(del, k)
+			leak[name] = true
+		}
+	}
+	sort.Slice(del, func(i, j int) bool { return del[i].VIP.String() < del[j].VIP.String() })
+	var delErr error
+	if len(del) > 0 {
+		if delErr = s.dp.DeleteServices(del); delErr == nil {
+			clear(leak)
+		}
+	}
+	for name, old := range s.live {
+		l := next[name]
+		r := retired{at: now}
+		if l == nil {
+			r.svcID, r.freeID = old.id, true
+		}
+		for addr, c := range old.counters {
+			if _, ok := l.counter(addr); !ok {
+				r.counters = append(r.counters, c)
+			}
+		}
+		if old.count > 0 && (l == nil || l.base != old.base || l.count != old.count) {
+			r.base, r.count, r.maglev = old.base, old.count, old.maglev
+		}
+		if leak[name] {
+			// Its entry may still be in the map: keep what it points to.
+			continue
+		}
+		if r.freeID || len(r.counters) > 0 || r.count > 0 {
+			toRetire = append(toRetire, r)
+		}
+	}
+	s.retired = append(s.retired, toRetire...)
+	s.live = next
+	a := Applied{Written: len(entries), Deleted: len(del), Slots: len(slotIdx)}
+	if delErr != nil {
+		return a, fmt.Errorf("delete removed services (they keep their old backends): %w", delErr)
+	}
+	return a, nil
+}
+
+// restore puts back the entries of services that entries replaced, and
+// deletes the ones it created, after a failed write.
+func (s *State) restore(entries []Entry) {
+	var back []Entry
+	var del []Key
+	old := make(map[Key]*live, len(s.live))
+	for _, l := range s.live {
+		old[l.svc.Key()] = l
+	}
+	for _, e := range entries {
+		if l := old[e.Key]; l != nil {
+			back = append(back, l.entry())
+		} else {
+			del = append(del, e.Key)
+		}
+	}
+	if len(back) > 0 {
+		_ = s.dp.WriteServices(back)
+	}
+	if len(del) > 0 {
+		_ = s.dp.DeleteServices(del)
+	}
+}
+
+func (l *live) counter(addr netip.AddrPort) (uint32, bool) {
+	if l == nil {
+		return 0, false
+	}
+	c, ok := l.counters[addr]
+	return c, ok
+}
+
+func (l *live) entry() Entry {
+	return Entry{Key: l.svc.Key(), ID: l.id, Base: l.base, Count: l.count, Maglev: l.maglev}
+}
+
+// ServiceStatus is one applied service and the indexes of its counters.
+type ServiceStatus struct {
+	Name     string
+	Key      Key
+	ID       uint32 // lb_service_stats index
+	Backends []BackendStatus
+}
+
+// BackendStatus is one backend of a service.
+type BackendStatus struct {
+	Addr    netip.AddrPort
+	Weight  uint32
+	Counter uint32 // lb_backend_stats index
+}
+
+// Services returns the applied services, sorted by name.
+func (s *State) Services() []ServiceStatus {
+	out := make([]ServiceStatus, 0, len(s.live))
+	for _, l := range s.live {
+		st := ServiceStatus{Name: l.svc.Name, Key: l.svc.Key(), ID: l.id}
+		for _, b := range l.svc.Backends {
+			st.Backends = append(st.Backends, BackendStatus{Addr: b.Addr, Weight: b.Weight, Counter: l.counters[b.Addr]})
+		}
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}

@@ -1,0 +1,352 @@
+package lb
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// fakeDatapath is the maps in memory. It fails the test when a write could
+// let a connect see a half-written service: slots written under a
+// published entry, or under one unpublished less than a quarantine ago.
+type fakeDatapath struct {
+	t        *testing.T
+	now      *time.Time
+	slots    map[uint32]Slot
+	services map[Key]Entry
+	maglev   map[uint32][]uint32
+	retired  []retiredRange
+	calls    []string
+	failOn   string
+}
+
+type retiredRange struct {
+	base, count uint32
+	at          time.Time
+}
+
+func newFake(t *testing.T, now *time.Time) *fakeDatapath {
+	return &fakeDatapath{t: t, now: now, slots: map[uint32]Slot{}, services: map[Key]Entry{}, maglev: map[uint32][]uint32{}}
+}
+
+func (f *fakeDatapath) call(name string) error {
+	f.calls = append(f.calls, name)
+	if f.failOn == name {
+		return errors.New("injected failure")
+	}
+	return nil
+}
+
+func (f *fakeDatapath) inUse(slot uint32) bool {
+	for _, e := range f.services {
+		if slot >= e.Base && slot < e.Base+e.Count {
+			return true
+		}
+	}
+	for _, r := range f.retired {
+		if slot >= r.base && slot < r.base+r.count && f.now.Sub(r.at) < DefaultQuarantine {
+			return true
+		}
+	}
+	return false
+}
+
+func (f *fakeDatapath) ResetCounters(services, backends []uint32) error {
+	return f.call("ResetCounters")
+}
+
+func (f *fakeDatapath) WriteSlots(idx []uint32, slots []Slot) error {
+	if err := f.call("WriteSlots"); err != nil {
+		return err
+	}
+	for i, s := range idx {
+		if f.inUse(s) {
+			f.t.Errorf("slot %d overwritten while in use", s)
+		}
+		f.slots[s] = slots[i]
+	}
+	return nil
+}
+
+func (f *fakeDatapath) WriteMaglev(base uint32, table []uint32) error {
+	if err := f.call("WriteMaglev"); err != nil {
+		return err
+	}
+	f.maglev[base] = table
+	return nil
+}
+
+func (f *fakeDatapath) DeleteMaglev(bases []uint32) error {
+	for _, b := range bases {
+		delete(f.maglev, b)
+	}
+	return f.call("DeleteMaglev")
+}
+
+func (f *fakeDatapath) WriteServices(entries []Entry) error {
+	if err := f.call("WriteServices"); err != nil {
+		return err
+	}
+	for _, e := range entries {
+		for s := e.Base; s < e.Base+e.Count; s++ {
+			if _, ok := f.slots[s]; !ok {
+				f.t.Errorf("service %v points at unwritten slot %d", e.Key, s)
+			}
+		}
+		if e.Maglev && f.maglev[e.Base] == nil {
+			f.t.Errorf("service %v published before its Maglev table", e.Key)
+		}
+		f.unpublish(e.Key)
+		f.services[e.Key] = e
+	}
+	return nil
+}
+
+func (f *fakeDatapath) unpublish(k Key) {
+	if old, ok := f.services[k]; ok {
+		f.retired = append(f.retired, retiredRange{old.Base, old.Count, *f.now})
+	}
+}
+
+func (f *fakeDatapath) DeleteServices(keys []Key) error {
+	if err := f.call("DeleteServices"); err != nil {
+		return err
+	}
+	for _, k := range keys {
+		f.unpublish(k)
+		delete(f.services, k)
+	}
+	return nil
+}
+
+// backendsOf resolves a published service to its backends' addresses.
+func (f *fakeDatapath) backendsOf(vip string) []string {
+	e, ok := f.services[Key{VIP: netip.MustParseAddrPort(vip), Protocol: TCP}]
+	if !ok {
+		return nil
+	}
+	var out []string
+	for s := e.Base; s < e.Base+e.Count; s++ {
+		out = append(out, f.slots[s].Addr.String())
+	}
+	return out
+}
+
+func svc(name, vip string, bs ...string) Service {
+	s := Service{Name: name, VIP: netip.MustParseAddrPort(vip), Protocol: TCP}
+	for _, b := range bs {
+		s.Backends = append(s.Backends, Backend{Addr: netip.MustParseAddrPort(b), Weight: 1})
+	}
+	return s
+}
+
+func newTestState(t *testing.T, lim Limits) (*State, *fakeDatapath, *time.Time) {
+	now := time.Unix(1000, 0)
+	f := newFake(t, &now)
+	s, err := NewState(f, lim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.now = func() time.Time { return now }
+	s.sleep = func(d time.Duration) { now = now.Add(d) }
+	return s, f, &now
+}
+
+func TestApply(t *testing.T) {
+	s, f, now := newTestState(t, Limits{MaxServices: 10, MaxSlots: 20, MaxCounters: 20})
+	a, err := s.Apply([]Service{
+		svc("web", "10.96.0.10:80", "10.0.0.1:80", "10.0.0.2:80"),
+		svc("api", "10.96.0.11:80", "10.0.0.3:80"),
+		svc("none", "10.96.0.12:80"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Written != 3 || a.Slots != 3 {
+		t.Errorf("applied %+v", a)
+	}
+	if got := fmt.Sprint(f.backendsOf("10.96.0.10:80")); got != "[10.0.0.1:80 10.0.0.2:80]" {
+		t.Errorf("web -> %s", got)
+	}
+	if e := f.services[Key{VIP: netip.MustParseAddrPort("10.96.0.12:80"), Protocol: TCP}]; e.Count != 0 {
+		t.Errorf("service without backends has count %d", e.Count)
+	}
+	webCounter := s.live["web"].counters[netip.MustParseAddrPort("10.0.0.2:80")]
+	apiID := s.live["api"].id
+
+	// Same configuration: nothing written.
+	if a, err := s.Apply(s.config()); err != nil || a.Written+a.Deleted+a.Slots != 0 {
+		t.Errorf("reapply: %+v %v", a, err)
+	}
+
+	// web changes backends, api moves to a new VIP, none goes.
+	*now = now.Add(10 * time.Millisecond)
+	a, err = s.Apply([]Service{
+		svc("web", "10.96.0.10:80", "10.0.0.2:80", "10.0.0.4:80"),
+		svc("api", "10.96.0.21:80", "10.0.0.3:80"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Written != 2 || a.Deleted != 2 || a.Slots != 2 {
+		t.Errorf("applied %+v", a)
+	}
+	if got := fmt.Sprint(f.backendsOf("10.96.0.10:80")); got != "[10.0.0.2:80 10.0.0.4:80]" {
+		t.Errorf("web -> %s", got)
+	}
+	if f.backendsOf("10.96.0.11:80") != nil || f.backendsOf("10.96.0.21:80") == nil {
+		t.Error("api did not move")
+	}
+	if got := s.live["web"].counters[netip.MustParseAddrPort("10.0.0.2:80")]; got != webCounter {
+		t.Errorf("kept backend's counter changed from %d to %d", webCounter, got)
+	}
+	if s.live["api"].id != apiID {
+		t.Error("service id changed with its VIP")
+	}
+	// Order of publication within one apply.
+	want := []string{"ResetCounters", "WriteSlots", "WriteServices", "DeleteServices"}
+	got := f.calls[len(f.calls)-4:]
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("calls %v, want %v", got, want)
+	}
+
+	// A new service with the key of a removed one is not deleted.
+	if _, err := s.Apply([]Service{svc("web2", "10.96.0.10:80", "10.0.0.9:80")}); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(f.backendsOf("10.96.0.10:80")); got != "[10.0.0.9:80]" {
+		t.Errorf("web2 -> %s", got)
+	}
+}
+
+// config is the applied configuration, for re-applying.
+func (s *State) config() []Service {
+	var out []Service
+	for _, st := range s.Services() {
+		out = append(out, s.live[st.Name].svc)
+	}
+	return out
+}
+
+// A configuration that does not fit changes nothing; freed slots are
+// reused only after the quarantine, waiting for it when needed.
+func TestApplyFull(t *testing.T) {
+	s, f, now := newTestState(t, Limits{MaxServices: 2, MaxSlots: 4, MaxCounters: 8})
+	first := []Service{svc("a", "10.96.0.1:80", "10.0.0.1:80", "10.0.0.2:80")}
+	if _, err := s.Apply(first); err != nil {
+		t.Fatal(err)
+	}
+	calls := len(f.calls)
+	for name, cfg := range map[string][]Service{
+		"services": {svc("a", "10.96.0.1:80"), svc("b", "10.96.0.2:80"), svc("c", "10.96.0.3:80")},
+		"slots":    {svc("a", "10.96.0.1:80", "10.0.0.1:80", "10.0.0.2:80"), svc("b", "10.96.0.2:80", "10.0.0.3:80", "10.0.0.4:80", "10.0.0.5:80")},
+	} {
+		if _, err := s.Apply(cfg); !errors.Is(err, ErrFull) {
+			t.Errorf("%s: %v, want ErrFull", name, err)
+		}
+	}
+	if got := fmt.Sprint(f.backendsOf("10.96.0.1:80")); got != "[10.0.0.1:80 10.0.0.2:80]" || len(f.services) != 1 {
+		t.Errorf("after rejected applies: a -> %s, %d services", got, len(f.services))
+	}
+	for _, c := range f.calls[calls:] {
+		if c != "DeleteMaglev" {
+			t.Errorf("rejected apply wrote: %v", f.calls[calls:])
+			break
+		}
+	}
+
+	// Change a's two backends twice in a row: the second apply needs the
+	// slots the first freed, so it waits out the quarantine.
+	start := *now
+	if _, err := s.Apply([]Service{svc("a", "10.96.0.1:80", "10.0.0.3:80", "10.0.0.4:80")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Apply([]Service{svc("a", "10.96.0.1:80", "10.0.0.5:80", "10.0.0.6:80")}); err != nil {
+		t.Fatal(err)
+	}
+	if waited := now.Sub(start); waited < DefaultQuarantine {
+		t.Errorf("waited %v, want the quarantine", waited)
+	}
+	if got := fmt.Sprint(f.backendsOf("10.96.0.1:80")); got != "[10.0.0.5:80 10.0.0.6:80]" {
+		t.Errorf("a -> %s", got)
+	}
+}
+
+// A failed map write leaves the old configuration and allocations.
+func TestApplyWriteFailure(t *testing.T) {
+	s, f, _ := newTestState(t, Limits{MaxServices: 4, MaxSlots: 4, MaxCounters: 8})
+	if _, err := s.Apply([]Service{svc("a", "10.96.0.1:80", "10.0.0.1:80")}); err != nil {
+		t.Fatal(err)
+	}
+	avail := s.slots.available()
+	for _, op := range []string{"WriteSlots", "WriteServices"} {
+		f.failOn = op
+		if _, err := s.Apply([]Service{svc("a", "10.96.0.1:80", "10.0.0.2:80"), svc("b", "10.96.0.2:80", "10.0.0.3:80")}); err == nil {
+			t.Fatalf("%s failure not reported", op)
+		}
+		if got := fmt.Sprint(f.backendsOf("10.96.0.1:80")); got != "[10.0.0.1:80]" || len(f.services) != 1 {
+			t.Errorf("%s failed: a -> %s, %d services", op, got, len(f.services))
+		}
+		if s.slots.available() != avail || s.svcIDs.inUse() != 1 || s.counters.inUse() != 1 {
+			t.Errorf("%s failed: allocations leaked", op)
+		}
+	}
+}
+
+func TestApplyWeightsAndMaglev(t *testing.T) {
+	s, f, _ := newTestState(t, Limits{MaxServices: 4, MaxSlots: 64, MaxCounters: 64})
+	w := svc("w", "10.96.0.1:80", "10.0.0.1:80", "10.0.0.2:80")
+	w.Backends[0].Weight, w.Backends[1].Weight = 20, 30
+	if _, err := s.Apply([]Service{w}); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(f.backendsOf("10.96.0.1:80")); got != "[10.0.0.1:80 10.0.0.1:80 10.0.0.2:80 10.0.0.2:80 10.0.0.2:80]" {
+		t.Errorf("weights 20:30 -> %s", got)
+	}
+
+	m, fm, _ := newTestState(t, Limits{MaxServices: 4, MaxSlots: 64, MaxCounters: 64, Algorithm: AlgMaglev, MaglevSize: 251})
+	if _, err := m.Apply([]Service{svc("m", "10.96.0.1:80", "10.0.0.1:80", "10.0.0.2:80")}); err != nil {
+		t.Fatal(err)
+	}
+	e := fm.services[Key{VIP: netip.MustParseAddrPort("10.96.0.1:80"), Protocol: TCP}]
+	if !e.Maglev || e.Count != 2 || len(fm.maglev[e.Base]) != 251 {
+		t.Errorf("maglev entry %+v, table of %d", e, len(fm.maglev[e.Base]))
+	}
+}
+
+func TestLimits(t *testing.T) {
+	for _, l := range []Limits{
+		{MaxServices: 0, MaxSlots: 1, MaxCounters: 1},
+		{MaxServices: 1, MaxSlots: 1, MaxCounters: 1, Algorithm: "rr"},
+		{MaxServices: 1, MaxSlots: 1, MaxCounters: 1, Algorithm: AlgMaglev, MaglevSize: 250},
+	} {
+		if l.Validate() == nil {
+			t.Errorf("%+v accepted", l)
+		}
+	}
+}
+
+func TestRangeAlloc(t *testing.T) {
+	a := newRangeAlloc(10)
+	x, _ := a.alloc(3)
+	y, _ := a.alloc(3)
+	z, _ := a.alloc(4)
+	if x != 0 || y != 3 || z != 6 {
+		t.Fatalf("%d %d %d", x, y, z)
+	}
+	if _, ok := a.alloc(1); ok {
+		t.Error("allocated past the end")
+	}
+	a.release(y, 3)
+	a.release(x, 3)
+	if got, ok := a.alloc(6); !ok || got != 0 {
+		t.Errorf("merged range: %d %v", got, ok)
+	}
+	a.release(0, 6)
+	a.release(z, 4)
+	if len(a.free) != 1 || a.available() != 10 {
+		t.Errorf("free list %v", a.free)
+	}
+}

@@ -1,0 +1,92 @@
+package metrics
+
+import (
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ktel-dev/ktel/bpf/lb"
+)
+
+type fakeLB struct {
+	snap  *lb.Snapshot
+	err   error
+	reads atomic.Int32
+}
+
+func (f *fakeLB) Snapshot() (*lb.Snapshot, error) {
+	f.reads.Add(1)
+	return f.snap, f.err
+}
+
+func TestLBCollector(t *testing.T) {
+	f := &fakeLB{snap: &lb.Snapshot{
+		Services: []lb.ServiceStats{
+			{Name: "empty", Connections: 4, NoBackend: 4},
+			{Name: "web", Connections: 10, Backends: []lb.BackendStats{
+				{Address: "10.0.0.1:8080", Connections: 6},
+				{Address: "[fd00::1]:8080", Connections: 4},
+			}},
+		},
+		Backends:          2,
+		ReloadSuccess:     3,
+		ReloadError:       1,
+		LastReloadSuccess: time.Unix(1700000000, 500_000_000),
+		SlotMissing:       2,
+	}}
+	c := &collectorAdapter{NewLBCollector(f)}
+	want := `
+# HELP ktel_lb_backend_connections_total Connects and unconnected UDP datagrams sent to a service and rewritten to this backend.
+# TYPE ktel_lb_backend_connections_total counter
+ktel_lb_backend_connections_total{backend="10.0.0.1:8080",service="web"} 6
+ktel_lb_backend_connections_total{backend="[fd00::1]:8080",service="web"} 4
+# HELP ktel_lb_backends Backends in the applied services file, summed over services.
+# TYPE ktel_lb_backends gauge
+ktel_lb_backends 2
+# HELP ktel_lb_config_last_reload_success_timestamp_seconds When the services file was last applied, in seconds since the epoch.
+# TYPE ktel_lb_config_last_reload_success_timestamp_seconds gauge
+ktel_lb_config_last_reload_success_timestamp_seconds 1.7000000005e+09
+# HELP ktel_lb_config_reloads_total Loads of the services file (at start, on change, on SIGHUP), by result: success, or error when the previous configuration was kept.
+# TYPE ktel_lb_config_reloads_total counter
+ktel_lb_config_reloads_total{result="error"} 1
+ktel_lb_config_reloads_total{result="success"} 3
+# HELP ktel_lb_datapath_errors_total Kernel-side failures: reverse (recording the VIP of a socket, failed), slot (a backend slot missing, not rewritten), maglev (a Maglev table missing, picked at random).
+# TYPE ktel_lb_datapath_errors_total counter
+ktel_lb_datapath_errors_total{reason="maglev"} 0
+ktel_lb_datapath_errors_total{reason="reverse"} 0
+ktel_lb_datapath_errors_total{reason="slot"} 2
+# HELP ktel_lb_no_backend_total Connects and datagrams refused (ECONNREFUSED) because the service had no backend.
+# TYPE ktel_lb_no_backend_total counter
+ktel_lb_no_backend_total{service="empty"} 4
+ktel_lb_no_backend_total{service="web"} 0
+# HELP ktel_lb_service_connections_total Connects and unconnected UDP datagrams sent to a service address, including refused ones.
+# TYPE ktel_lb_service_connections_total counter
+ktel_lb_service_connections_total{service="empty"} 4
+ktel_lb_service_connections_total{service="web"} 10
+# HELP ktel_lb_services Services in the applied services file.
+# TYPE ktel_lb_services gauge
+ktel_lb_services 2
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", err, problems)
+	}
+	// Scrapes within a second share one read.
+	if n := f.reads.Load(); n != 1 {
+		t.Errorf("%d reads for back-to-back scrapes", n)
+	}
+}
+
+func TestLBCollectorError(t *testing.T) {
+	f := &fakeLB{err: errors.New("map gone")}
+	if err := NewLBCollector(f).Update(make(chan prometheus.Metric, 16)); err == nil {
+		t.Error("error not returned")
+	}
+}
