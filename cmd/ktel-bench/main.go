@@ -37,7 +37,8 @@ func main() {
 	calls := flag.Int("calls", 300000, "syscalls per measurement")
 	trips := flag.Int("trips", 50000, "pipe round trips per measurement")
 	cpu := flag.Int("cpu", 0, "CPU to pin the measuring threads to")
-	only := flag.String("only", "", "run only this benchmark: syscall or runqlat")
+	packets := flag.Int("packets", 200000, "UDP packets per measurement (netdev)")
+	only := flag.String("only", "", "run only this benchmark: syscall, runqlat or netdev")
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -63,6 +64,9 @@ func main() {
 		cfgs := runqlatConfigs(log)
 		results := measure(cfgs, *rounds, func() float64 { return pingPong(*cpu, *trips) })
 		report(os.Stdout, cfgs, results, "ns/round trip")
+	}
+	if *only == "" || *only == "netdev" {
+		runNetdevBench(log, *rounds, *packets, *cpu)
 	}
 }
 

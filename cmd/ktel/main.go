@@ -81,6 +81,16 @@ func serve(cfg *config.Config, log *slog.Logger) int {
 		log.Error("start", "err", err)
 		return exitFailed
 	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			log.Info("SIGHUP: reloading")
+			d.Reload()
+		}
+	}()
+
 	status := exitOK
 	if err := d.Serve(ctx); err != nil {
 		log.Error("http server", "err", err)

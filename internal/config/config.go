@@ -8,12 +8,17 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+
+	"github.com/ktel-dev/ktel/bpf/netdev"
+	"github.com/ktel-dev/ktel/bpf/tcpretrans"
+	lbctl "github.com/ktel-dev/ktel/internal/lb"
 	"github.com/prometheus/exporter-toolkit/web"
 )
 
@@ -32,6 +37,9 @@ type Probe struct {
 var Probes = []Probe{
 	{Name: "syscall", Default: true, Help: "per-syscall latency histograms and error counts"},
 	{Name: "runqlat", Default: true, Help: "run-queue (scheduler) delay histogram"},
+	{Name: "tcpretrans", Default: true, Help: "TCP retransmits by family, state and kind (optionally by peer)"},
+	{Name: "netdev", Default: false, Help: "per-interface packet and byte counters (needs KTEL_INTERFACES)"},
+	{Name: "lb", Default: false, Help: "socket-level service load balancer (needs KTEL_LB_SERVICES_FILE)"},
 }
 
 // Config is the daemon's configuration. Tags: envconfig (variable name
@@ -41,7 +49,7 @@ type Config struct {
 	ListenAddress   string `envconfig:"LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
 	WebConfigFile   string `envconfig:"WEB_CONFIG_FILE" default:"" values:"path to a Prometheus web configuration file, or empty" desc:"TLS and basic authentication for the HTTP server, in the exporter-toolkit format (tls_server_config, basic_auth_users). Empty: plain HTTP."`
 	MaxScrapes      int    `envconfig:"MAX_CONCURRENT_SCRAPES" default:"10" values:"integer >= 1" desc:"Scrapes served at once; more get HTTP 503 at once rather than queueing."`
-	Probes          string `envconfig:"PROBES" default:"syscall,runqlat" values:"comma-separated probe names: syscall,runqlat" desc:"Probes to load. The default is every probe that needs no further input."`
+	Probes          string `envconfig:"PROBES" default:"syscall,runqlat,tcpretrans" values:"comma-separated probe names: syscall,runqlat,tcpretrans,netdev,lb" desc:"Probes to load. The default is every probe that needs no further input, plus netdev when KTEL_INTERFACES is set and lb when KTEL_LB_SERVICES_FILE is."`
 	LogLevel        string `envconfig:"LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
 	LogFormat       string `envconfig:"LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
 	HistogramSchema int    `envconfig:"HISTOGRAM_SCHEMA" default:"3" values:"0..4" desc:"Native-histogram schema of latency histograms: 2^schema buckets per power of two (3: at most 4.4% relative error). Higher costs kernel memory: about 1.1 MiB per CPU at 3."`
@@ -49,6 +57,24 @@ type Config struct {
 	SyscallHook     string `envconfig:"SYSCALL_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the syscall probe attaches. auto picks the cheapest that loads on this kernel."`
 	RunqlatHook     string `envconfig:"RUNQLAT_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the runqlat probe attaches. auto picks the cheapest that loads on this kernel."`
 	RunqlatPerCPU   bool   `envconfig:"RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs."`
+
+	TCPRetransPeers    bool `envconfig:"TCPRETRANS_PEERS" default:"false" values:"true|false" desc:"Break ktel_tcp_retransmits_total down by remote address:port (label peer), capped by KTEL_TCPRETRANS_MAX_PEERS."`
+	TCPRetransMaxPeers int  `envconfig:"TCPRETRANS_MAX_PEERS" default:"100" values:"0..4096" desc:"Distinct peer label values; retransmits to further peers are counted as peer=\"other\" and in ktel_label_overflow_total."`
+
+	Interfaces          string `envconfig:"INTERFACES" default:"" values:"comma-separated names or globs (eth0,veth*,lxc*)" desc:"Interfaces the netdev probe counts; ones that appear later are attached, removed ones forgotten. Empty: netdev is not started."`
+	NetdevHook          string `envconfig:"NETDEV_HOOK" default:"tc" values:"tc|xdp" desc:"Where netdev counts ingress (egress is always TC)."`
+	NetdevTCMode        string `envconfig:"NETDEV_TC_MODE" default:"auto" values:"auto|tcx|clsact" desc:"auto: tcx links (6.6+), else a clsact qdisc with a direct-action cls_bpf filter."`
+	NetdevMaxInterfaces int    `envconfig:"NETDEV_MAX_INTERFACES" default:"256" values:"1..65536" desc:"Interface slots (and so the most interface label values); further matching interfaces are not attached, and are logged and counted."`
+	NetdevPacketSizes   bool   `envconfig:"NETDEV_PACKET_SIZES" default:"false" values:"true|false" desc:"Export ktel_net_packet_size_bytes (a few ns more per packet)."`
+	NetdevNetNS         string `envconfig:"NETDEV_NETNS" default:"" values:"path to a network namespace file, or empty" desc:"Network namespace whose interfaces netdev watches; empty: ktel's own."`
+
+	LBServicesFile    string `envconfig:"LB_SERVICES_FILE" default:"" values:"path to a YAML or JSON services file, or empty" desc:"Services the lb probe balances; reloaded when it changes and on SIGHUP. Empty: lb is not started."`
+	LBCgroup          string `envconfig:"LB_CGROUP" default:"" values:"cgroup v2 directory, or empty" desc:"Cgroup whose processes are load balanced. Empty: the root of the cgroup v2 hierarchy (from /proc/self/mountinfo)."`
+	LBAlgorithm       string `envconfig:"LB_ALGORITHM" default:"random" values:"random|maglev" desc:"How backends are chosen. maglev keeps a UDP socket on its backend when other backends change."`
+	LBMaglevTableSize int    `envconfig:"LB_MAGLEV_TABLE_SIZE" default:"1021" values:"251|509|1021|2039|4093|8191|16381|32749|65521" desc:"Entries per Maglev table (at least 100 per backend is good); 4 bytes each, per service."`
+	LBMaxServices     int    `envconfig:"LB_MAX_SERVICES" default:"16384" values:"1..16777216" desc:"Capacity of the services map; a file with more services is rejected."`
+	LBMaxBackends     int    `envconfig:"LB_MAX_BACKENDS" default:"65536" values:"1..16777216" desc:"Backend slots over all services, and per-backend counters."`
+	LBMaxSockets      int    `envconfig:"LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map)."`
 
 	SyscallSpanThreshold time.Duration `envconfig:"SYSCALL_SPAN_THRESHOLD" default:"100ms" values:"duration >= 0 (0 disables)" desc:"With tracing on (an OTLP endpoint in OTEL_EXPORTER_OTLP_ENDPOINT), syscalls at least this slow become spans."`
 	RunqlatSpanThreshold time.Duration `envconfig:"RUNQLAT_SPAN_THRESHOLD" default:"50ms" values:"duration >= 0 (0 disables)" desc:"With tracing on, run-queue waits at least this long become spans."`
@@ -77,6 +103,16 @@ func Load() (*Config, error) {
 	var c Config
 	if err := envconfig.Process(Prefix, &c); err != nil {
 		return nil, parseError(err)
+	}
+	// Probes that need input start when it is given, unless KTEL_PROBES
+	// says exactly which probes to run.
+	if _, set := os.LookupEnv(Prefix + "_PROBES"); !set {
+		if strings.TrimSpace(c.Interfaces) != "" {
+			c.Probes += ",netdev"
+		}
+		if c.LBServicesFile != "" {
+			c.Probes += ",lb"
+		}
 	}
 	if err := c.Validate(); err != nil {
 		return nil, err
@@ -154,9 +190,50 @@ func (c *Config) Validate() error {
 		bad("MAX_CONCURRENT_SCRAPES", strconv.Itoa(c.MaxScrapes), "below 1")
 	}
 
+	if c.TCPRetransMaxPeers < 0 || c.TCPRetransMaxPeers > tcpretrans.PeerLimit {
+		bad("TCPRETRANS_MAX_PEERS", strconv.Itoa(c.TCPRetransMaxPeers), "out of range")
+	}
+	if _, err := netdev.ParseInterfaces(c.Interfaces); err != nil && c.Interfaces != "" {
+		bad("INTERFACES", c.Interfaces, err.Error())
+	}
+	if !oneOf(c.NetdevHook, "tc", "xdp") {
+		bad("NETDEV_HOOK", c.NetdevHook, "")
+	}
+	if !oneOf(c.NetdevTCMode, "auto", "tcx", "clsact") {
+		bad("NETDEV_TC_MODE", c.NetdevTCMode, "")
+	}
+	if c.NetdevMaxInterfaces < 1 || c.NetdevMaxInterfaces > 65536 {
+		bad("NETDEV_MAX_INTERFACES", strconv.Itoa(c.NetdevMaxInterfaces), "out of range")
+	}
+
+	if c.LBServicesFile != "" {
+		if data, err := os.ReadFile(c.LBServicesFile); err != nil {
+			bad("LB_SERVICES_FILE", c.LBServicesFile, err.Error())
+		} else if _, err := lbctl.Parse(c.LBServicesFile, data); err != nil {
+			bad("LB_SERVICES_FILE", c.LBServicesFile, err.Error())
+		}
+	}
+	if !oneOf(c.LBAlgorithm, "random", "maglev") {
+		bad("LB_ALGORITHM", c.LBAlgorithm, "")
+	}
+	if !slices.Contains(lbctl.MaglevSizes, c.LBMaglevTableSize) {
+		bad("LB_MAGLEV_TABLE_SIZE", strconv.Itoa(c.LBMaglevTableSize), "not one of the primes")
+	}
+	for name, v := range map[string]int{"LB_MAX_SERVICES": c.LBMaxServices, "LB_MAX_BACKENDS": c.LBMaxBackends, "LB_MAX_SOCKETS": c.LBMaxSockets} {
+		if v < 1 || v > 1<<24 {
+			bad(name, strconv.Itoa(v), "out of range")
+		}
+	}
+
 	enabled := c.EnabledProbes()
 	if len(enabled) == 0 {
 		bad("PROBES", c.Probes, "no probe named")
+	}
+	if slices.Contains(enabled, "netdev") && strings.TrimSpace(c.Interfaces) == "" {
+		bad("INTERFACES", c.Interfaces, "the netdev probe is enabled but no interface is named")
+	}
+	if slices.Contains(enabled, "lb") && c.LBServicesFile == "" {
+		bad("LB_SERVICES_FILE", c.LBServicesFile, "the lb probe is enabled but no services file is named")
 	}
 	for _, p := range enabled {
 		if !slices.ContainsFunc(Probes, func(q Probe) bool { return q.Name == p }) {

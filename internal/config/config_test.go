@@ -34,7 +34,9 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Config{ListenAddress: ":9437", MaxScrapes: 10, Probes: "syscall,runqlat", LogLevel: "info", LogFormat: "text",
+	want := Config{ListenAddress: ":9437", MaxScrapes: 10, Probes: "syscall,runqlat,tcpretrans", LogLevel: "info", LogFormat: "text",
+		TCPRetransMaxPeers: 100, NetdevHook: "tc", NetdevTCMode: "auto", NetdevMaxInterfaces: 256,
+		LBAlgorithm: "random", LBMaglevTableSize: 1021, LBMaxServices: 16384, LBMaxBackends: 65536, LBMaxSockets: 65536,
 		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", RunqlatHook: "auto", RunqlatPerCPU: false,
 		SyscallSpanThreshold: 100 * time.Millisecond, RunqlatSpanThreshold: 50 * time.Millisecond,
 		SpanRateLimit: 1000, SpanQueueSize: 4096}
@@ -106,6 +108,33 @@ func TestValidation(t *testing.T) {
 		{"KTEL_SPAN_RATE_LIMIT", "lots", false},
 		{"KTEL_SPAN_QUEUE_SIZE", "1", true},
 		{"KTEL_SPAN_QUEUE_SIZE", "0", false},
+		{"KTEL_TCPRETRANS_PEERS", "true", true},
+		{"KTEL_TCPRETRANS_PEERS", "peers", false},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "0", true},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "4096", true},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "4097", false},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "-1", false},
+		{"KTEL_INTERFACES", "eth0,veth*", true},
+		{"KTEL_INTERFACES", "eth[", false},
+		{"KTEL_NETDEV_HOOK", "xdp", true},
+		{"KTEL_NETDEV_HOOK", "kprobe", false},
+		{"KTEL_NETDEV_TC_MODE", "clsact", true},
+		{"KTEL_NETDEV_TC_MODE", "tc", false},
+		{"KTEL_NETDEV_MAX_INTERFACES", "65536", true},
+		{"KTEL_NETDEV_MAX_INTERFACES", "0", false},
+		{"KTEL_NETDEV_PACKET_SIZES", "true", true},
+		{"KTEL_NETDEV_PACKET_SIZES", "big", false},
+		{"KTEL_LB_SERVICES_FILE", "testdata/services-ok.yaml", true},
+		{"KTEL_LB_SERVICES_FILE", "testdata/services-bad.yaml", false},
+		{"KTEL_LB_SERVICES_FILE", "/nonexistent.yaml", false},
+		{"KTEL_LB_ALGORITHM", "maglev", true},
+		{"KTEL_LB_ALGORITHM", "roundrobin", false},
+		{"KTEL_LB_MAGLEV_TABLE_SIZE", "251", true},
+		{"KTEL_LB_MAGLEV_TABLE_SIZE", "1000", false},
+		{"KTEL_LB_MAX_SERVICES", "1", true},
+		{"KTEL_LB_MAX_SERVICES", "0", false},
+		{"KTEL_LB_MAX_BACKENDS", "16777217", false},
+		{"KTEL_LB_MAX_SOCKETS", "many", false},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
 			setenv(t, map[string]string{tc.name: tc.value})
@@ -126,6 +155,41 @@ func TestValidation(t *testing.T) {
 				t.Errorf("message %q does not name %s and its values %q", msg, tc.name, f.Values)
 			}
 		})
+	}
+}
+
+// Probes that need input start when it is given, unless KTEL_PROBES names
+// the probes exactly.
+func TestInputEnablesProbes(t *testing.T) {
+	for _, tc := range []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{"KTEL_INTERFACES": "veth*"}, "syscall,runqlat,tcpretrans,netdev"},
+		{map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml"}, "syscall,runqlat,tcpretrans,lb"},
+		{map[string]string{"KTEL_INTERFACES": "veth*", "KTEL_PROBES": "syscall"}, "syscall"},
+		{map[string]string{"KTEL_INTERFACES": "veth*", "KTEL_PROBES": "netdev"}, "netdev"},
+	} {
+		setenv(t, tc.env)
+		c, err := Load()
+		if err != nil {
+			t.Fatalf("%v: %v", tc.env, err)
+		}
+		if got := strings.Join(c.EnabledProbes(), ","); got != tc.want {
+			t.Errorf("%v: probes %q, want %q", tc.env, got, tc.want)
+		}
+	}
+}
+
+// Enabling a probe without its input names the missing variable.
+func TestProbeWithoutInput(t *testing.T) {
+	for probe, missing := range map[string]string{"netdev": "KTEL_INTERFACES", "lb": "KTEL_LB_SERVICES_FILE"} {
+		setenv(t, map[string]string{"KTEL_PROBES": probe})
+		_, err := Load()
+		var ce *Error
+		if !errors.As(err, &ce) || ce.Var != missing {
+			t.Errorf("KTEL_PROBES=%s: %v, want an error naming %s", probe, err, missing)
+		}
 	}
 }
 

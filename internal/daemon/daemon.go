@@ -192,6 +192,19 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	return srv.Shutdown(shutdown)
 }
 
+// Reload asks every probe with external configuration (the lb services
+// file) to read it again; on SIGHUP. A probe logs and counts its own
+// failures and keeps its previous configuration.
+func (d *Daemon) Reload() {
+	for name, p := range d.probes {
+		if r, ok := p.(interface{ Reload() error }); ok {
+			if err := r.Reload(); err != nil {
+				d.log.Warn("reload failed; previous configuration kept", "probe", name, "err", err)
+			}
+		}
+	}
+}
+
 // Close stops tracing (exporting what is queued, for up to 5 s), then
 // detaches every probe and releases its maps.
 func (d *Daemon) Close() error {

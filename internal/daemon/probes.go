@@ -8,8 +8,11 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/ktel-dev/ktel/bpf/lb"
+	"github.com/ktel-dev/ktel/bpf/netdev"
 	"github.com/ktel-dev/ktel/bpf/runqlat"
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/bpf/tcpretrans"
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/metrics"
@@ -52,8 +55,11 @@ type starter func(env) (loaded, error)
 // starters load and attach each probe by name (config.Probes). Adding a
 // probe is a folder under bpf/, a collector in metrics/ and a line here.
 var starters = map[string]starter{
-	"syscall": startSyscall,
-	"runqlat": startRunqlat,
+	"syscall":    startSyscall,
+	"runqlat":    startRunqlat,
+	"tcpretrans": startTCPRetrans,
+	"netdev":     startNetdev,
+	"lb":         startLB,
 }
 
 type syscallProbe struct {
@@ -94,6 +100,67 @@ func startRunqlat(e env) (loaded, error) {
 	}
 	e.log.Info("probe attached", "variant", p.Variant().String())
 	return runqlatProbe{p, metrics.NewRunqlatCollector(p, e.cfg.RunqlatPerCPU, e.exemplars)}, nil
+}
+
+type tcpretransProbe struct {
+	*tcpretrans.Probe
+	metrics.Collector
+}
+
+func startTCPRetrans(e env) (loaded, error) {
+	p, err := tcpretrans.Load(tcpretrans.Options{Peers: e.cfg.TCPRetransPeers, MaxPeers: e.cfg.TCPRetransMaxPeers}, e.log)
+	if err != nil {
+		return nil, err
+	}
+	e.log.Info("probe attached", "variant", p.Variant().String())
+	return tcpretransProbe{p, metrics.NewTCPRetransCollector(p, e.cfg.TCPRetransPeers, e.cfg.TCPRetransMaxPeers)}, nil
+}
+
+type netdevProbe struct {
+	*netdev.Probe
+	metrics.Collector
+}
+
+func startNetdev(e env) (loaded, error) {
+	ifaces, err := netdev.ParseInterfaces(e.cfg.Interfaces)
+	if err != nil {
+		return nil, err
+	}
+	p, err := netdev.Load(netdev.Options{
+		Interfaces:    ifaces,
+		Hook:          netdev.Hook(e.cfg.NetdevHook),
+		TC:            netdev.TCMode(e.cfg.NetdevTCMode),
+		MaxInterfaces: e.cfg.NetdevMaxInterfaces,
+		PacketSizes:   e.cfg.NetdevPacketSizes,
+		NetNS:         e.cfg.NetdevNetNS,
+	}, e.log)
+	if err != nil {
+		return nil, err
+	}
+	e.log.Info("probe attached", "interfaces", p.Interfaces())
+	return netdevProbe{p, metrics.NewNetdevCollector(p)}, nil
+}
+
+type lbProbe struct {
+	*lb.Probe
+	metrics.Collector
+}
+
+func startLB(e env) (loaded, error) {
+	p, err := lb.Load(lb.Options{
+		Cgroup:       e.cfg.LBCgroup,
+		ServicesFile: e.cfg.LBServicesFile,
+		MaxServices:  e.cfg.LBMaxServices,
+		MaxBackends:  e.cfg.LBMaxBackends,
+		MaxSockets:   e.cfg.LBMaxSockets,
+		Algorithm:    e.cfg.LBAlgorithm,
+		MaglevSize:   e.cfg.LBMaglevTableSize,
+	}, e.log)
+	if err != nil {
+		return nil, err
+	}
+	e.log.Info("probe attached", "cgroup", p.Cgroup(), "no_backend_errno", p.RefuseErrno())
+	return lbProbe{p, metrics.NewLBCollector(p)}, nil
 }
 
 // start loads one probe.
