@@ -15,8 +15,10 @@ export BPF_CLANG BPF_CFLAGS
 
 all: build
 
+# Static, without cgo: only then can ktel drop the capabilities of all its
+# threads after attaching (see KTEL_KEEP_CAPABILITIES).
 build:
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BINARY) ./cmd/ktel
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BINARY) ./cmd/ktel
 
 # Regenerate BPF objects, syscall tables and docs. Needs clang-19 (`make tools`).
 generate:

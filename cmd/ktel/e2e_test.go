@@ -87,7 +87,10 @@ func binary(t *testing.T) string {
 		build.path = filepath.Join(build.dir, "ktel")
 		// -buildvcs=false: stamping runs `git status`, which may take the
 		// index lock of a working tree someone else is committing in.
+		// CGO_ENABLED=0 as in the Makefile: only then can ktel drop the
+		// capabilities of all its threads.
 		cmd := exec.Command("go", "build", "-buildvcs=false", "-o", build.path, "./")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			build.err = fmt.Errorf("go build: %w\n%s", err, out)
 		}
@@ -153,14 +156,14 @@ type ktelProc struct {
 	err    error         // from Wait; valid after done
 }
 
-// startDaemon runs the binary serving on a free loopback port and waits
-// until /healthz answers. The process is killed at cleanup if the test did
+// startDaemon runs the binary serving on a free loopback port, with env
+// added to its environment, and waits until /healthz answers. The process is killed at cleanup if the test did
 // not stop it.
-func startDaemon(t *testing.T) *ktelProc {
+func startDaemon(t *testing.T, env ...string) *ktelProc {
 	t.Helper()
 	d := &ktelProc{addr: freeLoopbackAddr(t), stderr: &syncBuffer{}, done: make(chan struct{})}
 	d.cmd = exec.Command(binary(t))
-	d.cmd.Env = childEnv("KTEL_LISTEN_ADDRESS="+d.addr, "KTEL_LOG_FORMAT=json")
+	d.cmd.Env = childEnv(append([]string{"KTEL_LISTEN_ADDRESS=" + d.addr, "KTEL_LOG_FORMAT=json"}, env...)...)
 	d.cmd.Stderr = d.stderr
 	if err := d.cmd.Start(); err != nil {
 		t.Fatalf("start ktel: %v", err)

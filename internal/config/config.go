@@ -18,6 +18,7 @@ import (
 
 	"github.com/ktel-dev/ktel/bpf/netdev"
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
+	"github.com/ktel-dev/ktel/internal/caps"
 	lbctl "github.com/ktel-dev/ktel/internal/lb"
 	"github.com/prometheus/exporter-toolkit/web"
 )
@@ -46,17 +47,18 @@ var Probes = []Probe{
 // after the prefix), default, values (the accepted values, as shown in
 // errors and help) and desc.
 type Config struct {
-	ListenAddress   string `envconfig:"LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
-	WebConfigFile   string `envconfig:"WEB_CONFIG_FILE" default:"" values:"path to a Prometheus web configuration file, or empty" desc:"TLS and basic authentication for the HTTP server, in the exporter-toolkit format (tls_server_config, basic_auth_users). Empty: plain HTTP."`
-	MaxScrapes      int    `envconfig:"MAX_CONCURRENT_SCRAPES" default:"10" values:"integer >= 1" desc:"Scrapes served at once; more get HTTP 503 at once rather than queueing."`
-	Probes          string `envconfig:"PROBES" default:"syscall,runqlat,tcpretrans" values:"comma-separated probe names: syscall,runqlat,tcpretrans,netdev,lb" desc:"Probes to load. The default is every probe that needs no further input, plus netdev when KTEL_INTERFACES is set and lb when KTEL_LB_SERVICES_FILE is."`
-	LogLevel        string `envconfig:"LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
-	LogFormat       string `envconfig:"LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
-	HistogramSchema int    `envconfig:"HISTOGRAM_SCHEMA" default:"3" values:"0..4" desc:"Native-histogram schema of latency histograms: 2^schema buckets per power of two (3: at most 4.4% relative error). Higher costs kernel memory: about 1.1 MiB per CPU at 3."`
-	BPFStats        bool   `envconfig:"BPF_STATS" default:"false" values:"true|false" desc:"Enable kernel BPF run-time statistics (kernel.bpf_stats_enabled) and export run time and run count per program. Costs two clock reads per program run, for every BPF program on the host, while ktel runs."`
-	SyscallHook     string `envconfig:"SYSCALL_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the syscall probe attaches. auto picks the cheapest that loads on this kernel."`
-	RunqlatHook     string `envconfig:"RUNQLAT_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the runqlat probe attaches. auto picks the cheapest that loads on this kernel."`
-	RunqlatPerCPU   bool   `envconfig:"RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs."`
+	ListenAddress    string `envconfig:"LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
+	WebConfigFile    string `envconfig:"WEB_CONFIG_FILE" default:"" values:"path to a Prometheus web configuration file, or empty" desc:"TLS and basic authentication for the HTTP server, in the exporter-toolkit format (tls_server_config, basic_auth_users). Empty: plain HTTP."`
+	MaxScrapes       int    `envconfig:"MAX_CONCURRENT_SCRAPES" default:"10" values:"integer >= 1" desc:"Scrapes served at once; more get HTTP 503 at once rather than queueing."`
+	Probes           string `envconfig:"PROBES" default:"syscall,runqlat,tcpretrans" values:"comma-separated probe names: syscall,runqlat,tcpretrans,netdev,lb" desc:"Probes to load. The default is every probe that needs no further input, plus netdev when KTEL_INTERFACES is set and lb when KTEL_LB_SERVICES_FILE is."`
+	LogLevel         string `envconfig:"LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
+	LogFormat        string `envconfig:"LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
+	HistogramSchema  int    `envconfig:"HISTOGRAM_SCHEMA" default:"3" values:"0..4" desc:"Native-histogram schema of latency histograms: 2^schema buckets per power of two (3: at most 4.4% relative error). Higher costs kernel memory: about 1.1 MiB per CPU at 3."`
+	KeepCapabilities string `envconfig:"KEEP_CAPABILITIES" default:"auto" values:"auto|all|comma-separated capabilities (CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,...)" desc:"Capabilities kept once the probes are attached; the others are dropped from every thread. auto: what the running probes still need (netdev attaches to new interfaces, lb creates maps on reload)."`
+	BPFStats         bool   `envconfig:"BPF_STATS" default:"false" values:"true|false" desc:"Enable kernel BPF run-time statistics (kernel.bpf_stats_enabled) and export run time and run count per program. Costs two clock reads per program run, for every BPF program on the host, while ktel runs."`
+	SyscallHook      string `envconfig:"SYSCALL_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the syscall probe attaches. auto picks the cheapest that loads on this kernel."`
+	RunqlatHook      string `envconfig:"RUNQLAT_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the runqlat probe attaches. auto picks the cheapest that loads on this kernel."`
+	RunqlatPerCPU    bool   `envconfig:"RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs."`
 
 	TCPRetransPeers    bool `envconfig:"TCPRETRANS_PEERS" default:"false" values:"true|false" desc:"Break ktel_tcp_retransmits_total down by remote address:port (label peer), capped by KTEL_TCPRETRANS_MAX_PEERS."`
 	TCPRetransMaxPeers int  `envconfig:"TCPRETRANS_MAX_PEERS" default:"100" values:"0..4096" desc:"Distinct peer label values; retransmits to further peers are counted as peer=\"other\" and in ktel_label_overflow_total."`
@@ -158,6 +160,28 @@ func (c *Config) EnabledProbes() []string {
 	return out
 }
 
+// KeepCaps parses KeepCapabilities: auto (what the probes need, decided by
+// the daemon), all (keep everything), or an explicit list.
+func (c *Config) KeepCaps() (set caps.Set, auto bool, err error) {
+	switch v := strings.TrimSpace(c.KeepCapabilities); v {
+	case "auto":
+		return 0, true, nil
+	case "all":
+		return ^caps.Set(0), false, nil
+	case "":
+		return 0, false, nil
+	default:
+		for _, name := range strings.Split(v, ",") {
+			cp, err := caps.Parse(name)
+			if err != nil {
+				return 0, false, err
+			}
+			set |= caps.Of(cp)
+		}
+		return set, false, nil
+	}
+}
+
 // SlogLevel is LogLevel as a slog.Level.
 func (c *Config) SlogLevel() slog.Level {
 	var l slog.Level
@@ -185,6 +209,9 @@ func (c *Config) Validate() error {
 		if err := web.Validate(c.WebConfigFile); err != nil {
 			bad("WEB_CONFIG_FILE", c.WebConfigFile, err.Error())
 		}
+	}
+	if _, _, err := c.KeepCaps(); err != nil {
+		bad("KEEP_CAPABILITIES", c.KeepCapabilities, err.Error())
 	}
 	if c.MaxScrapes < 1 {
 		bad("MAX_CONCURRENT_SCRAPES", strconv.Itoa(c.MaxScrapes), "below 1")

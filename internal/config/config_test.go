@@ -34,7 +34,7 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Config{ListenAddress: ":9437", MaxScrapes: 10, Probes: "syscall,runqlat,tcpretrans", LogLevel: "info", LogFormat: "text",
+	want := Config{ListenAddress: ":9437", MaxScrapes: 10, KeepCapabilities: "auto", Probes: "syscall,runqlat,tcpretrans", LogLevel: "info", LogFormat: "text",
 		TCPRetransMaxPeers: 100, NetdevHook: "tc", NetdevTCMode: "auto", NetdevMaxInterfaces: 256,
 		LBAlgorithm: "random", LBMaglevTableSize: 1021, LBMaxServices: 16384, LBMaxBackends: 65536, LBMaxSockets: 65536,
 		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", RunqlatHook: "auto", RunqlatPerCPU: false,
@@ -62,6 +62,9 @@ func TestValidation(t *testing.T) {
 		{"KTEL_WEB_CONFIG_FILE", "/nonexistent/web.yml", false},
 		{"KTEL_WEB_CONFIG_FILE", "testdata/web-bad.yml", false},
 		{"KTEL_WEB_CONFIG_FILE", "testdata/web-ok.yml", true},
+		{"KTEL_KEEP_CAPABILITIES", "all", true},
+		{"KTEL_KEEP_CAPABILITIES", "CAP_BPF,net_admin", true},
+		{"KTEL_KEEP_CAPABILITIES", "CAP_FLY", false},
 		{"KTEL_MAX_CONCURRENT_SCRAPES", "1", true},
 		{"KTEL_MAX_CONCURRENT_SCRAPES", "0", false},
 		{"KTEL_PROBES", "syscall", true},

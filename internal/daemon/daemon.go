@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/exporter-toolkit/web"
 
+	"github.com/ktel-dev/ktel/internal/caps"
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/version"
@@ -39,8 +40,15 @@ type Daemon struct {
 // New loads every enabled probe. A probe that cannot load is logged and
 // reported as ktel_probe_up=0; the others run. New fails only if the
 // exporter itself cannot be set up.
+// Once the probes are attached, it drops the capabilities they no longer
+// need.
 func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
-	return newDaemon(cfg, log, starters)
+	d, err := newDaemon(cfg, log, starters)
+	if err != nil {
+		return nil, err
+	}
+	d.dropCapabilities()
+	return d, nil
 }
 
 func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter) (*Daemon, error) {
@@ -62,7 +70,7 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 	if cfg.BPFStats {
 		closer, err := ebpf.EnableStats(uint32(bpfStatsRunTime))
 		if err != nil {
-			log.Warn("cannot enable BPF run-time statistics; ktel_bpf_program_run_* will be absent", "err", err)
+			log.Warn("cannot enable BPF run-time statistics (needs CAP_SYS_ADMIN); ktel_bpf_program_run_* will be absent", "err", err)
 		} else {
 			d.stats = closer
 		}
@@ -100,6 +108,27 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		return nil, fmt.Errorf("register exporter: %w", err)
 	}
 	return d, nil
+}
+
+// dropCapabilities gives up, on every thread, the capabilities the running
+// probes no longer need (KTEL_KEEP_CAPABILITIES).
+func (d *Daemon) dropCapabilities() {
+	keep, auto, err := d.cfg.KeepCaps()
+	if err != nil { // validated in config.Load
+		d.log.Error("KTEL_KEEP_CAPABILITIES", "err", err)
+		return
+	}
+	if auto {
+		for name := range d.probes {
+			keep |= caps.Of(needs[name].keep...)
+		}
+	}
+	if err := caps.Drop(keep); err != nil {
+		d.log.Warn("cannot drop capabilities", "err", err)
+		return
+	}
+	held, _ := caps.Effective()
+	d.log.Info("dropped capabilities", "kept", held.String())
 }
 
 // bpfStatsRunTime is BPF_STATS_RUN_TIME from the kernel UAPI.

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"github.com/ktel-dev/ktel/bpf/runqlat"
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
+	"github.com/ktel-dev/ktel/internal/caps"
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/metrics"
@@ -51,6 +53,24 @@ func (e env) spanOptions(threshold time.Duration) probe.SpanOptions {
 
 // starter loads and attaches one probe.
 type starter func(env) (loaded, error)
+
+// needs are the capabilities each probe needs to load and attach (measured
+// with setpriv: tracing programs need CAP_PERFMON, netdev's packet parsing
+// too, attaching to interfaces and cgroups CAP_NET_ADMIN), and keeps what
+// it still needs once running.
+var needs = map[string]struct{ load, keep []caps.Cap }{
+	"syscall":    {load: []caps.Cap{caps.BPF, caps.Perfmon}},
+	"runqlat":    {load: []caps.Cap{caps.BPF, caps.Perfmon}},
+	"tcpretrans": {load: []caps.Cap{caps.BPF, caps.Perfmon}},
+	// Interfaces that appear later are attached, and clsact filters removed
+	// on exit.
+	"netdev": {load: []caps.Cap{caps.BPF, caps.Perfmon, caps.NetAdmin}, keep: []caps.Cap{caps.BPF, caps.Perfmon, caps.NetAdmin}},
+	// A reload creates Maglev tables (maps).
+	"lb": {load: []caps.Cap{caps.BPF, caps.NetAdmin}, keep: []caps.Cap{caps.BPF}},
+}
+
+// ErrMissingCapability marks a probe ktel lacks the privileges to load.
+var ErrMissingCapability = errors.New("missing capability")
 
 // starters load and attach each probe by name (config.Probes). Adding a
 // probe is a folder under bpf/, a collector in metrics/ and a line here.
@@ -163,11 +183,17 @@ func startLB(e env) (loaded, error) {
 	return lbProbe{p, metrics.NewLBCollector(p)}, nil
 }
 
-// start loads one probe.
+// start loads one probe, first checking that ktel holds the capabilities
+// it needs, so that a missing one is named rather than reported as EPERM.
 func start(starters map[string]starter, name string, e env) (loaded, error) {
 	s, ok := starters[name]
 	if !ok {
 		return nil, fmt.Errorf("no probe %q", name)
+	}
+	if held, err := caps.Effective(); err == nil {
+		if missing := held.Missing(needs[name].load); len(missing) > 0 {
+			return nil, fmt.Errorf("%w: probe %s needs %s; ktel has %s", ErrMissingCapability, name, caps.Of(missing...), held)
+		}
 	}
 	return s(e)
 }

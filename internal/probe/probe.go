@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // ErrUnsupported marks a probe that cannot run on this kernel (a missing
@@ -17,6 +18,11 @@ var ErrUnsupported = errors.New("unsupported on this kernel")
 // Unsupported reports whether err means the kernel lacks a feature the
 // probe needs.
 func Unsupported(err error) bool {
+	// A feature probe refused for lack of privilege says nothing about the
+	// kernel.
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return false
+	}
 	if errors.Is(err, ErrUnsupported) || errors.Is(err, ebpf.ErrNotSupported) {
 		return true
 	}

@@ -1,0 +1,33 @@
+package probe
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+func TestUnsupported(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{ErrUnsupported, true},
+		{fmt.Errorf("map type: %w", ebpf.ErrNotSupported), true},
+		{fmt.Errorf("load: %w", unix.EPERM), false},
+		{fmt.Errorf("%w: %w", ebpf.ErrNotSupported, unix.EPERM), false},
+		{errors.New("boom"), false},
+	} {
+		if got := Unsupported(tc.err); got != tc.want {
+			t.Errorf("Unsupported(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+	if err := Combine([]error{ErrUnsupported, fmt.Errorf("x: %w", ebpf.ErrNotSupported)}); !errors.Is(err, ErrUnsupported) {
+		t.Errorf("all unsupported: %v", err)
+	}
+	if err := Combine([]error{ErrUnsupported, errors.New("boom")}); errors.Is(err, ErrUnsupported) {
+		t.Errorf("one failure: %v", err)
+	}
+}
