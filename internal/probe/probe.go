@@ -52,9 +52,30 @@ func Combine(errs []error) error {
 	for _, err := range errs {
 		all = all && Unsupported(err)
 	}
-	joined := errors.Join(errs...)
 	if all {
-		return fmt.Errorf("%w: %w", ErrUnsupported, joined)
+		return fmt.Errorf("%w: %w", ErrUnsupported, errors.Join(errs...))
 	}
-	return joined
+	// Not all unsupported: the unsupported ones must not make the whole
+	// look unsupported, but their verifier logs stay reachable.
+	hid := make([]error, len(errs))
+	for i, err := range errs {
+		if Unsupported(err) {
+			err = hidden{err}
+		}
+		hid[i] = err
+	}
+	return errors.Join(hid...)
+}
+
+// hidden shows an error's text and its verifier error, if any, but not its
+// identity (ErrUnsupported, ebpf.ErrNotSupported).
+type hidden struct{ err error }
+
+func (h hidden) Error() string { return h.err.Error() }
+
+func (h hidden) As(target any) bool {
+	if p, ok := target.(**ebpf.VerifierError); ok {
+		return errors.As(h.err, p)
+	}
+	return false
 }

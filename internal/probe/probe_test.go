@@ -31,3 +31,15 @@ func TestUnsupported(t *testing.T) {
 		t.Errorf("one failure: %v", err)
 	}
 }
+
+func TestCombineKeepsVerifierLog(t *testing.T) {
+	ve := &ebpf.VerifierError{Log: []string{"unknown func bpf_task_storage_get#156"}}
+	err := Combine([]error{fmt.Errorf("tp_btf: %w", ve), errors.New("raw_tp: boom")})
+	var got *ebpf.VerifierError
+	if !errors.As(err, &got) || got != ve {
+		t.Errorf("verifier error lost from %v", err)
+	}
+	if errors.Is(err, ErrUnsupported) {
+		t.Error("a failed alternative was reported as unsupported")
+	}
+}
