@@ -79,6 +79,7 @@ func (c *tcpRetransCollector) Update(ch chan<- prometheus.Metric) error {
 			ch <- prometheus.MustNewConstMetric(c.retransmits, prometheus.CounterValue, float64(n),
 				k.Family.String(), tcpretrans.StateName(k.State), k.Kind.String())
 		}
+		sendKernelSpanDrops(ch, "tcpretrans", s.SpanDrops)
 		return nil
 	}
 
@@ -97,6 +98,7 @@ func (c *tcpRetransCollector) Update(ch chan<- prometheus.Metric) error {
 	}
 	ch <- prometheus.MustNewConstMetric(c.overflow, prometheus.CounterValue, float64(overflow))
 	ch <- prometheus.MustNewConstMetric(c.mapFull, prometheus.CounterValue, float64(s.PeerMapFull))
+	sendKernelSpanDrops(ch, "tcpretrans", s.SpanDrops)
 	return nil
 }
 

@@ -2,6 +2,7 @@ package syscall
 
 import (
 	"io"
+	"math"
 	"log/slog"
 	"runtime"
 	"slices"
@@ -186,10 +187,21 @@ func TestSchemas(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Buckets are 4.4% wide at schema 4: a sleep's usual overshoot
+		// (timer slack, wakeup) can cross two. The median bucket must
+		// overlap [2 ms, 2.3 ms].
 		sleeps := delta(before, after, unix.SYS_CLOCK_NANOSLEEP)
-		want := p.Layout().Slot(uint64(2 * time.Millisecond))
-		if k := medianSlot(sleeps); k != want && k != want+1 {
-			t.Errorf("schema %d: median slot %d, want %d or the next", schema, k, want)
+		l := p.Layout()
+		k := medianSlot(sleeps)
+		lower, upper := uint64(0), uint64(math.MaxUint64)
+		if k > 0 {
+			lower = l.Bounds[k-1]
+		}
+		if k < len(l.Bounds) {
+			upper = l.Bounds[k]
+		}
+		if upper < uint64(2*time.Millisecond) || lower > uint64(2300*time.Microsecond) {
+			t.Errorf("schema %d: median slot %d covers (%d, %d] ns, not near 2 ms", schema, k, lower, upper)
 		}
 	}
 }

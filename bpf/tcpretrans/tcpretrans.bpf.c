@@ -13,6 +13,7 @@
 #include "bpf_helpers.h"
 #include "bpf_tracing.h"
 #include "bpf_core_read.h"
+#include "ktel_events.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -25,6 +26,24 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 enum rt_family { RT_IPV4, RT_IPV6, RT_FAMILIES };
 #define RT_STATES 16 /* TCP states are 1..13; 0 stands for anything else */
 enum rt_kind { RT_SYN, RT_SYNACK, RT_DATA, RT_KINDS };
+
+/* A retransmit, for a span (ktel_events.h), when spans are on. */
+struct tcpretrans_event {
+	__u64 ts_ns; /* CLOCK_MONOTONIC */
+	__u8 family; /* enum rt_family */
+	__u8 state;
+	__u8 kind; /* enum rt_kind */
+	__u8 _pad;
+	__u16 sport; /* host byte order */
+	__u16 dport;
+	__u32 segs;
+	__u32 _pad2;
+	__u8 saddr[16]; /* network byte order; IPv4 in the first 4 */
+	__u8 daddr[16];
+};
+
+/* Keeps the type in BTF for bpf2go -type. */
+const struct tcpretrans_event *unused_tcpretrans_event __attribute__((unused));
 
 /* Whether to count by peer; set by user space before loading. */
 volatile const __u32 track_peers = 0;
@@ -136,6 +155,45 @@ static __always_inline int fill_remote(struct peer_key *k, const struct sock_com
 	return 0;
 }
 
+/* emit_event records a retransmit of skc for a span. Spans of retransmits
+ * have no threshold: ktel_span_wanted(0) is true exactly when they are on. */
+static __always_inline void emit_event(const struct sock_common *skc, __u8 state, __u8 kind, __u64 n)
+{
+	struct tcpretrans_event *e;
+	__u64 now;
+	__u16 family;
+	__be32 a;
+
+	if (!ktel_span_wanted(0))
+		return;
+	now = bpf_ktime_get_ns();
+	if (!ktel_span_allow(now))
+		return;
+	e = ktel_span_reserve(sizeof(*e));
+	if (!e)
+		return;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = now;
+	e->state = state;
+	e->kind = kind;
+	e->segs = n;
+	family = BPF_CORE_READ(skc, skc_family);
+	if (family == AF_INET) {
+		e->family = RT_IPV4;
+		a = BPF_CORE_READ(skc, skc_rcv_saddr);
+		__builtin_memcpy(e->saddr, &a, sizeof(a));
+		a = BPF_CORE_READ(skc, skc_daddr);
+		__builtin_memcpy(e->daddr, &a, sizeof(a));
+	} else {
+		e->family = RT_IPV6;
+		BPF_CORE_READ_INTO(&e->saddr, skc, skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(&e->daddr, skc, skc_v6_daddr);
+	}
+	e->sport = BPF_CORE_READ(skc, skc_num);
+	e->dport = __builtin_bswap16(BPF_CORE_READ(skc, skc_dport)); /* bpfel only */
+	ktel_span_submit(e);
+}
+
 /* segs is tcp_skb_pcount(skb), the number of segments a GSO skb stands for:
  * what the kernel adds to TcpRetransSegs for one tracepoint hit. */
 static __always_inline __u64 segs(const struct sk_buff *skb)
@@ -150,13 +208,16 @@ static __always_inline int retransmit_skb(const struct sock *sk, const struct sk
 {
 	struct peer_key k = {};
 	__u8 state;
+	__u64 n;
 
 	if (fill_remote(&k, &sk->__sk_common))
 		return 0;
 	state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	k.state = state < RT_STATES ? state : 0;
 	k.kind = state == TCP_SYN_SENT ? RT_SYN : RT_DATA;
-	count(&k, segs(skb));
+	n = segs(skb);
+	count(&k, n);
+	emit_event(&sk->__sk_common, k.state, k.kind, n);
 	return 0;
 }
 
@@ -168,6 +229,7 @@ static __always_inline int retransmit_synack(const struct request_sock *req)
 	if (fill_remote(&k, &req->__req_common))
 		return 0;
 	count(&k, 1);
+	emit_event(&req->__req_common, k.state, k.kind, 1);
 	return 0;
 }
 

@@ -6,6 +6,7 @@
 package tcpretrans
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -145,6 +146,9 @@ type Options struct {
 	// 0..PeerLimit (0: DefaultMaxPeers). It sizes the kernel's peer map:
 	// see PeerMapEntries.
 	MaxPeers int
+	// Spans configures events for spans; only Always (every retransmit)
+	// and Rate apply.
+	Spans probe.SpanOptions
 }
 
 // PeerMapEntries is the capacity of the kernel's peer map for a cap of
@@ -163,11 +167,13 @@ type Probe struct {
 	variant Variant
 	peers   bool
 
-	counts *ebpf.Map // tcp_retransmits
-	peer   *ebpf.Map // tcp_rtx_peers
-	skb    *ebpf.Program
-	synack *ebpf.Program
-	links  []link.Link
+	counts    *ebpf.Map // tcp_retransmits
+	peer      *ebpf.Map // tcp_rtx_peers
+	events    *ebpf.Map
+	spanDrops *ebpf.Map
+	skb       *ebpf.Program
+	synack    *ebpf.Program
+	links     []link.Link
 }
 
 // Load loads and attaches the probe, trying variants in order of preference
@@ -218,6 +224,13 @@ func load(opts Options, v Variant, peerEntries uint32) (_ *Probe, err error) {
 	if err := spec.Variables["track_peers"].Set(track); err != nil {
 		return nil, fmt.Errorf("set track_peers: %w", err)
 	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("possible CPUs: %w", err)
+	}
+	if err := opts.Spans.Apply(spec, ncpu); err != nil {
+		return nil, err
+	}
 
 	keep := map[string]bool{v.skb: true, v.synack: true}
 	for name := range spec.Programs {
@@ -236,6 +249,9 @@ func load(opts Options, v Variant, peerEntries uint32) (_ *Probe, err error) {
 		peer:    coll.DetachMap("tcp_rtx_peers"),
 		skb:     coll.DetachProgram(v.skb),
 		synack:  coll.DetachProgram(v.synack),
+
+		events:    coll.DetachMap("ktel_events"),
+		spanDrops: coll.DetachMap("ktel_span_drops"),
 	}
 	coll.Close()
 	defer func() {
@@ -309,7 +325,7 @@ func (p *Probe) Close() error {
 			errs = append(errs, prog.Close())
 		}
 	}
-	for _, m := range []*ebpf.Map{p.counts, p.peer} {
+	for _, m := range []*ebpf.Map{p.counts, p.peer, p.events, p.spanDrops} {
 		if m != nil {
 			errs = append(errs, m.Close())
 		}
@@ -344,12 +360,19 @@ type Snapshot struct {
 	// PeerMapFull is the sum of Peers under the zero peer: retransmits
 	// not attributed to their peer because the kernel's map was full.
 	PeerMapFull uint64
+	// SpanDrops are retransmits the kernel did not deliver as events.
+	SpanDrops probe.SpanDrops
 }
 
 // Snapshot reads and sums the per-CPU maps. Counters only grow, but the
 // read is not atomic across keys.
 func (p *Probe) Snapshot() (*Snapshot, error) {
 	s := &Snapshot{Retransmits: make(map[Key]uint64)}
+	drops, err := probe.ReadSpanDrops(p.spanDrops)
+	if err != nil {
+		return nil, err
+	}
+	s.SpanDrops = drops
 	if p.peers {
 		s.Peers = make(map[PeerKey]uint64)
 	}
@@ -428,3 +451,44 @@ func decodePeerKey(k tcpretransPeerKey) PeerKey {
 
 // Sizes of the generated structs, for the layout check in tests.
 const peerKeySize = unsafe.Sizeof(tcpretransPeerKey{})
+
+// Events is the ring buffer of retransmits for spans (see DecodeEvent).
+func (p *Probe) Events() *ebpf.Map { return p.events }
+
+// Event is one retransmit, for a span.
+type Event struct {
+	TsNs          uint64 // CLOCK_MONOTONIC
+	Key                  // family, state, kind
+	Local, Remote netip.AddrPort
+	Segments      uint32
+}
+
+// EventSize is the size of a record in the ring buffer.
+const EventSize = int(unsafe.Sizeof(tcpretransTcpretransEvent{}))
+
+// DecodeEvent decodes one ring-buffer record.
+func DecodeEvent(b []byte) (Event, error) {
+	var r tcpretransTcpretransEvent
+	if len(b) != EventSize {
+		return Event{}, fmt.Errorf("tcpretrans event: %d bytes, want %d", len(b), EventSize)
+	}
+	if _, err := binary.Decode(b, binary.NativeEndian, &r); err != nil {
+		return Event{}, fmt.Errorf("tcpretrans event: %w", err)
+	}
+	if Family(r.Family) != IPv4 && Family(r.Family) != IPv6 || Kind(r.Kind) >= numKinds {
+		return Event{}, fmt.Errorf("tcpretrans event: family %d, kind %d", r.Family, r.Kind)
+	}
+	addr := func(a [16]uint8) netip.Addr {
+		if Family(r.Family) == IPv4 {
+			return netip.AddrFrom4([4]byte(a[:4]))
+		}
+		return netip.AddrFrom16(a)
+	}
+	return Event{
+		TsNs:     r.TsNs,
+		Key:      Key{Family: Family(r.Family), State: r.State, Kind: Kind(r.Kind)},
+		Local:    netip.AddrPortFrom(addr(r.Saddr), r.Sport),
+		Remote:   netip.AddrPortFrom(addr(r.Daddr), r.Dport),
+		Segments: r.Segs,
+	}, nil
+}

@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type tcpretransKtelTokenBucket struct {
+	_      structs.HostLayout
+	Credit uint64
+	Last   uint64
+}
+
 type tcpretransPeerKey struct {
 	_      structs.HostLayout
 	Family uint8
@@ -24,17 +30,40 @@ type tcpretransPeerKey struct {
 	Addr   [16]uint8
 }
 
+type tcpretransTcpretransEvent struct {
+	_      structs.HostLayout
+	TsNs   uint64
+	Family uint8
+	State  uint8
+	Kind   uint8
+	Pad    uint8
+	Sport  uint16
+	Dport  uint16
+	Segs   uint32
+	Pad2   uint32
+	Saddr  [16]uint8
+	Daddr  [16]uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	tcpretransMapTcpRetransmits = "tcp_retransmits"
-	tcpretransMapTcpRtxPeers    = "tcp_rtx_peers"
-	tcpretransProgRtxSkbBtf     = "rtx_skb_btf"
-	tcpretransProgRtxSkbTp      = "rtx_skb_tp"
-	tcpretransProgRtxSynackBtf  = "rtx_synack_btf"
-	tcpretransProgRtxSynackTp   = "rtx_synack_tp"
-	tcpretransVarTrackPeers     = "track_peers"
+	tcpretransMapKtelEvents            = "ktel_events"
+	tcpretransMapKtelSpanDrops         = "ktel_span_drops"
+	tcpretransMapKtelSpanLimiter       = "ktel_span_limiter"
+	tcpretransMapTcpRetransmits        = "tcp_retransmits"
+	tcpretransMapTcpRtxPeers           = "tcp_rtx_peers"
+	tcpretransProgRtxSkbBtf            = "rtx_skb_btf"
+	tcpretransProgRtxSkbTp             = "rtx_skb_tp"
+	tcpretransProgRtxSynackBtf         = "rtx_synack_btf"
+	tcpretransProgRtxSynackTp          = "rtx_synack_tp"
+	tcpretransVarKtelSpanBurstNs       = "ktel_span_burst_ns"
+	tcpretransVarKtelSpanCostNs        = "ktel_span_cost_ns"
+	tcpretransVarKtelSpanThresholdNs   = "ktel_span_threshold_ns"
+	tcpretransVarKtelSpanWakeupBytes   = "ktel_span_wakeup_bytes"
+	tcpretransVarTrackPeers            = "track_peers"
+	tcpretransVarUnusedTcpretransEvent = "unused_tcpretrans_event"
 )
 
 // loadTcpretrans returns the embedded CollectionSpec for tcpretrans.
@@ -89,15 +118,23 @@ type tcpretransProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcpretransMapSpecs struct {
-	TcpRetransmits *ebpf.MapSpec `ebpf:"tcp_retransmits"`
-	TcpRtxPeers    *ebpf.MapSpec `ebpf:"tcp_rtx_peers"`
+	KtelEvents      *ebpf.MapSpec `ebpf:"ktel_events"`
+	KtelSpanDrops   *ebpf.MapSpec `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
+	TcpRetransmits  *ebpf.MapSpec `ebpf:"tcp_retransmits"`
+	TcpRtxPeers     *ebpf.MapSpec `ebpf:"tcp_rtx_peers"`
 }
 
 // tcpretransVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcpretransVariableSpecs struct {
-	TrackPeers *ebpf.VariableSpec `ebpf:"track_peers"`
+	KtelSpanBurstNs       *ebpf.VariableSpec `ebpf:"ktel_span_burst_ns"`
+	KtelSpanCostNs        *ebpf.VariableSpec `ebpf:"ktel_span_cost_ns"`
+	KtelSpanThresholdNs   *ebpf.VariableSpec `ebpf:"ktel_span_threshold_ns"`
+	KtelSpanWakeupBytes   *ebpf.VariableSpec `ebpf:"ktel_span_wakeup_bytes"`
+	TrackPeers            *ebpf.VariableSpec `ebpf:"track_peers"`
+	UnusedTcpretransEvent *ebpf.VariableSpec `ebpf:"unused_tcpretrans_event"`
 }
 
 // tcpretransObjects contains all objects after they have been loaded into the kernel.
@@ -120,12 +157,18 @@ func (o *tcpretransObjects) Close() error {
 //
 // It can be passed to loadTcpretransObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcpretransMaps struct {
-	TcpRetransmits *ebpf.Map `ebpf:"tcp_retransmits"`
-	TcpRtxPeers    *ebpf.Map `ebpf:"tcp_rtx_peers"`
+	KtelEvents      *ebpf.Map `ebpf:"ktel_events"`
+	KtelSpanDrops   *ebpf.Map `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter *ebpf.Map `ebpf:"ktel_span_limiter"`
+	TcpRetransmits  *ebpf.Map `ebpf:"tcp_retransmits"`
+	TcpRtxPeers     *ebpf.Map `ebpf:"tcp_rtx_peers"`
 }
 
 func (m *tcpretransMaps) Close() error {
 	return _TcpretransClose(
+		m.KtelEvents,
+		m.KtelSpanDrops,
+		m.KtelSpanLimiter,
 		m.TcpRetransmits,
 		m.TcpRtxPeers,
 	)
@@ -135,7 +178,12 @@ func (m *tcpretransMaps) Close() error {
 //
 // It can be passed to loadTcpretransObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcpretransVariables struct {
-	TrackPeers *ebpf.Variable `ebpf:"track_peers"`
+	KtelSpanBurstNs       *ebpf.Variable `ebpf:"ktel_span_burst_ns"`
+	KtelSpanCostNs        *ebpf.Variable `ebpf:"ktel_span_cost_ns"`
+	KtelSpanThresholdNs   *ebpf.Variable `ebpf:"ktel_span_threshold_ns"`
+	KtelSpanWakeupBytes   *ebpf.Variable `ebpf:"ktel_span_wakeup_bytes"`
+	TrackPeers            *ebpf.Variable `ebpf:"track_peers"`
+	UnusedTcpretransEvent *ebpf.Variable `ebpf:"unused_tcpretrans_event"`
 }
 
 // tcpretransPrograms contains all programs after they have been loaded into the kernel.

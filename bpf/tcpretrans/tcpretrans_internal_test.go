@@ -1,6 +1,9 @@
 package tcpretrans
 
-import "testing"
+import (
+	"testing"
+	"unsafe"
+)
 
 // The Go struct bpf2go generated must match the kernel-side layout.
 func TestStructSizes(t *testing.T) {
@@ -13,6 +16,9 @@ func TestStructSizes(t *testing.T) {
 	}
 	if got, want := uint32(numFamilies*numStates*numKinds), spec.Maps["tcp_retransmits"].MaxEntries; got != want {
 		t.Errorf("tcp_retransmits: Go expects %d entries, C declares %d", got, want)
+	}
+	if got := unsafe.Sizeof(tcpretransTcpretransEvent{}); got != 56 || EventSize != 56 {
+		t.Errorf("struct tcpretrans_event: Go %d bytes, C 56", got)
 	}
 }
 

@@ -79,6 +79,7 @@ type Config struct {
 	LBMaxSockets      int    `envconfig:"LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map)."`
 
 	SyscallSpanThreshold time.Duration `envconfig:"SYSCALL_SPAN_THRESHOLD" default:"100ms" values:"duration >= 0 (0 disables)" desc:"With tracing on (an OTLP endpoint in OTEL_EXPORTER_OTLP_ENDPOINT), syscalls at least this slow become spans."`
+	TCPRetransSpans      bool          `envconfig:"TCPRETRANS_SPANS" default:"false" values:"true|false" desc:"With tracing on, every TCP retransmit becomes a span (with both ends of the connection), within KTEL_SPAN_RATE_LIMIT."`
 	RunqlatSpanThreshold time.Duration `envconfig:"RUNQLAT_SPAN_THRESHOLD" default:"50ms" values:"duration >= 0 (0 disables)" desc:"With tracing on, run-queue waits at least this long become spans."`
 	SpanRateLimit        int           `envconfig:"SPAN_RATE_LIMIT" default:"1000" values:"integer >= 0 (0: no limit)" desc:"Most spans per second and probe, enforced in the kernel by a per-CPU token bucket; the excess is counted in ktel_spans_dropped_total{reason=\"rate_limited\"}."`
 	SpanQueueSize        int           `envconfig:"SPAN_QUEUE_SIZE" default:"4096" values:"integer >= 1" desc:"Spans waiting for export; when the OTLP endpoint is slow or down, more are dropped and counted (reason queue_full)."`

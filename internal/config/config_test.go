@@ -111,6 +111,8 @@ func TestValidation(t *testing.T) {
 		{"KTEL_SPAN_RATE_LIMIT", "lots", false},
 		{"KTEL_SPAN_QUEUE_SIZE", "1", true},
 		{"KTEL_SPAN_QUEUE_SIZE", "0", false},
+		{"KTEL_TCPRETRANS_SPANS", "true", true},
+		{"KTEL_TCPRETRANS_SPANS", "all", false},
 		{"KTEL_TCPRETRANS_PEERS", "true", true},
 		{"KTEL_TCPRETRANS_PEERS", "peers", false},
 		{"KTEL_TCPRETRANS_MAX_PEERS", "0", true},

@@ -127,8 +127,14 @@ type tcpretransProbe struct {
 	metrics.Collector
 }
 
+func (tcpretransProbe) decoder() tracing.Decoder { return tracing.TCPRetransDecoder }
+
 func startTCPRetrans(e env) (loaded, error) {
-	p, err := tcpretrans.Load(tcpretrans.Options{Peers: e.cfg.TCPRetransPeers, MaxPeers: e.cfg.TCPRetransMaxPeers}, e.log)
+	var spans probe.SpanOptions
+	if e.spans && e.cfg.TCPRetransSpans {
+		spans = probe.SpanOptions{Always: true, Rate: e.cfg.SpanRateLimit}
+	}
+	p, err := tcpretrans.Load(tcpretrans.Options{Peers: e.cfg.TCPRetransPeers, MaxPeers: e.cfg.TCPRetransMaxPeers, Spans: spans}, e.log)
 	if err != nil {
 		return nil, err
 	}

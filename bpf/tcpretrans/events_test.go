@@ -1,0 +1,73 @@
+package tcpretrans_test
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/ktel-dev/ktel/bpf/tcpretrans"
+	"github.com/ktel-dev/ktel/internal/probe"
+	"github.com/ktel-dev/ktel/internal/testenv"
+)
+
+// With spans on, a SYN retransmit yields an event with both ends of the
+// connection, its state and kind.
+func TestRetransmitEvents(t *testing.T) {
+	testenv.Privileged(t)
+	p := load(t, tcpretrans.Options{Spans: probe.SpanOptions{Always: true}}, tcpretrans.Variants[0])
+	rd, err := ringbuf.NewReader(p.Events())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+
+	pair := newPair(t, 0)
+	firewall(t, pair.server, "INPUT", "-p", "tcp", "--syn", "-j", "DROP")
+	server := netip.AddrPortFrom(pair.serverAddrs[0], 7)
+	if c, err := dial(pair, server, synWait); err == nil {
+		c.Close()
+		t.Fatal("connected through the firewall")
+	}
+
+	var got []tcpretrans.Event
+	for {
+		rd.SetDeadline(time.Now().Add(300 * time.Millisecond))
+		rec, err := rd.Read()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := tcpretrans.DecodeEvent(rec.RawSample)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Remote == server {
+			got = append(got, e)
+		}
+	}
+	if len(got) == 0 {
+		t.Fatal("no retransmit event toward the server")
+	}
+	e := got[0]
+	if e.Kind != tcpretrans.KindSyn || e.State != tcpretrans.StateSynSent || e.Family != tcpretrans.IPv4 ||
+		e.Local.Addr() != pair.clientAddr || e.Local.Port() == 0 || e.Segments != 1 || e.TsNs == 0 {
+		t.Errorf("event %+v, want a SYN retransmit from %s", e, pair.clientAddr)
+	}
+}
+
+func FuzzDecodeEvent(f *testing.F) {
+	f.Add(make([]byte, tcpretrans.EventSize))
+	f.Add([]byte{0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		e, err := tcpretrans.DecodeEvent(b)
+		if err == nil && (len(b) != tcpretrans.EventSize || !e.Remote.IsValid() || !e.Local.IsValid()) {
+			t.Fatalf("accepted %d bytes as %+v", len(b), e)
+		}
+	})
+}
