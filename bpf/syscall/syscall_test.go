@@ -2,8 +2,8 @@ package syscall
 
 import (
 	"io"
-	"math"
 	"log/slog"
+	"math"
 	"runtime"
 	"slices"
 	"testing"
