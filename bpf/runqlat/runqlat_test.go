@@ -1,7 +1,6 @@
 package runqlat
 
 import (
-	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -103,28 +102,30 @@ func waits(l *histogram.Layout, before, after Hist) (all, long uint64) {
 	return all, long
 }
 
+// events decodes the records in the ring buffer.
+func events(t *testing.T, rd *ringbuf.Reader) []Event {
+	t.Helper()
+	var out []Event
+	testenv.Drain(t, rd, 100*time.Millisecond, func(b []byte) {
+		e, err := DecodeEvent(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, e)
+	})
+	return out
+}
+
 // longWaitsOf counts the events (waits >= the threshold) of the given
 // threads among what the ring buffer holds.
 func longWaitsOf(t *testing.T, rd *ringbuf.Reader, tids []uint32) int {
-	t.Helper()
 	n := 0
-	for {
-		rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
-		rec, err := rd.Read()
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return n
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		e, err := DecodeEvent(rec.RawSample)
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, e := range events(t, rd) {
 		if slices.Contains(tids, e.Tid) {
 			n++
 		}
 	}
+	return n
 }
 
 // The histogram counts waits and their length grows with contention. The
@@ -220,19 +221,7 @@ func TestLongWaitEvents(t *testing.T) {
 	defer rd.Close()
 	contend(t, 0, 3, 500*time.Millisecond)
 	var n int
-	for {
-		rd.SetDeadline(time.Now().Add(200 * time.Millisecond))
-		rec, err := rd.Read()
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		e, err := DecodeEvent(rec.RawSample)
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, e := range events(t, rd) {
 		if e.Pid == uint32(os.Getpid()) && e.CPU == 0 {
 			if d := time.Duration(e.EndNs - e.StartNs); d < 2*time.Millisecond {
 				t.Errorf("event below threshold: %+v (%v)", e, d)

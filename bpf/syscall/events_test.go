@@ -1,7 +1,6 @@
 package syscall
 
 import (
-	"errors"
 	"os"
 	"runtime"
 	"testing"
@@ -14,25 +13,18 @@ import (
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
-// drain reads records until none arrives for idle.
+// drain decodes the records that arrive until none has for idle.
 func drain(t *testing.T, rd *ringbuf.Reader, idle time.Duration) []Event {
 	t.Helper()
 	var out []Event
-	for {
-		rd.SetDeadline(time.Now().Add(idle))
-		rec, err := rd.Read()
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return out
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		e, err := DecodeEvent(rec.RawSample)
+	testenv.Drain(t, rd, idle, func(b []byte) {
+		e, err := DecodeEvent(b)
 		if err != nil {
 			t.Fatal(err)
 		}
 		out = append(out, e)
-	}
+	})
+	return out
 }
 
 func TestOutlierEvents(t *testing.T) {

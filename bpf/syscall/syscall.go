@@ -11,7 +11,6 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 
 	"github.com/ktel-dev/ktel/internal/histogram"
 	"github.com/ktel-dev/ktel/internal/probe"
@@ -56,15 +55,11 @@ type Probe struct {
 	layout  *histogram.Layout
 	variant probe.Variant
 	ncpu    int
+	objs    *probe.Loaded
 
-	latency   *ebpf.Map
-	errs      *ebpf.Map
-	drops     *ebpf.Map
-	start     *ebpf.Map // the start map in use, for fill reporting
-	events    *ebpf.Map
-	spanDrops *ebpf.Map
-	progs     map[string]*ebpf.Program
-	links     []link.Link
+	latency, errs, drops *ebpf.Map
+	start                *ebpf.Map // the start map in use, for fill reporting
+	events, spanDrops    *ebpf.Map
 }
 
 // Load loads and attaches the probe, trying variants in order of preference
@@ -92,7 +87,7 @@ func Load(opts Options, log *slog.Logger) (*Probe, error) {
 	return p, err
 }
 
-func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanOptions) (_ *Probe, err error) {
+func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanOptions) (*Probe, error) {
 	spec, err := loadSyscall()
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
@@ -103,38 +98,19 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if err := spans.Apply(spec, ncpu); err != nil {
 		return nil, err
 	}
-	v.Prune(spec)
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		return nil, fmt.Errorf("load programs: %w", err)
-	}
-	defer coll.Close() // closes only what was not detached below
-
-	p := &Probe{
-		layout:  layout,
-		variant: v,
-		ncpu:    ncpu,
-		latency: coll.DetachMap("syscall_latency"),
-		errs:    coll.DetachMap("syscall_errors"),
-		drops:   coll.DetachMap("syscall_drops"),
-		progs:   map[string]*ebpf.Program{},
-
-		events:    coll.DetachMap("ktel_events"),
-		spanDrops: coll.DetachMap("ktel_span_drops"),
-	}
+	startMap := "syscall_start_task"
 	if v.Storage == probe.StorageHash {
-		p.start = coll.DetachMap("syscall_start_hash")
-	} else {
-		p.start = coll.DetachMap("syscall_start_task")
+		startMap = "syscall_start_hash"
 	}
-	for _, prog := range v.Programs {
-		p.progs[prog.Name] = coll.DetachProgram(prog.Name)
-	}
-	if p.links, err = v.Attach(p.progs); err != nil {
-		p.Close()
+	objs, err := probe.LoadVariant(spec, v, "syscall_latency", "syscall_errors", "syscall_drops", startMap, "ktel_events", "ktel_span_drops")
+	if err != nil {
 		return nil, err
 	}
-	return p, nil
+	return &Probe{
+		layout: layout, variant: v, ncpu: ncpu, objs: objs,
+		latency: objs.Maps["syscall_latency"], errs: objs.Maps["syscall_errors"], drops: objs.Maps["syscall_drops"],
+		start: objs.Maps[startMap], events: objs.Maps["ktel_events"], spanDrops: objs.Maps["ktel_span_drops"],
+	}, nil
 }
 
 // Variant is the variant in use.
@@ -144,7 +120,7 @@ func (p *Probe) Variant() probe.Variant { return p.variant }
 func (p *Probe) Layout() *histogram.Layout { return p.layout }
 
 // Programs are the loaded programs by name, for run-time statistics.
-func (p *Probe) Programs() map[string]*ebpf.Program { return p.progs }
+func (p *Probe) Programs() map[string]*ebpf.Program { return p.objs.Programs }
 
 // BoundedMaps are the hash maps whose fill is worth watching.
 func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
@@ -155,19 +131,8 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 	return m
 }
 
-// Close detaches the programs and releases every map. It is safe to call
-// on a partly built Probe.
-func (p *Probe) Close() error {
-	var cs []interface{ Close() error }
-	for _, l := range p.links {
-		cs = append(cs, l)
-	}
-	for _, prog := range p.progs {
-		cs = append(cs, prog)
-	}
-	p.links, p.progs = nil, nil
-	return probe.CloseAll(append(cs, p.latency, p.errs, p.drops, p.start, p.events, p.spanDrops)...)
-}
+// Close detaches the programs and releases every map.
+func (p *Probe) Close() error { return p.objs.Close() }
 
 // Events is the ring buffer of outlier syscalls (see DecodeEvent).
 func (p *Probe) Events() *ebpf.Map { return p.events }

@@ -1,9 +1,7 @@
 package tcpretrans_test
 
 import (
-	"errors"
 	"net/netip"
-	"os"
 	"testing"
 	"time"
 
@@ -34,23 +32,15 @@ func TestRetransmitEvents(t *testing.T) {
 	}
 
 	var got []tcpretrans.Event
-	for {
-		rd.SetDeadline(time.Now().Add(300 * time.Millisecond))
-		rec, err := rd.Read()
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		e, err := tcpretrans.DecodeEvent(rec.RawSample)
+	testenv.Drain(t, rd, 300*time.Millisecond, func(b []byte) {
+		e, err := tcpretrans.DecodeEvent(b)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if e.Remote == server {
 			got = append(got, e)
 		}
-	}
+	})
 	if len(got) == 0 {
 		t.Fatal("no retransmit event toward the server")
 	}

@@ -1,7 +1,9 @@
 package tcpretrans
 
+import "github.com/ktel-dev/ktel/internal/probe"
+
 // LoadVariant loads exactly one variant, for tests that cover each.
-func LoadVariant(opts Options, v Variant) (*Probe, error) {
+func LoadVariant(opts Options, v probe.Variant) (*Probe, error) {
 	if err := opts.check(); err != nil {
 		return nil, err
 	}

@@ -7,7 +7,6 @@ package tcpretrans
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -15,7 +14,6 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 
 	"github.com/ktel-dev/ktel/internal/probe"
 )
@@ -104,28 +102,18 @@ func StateName(s uint8) string {
 	return strconv.Itoa(int(s))
 }
 
-// Hook selects how the programs attach to the tracepoints.
-type Hook string
-
-const (
-	HookBTF        Hook = "tp_btf"     // BTF-enabled raw tracepoint, 5.5+
-	HookTracepoint Hook = "tracepoint" // classic tracepoint, needs tracefs
-)
-
-// Variant is one attachable pair of programs.
-type Variant struct {
-	Hook   Hook
-	skb    string
-	synack string
+func programs(skb, synack string) []probe.Program {
+	return []probe.Program{
+		{Name: skb, Group: "tcp", Tracepoint: "tcp_retransmit_skb"},
+		{Name: synack, Group: "tcp", Tracepoint: "tcp_retransmit_synack"},
+	}
 }
-
-func (v Variant) String() string { return string(v.Hook) }
 
 // Variants in order of preference: tp_btf needs neither tracefs nor a
 // trace record to be built.
-var Variants = []Variant{
-	{HookBTF, "rtx_skb_btf", "rtx_synack_btf"},
-	{HookTracepoint, "rtx_skb_tp", "rtx_synack_tp"},
+var Variants = []probe.Variant{
+	{Hook: probe.HookBTF, Programs: programs("rtx_skb_btf", "rtx_synack_btf")},
+	{Hook: probe.HookTracepoint, Programs: programs("rtx_skb_tp", "rtx_synack_tp")},
 }
 
 const (
@@ -164,16 +152,14 @@ func PeerMapEntries(maxPeers int) uint32 {
 
 // Probe is the loaded and attached TCP retransmit probe.
 type Probe struct {
-	variant Variant
+	variant probe.Variant
 	peers   bool
+	objs    *probe.Loaded
 
 	counts    *ebpf.Map // tcp_retransmits
 	peer      *ebpf.Map // tcp_rtx_peers
 	events    *ebpf.Map
 	spanDrops *ebpf.Map
-	skb       *ebpf.Program
-	synack    *ebpf.Program
-	links     []link.Link
 }
 
 // Load loads and attaches the probe, trying variants in order of preference
@@ -184,17 +170,10 @@ func Load(opts Options, log *slog.Logger) (*Probe, error) {
 	if err := opts.check(); err != nil {
 		return nil, err
 	}
-	var errs []error
-	for _, v := range Variants {
-		p, err := load(opts, v, PeerMapEntries(opts.MaxPeers))
-		if err == nil {
-			log.Debug("tcpretrans probe loaded", "variant", v.String(), "peers", opts.Peers)
-			return p, nil
-		}
-		log.Debug("tcpretrans probe variant failed", "variant", v.String(), "err", err)
-		errs = append(errs, fmt.Errorf("%s: %w", v, err))
-	}
-	return nil, probe.Combine(errs)
+	p, _, err := probe.FirstLoading(Variants, log, func(v probe.Variant) (*Probe, error) {
+		return load(opts, v, PeerMapEntries(opts.MaxPeers))
+	})
+	return p, err
 }
 
 func (o *Options) check() error {
@@ -209,7 +188,7 @@ func (o *Options) check() error {
 
 // load loads variant v with a peer map of peerEntries keys when
 // opts.Peers is set.
-func load(opts Options, v Variant, peerEntries uint32) (_ *Probe, err error) {
+func load(opts Options, v probe.Variant, peerEntries uint32) (*Probe, error) {
 	spec, err := loadTcpretrans()
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
@@ -231,77 +210,22 @@ func load(opts Options, v Variant, peerEntries uint32) (_ *Probe, err error) {
 	if err := opts.Spans.Apply(spec, ncpu); err != nil {
 		return nil, err
 	}
-
-	keep := map[string]bool{v.skb: true, v.synack: true}
-	for name := range spec.Programs {
-		if !keep[name] {
-			delete(spec.Programs, name)
-		}
-	}
-	coll, err := ebpf.NewCollection(spec)
+	objs, err := probe.LoadVariant(spec, v, "tcp_retransmits", "tcp_rtx_peers", "ktel_events", "ktel_span_drops")
 	if err != nil {
-		return nil, fmt.Errorf("load programs: %w", err)
+		return nil, err
 	}
-	p := &Probe{
-		variant: v,
-		peers:   opts.Peers,
-		counts:  coll.DetachMap("tcp_retransmits"),
-		peer:    coll.DetachMap("tcp_rtx_peers"),
-		skb:     coll.DetachProgram(v.skb),
-		synack:  coll.DetachProgram(v.synack),
-
-		events:    coll.DetachMap("ktel_events"),
-		spanDrops: coll.DetachMap("ktel_span_drops"),
-	}
-	coll.Close()
-	defer func() {
-		if err != nil {
-			p.Close()
-		}
-	}()
-	if p.counts == nil || p.peer == nil || p.skb == nil || p.synack == nil {
-		return nil, errors.New("collection lacks a map or program")
-	}
-
-	for _, a := range []struct {
-		tp   string
-		prog *ebpf.Program
-	}{{"tcp_retransmit_skb", p.skb}, {"tcp_retransmit_synack", p.synack}} {
-		l, err := attach(v.Hook, a.tp, a.prog)
-		if err != nil {
-			return nil, err
-		}
-		p.links = append(p.links, l)
-	}
-	return p, nil
-}
-
-func attach(h Hook, name string, prog *ebpf.Program) (link.Link, error) {
-	var (
-		l   link.Link
-		err error
-	)
-	switch h {
-	case HookBTF:
-		l, err = link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
-	case HookTracepoint:
-		l, err = link.Tracepoint("tcp", name, prog, nil)
-	default:
-		return nil, fmt.Errorf("unknown hook %q", h)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("attach %s %s: %w", h, name, err)
-	}
-	return l, nil
+	return &Probe{
+		variant: v, peers: opts.Peers, objs: objs,
+		counts: objs.Maps["tcp_retransmits"], peer: objs.Maps["tcp_rtx_peers"],
+		events: objs.Maps["ktel_events"], spanDrops: objs.Maps["ktel_span_drops"],
+	}, nil
 }
 
 // Variant is the variant in use.
-func (p *Probe) Variant() Variant { return p.variant }
+func (p *Probe) Variant() probe.Variant { return p.variant }
 
 // Programs are the loaded programs by name, for run-time statistics.
-func (p *Probe) Programs() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{p.variant.skb: p.skb, p.variant.synack: p.synack}
-}
+func (p *Probe) Programs() map[string]*ebpf.Program { return p.objs.Programs }
 
 // BoundedMaps are the hash maps whose fill is worth watching: the peer map,
 // when peers are counted.
@@ -312,26 +236,8 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{"tcp_rtx_peers": p.peer}
 }
 
-// Close detaches the programs and releases every map. It is safe to call
-// on a partly built Probe.
-func (p *Probe) Close() error {
-	var errs []error
-	for _, l := range p.links {
-		errs = append(errs, l.Close())
-	}
-	p.links = nil
-	for _, prog := range []*ebpf.Program{p.skb, p.synack} {
-		if prog != nil {
-			errs = append(errs, prog.Close())
-		}
-	}
-	for _, m := range []*ebpf.Map{p.counts, p.peer, p.events, p.spanDrops} {
-		if m != nil {
-			errs = append(errs, m.Close())
-		}
-	}
-	return errors.Join(errs...)
-}
+// Close detaches the programs and releases every map.
+func (p *Probe) Close() error { return p.objs.Close() }
 
 // Key identifies retransmits of one kind by sockets of one family in one
 // TCP state.

@@ -17,6 +17,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
+	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/testenv"
 	"github.com/ktel-dev/ktel/metrics"
 )
@@ -157,7 +158,7 @@ func check(t *testing.T, before, after reading, addrs []netip.Addr, key tcpretra
 	}
 }
 
-func load(t *testing.T, opts tcpretrans.Options, v tcpretrans.Variant) *tcpretrans.Probe {
+func load(t *testing.T, opts tcpretrans.Options, v probe.Variant) *tcpretrans.Probe {
 	t.Helper()
 	p, err := tcpretrans.LoadVariant(opts, v)
 	if err != nil {
@@ -445,7 +446,7 @@ func TestLoadWithoutPeers(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%+v", err)
 	}
-	if p.Variant().Hook != tcpretrans.HookBTF {
+	if p.Variant().Hook != probe.HookBTF {
 		t.Errorf("variant %s, want tp_btf first", p.Variant())
 	}
 	if m := p.BoundedMaps(); len(m) != 0 {

@@ -22,7 +22,8 @@ const (
 	HookTracepoint Hook = "tracepoint" // classic tracepoint; needs tracefs
 )
 
-// Storage is where a variant keeps per-task state.
+// Storage is where a variant keeps per-task state; empty for probes that
+// keep none.
 type Storage string
 
 const (
@@ -45,7 +46,12 @@ type Variant struct {
 	Programs []Program
 }
 
-func (v Variant) String() string { return string(v.Hook) + "+" + string(v.Storage) }
+func (v Variant) String() string {
+	if v.Storage == "" {
+		return string(v.Hook)
+	}
+	return string(v.Hook) + "+" + string(v.Storage)
+}
 
 // Candidates returns the variants using hook, all of them for HookAuto or
 // "", in their order of preference.
@@ -194,3 +200,60 @@ func CloseAll(cs ...interface{ Close() error }) error {
 }
 
 var nativeEndian = binary.NativeEndian
+
+// Loaded is what loading a variant leaves: the maps asked for, the
+// variant's programs, and their links.
+type Loaded struct {
+	Maps     map[string]*ebpf.Map
+	Programs map[string]*ebpf.Program
+	Links    []link.Link
+}
+
+// LoadVariant prunes spec to variant v, loads it, keeps the named maps and
+// v's programs (the rest of the collection is closed), and attaches the
+// programs. On error nothing stays loaded.
+func LoadVariant(spec *ebpf.CollectionSpec, v Variant, maps ...string) (*Loaded, error) {
+	v.Prune(spec)
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		return nil, fmt.Errorf("load programs: %w", err)
+	}
+	defer coll.Close() // closes only what was not detached below
+	l := &Loaded{Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}}
+	for _, name := range maps {
+		m := coll.DetachMap(name)
+		if m == nil {
+			l.Close()
+			return nil, fmt.Errorf("no map %s in the collection", name)
+		}
+		l.Maps[name] = m
+	}
+	for _, p := range v.Programs {
+		l.Programs[p.Name] = coll.DetachProgram(p.Name)
+	}
+	if l.Links, err = v.Attach(l.Programs); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// Close detaches the links and closes programs and maps. It is safe on a
+// nil or partly built Loaded, and idempotent.
+func (l *Loaded) Close() error {
+	if l == nil {
+		return nil
+	}
+	var cs []interface{ Close() error }
+	for _, lk := range l.Links {
+		cs = append(cs, lk)
+	}
+	for _, p := range l.Programs {
+		cs = append(cs, p)
+	}
+	for _, m := range l.Maps {
+		cs = append(cs, m)
+	}
+	l.Links, l.Programs, l.Maps = nil, nil, nil
+	return CloseAll(cs...)
+}

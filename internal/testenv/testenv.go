@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 )
 
@@ -62,5 +63,22 @@ func Sleep(tb testing.TB, d time.Duration) {
 		if !errors.Is(err, unix.EINTR) {
 			tb.Fatalf("clock_nanosleep: %v", err)
 		}
+	}
+}
+
+// Drain reads ring-buffer records until none arrives for idle, passing each
+// to f.
+func Drain(tb testing.TB, rd *ringbuf.Reader, idle time.Duration, f func(record []byte)) {
+	tb.Helper()
+	for {
+		rd.SetDeadline(time.Now().Add(idle))
+		rec, err := rd.Read()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return
+		}
+		if err != nil {
+			tb.Fatal(err)
+		}
+		f(rec.RawSample)
 	}
 }
