@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench vet deps tools clean
+.PHONY: all build generate generate-check run test test-unit bench fuzz vet deps tools clean
 
 all: build
 
@@ -49,6 +49,18 @@ test-unit:
 # host-wide programs and cause host-wide scheduling, which must not overlap.
 test: tools
 	KTEL_PRIVILEGED_TESTS=$${KTEL_PRIVILEGED_TESTS-1} $(GO) test -count=1 -p 1 -timeout 20m ./...
+
+# Short fuzzing of every parser of outside input (ring-buffer records, the
+# services file); CI runs it with FUZZTIME=10s.
+FUZZTIME ?= 30s
+FUZZ_TARGETS = ./bpf/syscall:FuzzDecodeEvent ./bpf/runqlat:FuzzDecodeEvent \
+               ./bpf/tcpretrans:FuzzDecodeEvent ./internal/lb:FuzzParse
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "fuzz $$pkg $$fn"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	done
 
 bench: tools build
 	$(GO) run ./cmd/ktel-bench

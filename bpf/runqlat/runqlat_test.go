@@ -236,3 +236,14 @@ func TestLongWaitEvents(t *testing.T) {
 		t.Error("no long-wait event from this process on the contended CPU")
 	}
 }
+
+func FuzzDecodeEvent(f *testing.F) {
+	f.Add(make([]byte, EventSize))
+	f.Add([]byte{1, 2, 3})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		e, err := DecodeEvent(b)
+		if err == nil && (len(b) != EventSize || e.EndNs < e.StartNs || len(e.Comm) > 16 || len(e.ProcessComm) > 16) {
+			t.Fatalf("accepted %d bytes as %+v", len(b), e)
+		}
+	})
+}
