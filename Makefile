@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench fuzz vet deps tools clean
+.PHONY: all build generate generate-check run test test-unit bench fuzz otelcol vet deps tools clean
 
 all: build
 
@@ -47,8 +47,14 @@ test-unit:
 # The whole suite. As root with KTEL_PRIVILEGED_TESTS=1, privileged tests run
 # and may not skip. Packages run one at a time (-p 1): privileged tests load
 # host-wide programs and cause host-wide scheduling, which must not overlap.
-test: tools
+test: tools otelcol
 	KTEL_PRIVILEGED_TESTS=$${KTEL_PRIVILEGED_TESTS-1} $(GO) test -count=1 -p 1 -timeout 20m ./...
+
+# Builds the OpenTelemetry Collector that end-to-end tests run
+# (.cache/otelcol/otelcol-ktel, from hack/otelcol/builder-config.yaml).
+# A no-op when up to date; FORCE=1 rebuilds.
+otelcol:
+	bash hack/otelcol/build.sh
 
 # Short fuzzing of every parser of outside input (ring-buffer records, the
 # services file); CI runs it with FUZZTIME=10s.
@@ -66,4 +72,4 @@ bench: tools build
 	$(GO) run ./cmd/ktel-bench
 
 clean:
-	rm -rf bin
+	rm -rf bin .cache/otelcol .cache/bin/builder

@@ -1,0 +1,324 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ktel-dev/ktel/internal/otelcoltest"
+	"github.com/ktel-dev/ktel/internal/testenv"
+)
+
+// tracingEnv points ktel at the collector over proto ("grpc" or
+// "http/protobuf").
+func tracingEnv(c *otelcoltest.Collector, proto string, extra ...string) []string {
+	endpoint := c.HTTPEndpoint()
+	if proto == "grpc" {
+		endpoint = "http://" + c.GRPCEndpoint()
+	}
+	return append([]string{
+		"OTEL_EXPORTER_OTLP_ENDPOINT=" + endpoint,
+		"OTEL_EXPORTER_OTLP_PROTOCOL=" + proto,
+		"OTEL_SERVICE_NAME=",
+	}, extra...)
+}
+
+// sleepOnThread sleeps d in clock_nanosleep on a locked thread and returns
+// the thread id and the wall time just before.
+func sleepOnThread(t *testing.T, d time.Duration) (tid int, before time.Time) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	tid = unix.Gettid()
+	before = time.Now()
+	testenv.Sleep(t, d)
+	return tid, before
+}
+
+// spansOf returns the spans named name whose thread.id is tid.
+func spansOf(spans []otelcoltest.Span, name string, tid int) []otelcoltest.Span {
+	var out []otelcoltest.Span
+	for _, s := range spans {
+		if s.Name == name && s.Attributes["thread.id"] == int64(tid) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// A slow syscall becomes a span with the kernel's timestamps and the
+// thread's identity, over both OTLP protocols, and its latency bucket
+// links to it with an exemplar.
+func TestSpansOfSlowSyscalls(t *testing.T) {
+	testenv.Privileged(t)
+	for _, proto := range []string{"grpc", "http/protobuf"} {
+		t.Run(proto, func(t *testing.T) {
+			c := otelcoltest.Start(t)
+			d := startDaemon(t, tracingEnv(c, proto, "KTEL_PROBES=syscall", "KTEL_SYSCALL_SPAN_THRESHOLD=50ms")...)
+
+			tid, before := sleepOnThread(t, 200*time.Millisecond)
+			spans := c.WaitForSpans(t, 15*time.Second, func(s []otelcoltest.Span) bool {
+				return len(spansOf(s, "syscall clock_nanosleep", tid)) > 0
+			})
+			mine := spansOf(spans, "syscall clock_nanosleep", tid)
+			// A signal may split the sleep in several syscalls; together
+			// they last the 200 ms.
+			var total time.Duration
+			for _, s := range mine {
+				total += s.EndTime.Sub(s.StartTime)
+				if s.Attributes["process.pid"] != int64(os.Getpid()) || s.Attributes["thread.name"] == "" ||
+					s.Attributes["process.executable.name"] != "ktel.test" || s.Attributes["ktel.syscall.name"] != "clock_nanosleep" {
+					t.Errorf("span attributes %v", s.Attributes)
+				}
+				if s.Resource["service.name"] != "ktel" || s.Resource["host.name"] == nil {
+					t.Errorf("resource %v", s.Resource)
+				}
+			}
+			if total < 190*time.Millisecond || total > 210*time.Millisecond {
+				t.Errorf("spans last %v in all, want 200ms ± 10ms", total)
+			}
+			if skew := mine[0].StartTime.Sub(before); skew < -50*time.Millisecond || skew > 50*time.Millisecond {
+				t.Errorf("span starts %v from the wall clock time recorded before the sleep", skew)
+			}
+
+			// The exemplar on the bucket of 200 ms (le=0.25) names a span the
+			// collector received.
+			ids := map[string]bool{}
+			for _, s := range spans {
+				ids[s.TraceID] = true
+			}
+			body := scrapeOpenMetrics(t, d)
+			re := regexp.MustCompile(`ktel_syscall_latency_seconds_bucket\{syscall="clock_nanosleep",le="0.25"\} \d+ # \{trace_id="([0-9a-f]{32})",span_id="[0-9a-f]{16}"\} (\S+)`)
+			m := re.FindStringSubmatch(body)
+			if m == nil {
+				t.Fatalf("no exemplar on the clock_nanosleep le=0.25 bucket:\n%s", grepLines(body, "clock_nanosleep"))
+			}
+			if !ids[m[1]] {
+				t.Errorf("exemplar trace %s not among the collector's spans", m[1])
+			}
+		})
+	}
+}
+
+func scrapeOpenMetrics(t *testing.T, d *ktelProc) string {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "http://"+d.addr+"/metrics", nil)
+	req.Header.Set("Accept", "application/openmetrics-text; version=1.0.0")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// metricValue sums the samples of name whose labels contain every one of
+// labels (`reason="queue_full"`), from a text scrape.
+func metricValue(t *testing.T, d *ktelProc, name string, labels ...string) float64 {
+	t.Helper()
+	body, _ := d.scrape(t, "text/plain; version=0.0.4")
+	var v float64
+	for _, l := range strings.Split(string(body), "\n") {
+		if !strings.HasPrefix(l, name+"{") && !strings.HasPrefix(l, name+" ") {
+			continue
+		}
+		ok := true
+		for _, lb := range labels {
+			ok = ok && strings.Contains(l, lb)
+		}
+		if f := strings.Fields(l); ok && len(f) >= 2 {
+			x, err := strconv.ParseFloat(f[len(f)-1], 64)
+			if err == nil {
+				v += x
+			}
+		}
+	}
+	return v
+}
+
+// outliers sleeps 3 ms n times on one thread: a stream of syscalls above a
+// 1 ms threshold.
+func outliers(t *testing.T, n int) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	for range n {
+		testenv.Sleep(t, 3*time.Millisecond)
+	}
+}
+
+// While the collector is away ktel drops what does not fit its bounded
+// queue, counts it, keeps its memory bounded, and sends spans again once
+// the collector is back.
+func TestCollectorOutage(t *testing.T) {
+	testenv.Privileged(t)
+	c := otelcoltest.Start(t)
+	d := startDaemon(t, tracingEnv(c, "http/protobuf", "KTEL_PROBES=syscall", "KTEL_SYSCALL_SPAN_THRESHOLD=1ms",
+		"KTEL_SPAN_QUEUE_SIZE=64", "OTEL_EXPORTER_OTLP_TIMEOUT=1000")...)
+	outliers(t, 20)
+	c.WaitForSpans(t, 10*time.Second, func(s []otelcoltest.Span) bool { return len(s) > 0 })
+
+	c.Stop()
+	for range 4 { // about 3 s of outliers, ~300 spans against a queue of 64
+		outliers(t, 250)
+		if rss := rssKiB(t, d); rss > 150<<10 {
+			t.Errorf("RSS %d KiB while the collector is down", rss)
+		}
+	}
+	dropped := metricValue(t, d, "ktel_spans_dropped_total", `probe="syscall"`, `reason="queue_full"`) +
+		metricValue(t, d, "ktel_spans_dropped_total", `probe="syscall"`, `reason="export_failed"`)
+	if dropped == 0 {
+		t.Error("no span counted as dropped while the collector was down")
+	}
+
+	c.Restart()
+	tid, _ := sleepOnThread(t, 60*time.Millisecond)
+	c.WaitForSpans(t, 40*time.Second, func(s []otelcoltest.Span) bool {
+		return len(spansOf(s, "syscall clock_nanosleep", tid)) > 0
+	})
+	if exported := metricValue(t, d, "ktel_spans_exported_total", `probe="syscall"`); exported == 0 {
+		t.Error("ktel_spans_exported_total is 0 after recovery")
+	}
+}
+
+func rssKiB(t *testing.T, d *ktelProc) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return n
+		}
+	}
+	return 0
+}
+
+// A storm of outliers is capped at KTEL_SPAN_RATE_LIMIT; the excess is
+// counted as rate_limited.
+func TestSpanRateLimit(t *testing.T) {
+	testenv.Privileged(t)
+	c := otelcoltest.Start(t)
+	d := startDaemon(t, tracingEnv(c, "http/protobuf", "KTEL_PROBES=syscall", "KTEL_SYSCALL_SPAN_THRESHOLD=1ms",
+		"KTEL_SPAN_RATE_LIMIT=20")...)
+	start := time.Now()
+	outliers(t, 400) // ~1.2 s, ~400 outliers of this thread alone
+	limited := metricValue(t, d, "ktel_spans_dropped_total", `probe="syscall"`, `reason="rate_limited"`)
+	elapsed := time.Since(start) + 2*time.Second // spans still arriving
+	time.Sleep(2 * time.Second)
+	spans, err := c.Spans()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The steady rate plus a second's burst per CPU.
+	limit := int(20*elapsed.Seconds()) + 20 + 5
+	if len(spans) > limit {
+		t.Errorf("%d spans in %v, want <= %d at 20/s", len(spans), elapsed, limit)
+	}
+	if limited < 100 {
+		t.Errorf("%v outliers counted as rate_limited, want the storm's excess", limited)
+	}
+}
+
+// A TCP retransmit in test namespaces becomes a span naming the peer.
+func TestRetransmitSpan(t *testing.T) {
+	testenv.Privileged(t)
+	c := otelcoltest.Start(t)
+	startDaemon(t, tracingEnv(c, "http/protobuf", "KTEL_PROBES=tcpretrans", "KTEL_TCPRETRANS_SPANS=true")...)
+
+	client, server := fmt.Sprintf("ktel-e2e-%d-c", os.Getpid()), fmt.Sprintf("ktel-e2e-%d-s", os.Getpid())
+	for _, ns := range []string{client, server} {
+		ip(t, "netns", "add", ns)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+	}
+	ip(t, "link", "add", "kte2e0", "netns", client, "type", "veth", "peer", "name", "kte2e1", "netns", server)
+	ip(t, "-n", client, "addr", "add", "10.201.0.1/24", "dev", "kte2e0")
+	ip(t, "-n", server, "addr", "add", "10.201.0.2/24", "dev", "kte2e1")
+	for _, a := range [][2]string{{client, "kte2e0"}, {server, "kte2e1"}, {client, "lo"}, {server, "lo"}} {
+		ip(t, "-n", a[0], "link", "set", a[1], "up")
+	}
+	if out, err := exec.Command("ip", "netns", "exec", server, "iptables", "-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP").CombinedOutput(); err != nil {
+		t.Fatalf("iptables: %v\n%s", err, out)
+	}
+	dialFrom(t, client, "10.201.0.2:7", 1500*time.Millisecond) // the SYN is dropped and retransmitted
+
+	spans := c.WaitForSpans(t, 15*time.Second, func(s []otelcoltest.Span) bool {
+		for _, sp := range s {
+			if sp.Name == "tcp retransmit" && sp.Attributes["network.peer.address"] == "10.201.0.2" {
+				return true
+			}
+		}
+		return false
+	})
+	for _, s := range spans {
+		if s.Name == "tcp retransmit" && s.Attributes["network.peer.address"] == "10.201.0.2" {
+			if s.Attributes["network.peer.port"] != int64(7) || s.Attributes["network.local.address"] != "10.201.0.1" ||
+				s.Attributes["ktel.tcp.state"] != "SYN_SENT" || s.Attributes["ktel.tcp.retransmit.kind"] != "syn" ||
+				s.Attributes["network.type"] != "ipv4" {
+				t.Errorf("span attributes %v", s.Attributes)
+			}
+			return
+		}
+	}
+}
+
+func ip(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %v: %v\n%s", args, err, out)
+	}
+}
+
+// dialFrom connects to addr from inside network namespace ns, on a thread
+// that is discarded afterwards, and expects the connect to time out.
+func dialFrom(t *testing.T, ns, addr string, timeout time.Duration) {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		f, err := os.Open("/var/run/netns/" + ns)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- err
+			return
+		}
+		conn, err := net.DialTimeout("tcp", addr, timeout)
+		if err == nil {
+			conn.Close()
+			errc <- fmt.Errorf("connected to %s through the firewall", addr)
+			return
+		}
+		errc <- nil
+	}()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+}
