@@ -90,7 +90,18 @@ type end struct {
 // with the namespaces, or by the test.
 func vethPair(t *testing.T, nsA, a, nsB, b string, net int, static bool, ipv6 bool) (end, end) {
 	t.Helper()
-	sh(t, "ip", "-n", nsA, "link", "add", a, "type", "veth", "peer", "name", b, "netns", nsB)
+	return vethPairIndex(t, nsA, a, nsB, b, net, static, ipv6, 0)
+}
+
+// vethPairIndex is vethPair with a chosen ifindex for a (0: the kernel's
+// choice).
+func vethPairIndex(t *testing.T, nsA, a, nsB, b string, net int, static bool, ipv6 bool, index int) (end, end) {
+	t.Helper()
+	args := []string{"ip", "-n", nsA, "link", "add", a}
+	if index != 0 {
+		args = append(args, "index", fmt.Sprint(index))
+	}
+	sh(t, append(args, "type", "veth", "peer", "name", b, "netns", nsB)...)
 	ea := end{ns: nsA, dev: a, addr: netip.AddrFrom4([4]byte{10, byte(net), 0, 1})}
 	eb := end{ns: nsB, dev: b, addr: netip.AddrFrom4([4]byte{10, byte(net), 0, 2})}
 	if ipv6 {

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"path"
 	"slices"
 	"strings"
@@ -43,6 +44,13 @@ const DefaultMaxInterfaces = 256
 // maxSlots bounds MaxInterfaces: each slot is a per-CPU value of
 // valueSize bytes in the kernel.
 const maxSlots = 65536
+
+// directIfindex bounds the ifindexes whose slot the programs find with an
+// array lookup (netdev_slots, NETDEV_DIRECT_IFINDEX in the C). A larger
+// ifindex, on a host or namespace that has created that many interfaces
+// since it began, is counted too, at the price of a hash lookup
+// (netdev_ifaces) per packet.
+const directIfindex = 65536
 
 // Options configure Load.
 type Options struct {
@@ -196,6 +204,7 @@ type Snapshot struct {
 	Overflow uint64
 	// Missed counts packets seen on an interface without a slot: only in
 	// the moment between an interface's removal and the probe noticing.
+	// The kernel counts them in slot 0, which no interface gets.
 	Missed uint64
 }
 
@@ -210,8 +219,9 @@ type Probe struct {
 	ncpu     int
 	nsFD     int // -1: the caller's namespace
 
-	counters *ebpf.Map
-	missed   *ebpf.Map
+	counters *ebpf.Map // per-CPU counters by slot; slot 0: missed
+	slotMap  *ebpf.Map // ifindex -> slot, for ifindex < directIfindex
+	ifaces   *ebpf.Map // ifindex -> slot, every attached interface
 	progs    map[string]*ebpf.Program
 
 	mu       sync.Mutex
@@ -223,8 +233,11 @@ type Probe struct {
 	stopOnce sync.Once
 }
 
-// ifaceInfo is what Snapshot tells of an attached interface.
-type ifaceInfo struct{ name, ingress, egress string }
+// ifaceInfo is what Snapshot tells of an attached interface, and its slot.
+type ifaceInfo struct {
+	name, ingress, egress string
+	slot                  uint32
+}
 
 // Load loads the programs and starts the watcher, which attaches to every
 // matching interface present; it returns once those are attached (a
@@ -297,7 +310,11 @@ func (p *Probe) load() error {
 	if err != nil {
 		return fmt.Errorf("load spec: %w", err)
 	}
-	spec.Maps[netdevMapNetdevCounters].MaxEntries = uint32(p.slots)
+	spec.Maps[netdevMapNetdevCounters].MaxEntries = uint32(p.slots) + 1 // and slot 0
+	spec.Maps[netdevMapNetdevIfaces].MaxEntries = uint32(p.slots)
+	if n := spec.Maps[netdevMapNetdevSlots].MaxEntries; n != directIfindex {
+		return fmt.Errorf("netdev_slots has %d entries, want %d", n, directIfindex)
+	}
 	if err := spec.Variables[netdevVarNetdevSizes].Set(boolByte(p.sizes)); err != nil {
 		return fmt.Errorf("set netdev_sizes: %w", err)
 	}
@@ -310,7 +327,8 @@ func (p *Probe) load() error {
 	}
 	defer coll.Close() // closes only what was not detached below
 	p.counters = coll.DetachMap(netdevMapNetdevCounters)
-	p.missed = coll.DetachMap(netdevMapNetdevMissed)
+	p.slotMap = coll.DetachMap(netdevMapNetdevSlots)
+	p.ifaces = coll.DetachMap(netdevMapNetdevIfaces)
 	p.progs = map[string]*ebpf.Program{}
 	for name := range spec.Programs {
 		p.progs[name] = coll.DetachProgram(name)
@@ -329,9 +347,45 @@ func boolByte(b bool) uint8 {
 func (p *Probe) Programs() map[string]*ebpf.Program { return p.progs }
 
 // BoundedMaps are the maps whose fill is worth watching: the interface
-// slots.
+// slots, as the hash of attached interfaces (the counters are an array,
+// always full).
 func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
-	return map[string]*ebpf.Map{netdevMapNetdevCounters: p.counters}
+	return map[string]*ebpf.Map{netdevMapNetdevIfaces: p.ifaces}
+}
+
+// setSlot gives interface ifindex the slot, zeroed, so that the programs
+// count it there. The counters first: the programs may run as soon as the
+// slot is in netdev_slots.
+func (p *Probe) setSlot(ifindex int, slot uint32) error {
+	if err := p.counters.Update(slot, make([]netdevNetdevValue, p.ncpu), 0); err != nil {
+		return fmt.Errorf("zero slot %d: %w", slot, err)
+	}
+	if err := p.ifaces.Update(uint32(ifindex), slot, 0); err != nil {
+		return fmt.Errorf("add interface %d: %w", ifindex, err)
+	}
+	if ifindex < directIfindex {
+		if err := p.slotMap.Update(uint32(ifindex), slot, 0); err != nil {
+			p.ifaces.Delete(uint32(ifindex))
+			return fmt.Errorf("set slot of interface %d: %w", ifindex, err)
+		}
+	}
+	return nil
+}
+
+// clearSlot takes interface ifindex's slot away: its packets count as
+// missed from then on.
+func (p *Probe) clearSlot(ifindex int) error {
+	var errs []error
+	if ifindex < directIfindex {
+		errs = append(errs, p.slotMap.Update(uint32(ifindex), uint32(0), 0))
+	}
+	if err := p.ifaces.Delete(uint32(ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("clear slot of interface %d: %w", ifindex, err)
+	}
+	return nil
 }
 
 // Interfaces returns the names of the attached interfaces, sorted.
@@ -360,8 +414,8 @@ func (p *Probe) Close() error {
 		cs = append(cs, prog)
 	}
 	p.progs = nil
-	cs = append(cs, p.counters, p.missed)
-	p.counters, p.missed = nil, nil
+	cs = append(cs, p.counters, p.slotMap, p.ifaces)
+	p.counters, p.slotMap, p.ifaces = nil, nil, nil
 	if p.nsFD >= 0 {
 		unix.Close(p.nsFD)
 		p.nsFD = -1
@@ -385,27 +439,17 @@ const valueSize = int(unsafe.Sizeof(netdevNetdevValue{}))
 // Snapshot reads the counters of every attached interface.
 func (p *Probe) Snapshot() (*Snapshot, error) {
 	p.mu.Lock()
-	names := make(map[int]ifaceInfo, len(p.names))
-	for i, n := range p.names {
-		names[i] = n
-	}
+	names := maps.Clone(p.names)
 	p.mu.Unlock()
 
 	s := &Snapshot{Overflow: p.overflow.Load()}
-	var (
-		key  uint32
-		vals []netdevNetdevValue
-	)
-	seen := map[uint32]bool{}
-	it := p.counters.Iterate()
-	for it.Next(&key, &vals) {
-		info, ok := names[int(key)]
-		if !ok || seen[key] {
-			continue // being attached or removed; or seen before a restart of the walk
+	var vals []netdevNetdevValue
+	for idx, info := range names {
+		if err := p.counters.Lookup(info.slot, &vals); err != nil {
+			return nil, fmt.Errorf("read netdev_counters: %w", err)
 		}
-		seen[key] = true
 		iface := Interface{
-			Name: info.name, Index: int(key), IngressHook: info.ingress, EgressHook: info.egress,
+			Name: info.name, Index: idx, IngressHook: info.ingress, EgressHook: info.egress,
 			PerCPU: make([]Counters, len(vals)),
 		}
 		if p.sizes {
@@ -423,16 +467,26 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		}
 		s.Interfaces = append(s.Interfaces, iface)
 	}
-	if err := it.Err(); err != nil {
+	// An interface removed meanwhile may have left its slot to another:
+	// what was read is someone else's. Only those still in their slot
+	// now held it during the read.
+	p.mu.Lock()
+	s.Interfaces = slices.DeleteFunc(s.Interfaces, func(i Interface) bool {
+		now, ok := p.names[i.Index]
+		return !ok || now.slot != names[i.Index].slot
+	})
+	p.mu.Unlock()
+	slices.SortFunc(s.Interfaces, func(a, b Interface) int { return strings.Compare(a.Name, b.Name) })
+
+	if err := p.counters.Lookup(uint32(0), &vals); err != nil {
 		return nil, fmt.Errorf("read netdev_counters: %w", err)
 	}
-	slices.SortFunc(s.Interfaces, func(a, b Interface) int { return strings.Compare(a.Name, b.Name) })
-	var missed []uint64
-	if err := p.missed.Lookup(uint32(0), &missed); err != nil {
-		return nil, fmt.Errorf("read netdev_missed: %w", err)
-	}
-	for _, m := range missed {
-		s.Missed += m
+	for _, v := range vals {
+		for d := range v.C {
+			for pr := range v.C[d] {
+				s.Missed += v.C[d][pr].Packets
+			}
+		}
 	}
 	return s, nil
 }

@@ -28,7 +28,8 @@ type netdevNetdevValue struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	netdevMapNetdevCounters     = "netdev_counters"
-	netdevMapNetdevMissed       = "netdev_missed"
+	netdevMapNetdevIfaces       = "netdev_ifaces"
+	netdevMapNetdevSlots        = "netdev_slots"
 	netdevProgNetdevTcEgress    = "netdev_tc_egress"
 	netdevProgNetdevTcEgressL3  = "netdev_tc_egress_l3"
 	netdevProgNetdevTcIngress   = "netdev_tc_ingress"
@@ -91,7 +92,8 @@ type netdevProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type netdevMapSpecs struct {
 	NetdevCounters *ebpf.MapSpec `ebpf:"netdev_counters"`
-	NetdevMissed   *ebpf.MapSpec `ebpf:"netdev_missed"`
+	NetdevIfaces   *ebpf.MapSpec `ebpf:"netdev_ifaces"`
+	NetdevSlots    *ebpf.MapSpec `ebpf:"netdev_slots"`
 }
 
 // netdevVariableSpecs contains global variables before they are loaded into the kernel.
@@ -122,13 +124,15 @@ func (o *netdevObjects) Close() error {
 // It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type netdevMaps struct {
 	NetdevCounters *ebpf.Map `ebpf:"netdev_counters"`
-	NetdevMissed   *ebpf.Map `ebpf:"netdev_missed"`
+	NetdevIfaces   *ebpf.Map `ebpf:"netdev_ifaces"`
+	NetdevSlots    *ebpf.Map `ebpf:"netdev_slots"`
 }
 
 func (m *netdevMaps) Close() error {
 	return _NetdevClose(
 		m.NetdevCounters,
-		m.NetdevMissed,
+		m.NetdevIfaces,
+		m.NetdevSlots,
 	)
 }
 

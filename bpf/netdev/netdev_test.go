@@ -399,8 +399,12 @@ func TestHotplug(t *testing.T) {
 	if s := snapshot(t, p); len(s.Interfaces) != 0 {
 		t.Errorf("%d interfaces in snapshot after removal", len(s.Interfaces))
 	}
-	if n, _ := countKeys(p.counters); n != 0 {
+	if n, _ := countKeys(p.ifaces); n != 0 {
 		t.Errorf("%d slots in use after removal", n)
+	}
+	var slot uint32
+	if err := p.slotMap.Lookup(uint32(i.Index), &slot); err != nil || slot != 0 {
+		t.Errorf("netdev_slots[%d] = %d, %v after removal; want 0", i.Index, slot, err)
 	}
 	if n := linksTo(t, ids); n != 0 {
 		t.Errorf("%d links left after removal", n)
@@ -432,6 +436,116 @@ func TestOverflow(t *testing.T) {
 	}
 	if s := snapshot(t, p); s.Overflow != 1 {
 		t.Errorf("overflow %d, want 1", s.Overflow)
+	}
+}
+
+// TestMissed: packets on an interface without a slot count in slot 0, as
+// missed, and in no interface.
+func TestMissed(t *testing.T) {
+	testenv.Privileged(t)
+	p := loadBare(t, true)
+	if err := p.clearSlot(1); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{netdevProgNetdevTcIngress, netdevProgNetdevTcEgress, netdevProgNetdevXdpIngress} {
+		if _, _, err := p.progs[name].Benchmark(udpFrame(), 1, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := snapshot(t, p)
+	if s.Missed != 3 || len(s.Interfaces) != 0 {
+		t.Errorf("missed %d, %d interfaces; want 3, 0", s.Missed, len(s.Interfaces))
+	}
+	// With a slot again, lo counts in it.
+	if err := p.setSlot(1, 2); err != nil {
+		t.Fatal(err)
+	}
+	p.names = map[int]ifaceInfo{1: {name: "lo", slot: 2}}
+	if _, _, err := p.progs[netdevProgNetdevTcEgress].Benchmark(udpFrame(), 5, nil); err != nil {
+		t.Fatal(err)
+	}
+	s = snapshot(t, p)
+	udp4, _ := ProtocolByName("ipv4_udp")
+	if s.Missed != 3 || len(s.Interfaces) != 1 {
+		t.Fatalf("missed %d, %d interfaces; want 3, 1", s.Missed, len(s.Interfaces))
+	}
+	expect(t, &s.Interfaces[0], Egress, udp4, 5, uint64(len(udpFrame())), -1)
+}
+
+// TestSizeSlots: the kernel puts frames in the slots SizeBound describes,
+// at every bound a test run can reach (frames of up to a page).
+func TestSizeSlots(t *testing.T) {
+	testenv.Privileged(t)
+	p := loadBare(t, true)
+	p.names = map[int]ifaceInfo{1: {name: "lo", slot: 1}}
+	lens := []int{60, 63}
+	for k := 0; SizeBound(k) < 3500; k++ {
+		lens = append(lens, int(SizeBound(k)), int(SizeBound(k))+1)
+	}
+	var want [NumSizes]uint64
+	for _, n := range lens {
+		frame := make([]byte, n)
+		copy(frame, udpFrame()[:14])
+		for _, prog := range []string{netdevProgNetdevTcEgress, netdevProgNetdevXdpIngress} {
+			if _, _, err := p.progs[prog].Benchmark(frame, 1, nil); err != nil {
+				t.Fatalf("%d bytes: %v", n, err)
+			}
+		}
+		k := 0
+		for k < NumSizes-1 && uint64(n) > SizeBound(k) {
+			k++
+		}
+		want[k]++
+	}
+	s := snapshot(t, p)
+	for _, d := range []Direction{Ingress, Egress} {
+		var got [NumSizes]uint64
+		for _, c := range s.Interfaces[0].SizesPerCPU {
+			for k, v := range c[d] {
+				got[k] += v
+			}
+		}
+		if got != want {
+			t.Errorf("%s: size slots %v, want %v (frames of %v bytes)", d, got, want, lens)
+		}
+	}
+}
+
+// TestHighIfindex: an interface whose ifindex is beyond netdev_slots is
+// counted all the same (through netdev_ifaces).
+func TestHighIfindex(t *testing.T) {
+	testenv.Privileged(t)
+	const n, size = 100, 100
+	pid := os.Getpid() % 100000
+	nsA, nsB := newNetns(t, "ia", false), newNetns(t, "ib", false)
+	a, b := fmt.Sprintf("kia%d", pid), fmt.Sprintf("kib%d", pid)
+	for i, md := range modes {
+		t.Run(md.name, func(t *testing.T) {
+			if i > 0 {
+				sh(t, "ip", "-n", nsA, "link", "del", a)
+			}
+			ea, eb := vethPairIndex(t, nsA, a, nsB, b, 70+i, true, false, directIfindex+1000+i)
+			o := md.opts
+			o.Interfaces, o.NetNS = []string{a}, nsPath(nsA)
+			p, err := Load(o, testLog(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			sendUDP(t, ea, eb, n, size, 1)
+			sendUDP(t, eb, ea, n, size, 0)
+			s := snapshot(t, p)
+			i := find(t, s, a)
+			if i.Index < directIfindex {
+				t.Fatalf("%s has ifindex %d", a, i.Index)
+			}
+			udp4, _ := ProtocolByName("ipv4_udp")
+			expect(t, i, Egress, udp4, n, frameLen(false, size), 1)
+			expect(t, i, Ingress, udp4, n, frameLen(false, size), -1)
+			if s.Missed != 0 {
+				t.Errorf("missed %d", s.Missed)
+			}
+		})
 	}
 }
 

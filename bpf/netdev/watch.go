@@ -22,13 +22,19 @@ type watcher struct {
 	// waiting are matching interfaces refused for want of a slot, by
 	// ifindex; they are attached when a slot frees.
 	waiting map[int]netlink.Link
-	tcx     bool // tcx not yet found missing
+	// free are the free slots (of 1..slots), the longest free first: a
+	// slot goes to a new interface as late as possible after its last one
+	// left, so that what a program still running then counted into it is
+	// long done when the slot is zeroed for the next.
+	free []uint32
+	tcx  bool // tcx not yet found missing
 }
 
 // attachment is what the probe attached to one interface.
 type attachment struct {
 	name           string
 	index          int
+	slot           uint32 // 0 until it has one
 	ingress        string // hook used: "tcx", "clsact" or "xdp"
 	egress         string
 	links          []io.Closer // tcx and XDP links
@@ -60,6 +66,9 @@ func (p *Probe) watch(ready chan<- error) {
 	}
 	defer h.Close()
 	w := &watcher{Probe: p, h: h, attached: map[int]*attachment{}, waiting: map[int]netlink.Link{}, tcx: p.tc != TCClsact}
+	for s := range p.slots {
+		w.free = append(w.free, uint32(s)+1)
+	}
 	defer w.detachAll()
 
 	// Subscribe first, then list: a link that appears in between is in
@@ -260,10 +269,13 @@ func (w *watcher) attach(l netlink.Link) error {
 	// header at TC.
 	l2 := attrs.EncapType == "ether" || attrs.EncapType == "loopback"
 	// The slot first, zeroed, so that the programs never miss it.
-	zero := make([]netdevNetdevValue, w.ncpu)
-	if err := w.counters.Update(uint32(a.index), zero, 0); err != nil {
-		return fmt.Errorf("add slot: %w", err)
+	if len(w.free) == 0 { // consider and fillFreedSlots checked
+		return errors.New("no free slot")
 	}
+	if err := w.setSlot(a.index, w.free[0]); err != nil {
+		return err
+	}
+	a.slot, w.free = w.free[0], w.free[1:]
 	w.publish(a)
 	w.attached[a.index] = a
 
@@ -292,10 +304,10 @@ func (w *watcher) attach(l netlink.Link) error {
 	return nil
 }
 
-// publish makes a's name and hooks visible to Snapshot.
+// publish makes a's name, hooks and slot visible to Snapshot.
 func (w *watcher) publish(a *attachment) {
 	w.mu.Lock()
-	w.names[a.index] = ifaceInfo{name: a.name, ingress: a.ingress, egress: a.egress}
+	w.names[a.index] = ifaceInfo{name: a.name, ingress: a.ingress, egress: a.egress, slot: a.slot}
 	w.mu.Unlock()
 }
 
@@ -314,9 +326,13 @@ func (w *watcher) detach(a *attachment, gone bool) {
 	w.mu.Lock()
 	delete(w.names, a.index)
 	w.mu.Unlock()
-	if err := w.counters.Delete(uint32(a.index)); err != nil {
-		errs = append(errs, fmt.Errorf("free slot: %w", err))
+	// A program still running may count into the slot after this: see
+	// free.
+	if err := w.clearSlot(a.index); err != nil {
+		errs = append(errs, err)
 	}
+	w.free = append(w.free, a.slot)
+	a.slot = 0
 	if err := errors.Join(errs...); err != nil && !gone {
 		w.log.Warn("detach", "interface", a.name, "err", err)
 	}
