@@ -54,9 +54,12 @@ func (s *Exemplars) Observe(metric string, labelValues []string, e Exemplar) {
 	m[classicBucket(e.Value)] = e
 }
 
+// classicBounds are computed once: classicBucket runs for every span.
+var classicBounds = histogram.ClassicBounds()
+
 // classicBucket is the upper bound of the classic bucket holding v.
 func classicBucket(v float64) float64 {
-	for _, ub := range histogram.ClassicBounds() {
+	for _, ub := range classicBounds {
 		if v <= ub {
 			return ub
 		}

@@ -159,15 +159,38 @@ func (p *Pipeline) Add(probe string, ring *ebpf.Map, decode Decoder) error {
 }
 
 // pollInterval bounds how long a record waits when the kernel did not wake
-// the reader (wakeups are batched).
-const pollInterval = 200 * time.Millisecond
+// the reader (wakeups are batched); drainTime bounds the final read of what
+// the ring buffers hold when stopping.
+const (
+	pollInterval = 200 * time.Millisecond
+	drainTime    = time.Second
+)
 
 func (p *Pipeline) read(rd *ringbuf.Reader, tracer trace.Tracer, decode Decoder, log *slog.Logger) {
-	var rec ringbuf.Record
-	for p.ctx.Err() == nil {
-		rd.SetDeadline(time.Now().Add(pollInterval))
+	var (
+		rec        ringbuf.Record
+		drainUntil time.Time
+	)
+	for {
+		// Once stopping, read only what is already there, so that records
+		// written before the stop are exported, not lost; for at most
+		// drainTime, since outliers may keep coming.
+		deadline := time.Now().Add(pollInterval)
+		if p.ctx.Err() != nil {
+			if drainUntil.IsZero() {
+				drainUntil = time.Now().Add(drainTime)
+			}
+			if time.Now().After(drainUntil) {
+				return
+			}
+			deadline = time.Now()
+		}
+		rd.SetDeadline(deadline)
 		if err := rd.ReadInto(&rec); err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
+				if p.ctx.Err() != nil {
+					return
+				}
 				continue
 			}
 			if !errors.Is(err, ringbuf.ErrClosed) {
@@ -200,15 +223,15 @@ func (p *Pipeline) emit(tracer trace.Tracer, s Span) {
 // Counts are the per-probe export counters.
 func (p *Pipeline) Counts() map[string]metrics.SpanCounts { return p.exporter.Counts() }
 
-// Close stops the readers, exports what is queued (within ctx) and shuts
-// the exporter down.
+// Close stops the readers once they have read what the ring buffers hold,
+// exports what is queued (within ctx) and shuts the exporter down.
 func (p *Pipeline) Close(ctx context.Context) error {
 	p.cancel()
+	p.wg.Wait()
 	var errs []error
 	for _, rd := range p.readers {
 		errs = append(errs, rd.Close())
 	}
-	p.wg.Wait()
 	errs = append(errs, p.provider.Shutdown(ctx))
 	return errors.Join(errs...)
 }

@@ -232,20 +232,23 @@ type Event struct {
 // EventSize is the size of a record in the ring buffer.
 const EventSize = int(unsafe.Sizeof(syscallSyscallEvent{}))
 
-// DecodeEvent decodes one ring-buffer record.
+// DecodeEvent decodes one ring-buffer record (struct syscall_event, whose
+// layout TestStructSizes pins; decoded by offset, without reflection,
+// because it runs for every outlier).
 func DecodeEvent(b []byte) (Event, error) {
-	var r syscallSyscallEvent
 	if len(b) != EventSize {
 		return Event{}, fmt.Errorf("syscall event: %d bytes, want %d", len(b), EventSize)
 	}
-	if _, err := binary.Decode(b, binary.NativeEndian, &r); err != nil {
-		return Event{}, fmt.Errorf("syscall event: %w", err)
+	ne := binary.NativeEndian
+	e := Event{
+		StartNs: ne.Uint64(b[0:]), EndNs: ne.Uint64(b[8:]),
+		Pid: ne.Uint32(b[16:]), Tid: ne.Uint32(b[20:]), Nr: ne.Uint32(b[24:]), Ret: int32(ne.Uint32(b[28:])),
+		Comm: probe.CBytes(b[32:48]), ProcessComm: probe.CBytes(b[48:64]),
 	}
-	if r.EndNs < r.StartNs {
-		return Event{}, fmt.Errorf("syscall event ends (%d) before it starts (%d)", r.EndNs, r.StartNs)
+	if e.EndNs < e.StartNs {
+		return Event{}, fmt.Errorf("syscall event ends (%d) before it starts (%d)", e.EndNs, e.StartNs)
 	}
-	return Event{StartNs: r.StartNs, EndNs: r.EndNs, Pid: r.Pid, Tid: r.Tid, Nr: r.Nr, Ret: r.Ret,
-		Comm: probe.CString(r.Comm[:]), ProcessComm: probe.CString(r.Pcomm[:])}, nil
+	return e, nil
 }
 
 // Sizes of the generated structs, for the layout check in tests.

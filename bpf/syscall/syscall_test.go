@@ -8,6 +8,7 @@ import (
 	"slices"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -28,6 +29,9 @@ func TestStructSizes(t *testing.T) {
 	}
 	if got, want := uint32(startSize), spec.Maps["syscall_start_hash"].ValueSize; got != want {
 		t.Errorf("struct start: Go %d bytes, hash value %d", got, want)
+	}
+	if EventSize != 64 || unsafe.Offsetof(syscallSyscallEvent{}.Comm) != 32 || unsafe.Offsetof(syscallSyscallEvent{}.Pcomm) != 48 {
+		t.Errorf("struct syscall_event changed: DecodeEvent's offsets must follow")
 	}
 	if got, want := uint32(errorsKeySize), spec.Maps["syscall_errors"].KeySize; got != want {
 		t.Errorf("struct errors_key: Go %d bytes, map key %d", got, want)

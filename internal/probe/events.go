@@ -1,6 +1,7 @@
 package probe
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"time"
@@ -99,4 +100,12 @@ func CString(c []int8) string {
 		b = append(b, byte(ch))
 	}
 	return string(b)
+}
+
+// CBytes converts a NUL-terminated C char array in a record to a string.
+func CBytes(c []byte) string {
+	if i := bytes.IndexByte(c, 0); i >= 0 {
+		c = c[:i]
+	}
+	return string(c)
 }
