@@ -1,0 +1,567 @@
+package reliability
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"golang.org/x/sys/unix"
+
+	"github.com/ktel-dev/ktel/internal/config"
+)
+
+// Bounds on every wait, so that a broken daemon fails the test instead of
+// hanging it.
+const (
+	startTimeout   = 10 * time.Second // until /healthz answers
+	stopTimeout    = 10 * time.Second // from the signal until the process is reaped
+	releaseTimeout = 10 * time.Second // until the kernel has freed what ktel held
+	pollInterval   = 20 * time.Millisecond
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if build.dir != "" {
+		os.RemoveAll(build.dir)
+	}
+	os.Exit(code)
+}
+
+// build is the binary under test, built once for all tests.
+var build struct {
+	once sync.Once
+	dir  string
+	path string
+	err  error
+}
+
+// binary builds cmd/ktel once, as the Makefile does (static, so that ktel
+// can drop the capabilities of every thread), and returns its path.
+func binary(t testing.TB) string {
+	t.Helper()
+	build.once.Do(func() {
+		build.dir, build.err = os.MkdirTemp("", "ktel-reliability-")
+		if build.err != nil {
+			return
+		}
+		build.path = filepath.Join(build.dir, "ktel")
+		// -buildvcs=false: stamping runs `git status`, which may take the
+		// index lock of a working tree someone else is committing in.
+		cmd := exec.Command("go", "build", "-buildvcs=false", "-o", build.path, "github.com/ktel-dev/ktel/cmd/ktel")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			build.err = fmt.Errorf("go build: %w\n%s", err, out)
+		}
+	})
+	if build.err != nil {
+		t.Fatal(build.err)
+	}
+	return build.path
+}
+
+// childEnv is the test's environment without KTEL_* variables (the test's
+// own included), plus kv.
+func childEnv(kv ...string) []string {
+	var env []string
+	for _, e := range os.Environ() {
+		if !strings.HasPrefix(e, config.Prefix+"_") {
+			env = append(env, e)
+		}
+	}
+	return append(env, kv...)
+}
+
+// freeLoopbackAddr returns a loopback address with a port that was free a
+// moment ago.
+func freeLoopbackAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("find a free port: %v", err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// syncBuffer is a bytes.Buffer that a process's output copier and the test
+// can use at the same time.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// daemon is a running ktel.
+type daemon struct {
+	cmd    *exec.Cmd
+	addr   string
+	stderr *syncBuffer
+	done   chan struct{} // closed once the process is reaped
+	err    error         // from Wait; valid after done
+}
+
+// startDaemon runs argv (nil: the binary, no arguments) serving on a free
+// loopback port, with env added, and waits until /healthz answers. It is
+// killed at cleanup unless the test stopped it.
+func startDaemon(t testing.TB, argv []string, env ...string) *daemon {
+	t.Helper()
+	if argv == nil {
+		argv = []string{binary(t)}
+	}
+	d := &daemon{addr: freeLoopbackAddr(t), stderr: &syncBuffer{}, done: make(chan struct{})}
+	d.cmd = exec.Command(argv[0], argv[1:]...)
+	d.cmd.Env = childEnv(append([]string{"KTEL_LISTEN_ADDRESS=" + d.addr, "KTEL_LOG_FORMAT=json"}, env...)...)
+	d.cmd.Stderr = d.stderr
+	if err := d.cmd.Start(); err != nil {
+		t.Fatalf("start ktel: %v", err)
+	}
+	go func() {
+		d.err = d.cmd.Wait()
+		close(d.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-d.done:
+			return
+		default:
+		}
+		d.cmd.Process.Kill()
+		select {
+		case <-d.done:
+		case <-time.After(stopTimeout):
+			t.Errorf("ktel (pid %d) not reaped %v after SIGKILL", d.cmd.Process.Pid, stopTimeout)
+		}
+	})
+
+	client := &http.Client{Timeout: time.Second}
+	deadline := time.Now().Add(startTimeout)
+	for {
+		resp, err := client.Get("http://" + d.addr + "/healthz")
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return d
+			}
+			err = fmt.Errorf("status %s", resp.Status)
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("ktel exited before serving: %v\nstderr:\n%s", d.err, d.stderr)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ktel /healthz not ready after %v: %v\nstderr:\n%s", startTimeout, err, d.stderr)
+		}
+		time.Sleep(pollInterval)
+	}
+}
+
+func (d *daemon) pid() int { return d.cmd.Process.Pid }
+
+// stop sends sig and waits for the process to be reaped.
+func (d *daemon) stop(t testing.TB, sig syscall.Signal) *os.ProcessState {
+	t.Helper()
+	if err := d.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("send %v: %v\nstderr:\n%s", sig, err, d.stderr)
+	}
+	select {
+	case <-d.done:
+	case <-time.After(stopTimeout):
+		t.Fatalf("ktel still running %v after %v\nstderr:\n%s", stopTimeout, sig, d.stderr)
+	}
+	return d.cmd.ProcessState
+}
+
+// stopClean stops with SIGTERM and fails the test unless ktel exits 0.
+func (d *daemon) stopClean(t testing.TB) {
+	t.Helper()
+	if ps := d.stop(t, syscall.SIGTERM); ps.ExitCode() != 0 {
+		t.Errorf("exit %v after SIGTERM\nstderr:\n%s", ps, d.stderr)
+	}
+}
+
+// metrics scrapes /metrics in the text format and parses it.
+func (d *daemon) metrics(t testing.TB) families {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, "http://"+d.addr+"/metrics", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Accept", "text/plain; version=0.0.4")
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("scrape: %v\nstderr:\n%s", err, d.stderr)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		t.Fatalf("scrape: status %s\n%s", resp.Status, body)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("parse scrape: %v", err)
+	}
+	return mfs
+}
+
+// families is a parsed scrape.
+type families map[string]*dto.MetricFamily
+
+// series returns the samples of family name whose labels include match,
+// keyed by the value of label by (or "" if by is empty).
+func (f families) series(name, by string, match ...string) map[string]float64 {
+	out := map[string]float64{}
+	mf := f[name]
+	if mf == nil {
+		return out
+	}
+metrics:
+	for _, m := range mf.GetMetric() {
+		for i := 0; i+1 < len(match); i += 2 {
+			if labelValue(m, match[i]) != match[i+1] {
+				continue metrics
+			}
+		}
+		var v float64
+		switch {
+		case m.GetCounter() != nil:
+			v = m.GetCounter().GetValue()
+		case m.GetGauge() != nil:
+			v = m.GetGauge().GetValue()
+		case m.GetUntyped() != nil:
+			v = m.GetUntyped().GetValue()
+		}
+		out[labelValue(m, by)] += v
+	}
+	return out
+}
+
+// value is the sum of the samples of name whose labels include match; ok
+// is false if there are none.
+func (f families) value(name string, match ...string) (v float64, ok bool) {
+	s := f.series(name, "", match...)
+	v, ok = s[""]
+	return v, ok
+}
+
+func labelValue(m *dto.Metric, name string) string {
+	if name == "" {
+		return ""
+	}
+	for _, l := range m.GetLabel() {
+		if l.GetName() == name {
+			return l.GetValue()
+		}
+	}
+	return ""
+}
+
+// kernelObjects are BPF programs, maps and links by ID.
+type kernelObjects struct {
+	progs map[ebpf.ProgramID]bool
+	maps  map[ebpf.MapID]bool
+	links map[link.ID]bool
+}
+
+func newObjects() kernelObjects {
+	return kernelObjects{progs: map[ebpf.ProgramID]bool{}, maps: map[ebpf.MapID]bool{}, links: map[link.ID]bool{}}
+}
+
+func (o kernelObjects) add(b kernelObjects) {
+	for id := range b.progs {
+		o.progs[id] = true
+	}
+	for id := range b.maps {
+		o.maps[id] = true
+	}
+	for id := range b.links {
+		o.links[id] = true
+	}
+}
+
+func (o kernelObjects) len() int { return len(o.progs) + len(o.maps) + len(o.links) }
+
+func (o kernelObjects) String() string {
+	return fmt.Sprintf("programs %v, maps %v, links %v", sortedKeys(o.progs), sortedKeys(o.maps), sortedKeys(o.links))
+}
+
+func sortedKeys[K ~uint32](m map[K]bool) []K {
+	out := make([]K, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// heldBy lists the BPF objects process pid holds: those it has file
+// descriptors for (from /proc/pid/fdinfo: prog_id, map_id, link_id) and
+// the maps its programs use. Telling ktel's objects apart this way, rather
+// than by what appeared on the host while it ran, blames nothing that
+// concurrent tests or other tools load.
+func heldBy(pid int) (kernelObjects, error) {
+	o := newObjects()
+	dir := fmt.Sprintf("/proc/%d/fdinfo", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return o, err
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // closed meanwhile
+		} else if err != nil {
+			return o, err
+		}
+		fields := map[string]uint32{}
+		sc := bufio.NewScanner(bytes.NewReader(b))
+		for sc.Scan() {
+			k, v, ok := strings.Cut(sc.Text(), ":")
+			if !ok {
+				continue
+			}
+			if n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 32); err == nil {
+				fields[k] = uint32(n)
+			}
+		}
+		if id, ok := fields["link_id"]; ok {
+			o.links[link.ID(id)] = true
+		}
+		if id, ok := fields["prog_id"]; ok {
+			o.progs[ebpf.ProgramID(id)] = true
+		}
+		if id, ok := fields["map_id"]; ok {
+			o.maps[ebpf.MapID(id)] = true
+		}
+	}
+	for id := range o.progs {
+		p, err := ebpf.NewProgramFromID(id)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		} else if err != nil {
+			return o, fmt.Errorf("program %d: %w", id, err)
+		}
+		info, err := p.Info()
+		p.Close()
+		if err != nil {
+			return o, fmt.Errorf("program %d info: %w", id, err)
+		}
+		ids, _ := info.MapIDs()
+		for _, m := range ids {
+			o.maps[m] = true
+		}
+	}
+	return o, nil
+}
+
+// held is heldBy for a test.
+func held(t testing.TB, pid int) kernelObjects {
+	t.Helper()
+	o, err := heldBy(pid)
+	if err != nil {
+		t.Fatalf("BPF objects of pid %d: %v", pid, err)
+	}
+	return o
+}
+
+// stillLoaded returns those of o that the kernel still has. IDs are
+// allocated cyclically, so an ID that exists is still the same object.
+func stillLoaded(o kernelObjects) (kernelObjects, error) {
+	left := newObjects()
+	for id := range o.progs {
+		p, err := ebpf.NewProgramFromID(id)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		} else if err != nil {
+			return left, fmt.Errorf("program %d: %w", id, err)
+		}
+		p.Close()
+		left.progs[id] = true
+	}
+	for id := range o.maps {
+		m, err := ebpf.NewMapFromID(id)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		} else if err != nil {
+			return left, fmt.Errorf("map %d: %w", id, err)
+		}
+		m.Close()
+		left.maps[id] = true
+	}
+	for id := range o.links {
+		l, err := link.NewFromID(id)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		} else if err != nil {
+			return left, fmt.Errorf("link %d: %w", id, err)
+		}
+		l.Close()
+		left.links[id] = true
+	}
+	return left, nil
+}
+
+// waitReleased waits until the kernel has freed every one of ours. It does
+// so asynchronously after the last reference goes (RCU, work queues), so a
+// short wait is legitimate even after a clean exit.
+func waitReleased(t testing.TB, ours kernelObjects) {
+	t.Helper()
+	start := time.Now()
+	for {
+		left, err := stillLoaded(ours)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if left.len() == 0 {
+			t.Logf("kernel released all %d of ktel's objects %v after the last exit", ours.len(), time.Since(start).Round(time.Millisecond))
+			return
+		}
+		if time.Since(start) > releaseTimeout {
+			t.Fatalf("%v after ktel exited, still loaded: %v", releaseTimeout, left)
+		}
+		time.Sleep(pollInterval)
+	}
+}
+
+// sentinel creates and frees one BPF map and one program and returns
+// their IDs. The kernel allocates IDs cyclically, so if two sentinels
+// taken around an interval are consecutive, no map or program at all was
+// created in it, however short-lived: stronger than comparing the objects
+// loaded before and after.
+func sentinel(t testing.TB) (ebpf.MapID, ebpf.ProgramID) {
+	t.Helper()
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatalf("sentinel map: %v", err)
+	}
+	defer m.Close()
+	mi, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mid, _ := mi.ID()
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SocketFilter,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+		License:      "GPL",
+	})
+	if err != nil {
+		t.Fatalf("sentinel program: %v", err)
+	}
+	defer p.Close()
+	pi, err := p.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := pi.ID()
+	return mid, pid
+}
+
+// Network namespaces. All traffic of these tests stays inside namespaces
+// they create and delete; nothing is addressed outside them.
+
+var netnsCount atomic.Int32
+
+// newNetns creates a network namespace, deleted when t ends, and returns
+// its name; its file is /var/run/netns/<name>.
+func newNetns(t testing.TB) string {
+	t.Helper()
+	name := fmt.Sprintf("ktel-rel-%d-%d", os.Getpid(), netnsCount.Add(1))
+	run(t, "ip", "netns", "add", name)
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", name, err, out)
+		}
+	})
+	run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	return name
+}
+
+func netnsPath(ns string) string { return "/var/run/netns/" + ns }
+
+func run(t testing.TB, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// inNetns runs f on an OS thread that has joined network namespace ns.
+// The thread is never unlocked: when the goroutine ends, Go discards it
+// rather than let another goroutine run in the namespace. Sockets f
+// creates stay in ns.
+func inNetns[T any](ns string, f func() (T, error)) (T, error) {
+	type result struct {
+		v   T
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		var r result
+		defer func() { ch <- r }()
+		fd, err := unix.Open(netnsPath(ns), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			r.err = fmt.Errorf("open netns %s: %w", ns, err)
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			r.err = fmt.Errorf("setns %s: %w", ns, err)
+			return
+		}
+		r.v, r.err = f()
+	}()
+	r := <-ch
+	return r.v, r.err
+}
+
+// eventually polls cond every 100 ms until it returns nil or timeout
+// passes, and returns its last error.
+func eventually(timeout time.Duration, cond func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func numCPU() int { return runtime.NumCPU() }
