@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench fuzz otelcol vet deps tools clean
+.PHONY: all build generate generate-check run test test-unit bench fuzz otelcol reliability soak vet deps tools clean
 
 all: build
 
@@ -67,6 +67,14 @@ fuzz:
 		echo "fuzz $$pkg $$fn"; \
 		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
 	done
+
+# Reliability tests alone, the scrape load at its full 60 s.
+reliability:
+	KTEL_PRIVILEGED_TESTS=1 KTEL_RELIABILITY_LONG=1 $(GO) test -count=1 -v -timeout 10m ./test/reliability/
+
+# Soak test, not in CI: 30 minutes by default (SOAK_DURATION=5m make soak).
+soak: build
+	SOAK_BINARY=$(BINARY) ./hack/soak.sh
 
 bench: tools build
 	$(GO) run ./cmd/ktel-bench

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+	"golang.org/x/sys/unix"
 
 	"github.com/ktel-dev/ktel/bpf/netdev"
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
@@ -237,9 +238,26 @@ func (c *Config) Validate() error {
 	if c.LBServicesFile != "" {
 		if data, err := os.ReadFile(c.LBServicesFile); err != nil {
 			bad("LB_SERVICES_FILE", c.LBServicesFile, err.Error())
-		} else if _, err := lbctl.Parse(c.LBServicesFile, data); err != nil {
+		} else if svcs, err := lbctl.Parse(c.LBServicesFile, data); err != nil {
 			bad("LB_SERVICES_FILE", c.LBServicesFile, err.Error())
+		} else {
+			backends := 0
+			for _, s := range svcs {
+				backends += len(s.Backends)
+			}
+			if len(svcs) > c.LBMaxServices {
+				bad("LB_SERVICES_FILE", c.LBServicesFile, fmt.Sprintf("%d services, more than KTEL_LB_MAX_SERVICES=%d", len(svcs), c.LBMaxServices))
+			}
+			if backends > c.LBMaxBackends {
+				bad("LB_SERVICES_FILE", c.LBServicesFile, fmt.Sprintf("%d backends, more than KTEL_LB_MAX_BACKENDS=%d", backends, c.LBMaxBackends))
+			}
 		}
+	}
+	if c.LBCgroup != "" && !isFS(c.LBCgroup, unix.CGROUP2_SUPER_MAGIC) {
+		bad("LB_CGROUP", c.LBCgroup, "not a directory of a cgroup v2 hierarchy")
+	}
+	if c.NetdevNetNS != "" && !isFS(c.NetdevNetNS, unix.NSFS_MAGIC) {
+		bad("NETDEV_NETNS", c.NetdevNetNS, "not a network namespace file (such as /var/run/netns/NAME)")
 	}
 	if !oneOf(c.LBAlgorithm, "random", "maglev") {
 		bad("LB_ALGORITHM", c.LBAlgorithm, "")
@@ -298,3 +316,9 @@ func (c *Config) Validate() error {
 }
 
 func oneOf(v string, accepted ...string) bool { return slices.Contains(accepted, v) }
+
+// isFS reports whether path is on a filesystem of the given magic number.
+func isFS(path string, magic int64) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(path, &st) == nil && int64(st.Type) == magic
+}

@@ -132,6 +132,10 @@ func TestValidation(t *testing.T) {
 		{"KTEL_LB_SERVICES_FILE", "testdata/services-ok.yaml", true},
 		{"KTEL_LB_SERVICES_FILE", "testdata/services-bad.yaml", false},
 		{"KTEL_LB_SERVICES_FILE", "/nonexistent.yaml", false},
+		{"KTEL_LB_CGROUP", "/tmp", false},
+		{"KTEL_LB_CGROUP", "/nonexistent", false},
+		{"KTEL_NETDEV_NETNS", "/tmp", false},
+		{"KTEL_NETDEV_NETNS", "/proc/self/ns/net", true},
 		{"KTEL_LB_ALGORITHM", "maglev", true},
 		{"KTEL_LB_ALGORITHM", "roundrobin", false},
 		{"KTEL_LB_MAGLEV_TABLE_SIZE", "251", true},
@@ -195,6 +199,20 @@ func TestProbeWithoutInput(t *testing.T) {
 		if !errors.As(err, &ce) || ce.Var != missing {
 			t.Errorf("KTEL_PROBES=%s: %v, want an error naming %s", probe, err, missing)
 		}
+	}
+}
+
+// A services file that does not fit the maps is refused before loading.
+func TestServicesOverCapacity(t *testing.T) {
+	setenv(t, map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml", "KTEL_LB_MAX_SERVICES": "1"})
+	if _, err := Load(); err != nil {
+		t.Fatalf("one service with a capacity of one: %v", err)
+	}
+	setenv(t, map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-two.yaml", "KTEL_LB_MAX_SERVICES": "1"})
+	_, err := Load()
+	var ce *Error
+	if !errors.As(err, &ce) || ce.Var != "KTEL_LB_SERVICES_FILE" || !strings.Contains(err.Error(), "KTEL_LB_MAX_SERVICES=1") {
+		t.Errorf("two services with a capacity of one: %v", err)
 	}
 }
 

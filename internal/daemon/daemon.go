@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -149,6 +150,18 @@ func logLoadError(log *slog.Logger, err error) {
 	}
 }
 
+// verdict is err on one line, led by its root cause when one is known,
+// without the "unsupported on this kernel" the verdict already says. The
+// log has the full error, one line per alternative tried.
+func verdict(err error) string {
+	msg := strings.TrimPrefix(err.Error(), probe.ErrUnsupported.Error()+": ")
+	msg = strings.Join(strings.Split(msg, "\n"), "; ")
+	if cause := probe.Cause(err); cause != "" {
+		msg = cause + ": " + msg
+	}
+	return msg
+}
+
 // Running is the number of probes loaded.
 func (d *Daemon) Running() int { return len(d.probes) }
 
@@ -275,9 +288,9 @@ func check(cfg *config.Config, log *slog.Logger, w io.Writer, starters map[strin
 			}
 			continue
 		case probe.Unsupported(err):
-			fmt.Fprintf(w, "%s: unsupported on this kernel: %v\n", name, err)
+			fmt.Fprintf(w, "%s: unsupported on this kernel: %s\n", name, verdict(err))
 		default:
-			fmt.Fprintf(w, "%s: failed: %v\n", name, err)
+			fmt.Fprintf(w, "%s: failed: %s\n", name, verdict(err))
 		}
 		logLoadError(log.With("probe", name), err)
 		ok = false

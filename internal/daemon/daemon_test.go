@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -90,6 +91,10 @@ func TestCheckVerdicts(t *testing.T) {
 	out.Reset()
 	ok := check(testConfig("syscall,unsupported,broken", false), log, &out, s)
 	want := "syscall: ok\nunsupported: unsupported on this kernel: attach: unsupported on this kernel\nbroken: failed: boom\n"
+	// The check of a probe whose error wraps the sentinel says it once.
+	if v := verdict(fmt.Errorf("%w: %w", probe.ErrUnsupported, errors.Join(errors.New("a"), errors.New("b")))); v != "a; b" {
+		t.Errorf("verdict = %q, want one line without the repeated prefix", v)
+	}
 	if ok || out.String() != want {
 		t.Errorf("check = %v, output:\n%s\nwant:\n%s", ok, out.String(), want)
 	}

@@ -196,8 +196,12 @@ func start(starters map[string]starter, name string, e env) (loaded, error) {
 	if !ok {
 		return nil, fmt.Errorf("no probe %q", name)
 	}
+	need := needs[name].load
+	if name == "netdev" && e.cfg.NetdevNetNS != "" {
+		need = append(need, caps.SysAdmin) // setns
+	}
 	if held, err := caps.Effective(); err == nil {
-		if missing := held.Missing(needs[name].load); len(missing) > 0 {
+		if missing := held.Missing(need); len(missing) > 0 {
 			return nil, fmt.Errorf("%w: probe %s needs %s; ktel has %s", ErrMissingCapability, name, caps.Of(missing...), held)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"golang.org/x/sys/unix"
 )
 
@@ -78,4 +79,21 @@ func (h hidden) As(target any) bool {
 		return errors.As(h.err, p)
 	}
 	return false
+}
+
+// Cause names the root cause of a load error in a few words when it is one
+// a user can act on, and is empty otherwise.
+func Cause(err error) string {
+	msg := err.Error()
+	switch {
+	// cilium/ebpf reports a missing vmlinux BTF as ErrNotSupported with
+	// this text, not as btf.ErrNotFound.
+	case errors.Is(err, btf.ErrNotFound) || strings.Contains(msg, "no BTF found for kernel"):
+		return "kernel BTF not found (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)"
+	case strings.Contains(msg, "load kernel spec: parsing"):
+		return "kernel BTF unreadable (/sys/kernel/btf/vmlinux)"
+	case errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES):
+		return "permission denied (capabilities?)"
+	}
+	return ""
 }

@@ -3,6 +3,7 @@ package probe
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -41,5 +42,18 @@ func TestCombineKeepsVerifierLog(t *testing.T) {
 	}
 	if errors.Is(err, ErrUnsupported) {
 		t.Error("a failed alternative was reported as unsupported")
+	}
+}
+
+func TestCause(t *testing.T) {
+	for err, want := range map[error]string{
+		fmt.Errorf("apply CO-RE relocations: load kernel spec: no BTF found for kernel version 6.1: %w", ebpf.ErrNotSupported): "kernel BTF not found",
+		errors.New("load kernel spec: parsing .BTF header: read header: buffer too small"):                                     "kernel BTF unreadable",
+		fmt.Errorf("map create: %w", unix.EPERM):                                                                               "permission denied",
+		errors.New("boom"):                                                                                                     "",
+	} {
+		if got := Cause(err); !strings.HasPrefix(got, want) || (want == "" && got != "") {
+			t.Errorf("Cause(%v) = %q, want %q...", err, got, want)
+		}
 	}
 }
