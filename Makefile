@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench fuzz otelcol reliability soak vet deps tools clean
+.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol reliability soak vet deps tools clean
 
 all: build
 
@@ -75,6 +75,12 @@ reliability:
 # Soak test, not in CI: 30 minutes by default (SOAK_DURATION=5m make soak).
 soak: build
 	SOAK_BINARY=$(BINARY) ./hack/soak.sh
+
+# Connect latency and apply time of the lb probe against direct connects and
+# kube-proxy-style iptables (nft and legacy), 1 to 100,000 services, in private
+# network namespaces and child cgroups it creates and removes. As root.
+bench-lb: tools
+	$(GO) run ./cmd/ktel-bench-lb -svg cmd/ktel-bench-lb/bench-lb.svg
 
 bench: tools build
 	$(GO) run ./cmd/ktel-bench
