@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol reliability soak vet deps tools clean
+.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol deploy-tools deploy-check reliability soak vet deps tools clean
 
 all: build
 
@@ -49,6 +49,18 @@ test-unit:
 # host-wide programs and cause host-wide scheduling, which must not overlap.
 test: tools otelcol
 	KTEL_PRIVILEGED_TESTS=$${KTEL_PRIVILEGED_TESTS-1} $(GO) test -count=1 -p 1 -timeout 20m ./...
+
+# Pinned helm/kustomize (Go module proxy) and the dashboards' npm packages.
+deploy-tools:
+	./deploy/validate/install-tools.sh
+
+# Manifests (kustomize, helm lint/template, strict decoding), alert-rule unit
+# tests, dashboard schema. Dashboard/alert PromQL runs in test/deploy (make test).
+deploy-check: deploy-tools
+	cd deploy/validate && $(GO) test -count=1 ./...
+	promtool check rules deploy/prometheus/ktel-alerts.yaml
+	promtool test rules deploy/prometheus/ktel-alerts_test.yaml
+	cd dashboards/test && npm test
 
 # Builds the OpenTelemetry Collector that end-to-end tests run
 # (.cache/otelcol/otelcol-ktel, from hack/otelcol/builder-config.yaml).

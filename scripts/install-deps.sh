@@ -2,12 +2,13 @@
 # Installs what building, testing and benchmarking ktel needs on Debian 12:
 # clang-19 (pinned BPF compiler), kernel UAPI headers (syscall tables),
 # bpftool, Prometheus (promtool and the server, for end-to-end tests),
-# iptables and iproute2 (network-namespace tests). Idempotent and quick
+# iptables and iproute2 (network-namespace tests), util-linux (setpriv) and
+# systemd (systemd-analyze verify of the unit). Idempotent and quick
 # when everything is present.
 set -euo pipefail
 
-packages=(clang-19 llvm-19 bpftool prometheus iptables iproute2 curl
-	linux-libc-dev linux-libc-dev-arm64-cross)
+packages=(clang-19 llvm-19 bpftool prometheus iptables iproute2 curl util-linux
+	systemd linux-libc-dev linux-libc-dev-arm64-cross)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,7 @@
+// Package deploy tests what ships outside the binary: the Dockerfile's
+// build (a static binary that runs), the systemd unit, the capabilities
+// the manifests grant, and every PromQL expression of the Grafana
+// dashboards and the alert rules, run against real Prometheus servers
+// scraping a real ktel. The Kubernetes manifests are checked by their own
+// module, deploy/validate; the dashboards' schema by dashboards/test.
+package deploy
