@@ -94,8 +94,11 @@ soak: build
 bench-lb: tools
 	$(GO) run ./cmd/ktel-bench-lb -svg cmd/ktel-bench-lb/bench-lb.svg
 
+# Every overhead measurement side by side (see BENCHMARKS.md), e.g.
+# make bench BENCHFLAGS="-busy 20s -out /tmp/bench.md".
+BENCHFLAGS ?=
 bench: tools build
-	$(GO) run ./cmd/ktel-bench
+	$(GO) run ./cmd/ktel-bench -daemon $(BINARY) $(BENCHFLAGS)
 
 clean:
 	rm -rf bin .cache/otelcol .cache/bin/builder

@@ -1,20 +1,27 @@
-// Command ktel-bench measures what ktel's probes add to the work they
-// observe, side by side in one run: configurations are interleaved round by
-// round on one pinned CPU, and medians are compared, because a shared
-// machine drifts more between runs than between neighbouring rounds.
-// It prints figures; it never passes or fails on them.
+// Command ktel-bench measures what ktel costs, against doing nothing, an
+// empty program on the same hook, and bpftrace running the same logic,
+// side by side in one run: configurations are interleaved round by round on
+// one pinned CPU, and medians (with the spread of the rounds) are compared,
+// because a shared machine drifts more between runs than between
+// neighbouring rounds. It also measures scrapes of the built daemon, its
+// footprint, and the accuracy of its histograms.
+// It prints figures and the goals they are set against; it never passes or
+// fails on them.
 //
-// Run as root: make bench.
+// Run as root: make bench (all), or go run ./cmd/ktel-bench -only NAME.
 package main
 
 import (
+	"bytes"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"runtime"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -32,14 +39,44 @@ type config struct {
 	setup setup
 }
 
+// benchmarks in the order they run; -only picks some.
+var benchmarks = []string{"syscall", "runqlat", "netdev", "scrape", "accuracy"}
+
+type options struct {
+	rounds, calls, trips, cpu, packets int
+	busy, idle                         time.Duration
+	sleeps                             int
+	daemon                             string
+	bpftrace                           bool
+}
+
 func main() {
-	rounds := flag.Int("rounds", 7, "interleaved rounds per configuration")
-	calls := flag.Int("calls", 300000, "syscalls per measurement")
-	trips := flag.Int("trips", 50000, "pipe round trips per measurement")
-	cpu := flag.Int("cpu", 0, "CPU to pin the measuring threads to")
-	packets := flag.Int("packets", 200000, "UDP packets per measurement (netdev)")
-	only := flag.String("only", "", "run only this benchmark: syscall, runqlat or netdev")
+	var o options
+	flag.IntVar(&o.rounds, "rounds", 7, "interleaved rounds per configuration")
+	flag.IntVar(&o.calls, "calls", 300000, "syscalls per measurement")
+	flag.IntVar(&o.trips, "trips", 50000, "pipe round trips per measurement")
+	flag.IntVar(&o.cpu, "cpu", 0, "CPU to pin the measuring threads to")
+	flag.IntVar(&o.packets, "packets", 200000, "UDP packets per measurement (netdev)")
+	flag.DurationVar(&o.busy, "busy", time.Minute, "busy period before the scrape measurements (scrape)")
+	flag.DurationVar(&o.idle, "idle", 10*time.Second, "idle period over which the daemon's idle CPU is measured (scrape)")
+	flag.IntVar(&o.sleeps, "sleeps", 200, "clock_nanosleep calls per duration (accuracy)")
+	flag.StringVar(&o.daemon, "daemon", "bin/ktel", "the built daemon (scrape); built into a temporary directory if missing")
+	flag.BoolVar(&o.bpftrace, "bpftrace", true, "compare with bpftrace (installed with apt-get when missing)")
+	only := flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(benchmarks, ","))
+	out := flag.String("out", "", "also write the results as Markdown to this file (machine, command, summary, full output)")
 	flag.Parse()
+
+	run := map[string]bool{}
+	for _, b := range strings.Split(*only, ",") {
+		if b = strings.TrimSpace(b); b != "" {
+			if !slices.Contains(benchmarks, b) {
+				fmt.Fprintf(os.Stderr, "-only: unknown benchmark %q (known: %s)\n", b, strings.Join(benchmarks, ","))
+				os.Exit(2)
+			}
+			run[b] = true
+		}
+	}
+	want := func(b string) bool { return len(run) == 0 || run[b] }
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if err := rlimit.RemoveMemlock(); err != nil {
@@ -47,34 +84,64 @@ func main() {
 	}
 	runtime.LockOSThread()
 	var set unix.CPUSet
-	set.Set(*cpu)
+	set.Set(o.cpu)
 	if err := unix.SchedSetaffinity(0, &set); err != nil {
 		fmt.Fprintln(os.Stderr, "pin to CPU:", err)
 		os.Exit(1)
 	}
 
-	if *only == "" || *only == "syscall" {
-		fmt.Printf("syscall probe: getpid, %d calls x %d rounds, pinned to CPU %d\n\n", *calls, *rounds, *cpu)
-		cfgs := syscallConfigs(log)
-		results := measure(cfgs, *rounds, func() float64 { return getpidLoop(*calls) })
-		report(os.Stdout, cfgs, results, "ns/syscall")
+	var full bytes.Buffer
+	w := io.MultiWriter(os.Stdout, &full)
+	sum := &summary{}
+	started := time.Now()
+	fmt.Fprintf(w, "%s\n\n", machine())
+
+	bt := ""
+	if o.bpftrace && (want("syscall") || want("runqlat")) {
+		var err error
+		if bt, err = findBpftrace(); err != nil {
+			fmt.Fprintln(w, "bpftrace unavailable, not compared:", err)
+		}
 	}
-	if *only == "" || *only == "runqlat" {
-		fmt.Printf("\nrunqlat probe: pipe ping-pong between two threads on CPU %d, %d round trips x %d rounds\n\n", *cpu, *trips, *rounds)
-		cfgs := runqlatConfigs(log)
-		results := measure(cfgs, *rounds, func() float64 { return pingPong(*cpu, *trips) })
-		report(os.Stdout, cfgs, results, "ns/round trip")
+
+	if want("syscall") {
+		runSyscallBench(w, log, sum, o, bt)
 	}
-	if *only == "" || *only == "netdev" {
-		runNetdevBench(log, *rounds, *packets, *cpu)
+	if want("runqlat") {
+		runRunqlatBench(w, log, sum, o, bt)
+	}
+	if want("netdev") {
+		runNetdevBench(w, log, sum, o)
+	}
+	if want("scrape") {
+		runScrapeBench(w, log, sum, o)
+	}
+	if want("accuracy") {
+		runAccuracyBench(w, log, sum, o)
+	}
+
+	fmt.Fprintf(w, "\nsummary (figures against goals; median [min..max] over rounds; %s in all):\n\n", time.Since(started).Round(time.Second))
+	sum.text(w)
+	if *out != "" {
+		if err := writeMarkdown(*out, sum, full.String()); err != nil {
+			fmt.Fprintln(os.Stderr, "write", *out+":", err)
+			os.Exit(1)
+		}
 	}
 }
 
 // measure runs every config once per round, rotating the order so that no
 // config always follows the same neighbour, and returns the per-config
-// samples.
+// samples, one per round: NaN where the config could not be set up, so
+// that samples of one round stay aligned across configs.
 func measure(cfgs []config, rounds int, run func() float64) map[string][]float64 {
 	samples := make(map[string][]float64, len(cfgs))
+	for _, c := range cfgs {
+		samples[c.name] = make([]float64, rounds)
+		for r := range samples[c.name] {
+			samples[c.name][r] = math.NaN()
+		}
+	}
 	for r := range rounds {
 		for i := range cfgs {
 			c := cfgs[(i+r)%len(cfgs)]
@@ -87,7 +154,7 @@ func measure(cfgs []config, rounds int, run func() float64) map[string][]float64
 				}
 			}
 			run() // warm-up
-			samples[c.name] = append(samples[c.name], run())
+			samples[c.name][r] = run()
 			if closer != nil {
 				closer.Close()
 			}
@@ -96,37 +163,100 @@ func measure(cfgs []config, rounds int, run func() float64) map[string][]float64
 	return samples
 }
 
-// report prints each config's median, what it adds to "none", and that
-// addition as a multiple of its floor's.
+// report prints each config's median and spread, what it adds to "none",
+// and that addition as a multiple of its floor's, round by round.
 func report(w io.Writer, cfgs []config, samples map[string][]float64, unit string) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "config\tmedian %s\tadded vs none\tslowdown\tadded vs floor's\t\n", unit)
+	fmt.Fprintf(tw, "config\tmedian %s\tmin..max\tadded vs none\tslowdown\tadded vs floor's\t\n", unit)
 	base := median(samples["none"])
 	for _, c := range cfgs {
 		s := samples[c.name]
-		if len(s) == 0 {
-			fmt.Fprintf(tw, "%s\tunavailable\t\t\t\t\n", c.name)
+		if countValid(s) == 0 {
+			fmt.Fprintf(tw, "%s\tunavailable\t\t\t\t\t\n", c.name)
 			continue
 		}
 		m := median(s)
 		ratio := ""
 		if c.floor != "" {
-			if f := median(samples[c.floor]) - base; f > 0 {
-				ratio = fmt.Sprintf("%.2fx", (m-base)/f)
+			r := roundRatios(s, samples[c.floor], samples["none"])
+			if countValid(r) > 0 {
+				ratio = fmt.Sprintf("%.2fx [%.2f..%.2f]", median(r), minOf(r), maxOf(r))
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%.1f\t%+.1f\t%+.1f%%\t%s\t\n", c.name, m, m-base, 100*(m-base)/base, ratio)
+		fmt.Fprintf(tw, "%s\t%.1f\t%.1f..%.1f\t%+.1f\t%+.1f%%\t%s\t\n", c.name, m, minOf(s), maxOf(s), m-base, 100*(m-base)/base, ratio)
 	}
 	tw.Flush()
 }
 
-func median(s []float64) float64 {
-	if len(s) == 0 {
-		return 0
+// roundRatios is, round by round, (x-base)/(y-base): what x adds as a
+// multiple of what y adds, each round's figures having been measured next
+// to each other.
+func roundRatios(x, y, base []float64) []float64 {
+	out := make([]float64, len(x))
+	for i := range x {
+		out[i] = math.NaN()
+		if i < len(y) && i < len(base) && y[i]-base[i] > 0 {
+			out[i] = (x[i] - base[i]) / (y[i] - base[i])
+		}
 	}
-	s = slices.Clone(s)
+	return out
+}
+
+// roundSlowdowns is, round by round, x/base - 1.
+func roundSlowdowns(x, base []float64) []float64 {
+	out := make([]float64, len(x))
+	for i := range x {
+		out[i] = x[i]/base[i] - 1
+	}
+	return out
+}
+
+// roundAdded is, round by round, x - base.
+func roundAdded(x, base []float64) []float64 {
+	out := make([]float64, len(x))
+	for i := range x {
+		out[i] = x[i] - base[i]
+	}
+	return out
+}
+
+func valid(s []float64) []float64 {
+	out := make([]float64, 0, len(s))
+	for _, v := range s {
+		if !math.IsNaN(v) && !math.IsInf(v, 0) {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+func countValid(s []float64) int { return len(valid(s)) }
+
+// median of the valid samples (NaN if none): the upper median for an even
+// count, as before.
+func median(s []float64) float64 {
+	s = valid(s)
+	if len(s) == 0 {
+		return math.NaN()
+	}
 	slices.Sort(s)
 	return s[len(s)/2]
+}
+
+func minOf(s []float64) float64 {
+	s = valid(s)
+	if len(s) == 0 {
+		return math.NaN()
+	}
+	return slices.Min(s)
+}
+
+func maxOf(s []float64) float64 {
+	s = valid(s)
+	if len(s) == 0 {
+		return math.NaN()
+	}
+	return slices.Max(s)
 }
 
 // getpidLoop returns the mean cost of one getpid in ns. RawSyscall keeps

@@ -8,7 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
+	"text/tabwriter"
 	"time"
 	"unsafe"
 
@@ -173,30 +175,89 @@ func udpFlood(fd, n, size int) float64 {
 	return float64(time.Since(start).Nanoseconds()) / float64(n)
 }
 
-// runNetdevBench prints the netdev probe's cost per packet.
-func runNetdevBench(log *slog.Logger, rounds, packets, cpu int) {
-	fmt.Printf("\nnetdev probe: UDP flood (64-byte payload) through a veth pair between two namespaces, %d packets x %d rounds, sender pinned to CPU %d\n\n", packets, rounds, cpu)
+// runNetdevBench prints the netdev probe's cost per packet: in the kernel
+// alone (BPF_PROG_TEST_RUN, beside an empty program), then on the whole
+// path of a UDP flood through a veth pair.
+func runNetdevBench(w io.Writer, log *slog.Logger, sum *summary, o options) {
+	fmt.Fprintf(w, "\nnetdev probe, in the kernel alone: BPF_PROG_TEST_RUN on a 106-byte UDP frame, beside an empty program of the same type (go test -bench BenchmarkPrograms ./bpf/netdev, %d rounds)\n\n", o.rounds)
+	if pk, err := progTestRun(o.rounds); err != nil {
+		fmt.Fprintln(w, "unavailable:", err)
+	} else {
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintf(tw, "program	median ns/packet	min..max	added vs empty	\n")
+		for _, name := range []string{"empty_tc", "tc_ingress", "tc_ingress+sizes", "empty_xdp", "xdp_ingress", "xdp_ingress+sizes"} {
+			v := pk[name]
+			empty := pk["empty_tc"]
+			if strings.HasPrefix(name, "xdp") || name == "empty_xdp" {
+				empty = pk["empty_xdp"]
+			}
+			fmt.Fprintf(tw, "%s\t%.1f\t%.0f..%.0f\t%+.1f\t\n", name, median(v), minOf(v), maxOf(v), median(roundAdded(v, empty)))
+		}
+		tw.Flush()
+		sum.add("netdev", "added ns/packet in kernel, tc", roundAdded(pk["tc_ingress"], pk["empty_tc"]), "ns", "<= 20 ns", atMost(20), "BPF_PROG_TEST_RUN")
+		sum.add("netdev", "added ns/packet in kernel, tc+sizes", roundAdded(pk["tc_ingress+sizes"], pk["empty_tc"]), "ns", "<= 20 ns", atMost(20), "BPF_PROG_TEST_RUN")
+		sum.add("netdev", "added ns/packet in kernel, xdp", roundAdded(pk["xdp_ingress"], pk["empty_xdp"]), "ns", "<= 20 ns", atMost(20), "BPF_PROG_TEST_RUN")
+	}
+
+	fmt.Fprintf(w, "\nnetdev probe, whole path: UDP flood (64-byte payload) through a veth pair between two namespaces, %d packets x %d rounds, sender pinned to CPU %d; each packet passes two hooks (egress a, ingress b)\n\n", o.packets, o.rounds, o.cpu)
 	fd, cleanup, err := netdevEnv()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "netdev:", err)
+		fmt.Fprintln(w, "netdev:", err)
 		return
 	}
 	defer cleanup()
 	cfgs := netdevConfigs(log)
-	results := measure(cfgs, rounds, func() float64 { return udpFlood(fd, packets, 64) })
-	report(os.Stdout, cfgs, results, "ns/packet")
+	results := measure(cfgs, o.rounds, func() float64 { return udpFlood(fd, o.packets, 64) })
+	report(w, cfgs, results, "ns/packet")
+	sum.add("netdev", "added ns/packet, whole path, tc (tcx), 2 hooks", roundAdded(results["netdev tc (tcx)"], results["none"]), "ns", "", nil, "noisy: a few % of the path")
+	sum.add("netdev", "added ns/packet, whole path, xdp+tc, 2 hooks", roundAdded(results["netdev xdp"], results["none"]), "ns", "", nil, "")
 
-	fmt.Printf("\nrun time of the programs themselves (kernel BPF statistics):\n")
-	netdevProgramCost(log, fd, packets, "tc (tcx)", netdev.Options{TC: netdev.TCX})
-	netdevProgramCost(log, fd, packets, "tc+sizes", netdev.Options{TC: netdev.TCX, PacketSizes: true})
-	netdevProgramCost(log, fd, packets, "xdp", netdev.Options{Hook: netdev.HookXDP, TC: netdev.TCX})
+	fmt.Fprintf(w, "\nrun time of the programs themselves (kernel BPF statistics):\n")
+	netdevProgramCost(w, log, fd, o.packets, "tc (tcx)", netdev.Options{TC: netdev.TCX})
+	netdevProgramCost(w, log, fd, o.packets, "tc+sizes", netdev.Options{TC: netdev.TCX, PacketSizes: true})
+	netdevProgramCost(w, log, fd, o.packets, "xdp", netdev.Options{Hook: netdev.HookXDP, TC: netdev.TCX})
+}
+
+// progTestRun runs bpf/netdev's BenchmarkPrograms rounds times (go test
+// -count: every sub-benchmark once per round, in order) and returns
+// ns/packet per program, one value per round.
+func progTestRun(rounds int) (map[string][]float64, error) {
+	cmd := exec.Command("go", "test", "-run", "^$", "-bench", "^BenchmarkPrograms$", "-benchtime", "2000000x",
+		"-count", strconv.Itoa(rounds), "./bpf/netdev")
+	cmd.Env = append(os.Environ(), "KTEL_PRIVILEGED_TESTS=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err, lastLines(string(out), 5))
+	}
+	res := map[string][]float64{}
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 || !strings.HasPrefix(f[0], "BenchmarkPrograms/") {
+			continue
+		}
+		name := strings.TrimPrefix(f[0], "BenchmarkPrograms/")
+		if i := strings.LastIndexByte(name, '-'); i > 0 {
+			name = name[:i] // the GOMAXPROCS suffix
+		}
+		for i := 2; i+1 < len(f); i += 2 {
+			if f[i+1] == "ns/packet" {
+				if v, err := strconv.ParseFloat(f[i], 64); err == nil {
+					res[name] = append(res[name], v)
+				}
+			}
+		}
+	}
+	if len(res) == 0 {
+		return nil, fmt.Errorf("no ns/packet in the output of %s", strings.Join(cmd.Args, " "))
+	}
+	return res, nil
 }
 
 // netdevProgramCost loads the probe in both namespaces with o, floods n
 // packets with kernel BPF statistics on, and prints each program's mean
 // run time: the in-program part of the added cost, free of the noise of
 // the whole path.
-func netdevProgramCost(log *slog.Logger, fd, n int, name string, o netdev.Options) {
+func netdevProgramCost(w io.Writer, log *slog.Logger, fd, n int, name string, o netdev.Options) {
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "enable BPF stats:", err)
@@ -222,7 +283,7 @@ func netdevProgramCost(log *slog.Logger, fd, n int, name string, o netdev.Option
 			if err != nil || st.RunCount == 0 {
 				continue
 			}
-			fmt.Printf("  %-20s %-22s %9d runs  %6.1f ns/run\n", name, prog, st.RunCount,
+			fmt.Fprintf(w, "  %-20s %-22s %9d runs  %6.1f ns/run\n", name, prog, st.RunCount,
 				float64(st.Runtime.Nanoseconds())/float64(st.RunCount))
 		}
 	}

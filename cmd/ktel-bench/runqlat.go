@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"runtime"
@@ -12,6 +13,44 @@ import (
 	"github.com/ktel-dev/ktel/bpf/runqlat"
 	"github.com/ktel-dev/ktel/internal/probe"
 )
+
+// runRunqlatBench measures pipe ping-pong on one CPU under each
+// configuration, then the kernel run time of the programs.
+func runRunqlatBench(w io.Writer, log *slog.Logger, sum *summary, o options, bt string) {
+	fmt.Fprintf(w, "\nrunqlat probe: pipe ping-pong between two threads on CPU %d, %d round trips x %d rounds\n\n", o.cpu, o.trips, o.rounds)
+	cfgs := runqlatConfigs(log)
+	if bt != "" {
+		cfgs = append(cfgs, config{name: "bpftrace runqlat", setup: bpftraceSetup(bt, bpftraceRunqlat, o.cpu)})
+	}
+	pp := func() float64 { return pingPong(o.cpu, o.trips) }
+	s := measure(cfgs, o.rounds, pp)
+	report(w, cfgs, s, "ns/round trip")
+
+	k := "runqlat " + runqlat.Variants[0].String()
+	sum.add("runqlat", "slowdown per ping-pong, ktel ("+runqlat.Variants[0].String()+")", pct(roundSlowdowns(s[k], s["none"])), "%", "<= 10%", atMost(10), "")
+	sum.add("runqlat", "slowdown per ping-pong, empty programs (floor)", pct(roundSlowdowns(s["floor tp_btf"], s["none"])), "%", "", nil, "")
+	if bt != "" {
+		sum.add("runqlat", "slowdown per ping-pong, bpftrace runqlat", pct(roundSlowdowns(s["bpftrace runqlat"], s["none"])), "%", "", nil, "")
+		sum.add("runqlat", "ktel / bpftrace (added)", roundRatios(s[k], s["bpftrace runqlat"], s["none"]), "x", "", nil, "")
+	}
+
+	fmt.Fprintf(w, "\nkernel run time of the programs (BPF statistics, %d round trips per config):\n\n", o.trips)
+	var rt []config
+	for _, c := range cfgs {
+		if c.name == "floor tp_btf" || c.name == k || c.name == "bpftrace runqlat" {
+			rt = append(rt, c)
+		}
+	}
+	reportRuntime(w, rt, func() { pp() })
+}
+
+func pct(s []float64) []float64 {
+	out := make([]float64, len(s))
+	for i, v := range s {
+		out[i] = 100 * v
+	}
+	return out
+}
 
 // runqlatConfigs: no probe, and every BTF/raw variant of runqlat.
 func runqlatConfigs(log *slog.Logger) []config {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -12,6 +13,62 @@ import (
 	"github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/probe"
 )
+
+// ktelSyscall names the variant ktel picks by default here (the first of
+// syscall.Variants that loads): the one the goals are about.
+func ktelSyscall() string { return "syscall " + syscall.Variants[0].String() }
+
+// runSyscallBench measures a pinned getpid loop under each configuration,
+// then the kernel run time of the programs themselves.
+func runSyscallBench(w io.Writer, log *slog.Logger, sum *summary, o options, bt string) {
+	fmt.Fprintf(w, "syscall probe: getpid, %d calls x %d rounds, pinned to CPU %d\n\n", o.calls, o.rounds, o.cpu)
+	cfgs := syscallConfigs(log)
+	if bt != "" {
+		cfgs = append(cfgs,
+			config{name: "bpftrace empty", setup: bpftraceSetup(bt, bpftraceSyscallEmpty, o.cpu)},
+			config{name: "bpftrace", floor: "bpftrace empty", setup: bpftraceSetup(bt, bpftraceSyscall, o.cpu)})
+	}
+	loop := func() float64 { return getpidLoop(o.calls) }
+	s := measure(cfgs, o.rounds, loop)
+	report(w, cfgs, s, "ns/syscall")
+
+	k := ktelSyscall()
+	sum.add("syscall", "added ns/syscall, ktel ("+syscall.Variants[0].String()+")", roundAdded(s[k], s["none"]), "ns", "", nil, "")
+	sum.add("syscall", "added ns/syscall, empty enter+exit (floor)", roundAdded(s["floor tp_btf"], s["none"]), "ns", "", nil, "")
+	sum.add("syscall", "ktel / floor (added)", roundRatios(s[k], s["floor tp_btf"], s["none"]), "x", "<= 1.5x", atMost(1.5), "")
+	if bt != "" {
+		sum.add("syscall", "added ns/syscall, bpftrace", roundAdded(s["bpftrace"], s["none"]), "ns", "", nil, "")
+		sum.add("syscall", "ktel / bpftrace (added)", roundRatios(s[k], s["bpftrace"], s["none"]), "x", "<= 0.35", atMost(0.35), "")
+	}
+
+	fmt.Fprintf(w, "\nkernel run time of the programs (BPF statistics, %d getpid per config; includes the statistics' own two clock reads per run):\n\n", o.calls)
+	rt := []config{cfgs[1], cfgs[2]}
+	for _, c := range cfgs {
+		if c.name == k || c.name == "bpftrace" {
+			rt = append(rt, c)
+		}
+	}
+	sums := reportRuntime(w, rt, func() { loop() })
+	if f := sums["floor tp_btf"]; f > 0 && sums[k] > 0 {
+		fmt.Fprintf(w, "\nin-program time per syscall: ktel %.1f ns (enter+exit), floor %.1f ns", sums[k], f)
+		if b := sums["bpftrace"]; b > 0 {
+			fmt.Fprintf(w, ", bpftrace %.1f ns", b)
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "clock read (Go time.Now, same clocksource as bpf_ktime_get_ns): %.1f ns\n", clockCost())
+}
+
+// clockCost is the mean cost of time.Now, for scale: the probe reads the
+// clock twice per syscall.
+func clockCost() float64 {
+	const n = 1000000
+	start := time.Now()
+	for range n {
+		_ = time.Now()
+	}
+	return float64(time.Since(start).Nanoseconds()) / n
+}
 
 // syscallConfigs: no probe, the empty-program floors, and every variant of
 // the syscall probe, each compared with the floor of its hook.
