@@ -6,8 +6,10 @@ package syscall
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -60,6 +62,11 @@ type Probe struct {
 	latency, errs, drops *ebpf.Map
 	start                *ebpf.Map // the start map in use, for fill reporting
 	events, spanDrops    *ebpf.Map
+
+	readMu  sync.Mutex // guards the read buffers
+	buf     []byte
+	keys    []uint32
+	noBatch bool // the kernel has no batch lookups
 }
 
 // Load loads and attaches the probe, trying variants in order of preference
@@ -176,16 +183,21 @@ type Snapshot struct {
 // histogram a few microseconds later than another's.
 func (p *Probe) Snapshot() (*Snapshot, error) {
 	s := &Snapshot{Latency: make(map[uint32]Hist), Errors: make(map[ErrorKey]uint64)}
+	p.readMu.Lock()
+	defer p.readMu.Unlock()
+	all, err := p.readLatency()
+	if err != nil {
+		return nil, err
+	}
+	full := len(all) / MaxSyscalls
 	for nr := range uint32(MaxSyscalls) {
-		buf, err := p.latency.LookupBytes(nr)
-		if err != nil {
-			return nil, fmt.Errorf("read syscall_latency[%d]: %w", nr, err)
+		buf := all[int(nr)*full : int(nr+1)*full]
+		if allZero(buf) { // never seen: most syscalls
+			continue
 		}
 		var h Hist
 		h.Slots, h.SumNs = probe.SumHist(buf, p.ncpu, p.layout, nil)
-		if h.Count() > 0 {
-			s.Latency[nr] = h
-		}
+		s.Latency[nr] = h
 	}
 
 	var (
@@ -217,6 +229,52 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	}
 	s.SpanDrops = spanDrops
 	return s, nil
+}
+
+// readLatency reads every value of syscall_latency into a buffer reused
+// from one read to the next: one batch lookup where the kernel has them
+// (5.6+), one lookup per syscall otherwise. Values follow each other, each
+// the per-CPU copies of one syscall's histogram.
+func (p *Probe) readLatency() ([]byte, error) {
+	full := p.ncpu * ((probe.HistValueSize(p.layout) + 7) &^ 7)
+	if p.buf == nil {
+		p.buf = make([]byte, MaxSyscalls*full)
+		p.keys = make([]uint32, MaxSyscalls)
+	}
+	if !p.noBatch {
+		var cursor ebpf.MapBatchCursor
+		n, err := p.latency.BatchLookup(&cursor, p.keys, p.buf, nil)
+		if n == MaxSyscalls && (err == nil || errors.Is(err, ebpf.ErrKeyNotExist)) {
+			return p.buf, nil
+		}
+		if !errors.Is(err, ebpf.ErrNotSupported) {
+			return nil, fmt.Errorf("read syscall_latency: %d of %d values: %w", n, MaxSyscalls, err)
+		}
+		p.noBatch = true
+	}
+	for nr := range uint32(MaxSyscalls) {
+		v, err := p.latency.LookupBytes(nr)
+		if err != nil {
+			return nil, fmt.Errorf("read syscall_latency[%d]: %w", nr, err)
+		}
+		copy(p.buf[int(nr)*full:int(nr+1)*full], v)
+	}
+	return p.buf, nil
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.NativeEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // Event is one outlier syscall. Times are CLOCK_MONOTONIC nanoseconds.

@@ -224,3 +224,40 @@ func TestHookSelection(t *testing.T) {
 		t.Error("unknown hook accepted")
 	}
 }
+
+// The batch read and the per-key fallback read the same histograms.
+func TestReadPaths(t *testing.T) {
+	testenv.Privileged(t)
+	p, err := Load(Options{Schema: 3}, discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	exercise(t, 20)
+	// Stop counting so both reads see the same values.
+	for _, l := range p.objs.Links {
+		l.Close()
+	}
+	p.objs.Links = nil
+	batch, err := p.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.noBatch {
+		t.Fatal("batch lookups unsupported on this kernel")
+	}
+	p.noBatch = true
+	keyed, err := p.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(batch.Latency) == 0 || len(batch.Latency) != len(keyed.Latency) {
+		t.Fatalf("%d syscalls by batch, %d by key", len(batch.Latency), len(keyed.Latency))
+	}
+	for nr, h := range batch.Latency {
+		k := keyed.Latency[nr]
+		if h.SumNs != k.SumNs || !slices.Equal(h.Slots, k.Slots) {
+			t.Errorf("syscall %d: batch %d/%d, by key %d/%d", nr, h.Count(), h.SumNs, k.Count(), k.SumNs)
+		}
+	}
+}

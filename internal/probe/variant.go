@@ -172,10 +172,16 @@ func SumHist(buf []byte, ncpu int, layout *histogram.Layout, perCPU func(cpu int
 	slots = make([]uint64, n)
 	for cpu := range ncpu {
 		v := buf[cpu*stride : cpu*stride+size]
-		mine := make([]uint64, n)
+		var mine []uint64 // only when the caller wants each CPU's copy
+		if perCPU != nil {
+			mine = make([]uint64, n)
+		}
 		for k := range n {
-			mine[k] = nativeEndian.Uint64(v[8*k:])
-			slots[k] += mine[k]
+			c := nativeEndian.Uint64(v[8*k:])
+			slots[k] += c
+			if mine != nil {
+				mine[k] = c
+			}
 		}
 		s := nativeEndian.Uint64(v[8*n:])
 		sumNs += s
