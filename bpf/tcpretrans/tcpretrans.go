@@ -283,17 +283,15 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.Peers = make(map[PeerKey]uint64)
 	}
 
-	var (
-		idx  uint32
-		vals []uint64
-		iter = p.counts.Iterate()
-	)
-	for iter.Next(&idx, &vals) {
-		n := sum(vals)
+	counts, err := probe.SumPerCPUArray(p.counts, numFamilies*numStates*numKinds)
+	if err != nil {
+		return nil, fmt.Errorf("read tcp_retransmits: %w", err)
+	}
+	for idx, n := range counts {
 		if n == 0 {
 			continue
 		}
-		k := keyOfIndex(idx)
+		k := keyOfIndex(uint32(idx))
 		s.Retransmits[k] += n
 		if p.peers {
 			// With peers, only what the peer map had no room for.
@@ -301,15 +299,15 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 			s.PeerMapFull += n
 		}
 	}
-	if err := iter.Err(); err != nil {
-		return nil, fmt.Errorf("read tcp_retransmits: %w", err)
-	}
 	if !p.peers {
 		return s, nil
 	}
 
-	var pk tcpretransPeerKey
-	iter = p.peer.Iterate()
+	var (
+		pk   tcpretransPeerKey
+		vals []uint64
+		iter = p.peer.Iterate()
+	)
 	for iter.Next(&pk, &vals) {
 		n := sum(vals)
 		if n == 0 {

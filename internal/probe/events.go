@@ -2,6 +2,7 @@ package probe
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -76,17 +77,11 @@ type SpanDrops struct {
 
 // ReadSpanDrops sums ktel_span_drops over CPUs.
 func ReadSpanDrops(m *ebpf.Map) (SpanDrops, error) {
-	var d SpanDrops
-	for reason, dst := range []*uint64{&d.RateLimited, &d.RingbufFull} {
-		var per []uint64
-		if err := m.Lookup(uint32(reason), &per); err != nil {
-			return d, fmt.Errorf("read ktel_span_drops[%d]: %w", reason, err)
-		}
-		for _, v := range per {
-			*dst += v
-		}
+	sums, err := SumPerCPUArray(m, 2) // KTEL_SPAN_DROP_REASONS
+	if err != nil {
+		return SpanDrops{}, fmt.Errorf("read ktel_span_drops: %w", err)
 	}
-	return d, nil
+	return SpanDrops{RateLimited: sums[0], RingbufFull: sums[1]}, nil
 }
 
 // CString converts a NUL-terminated C char array (as bpf2go renders it) to
@@ -108,4 +103,40 @@ func CBytes(c []byte) string {
 		c = c[:i]
 	}
 	return string(c)
+}
+
+// SumPerCPUArray returns, for each of the n keys of a per-CPU array of
+// u64, the sum over CPUs: in one batch lookup where the kernel has them
+// (5.6+), one lookup per key otherwise.
+func SumPerCPUArray(m *ebpf.Map, n int) ([]uint64, error) {
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, err
+	}
+	keys := make([]uint32, n)
+	vals := make([]uint64, n*ncpu)
+	sums := make([]uint64, n)
+	var cursor ebpf.MapBatchCursor
+	got, err := m.BatchLookup(&cursor, keys, vals, nil)
+	switch {
+	case got == n && (err == nil || errors.Is(err, ebpf.ErrKeyNotExist)):
+		for i := range n {
+			for _, v := range vals[i*ncpu : (i+1)*ncpu] {
+				sums[i] += v
+			}
+		}
+		return sums, nil
+	case !errors.Is(err, ebpf.ErrNotSupported):
+		return nil, fmt.Errorf("batch lookup: %d of %d values: %w", got, n, err)
+	}
+	var per []uint64
+	for i := range uint32(n) {
+		if err := m.Lookup(i, &per); err != nil {
+			return nil, fmt.Errorf("lookup %d: %w", i, err)
+		}
+		for _, v := range per {
+			sums[i] += v
+		}
+	}
+	return sums, nil
 }
