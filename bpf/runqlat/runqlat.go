@@ -65,10 +65,8 @@ func Load(opts Options, log *slog.Logger) (*Probe, error) {
 	if err != nil {
 		return nil, fmt.Errorf("possible CPUs: %w", err)
 	}
-	candidates := []probe.Variant{}
-	if opts.Variant != nil {
-		candidates = append(candidates, *opts.Variant)
-	} else if candidates, err = probe.Candidates(Variants, opts.Hook); err != nil {
+	candidates, err := probe.Candidates(Variants, opts.Hook, opts.Variant)
+	if err != nil {
 		return nil, err
 	}
 	p, _, err := probe.FirstLoading(candidates, log, func(v probe.Variant) (*Probe, error) {

@@ -19,7 +19,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -35,7 +34,6 @@ import (
 	"google.golang.org/protobuf/encoding/protodelim"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/histogram"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
@@ -59,59 +57,16 @@ const (
 	getpidCalls = 200
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if build.dir != "" {
-		os.RemoveAll(build.dir)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
-// build is the binary under test, built once for all tests that need it.
-var build struct {
-	once sync.Once
-	dir  string
-	path string
-	err  error
-}
-
-// binary builds ./ (cmd/ktel, the tests' working directory) once and
-// returns the path of the binary.
+// binary is the ktel binary under test, built once.
 func binary(t *testing.T) string {
 	t.Helper()
-	build.once.Do(func() {
-		build.dir, build.err = os.MkdirTemp("", "ktel-e2e-")
-		if build.err != nil {
-			return
-		}
-		build.path = filepath.Join(build.dir, "ktel")
-		// -buildvcs=false: stamping runs `git status`, which may take the
-		// index lock of a working tree someone else is committing in.
-		// CGO_ENABLED=0 as in the Makefile: only then can ktel drop the
-		// capabilities of all its threads.
-		cmd := exec.Command("go", "build", "-buildvcs=false", "-o", build.path, "./")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			build.err = fmt.Errorf("go build: %w\n%s", err, out)
-		}
-	})
-	if build.err != nil {
-		t.Fatal(build.err)
-	}
-	return build.path
+	return testenv.KtelBinary(t)
 }
 
-// childEnv is the test's environment without KTEL_* variables, which would
-// change what ktel does, plus kv.
-func childEnv(kv ...string) []string {
-	var env []string
-	for _, e := range os.Environ() {
-		if !strings.HasPrefix(e, config.Prefix+"_") {
-			env = append(env, e)
-		}
-	}
-	return append(env, kv...)
-}
+// childEnv is the test's environment without KTEL_* variables, plus kv.
+func childEnv(kv ...string) []string { return testenv.ChildEnv(kv...) }
 
 // freeLoopbackAddr returns a loopback address with a port that was free a
 // moment ago.

@@ -53,9 +53,13 @@ func (v Variant) String() string {
 	return string(v.Hook) + "+" + string(v.Storage)
 }
 
-// Candidates returns the variants using hook, all of them for HookAuto or
-// "", in their order of preference.
-func Candidates(variants []Variant, hook Hook) ([]Variant, error) {
+// Candidates returns forced alone if it is set (tests, benchmarks), and
+// otherwise the variants using hook, all of them for HookAuto or "", in
+// their order of preference.
+func Candidates(variants []Variant, hook Hook, forced *Variant) ([]Variant, error) {
+	if forced != nil {
+		return []Variant{*forced}, nil
+	}
 	var out []Variant
 	for _, v := range variants {
 		if hook == "" || hook == HookAuto || hook == v.Hook {

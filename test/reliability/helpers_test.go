@@ -24,12 +24,11 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
+	"github.com/ktel-dev/ktel/internal/testenv"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	"golang.org/x/sys/unix"
-
-	"github.com/ktel-dev/ktel/internal/config"
 )
 
 // Bounds on every wait, so that a broken daemon fails the test instead of
@@ -41,57 +40,16 @@ const (
 	pollInterval   = 20 * time.Millisecond
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if build.dir != "" {
-		os.RemoveAll(build.dir)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
-// build is the binary under test, built once for all tests.
-var build struct {
-	once sync.Once
-	dir  string
-	path string
-	err  error
-}
-
-// binary builds cmd/ktel once, as the Makefile does (static, so that ktel
-// can drop the capabilities of every thread), and returns its path.
+// binary is the ktel binary under test, built once.
 func binary(t testing.TB) string {
 	t.Helper()
-	build.once.Do(func() {
-		build.dir, build.err = os.MkdirTemp("", "ktel-reliability-")
-		if build.err != nil {
-			return
-		}
-		build.path = filepath.Join(build.dir, "ktel")
-		// -buildvcs=false: stamping runs `git status`, which may take the
-		// index lock of a working tree someone else is committing in.
-		cmd := exec.Command("go", "build", "-buildvcs=false", "-o", build.path, "github.com/ktel-dev/ktel/cmd/ktel")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			build.err = fmt.Errorf("go build: %w\n%s", err, out)
-		}
-	})
-	if build.err != nil {
-		t.Fatal(build.err)
-	}
-	return build.path
+	return testenv.KtelBinary(t)
 }
 
-// childEnv is the test's environment without KTEL_* variables (the test's
-// own included), plus kv.
-func childEnv(kv ...string) []string {
-	var env []string
-	for _, e := range os.Environ() {
-		if !strings.HasPrefix(e, config.Prefix+"_") {
-			env = append(env, e)
-		}
-	}
-	return append(env, kv...)
-}
+// childEnv is the test's environment without KTEL_* variables, plus kv.
+func childEnv(kv ...string) []string { return testenv.ChildEnv(kv...) }
 
 // freeLoopbackAddr returns a loopback address with a port that was free a
 // moment ago.
