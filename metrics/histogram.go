@@ -2,7 +2,6 @@ package metrics
 
 import (
 	"math"
-	"sort"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -21,8 +20,20 @@ type nativeAndClassic struct {
 	h      *dto.Histogram
 }
 
+// classicBoundPtrs are the classic bucket upper bounds, shared read-only by
+// every histogram built here.
+var classicBoundPtrs = func() []*float64 {
+	var out []*float64
+	for _, b := range histogram.ClassicBounds() {
+		out = append(out, proto.Float64(b))
+	}
+	return out
+}()
+
 // newLatencyHistogram builds the metric for per-slot counts and a sum in
-// nanoseconds, with exemplars by classic bucket (may be nil).
+// nanoseconds, with exemplars by classic bucket (may be nil). It runs for
+// every series on every scrape: the buckets are built in one pass over the
+// slots, which are already in bucket order, with few allocations.
 func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots []uint64, sumNs uint64, ex map[float64]Exemplar, labelValues ...string) prometheus.Metric {
 	var count uint64
 	for _, c := range slots {
@@ -33,15 +44,18 @@ func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots 
 		SampleSum:     proto.Float64(float64(sumNs) / 1e9),
 		Schema:        proto.Int32(layout.Schema),
 		ZeroThreshold: proto.Float64(layout.ZeroThreshold()),
+		ZeroCount:     proto.Uint64(slots[0]),
 	}
-	classic := layout.Classic(slots)
-	for _, ub := range histogram.ClassicBounds() {
-		h.Bucket = append(h.Bucket, &dto.Bucket{UpperBound: proto.Float64(ub), CumulativeCount: proto.Uint64(classic[ub])})
+	cums := layout.Classic(slots)
+	buckets := make([]dto.Bucket, len(cums))
+	h.Bucket = make([]*dto.Bucket, len(cums))
+	for i := range cums {
+		buckets[i] = dto.Bucket{UpperBound: classicBoundPtrs[i], CumulativeCount: &cums[i]}
+		h.Bucket[i] = &buckets[i]
 	}
-	zero, buckets := layout.Native(slots)
-	h.ZeroCount = proto.Uint64(zero)
-	h.PositiveSpan, h.PositiveDelta = spansAndDeltas(buckets)
-	if len(h.PositiveSpan) == 0 && zero == 0 {
+	// Slot k > 0 is native bucket FirstIndex()+k; slot 0 is the zero bucket.
+	h.PositiveSpan, h.PositiveDelta = spansAndDeltas(layout.FirstIndex()+1, slots[1:])
+	if len(h.PositiveSpan) == 0 && slots[0] == 0 {
 		// A native histogram with no buckets needs a span to be told apart
 		// from a classic one.
 		h.PositiveSpan = []*dto.BucketSpan{{Offset: proto.Int32(0), Length: proto.Uint32(0)}}
@@ -58,29 +72,25 @@ func (m *nativeAndClassic) Write(out *dto.Metric) error {
 	return nil
 }
 
-// spansAndDeltas encodes sparse buckets as native-histogram spans and
-// delta-encoded counts. Gaps of up to two empty buckets are filled with
-// zero counts rather than opening a new span, as client_golang does.
-func spansAndDeltas(buckets map[int]uint64) ([]*dto.BucketSpan, []int64) {
-	if len(buckets) == 0 {
-		return nil, nil
-	}
-	idx := make([]int, 0, len(buckets))
-	for i := range buckets {
-		idx = append(idx, i)
-	}
-	sort.Ints(idx)
-
+// spansAndDeltas encodes counts[j], the count of native bucket first+j,
+// as native-histogram spans and delta-encoded counts, leaving out empty
+// buckets. Gaps of up to two empty buckets are filled with zero counts
+// rather than opening a new span, as client_golang does.
+func spansAndDeltas(first int, counts []uint64) ([]*dto.BucketSpan, []int64) {
 	var (
 		spans  []*dto.BucketSpan
 		deltas []int64
 		prev   int64
 		next   int // index after the last bucket written
 	)
-	for n, i := range idx {
+	for j, n := range counts {
+		if n == 0 {
+			continue
+		}
+		i := first + j
 		gap := i - next
 		switch {
-		case n == 0:
+		case len(spans) == 0:
 			spans = append(spans, &dto.BucketSpan{Offset: proto.Int32(int32(i)), Length: proto.Uint32(0)})
 		case gap <= 2:
 			for range gap {
@@ -91,7 +101,7 @@ func spansAndDeltas(buckets map[int]uint64) ([]*dto.BucketSpan, []int64) {
 		default:
 			spans = append(spans, &dto.BucketSpan{Offset: proto.Int32(int32(gap)), Length: proto.Uint32(0)})
 		}
-		c := int64(min(buckets[i], math.MaxInt64))
+		c := int64(min(n, math.MaxInt64))
 		deltas = append(deltas, c-prev)
 		prev = c
 		*spans[len(spans)-1].Length++

@@ -167,7 +167,12 @@ func TestSpansAndDeltas(t *testing.T) {
 		{"gap of three splits", map[int]uint64{1: 3, 5: 1}, [][2]int{{1, 1}, {3, 1}}, []int64{3, -2}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			spans, deltas := spansAndDeltas(tc.buckets)
+			// As the collector passes them: a dense run from index -8.
+			counts := make([]uint64, 16)
+			for i, c := range tc.buckets {
+				counts[i+8] = c
+			}
+			spans, deltas := spansAndDeltas(-8, counts)
 			if len(spans) != len(tc.spans) {
 				t.Fatalf("spans %v, want %v", spans, tc.spans)
 			}

@@ -295,8 +295,8 @@ func classicQuantile(l *histogram.Layout, slots []uint64, q float64) float64 {
 	}
 	rank := q * float64(total)
 	prevB, prevC := 0.0, 0.0
-	for _, b := range bounds {
-		c := float64(cb[b])
+	for i, b := range bounds {
+		c := float64(cb[i])
 		if c >= rank {
 			if c == prevC {
 				return b

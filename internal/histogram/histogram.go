@@ -38,7 +38,9 @@ const (
 // Slot 0 counts observations <= 2^MinExp s (the native zero bucket). Slot k,
 // 1 <= k < len(Bounds), counts observations in (Bounds[k-1], Bounds[k]] ns,
 // which is exactly native bucket FirstIndex()+k. The last slot counts
-// observations above the last bound.
+// observations above the last bound; exported as native bucket
+// FirstIndex()+Slots()-1, the one just above 2^MaxExp s, it is the one
+// lossy part of the conversion.
 type Layout struct {
 	Schema int32
 	// Bounds are the slot upper bounds in nanoseconds:
@@ -121,25 +123,6 @@ func withinBound(n uint64, i, per int) bool {
 	return lhs.Cmp(rhs) <= 0
 }
 
-// Native converts per-slot counts to native-histogram buckets: the zero
-// bucket count and a map from bucket index to count (empty buckets omitted).
-// Overflow observations (above 2^MaxExp s) land in the bucket just above the
-// last bound; they are the one lossy part of the conversion.
-func (l *Layout) Native(slots []uint64) (zero uint64, buckets map[int]uint64) {
-	buckets = make(map[int]uint64)
-	for k, c := range slots {
-		if c == 0 {
-			continue
-		}
-		if k == 0 {
-			zero = c
-			continue
-		}
-		buckets[l.FirstIndex()+k] += c
-	}
-	return zero, buckets
-}
-
 // ClassicBounds are the classic bucket upper bounds in seconds.
 func ClassicBounds() []float64 {
 	b := make([]float64, 0, ClassicMaxExp-ClassicMinExp+1)
@@ -149,12 +132,12 @@ func ClassicBounds() []float64 {
 	return b
 }
 
-// Classic derives cumulative classic buckets (upper bound in seconds ->
-// count of observations <= bound) from per-slot counts. Every classic bound
-// is a power of two and so a native bound of any schema: the derivation is
-// exact.
-func (l *Layout) Classic(slots []uint64) map[float64]uint64 {
-	out := make(map[float64]uint64, ClassicMaxExp-ClassicMinExp+1)
+// Classic derives cumulative classic buckets from per-slot counts: the
+// count of observations <= each of ClassicBounds(), in that order. Every
+// classic bound is a power of two and so a native bound of any schema: the
+// derivation is exact.
+func (l *Layout) Classic(slots []uint64) []uint64 {
+	out := make([]uint64, 0, ClassicMaxExp-ClassicMinExp+1)
 	per := 1 << l.Schema
 	var cum uint64
 	k := 0
@@ -163,7 +146,7 @@ func (l *Layout) Classic(slots []uint64) map[float64]uint64 {
 		for last := e*per - l.FirstIndex(); k <= last && k < len(slots); k++ {
 			cum += slots[k]
 		}
-		out[math.Ldexp(1, e)] = cum
+		out = append(out, cum)
 	}
 	return out
 }
