@@ -190,7 +190,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	full := len(all) / MaxSyscalls
 	for nr := range uint32(MaxSyscalls) {
 		buf := all[int(nr)*full : int(nr+1)*full]
-		if allZero(buf) { // never seen: most syscalls
+		if p.neverSeen(buf) { // most syscalls
 			continue
 		}
 		var h Hist
@@ -260,15 +260,16 @@ func (p *Probe) readLatency() ([]byte, error) {
 	return p.buf, nil
 }
 
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if binary.NativeEndian.Uint64(b) != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
+// neverSeen reports whether one syscall's per-CPU histograms are empty,
+// reading two words per CPU rather than every slot: a syscall observed has
+// a non-zero sum of latencies, or, if every latency was 0 ns, a non-zero
+// slot 0.
+func (p *Probe) neverSeen(buf []byte) bool {
+	n := p.layout.Slots()
+	stride := (probe.HistValueSize(p.layout) + 7) &^ 7
+	for cpu := range p.ncpu {
+		v := buf[cpu*stride:]
+		if binary.NativeEndian.Uint64(v) != 0 || binary.NativeEndian.Uint64(v[8*n:]) != 0 {
 			return false
 		}
 	}
