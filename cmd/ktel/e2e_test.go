@@ -15,14 +15,12 @@ import (
 	"io"
 	"maps"
 	"math"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -41,9 +39,8 @@ import (
 // Bounds on every wait, so that a broken daemon fails the test instead of
 // hanging it.
 const (
-	startTimeout   = 10 * time.Second // until /healthz answers
-	stopTimeout    = 10 * time.Second // from the signal until the process is reaped
-	releaseTimeout = 5 * time.Second  // until the kernel has freed what ktel held
+	stopTimeout    = testenv.StopTimeout // from the signal until the process is reaped
+	releaseTimeout = 5 * time.Second     // until the kernel has freed what ktel held
 	pollInterval   = 25 * time.Millisecond
 )
 
@@ -68,128 +65,31 @@ func binary(t *testing.T) string {
 // childEnv is the test's environment without KTEL_* variables, plus kv.
 func childEnv(kv ...string) []string { return testenv.ChildEnv(kv...) }
 
-// freeLoopbackAddr returns a loopback address with a port that was free a
-// moment ago.
-func freeLoopbackAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("find a free port: %v", err)
-	}
-	addr := ln.Addr().String()
-	if err := ln.Close(); err != nil {
-		t.Fatalf("find a free port: %v", err)
-	}
-	return addr
-}
-
-// syncBuffer is a bytes.Buffer that the process's stderr copier and the
-// test can use at the same time.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // ktelProc is a running ktel binary.
-type ktelProc struct {
-	cmd    *exec.Cmd
-	addr   string
-	stderr *syncBuffer
-	done   chan struct{} // closed once the process is reaped
-	err    error         // from Wait; valid after done
-}
+type ktelProc struct{ *testenv.Ktel }
 
 // startDaemon runs the binary serving on a free loopback port, with env
-// added to its environment, and waits until /healthz answers. The process is killed at cleanup if the test did
-// not stop it.
+// added to its environment, and waits until /healthz answers. The process
+// is killed at cleanup if the test did not stop it.
 func startDaemon(t *testing.T, env ...string) *ktelProc {
 	t.Helper()
-	d := &ktelProc{addr: freeLoopbackAddr(t), stderr: &syncBuffer{}, done: make(chan struct{})}
-	d.cmd = exec.Command(binary(t))
-	d.cmd.Env = childEnv(append([]string{"KTEL_LISTEN_ADDRESS=" + d.addr, "KTEL_LOG_FORMAT=json"}, env...)...)
-	d.cmd.Stderr = d.stderr
-	if err := d.cmd.Start(); err != nil {
-		t.Fatalf("start ktel: %v", err)
-	}
-	go func() {
-		d.err = d.cmd.Wait()
-		close(d.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-d.done:
-			return
-		default:
-		}
-		d.cmd.Process.Kill()
-		select {
-		case <-d.done:
-		case <-time.After(stopTimeout):
-			t.Errorf("ktel (pid %d) not reaped %v after SIGKILL", d.cmd.Process.Pid, stopTimeout)
-		}
-	})
-
-	client := &http.Client{Timeout: time.Second}
-	deadline := time.Now().Add(startTimeout)
-	for {
-		resp, err := client.Get("http://" + d.addr + "/healthz")
-		if err == nil {
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return d
-			}
-			err = fmt.Errorf("status %s: %q", resp.Status, body)
-		}
-		select {
-		case <-d.done:
-			t.Fatalf("ktel exited before serving: %v\nstderr:\n%s", d.err, d.stderr)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("ktel /healthz not ready after %v: %v\nstderr:\n%s", startTimeout, err, d.stderr)
-		}
-		time.Sleep(pollInterval)
-	}
+	return &ktelProc{testenv.StartKtel(t, nil, env...)}
 }
 
 // stop sends sig and waits for the process to be reaped.
-func (d *ktelProc) stop(t *testing.T, sig syscall.Signal) *os.ProcessState {
-	t.Helper()
-	if err := d.cmd.Process.Signal(sig); err != nil {
-		t.Fatalf("send %v: %v\nstderr:\n%s", sig, err, d.stderr)
-	}
-	select {
-	case <-d.done:
-	case <-time.After(stopTimeout):
-		t.Fatalf("ktel still running %v after %v\nstderr:\n%s", stopTimeout, sig, d.stderr)
-	}
-	return d.cmd.ProcessState
-}
+func (d *ktelProc) stop(t *testing.T, sig syscall.Signal) *os.ProcessState { return d.Stop(t, sig) }
 
 // scrape GETs /metrics with the given Accept header.
 func (d *ktelProc) scrape(t *testing.T, accept string) (body []byte, contentType string) {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, "http://"+d.addr+"/metrics", nil)
+	req, err := http.NewRequest(http.MethodGet, "http://"+d.Addr+"/metrics", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	req.Header.Set("Accept", accept)
 	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
 	if err != nil {
-		t.Fatalf("scrape: %v\nstderr:\n%s", err, d.stderr)
+		t.Fatalf("scrape: %v\nstderr:\n%s", err, d.Stderr)
 	}
 	defer resp.Body.Close()
 	body, err = io.ReadAll(resp.Body)
@@ -197,7 +97,7 @@ func (d *ktelProc) scrape(t *testing.T, accept string) (body []byte, contentType
 		t.Fatalf("scrape: read body: %v", err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("scrape: status %s\n%s\nstderr:\n%s", resp.Status, body, d.stderr)
+		t.Fatalf("scrape: status %s\n%s\nstderr:\n%s", resp.Status, body, d.Stderr)
 	}
 	return body, resp.Header.Get("Content-Type")
 }
@@ -442,12 +342,12 @@ func TestLifecycle(t *testing.T) {
 			ours.merge(added(before, loadedObjects(t)))
 			ps := d.stop(t, tt.sig)
 			if err := tt.check(ps); err != nil {
-				t.Errorf("%v\nstderr:\n%s", err, d.stderr)
+				t.Errorf("%v\nstderr:\n%s", err, d.Stderr)
 			}
 			if tt.sig == syscall.SIGTERM {
-				checkLog(t, d.stderr.String())
+				checkLog(t, d.Stderr.String())
 			}
-			waitReleased(t, ours, d.stderr)
+			waitReleased(t, ours, d.Stderr)
 		})
 	}
 }

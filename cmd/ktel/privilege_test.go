@@ -85,7 +85,7 @@ func TestCapabilitiesDropped(t *testing.T) {
 			env = append(env, tc.keep)
 		}
 		d := startDaemon(t, env...)
-		threads, err := caps.ThreadsEffective(d.cmd.Process.Pid)
+		threads, err := caps.ThreadsEffective(d.Cmd.Process.Pid)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -96,7 +96,7 @@ func TestCapabilitiesDropped(t *testing.T) {
 		}
 		d.scrape(t, "text/plain") // still serves
 		if st := d.stop(t, syscall.SIGTERM); st.ExitCode() != 0 {
-			t.Errorf("%q: exit %d after SIGTERM without capabilities\n%s", tc.keep, st.ExitCode(), d.stderr)
+			t.Errorf("%q: exit %d after SIGTERM without capabilities\n%s", tc.keep, st.ExitCode(), d.Stderr)
 		}
 	}
 }

@@ -112,7 +112,7 @@ func TestSpansOfSlowSyscalls(t *testing.T) {
 
 func scrapeOpenMetrics(t *testing.T, d *ktelProc) string {
 	t.Helper()
-	req, _ := http.NewRequest("GET", "http://"+d.addr+"/metrics", nil)
+	req, _ := http.NewRequest("GET", "http://"+d.Addr+"/metrics", nil)
 	req.Header.Set("Accept", "application/openmetrics-text; version=1.0.0")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -213,7 +213,7 @@ func TestCollectorOutage(t *testing.T) {
 }
 
 func rssKiB(t *testing.T, d *ktelProc) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.Cmd.Process.Pid))
 	if err != nil {
 		t.Fatal(err)
 	}

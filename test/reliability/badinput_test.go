@@ -122,7 +122,7 @@ func TestInvalidVariables(t *testing.T) {
 				return
 			}
 			// The daemon, not `ktel check`: what runs in production.
-			env = append([]string{"KTEL_LISTEN_ADDRESS=" + freeLoopbackAddr(t)}, env...)
+			env = append([]string{"KTEL_LISTEN_ADDRESS=" + testenv.FreeLoopbackAddr(t)}, env...)
 			// Concurrent tests may create maps or programs while ktel runs;
 			// ktel is deterministic, so an attempt in which nobody did
 			// decides. If ktel itself created one, every attempt shows it.

@@ -115,7 +115,7 @@ func TestTCPRetransPeerCap(t *testing.T) {
 		return nil
 	})
 	if err != nil {
-		t.Fatalf("first SYN retransmits not seen as overflow and a full peer map: %v\nstderr:\n%s", err, d.stderr)
+		t.Fatalf("first SYN retransmits not seen as overflow and a full peer map: %v\nstderr:\n%s", err, d.Stderr)
 	}
 	t.Logf("after %v: peers %v, ktel_label_overflow_total %v, ktel_tcp_retransmits_peer_map_full_total %v",
 		time.Since(start).Round(time.Millisecond), first.peers, first.overflow, first.mapFull)
@@ -231,7 +231,7 @@ func TestNetdevInterfaceSlots(t *testing.T) {
 		return nil
 	})
 	if err != nil {
-		t.Fatalf("want one interface counting and one overflowed: %v\nstderr:\n%s", err, d.stderr)
+		t.Fatalf("want one interface counting and one overflowed: %v\nstderr:\n%s", err, d.Stderr)
 	}
 	attached := slices.Collect(maps.Keys(before))[0]
 	t.Logf("attached %s: %v; ktel_net_interfaces_overflow_total %v", attached, before, overflow)
@@ -249,10 +249,10 @@ func TestNetdevInterfaceSlots(t *testing.T) {
 		return nil
 	})
 	if err != nil {
-		t.Errorf("%v\nstderr:\n%s", err, d.stderr)
+		t.Errorf("%v\nstderr:\n%s", err, d.Stderr)
 	}
-	if !strings.Contains(d.stderr.String(), "every interface slot is in use") {
-		t.Errorf("no warning about full interface slots in the log:\n%s", d.stderr)
+	if !strings.Contains(d.Stderr.String(), "every interface slot is in use") {
+		t.Errorf("no warning about full interface slots in the log:\n%s", d.Stderr)
 	}
 	d.stopClean(t)
 }
@@ -305,7 +305,7 @@ func TestLBServicesCap(t *testing.T) {
 		if o := held(t, d.pid()); len(o.links) > 0 {
 			t.Errorf("ktel holds links although lb did not load: %v", o)
 		}
-		t.Logf("log: %s", strings.TrimSpace(d.stderr.String()))
+		t.Logf("log: %s", strings.TrimSpace(d.Stderr.String()))
 		d.stopClean(t)
 	})
 
@@ -315,7 +315,7 @@ func TestLBServicesCap(t *testing.T) {
 		d := startDaemon(t, nil, env...)
 		m := d.metrics(t)
 		if up, _ := m.value("ktel_probe_up", "probe", "lb"); up != 1 {
-			t.Fatalf("ktel_probe_up{probe=\"lb\"} = %v with one service\nstderr:\n%s", up, d.stderr)
+			t.Fatalf("ktel_probe_up{probe=\"lb\"} = %v with one service\nstderr:\n%s", up, d.Stderr)
 		}
 		ok0, _ := m.value("ktel_lb_config_reloads_total", "result", "success")
 
@@ -336,9 +336,9 @@ func TestLBServicesCap(t *testing.T) {
 			return nil
 		})
 		if err != nil {
-			t.Errorf("%v\nstderr:\n%s", err, d.stderr)
+			t.Errorf("%v\nstderr:\n%s", err, d.Stderr)
 		}
-		t.Logf("log: %s", strings.TrimSpace(d.stderr.String()))
+		t.Logf("log: %s", strings.TrimSpace(d.Stderr.String()))
 		d.stopClean(t)
 	})
 }

@@ -57,20 +57,20 @@ func TestFaultCycles(t *testing.T) {
 			t.Logf("cycle 0: ktel holds %d programs, %d maps, %d links", len(o.progs), len(o.maps), len(o.links))
 			// syscall 2, runqlat 3, tcpretrans 2 links; netdev 2 per veth.
 			if len(o.links) < 7+4 {
-				t.Fatalf("cycle 0: only %d links held (want the default probes' 7 and netdev's 4): %v\nstderr:\n%s", len(o.links), o, d.stderr)
+				t.Fatalf("cycle 0: only %d links held (want the default probes' 7 and netdev's 4): %v\nstderr:\n%s", len(o.links), o, d.Stderr)
 			}
 		} else if len(o.progs) != len(first.progs) || len(o.links) != len(first.links) {
 			t.Errorf("cycle %d: %d programs and %d links held, cycle 0 held %d and %d\nstderr:\n%s",
-				i, len(o.progs), len(o.links), len(first.progs), len(first.links), d.stderr)
+				i, len(o.progs), len(o.links), len(first.progs), len(first.links), d.Stderr)
 		}
 
 		ps := d.stop(t, sig)
 		if err := checkExit(ps, sig); err != nil {
-			t.Fatalf("cycle %d: %v\nstderr:\n%s", i, err, d.stderr)
+			t.Fatalf("cycle %d: %v\nstderr:\n%s", i, err, d.Stderr)
 		}
-		if sig == syscall.SIGTERM && d.stderr.String() != "" {
+		if sig == syscall.SIGTERM && d.Stderr.String() != "" {
 			// Warnings or errors (KTEL_LOG_LEVEL=warn) in a clean cycle.
-			t.Errorf("cycle %d: ktel logged:\n%s", i, d.stderr)
+			t.Errorf("cycle %d: ktel logged:\n%s", i, d.Stderr)
 		}
 	}
 	n := termCycles + killCycles

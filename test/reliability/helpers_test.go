@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -15,7 +14,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -34,9 +32,8 @@ import (
 // Bounds on every wait, so that a broken daemon fails the test instead of
 // hanging it.
 const (
-	startTimeout   = 10 * time.Second // until /healthz answers
-	stopTimeout    = 10 * time.Second // from the signal until the process is reaped
-	releaseTimeout = 10 * time.Second // until the kernel has freed what ktel held
+	stopTimeout    = testenv.StopTimeout // from the signal until the process is reaped
+	releaseTimeout = 10 * time.Second    // until the kernel has freed what ktel held
 	pollInterval   = 20 * time.Millisecond
 )
 
@@ -51,138 +48,40 @@ func binary(t testing.TB) string {
 // childEnv is the test's environment without KTEL_* variables, plus kv.
 func childEnv(kv ...string) []string { return testenv.ChildEnv(kv...) }
 
-// freeLoopbackAddr returns a loopback address with a port that was free a
-// moment ago.
-func freeLoopbackAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("find a free port: %v", err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-// syncBuffer is a bytes.Buffer that a process's output copier and the test
-// can use at the same time.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// daemon is a running ktel.
-type daemon struct {
-	cmd    *exec.Cmd
-	addr   string
-	stderr *syncBuffer
-	done   chan struct{} // closed once the process is reaped
-	err    error         // from Wait; valid after done
-}
+type daemon struct{ *testenv.Ktel }
 
 // startDaemon runs argv (nil: the binary, no arguments) serving on a free
 // loopback port, with env added, and waits until /healthz answers. It is
 // killed at cleanup unless the test stopped it.
 func startDaemon(t testing.TB, argv []string, env ...string) *daemon {
 	t.Helper()
-	if argv == nil {
-		argv = []string{binary(t)}
-	}
-	d := &daemon{addr: freeLoopbackAddr(t), stderr: &syncBuffer{}, done: make(chan struct{})}
-	d.cmd = exec.Command(argv[0], argv[1:]...)
-	d.cmd.Env = childEnv(append([]string{"KTEL_LISTEN_ADDRESS=" + d.addr, "KTEL_LOG_FORMAT=json"}, env...)...)
-	d.cmd.Stderr = d.stderr
-	if err := d.cmd.Start(); err != nil {
-		t.Fatalf("start ktel: %v", err)
-	}
-	go func() {
-		d.err = d.cmd.Wait()
-		close(d.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-d.done:
-			return
-		default:
-		}
-		d.cmd.Process.Kill()
-		select {
-		case <-d.done:
-		case <-time.After(stopTimeout):
-			t.Errorf("ktel (pid %d) not reaped %v after SIGKILL", d.cmd.Process.Pid, stopTimeout)
-		}
-	})
-
-	client := &http.Client{Timeout: time.Second}
-	deadline := time.Now().Add(startTimeout)
-	for {
-		resp, err := client.Get("http://" + d.addr + "/healthz")
-		if err == nil {
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return d
-			}
-			err = fmt.Errorf("status %s", resp.Status)
-		}
-		select {
-		case <-d.done:
-			t.Fatalf("ktel exited before serving: %v\nstderr:\n%s", d.err, d.stderr)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("ktel /healthz not ready after %v: %v\nstderr:\n%s", startTimeout, err, d.stderr)
-		}
-		time.Sleep(pollInterval)
-	}
+	return &daemon{testenv.StartKtel(t, argv, env...)}
 }
 
-func (d *daemon) pid() int { return d.cmd.Process.Pid }
+func (d *daemon) pid() int { return d.Pid() }
 
 // stop sends sig and waits for the process to be reaped.
-func (d *daemon) stop(t testing.TB, sig syscall.Signal) *os.ProcessState {
-	t.Helper()
-	if err := d.cmd.Process.Signal(sig); err != nil {
-		t.Fatalf("send %v: %v\nstderr:\n%s", sig, err, d.stderr)
-	}
-	select {
-	case <-d.done:
-	case <-time.After(stopTimeout):
-		t.Fatalf("ktel still running %v after %v\nstderr:\n%s", stopTimeout, sig, d.stderr)
-	}
-	return d.cmd.ProcessState
-}
+func (d *daemon) stop(t testing.TB, sig syscall.Signal) *os.ProcessState { return d.Stop(t, sig) }
 
 // stopClean stops with SIGTERM and fails the test unless ktel exits 0.
 func (d *daemon) stopClean(t testing.TB) {
 	t.Helper()
 	if ps := d.stop(t, syscall.SIGTERM); ps.ExitCode() != 0 {
-		t.Errorf("exit %v after SIGTERM\nstderr:\n%s", ps, d.stderr)
+		t.Errorf("exit %v after SIGTERM\nstderr:\n%s", ps, d.Stderr)
 	}
 }
 
 // metrics scrapes /metrics in the text format and parses it.
 func (d *daemon) metrics(t testing.TB) families {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, "http://"+d.addr+"/metrics", nil)
+	req, err := http.NewRequest(http.MethodGet, "http://"+d.Addr+"/metrics", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	req.Header.Set("Accept", "text/plain; version=0.0.4")
 	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
 	if err != nil {
-		t.Fatalf("scrape: %v\nstderr:\n%s", err, d.stderr)
+		t.Fatalf("scrape: %v\nstderr:\n%s", err, d.Stderr)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

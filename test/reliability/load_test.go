@@ -62,7 +62,7 @@ func TestConcurrentScrapes(t *testing.T) {
 		duration = loadLong
 	}
 	d := startDaemon(t, nil, fmt.Sprintf("KTEL_MAX_CONCURRENT_SCRAPES=%d", maxScrapes))
-	url := "http://" + d.addr + "/metrics"
+	url := "http://" + d.Addr + "/metrics"
 	client := &http.Client{
 		Timeout:   scrapeBudget,
 		Transport: &http.Transport{MaxIdleConnsPerHost: scrapers, MaxConnsPerHost: scrapers},
