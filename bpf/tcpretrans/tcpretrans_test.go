@@ -62,6 +62,23 @@ type probes struct {
 type reading struct {
 	peers, plain *tcpretrans.Snapshot
 	mib          map[string]uint64
+	// misses are the peer probe's runs the kernel skipped because another
+	// tracing program was running on the CPU (classic tracepoints share
+	// one per-CPU guard); ktel exports them as
+	// ktel_bpf_program_recursion_misses_total.
+	misses uint64
+}
+
+func recursionMisses(t *testing.T, p *tcpretrans.Probe) (n uint64) {
+	t.Helper()
+	for _, prog := range p.Programs() {
+		st, err := prog.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += st.RecursionMisses
+	}
+	return n
 }
 
 // read reads both probes and the counters of namespace ns. The plain
@@ -80,9 +97,11 @@ func (p probes) read(t *testing.T, ns string, after bool) reading {
 	if after {
 		r.mib = mib(t, ns)
 		r.peers = snap(p.peers)
+		r.misses = recursionMisses(t, p.peers)
 		r.plain = snap(p.plain)
 	} else {
 		r.plain = snap(p.plain)
+		r.misses = recursionMisses(t, p.peers)
 		r.peers = snap(p.peers)
 		r.mib = mib(t, ns)
 	}
@@ -145,11 +164,19 @@ func check(t *testing.T, before, after reading, addrs []netip.Addr, key tcpretra
 	segs := after.mib["Tcp.RetransSegs"] - before.mib["Tcp.RetransSegs"]
 	fail := after.mib["TcpExt.TCPRetransFail"] - before.mib["TcpExt.TCPRetransFail"]
 	t.Logf("probe toward %v: %v; namespace: TcpRetransSegs +%d, TCPRetransFail +%d", addrs, d, segs, fail)
-	if d[key] < min {
+	// Runs the kernel skipped (recursion misses) are the one accounted
+	// reason for the probe to see fewer; they are rare and show in
+	// ktel_bpf_program_recursion_misses_total.
+	misses := after.misses - before.misses
+	got := total(d)
+	if misses > 0 {
+		t.Logf("the kernel skipped %d runs of the probe (recursion misses)", misses)
+	}
+	if d[key] < min && d[key]+misses < min {
 		t.Errorf("%+v rose by %d, want >= %d", key, d[key], min)
 	}
-	if got := total(d); got != segs-fail {
-		t.Errorf("probe counted %d segments, the namespace's TcpRetransSegs-TCPRetransFail rose by %d", got, segs-fail)
+	if got > segs-fail || got+misses < segs-fail {
+		t.Errorf("probe counted %d segments (+%d skipped runs), the namespace's TcpRetransSegs-TCPRetransFail rose by %d", got, misses, segs-fail)
 	}
 	for k, n := range d {
 		if p := after.plain.Retransmits[k] - before.plain.Retransmits[k]; p < n {
