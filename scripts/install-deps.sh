@@ -3,13 +3,13 @@
 # clang-19 (pinned BPF compiler), kernel UAPI headers (syscall tables),
 # bpftool, Prometheus (promtool and the server, for end-to-end tests),
 # iptables and iproute2 (network-namespace tests), util-linux (setpriv) and
-# systemd (systemd-analyze verify of the unit), bpftrace (the benchmarks'
-# point of comparison). Idempotent and quick
+# systemd (systemd-analyze verify of the unit). The benchmarks install
+# bpftrace, their point of comparison, themselves. Idempotent and quick
 # when everything is present.
 set -euo pipefail
 
 packages=(clang-19 llvm-19 bpftool prometheus iptables iproute2 curl util-linux
-	systemd bpftrace linux-libc-dev linux-libc-dev-arm64-cross)
+	systemd linux-libc-dev linux-libc-dev-arm64-cross)
 
 missing=()
 for p in "${packages[@]}"; do
