@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ktel-dev/ktel/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -51,28 +52,12 @@ func newNetns(t *testing.T, suffix string, ipv6 bool) string {
 	return name
 }
 
-func nsPath(ns string) string { return "/var/run/netns/" + ns }
+func nsPath(ns string) string { return testenv.NetnsPath(ns) }
 
-// inNetns runs f on a thread that entered ns. The thread stays locked, so
-// Go discards it afterwards.
+// inNetns runs f in network namespace ns (testenv.InNetns).
 func inNetns(t *testing.T, ns string, f func() error) {
 	t.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		fd, err := unix.Open(nsPath(ns), unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			errc <- err
-			return
-		}
-		errc <- f()
-	}()
-	if err := <-errc; err != nil {
+	if _, err := testenv.InNetns(ns, func() (struct{}, error) { return struct{}{}, f() }); err != nil {
 		t.Fatalf("in netns %s: %v", ns, err)
 	}
 }

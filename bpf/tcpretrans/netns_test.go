@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ktel-dev/ktel/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -149,35 +149,8 @@ func run(t *testing.T, name string, args ...string) {
 	}
 }
 
-// inNetns runs f on an OS thread that has joined network namespace ns.
-// The thread is never unlocked: when the goroutine ends, Go discards it
-// rather than let another goroutine run in the namespace. Sockets f
-// creates stay in ns and may be used from any goroutine afterwards.
-func inNetns[T any](ns string, f func() (T, error)) (T, error) {
-	type result struct {
-		v   T
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		var r result
-		defer func() { ch <- r }()
-		fd, err := unix.Open("/var/run/netns/"+ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			r.err = fmt.Errorf("open netns %s: %w", ns, err)
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			r.err = fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		r.v, r.err = f()
-	}()
-	r := <-ch
-	return r.v, r.err
-}
+// inNetns runs f in network namespace ns (testenv.InNetns).
+func inNetns[T any](ns string, f func() (T, error)) (T, error) { return testenv.InNetns(ns, f) }
 
 // mib reads the namespace's TCP counters: Tcp fields of /proc/net/snmp and
 // TcpExt fields of /proc/net/netstat, as "Tcp.RetransSegs". /proc/net

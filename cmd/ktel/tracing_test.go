@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -301,32 +302,16 @@ func ip(t *testing.T, args ...string) {
 	}
 }
 
-// dialFrom connects to addr from inside network namespace ns, on a thread
-// that is discarded afterwards, and expects the connect to time out.
+// dialFrom connects to addr from inside network namespace ns and expects
+// the connect to time out.
 func dialFrom(t *testing.T, ns, addr string, timeout time.Duration) {
 	t.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		f, err := os.Open("/var/run/netns/" + ns)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- err
-			return
-		}
-		conn, err := net.DialTimeout("tcp", addr, timeout)
-		if err == nil {
-			conn.Close()
-			errc <- fmt.Errorf("connected to %s through the firewall", addr)
-			return
-		}
-		errc <- nil
-	}()
-	if err := <-errc; err != nil {
-		t.Fatal(err)
+	conn, err := testenv.InNetns(ns, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, timeout) })
+	if err == nil {
+		conn.Close()
+		t.Fatalf("connected to %s through the firewall", addr)
+	}
+	if ne, ok := errors.AsType[net.Error](err); !ok || !ne.Timeout() {
+		t.Fatalf("dial %s from %s: %v, want a timeout (the SYN dropped)", addr, ns, err)
 	}
 }

@@ -26,7 +26,6 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
-	"golang.org/x/sys/unix"
 )
 
 // Bounds on every wait, so that a broken daemon fails the test instead of
@@ -369,7 +368,7 @@ func newNetns(t testing.TB) string {
 	return name
 }
 
-func netnsPath(ns string) string { return "/var/run/netns/" + ns }
+func netnsPath(ns string) string { return testenv.NetnsPath(ns) }
 
 func run(t testing.TB, name string, args ...string) {
 	t.Helper()
@@ -378,35 +377,8 @@ func run(t testing.TB, name string, args ...string) {
 	}
 }
 
-// inNetns runs f on an OS thread that has joined network namespace ns.
-// The thread is never unlocked: when the goroutine ends, Go discards it
-// rather than let another goroutine run in the namespace. Sockets f
-// creates stay in ns.
-func inNetns[T any](ns string, f func() (T, error)) (T, error) {
-	type result struct {
-		v   T
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		var r result
-		defer func() { ch <- r }()
-		fd, err := unix.Open(netnsPath(ns), unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			r.err = fmt.Errorf("open netns %s: %w", ns, err)
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			r.err = fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		r.v, r.err = f()
-	}()
-	r := <-ch
-	return r.v, r.err
-}
+// inNetns runs f in network namespace ns (testenv.InNetns).
+func inNetns[T any](ns string, f func() (T, error)) (T, error) { return testenv.InNetns(ns, f) }
 
 // eventually polls cond every 100 ms until it returns nil or timeout
 // passes, and returns its last error.
