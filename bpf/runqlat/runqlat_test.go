@@ -104,16 +104,7 @@ func waits(l *histogram.Layout, before, after Hist) (all, long uint64) {
 
 // events decodes the records in the ring buffer.
 func events(t *testing.T, rd *ringbuf.Reader) []Event {
-	t.Helper()
-	var out []Event
-	testenv.Drain(t, rd, 100*time.Millisecond, func(b []byte) {
-		e, err := DecodeEvent(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, e)
-	})
-	return out
+	return testenv.Records(t, rd, 100*time.Millisecond, DecodeEvent)
 }
 
 // longWaitsOf counts the events (waits >= the threshold) of the given

@@ -13,20 +13,6 @@ import (
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
-// drain decodes the records that arrive until none has for idle.
-func drain(t *testing.T, rd *ringbuf.Reader, idle time.Duration) []Event {
-	t.Helper()
-	var out []Event
-	testenv.Drain(t, rd, idle, func(b []byte) {
-		e, err := DecodeEvent(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, e)
-	})
-	return out
-}
-
 func TestOutlierEvents(t *testing.T) {
 	testenv.Privileged(t)
 	p, err := Load(Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 50 * time.Millisecond}}, discard())
@@ -51,7 +37,7 @@ func TestOutlierEvents(t *testing.T) {
 	// The thread also waits in epoll while draining; those are outliers
 	// too. The getpid is not.
 	var mine []Event
-	for _, e := range drain(t, rd, 300*time.Millisecond) {
+	for _, e := range testenv.Records(t, rd, 300*time.Millisecond, DecodeEvent) {
 		if e.Tid == tid && e.Nr != unix.SYS_EPOLL_PWAIT {
 			mine = append(mine, e)
 		}
@@ -96,7 +82,7 @@ func TestRateLimit(t *testing.T) {
 		}
 	}
 	// Events keep coming from the rest of the host while draining.
-	got := len(drain(t, rd, 200*time.Millisecond))
+	got := len(testenv.Records(t, rd, 200*time.Millisecond, DecodeEvent))
 	elapsed := time.Since(start)
 	s, err := p.Snapshot()
 	if err != nil {

@@ -32,15 +32,11 @@ func TestRetransmitEvents(t *testing.T) {
 	}
 
 	var got []tcpretrans.Event
-	testenv.Drain(t, rd, 300*time.Millisecond, func(b []byte) {
-		e, err := tcpretrans.DecodeEvent(b)
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, e := range testenv.Records(t, rd, 300*time.Millisecond, tcpretrans.DecodeEvent) {
 		if e.Remote == server {
 			got = append(got, e)
 		}
-	})
+	}
 	if len(got) == 0 {
 		t.Fatal("no retransmit event toward the server")
 	}

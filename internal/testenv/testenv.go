@@ -66,19 +66,24 @@ func Sleep(tb testing.TB, d time.Duration) {
 	}
 }
 
-// Drain reads ring-buffer records until none arrives for idle, passing each
-// to f.
-func Drain(tb testing.TB, rd *ringbuf.Reader, idle time.Duration, f func(record []byte)) {
+// Records decodes the ring-buffer records that arrive until none has for
+// idle.
+func Records[T any](tb testing.TB, rd *ringbuf.Reader, idle time.Duration, decode func([]byte) (T, error)) []T {
 	tb.Helper()
+	var out []T
 	for {
 		rd.SetDeadline(time.Now().Add(idle))
 		rec, err := rd.Read()
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return
+			return out
 		}
 		if err != nil {
 			tb.Fatal(err)
 		}
-		f(rec.RawSample)
+		v, err := decode(rec.RawSample)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		out = append(out, v)
 	}
 }
