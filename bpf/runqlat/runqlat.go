@@ -57,22 +57,10 @@ type Probe struct {
 
 // Load loads and attaches the probe with the first variant that loads.
 func Load(opts Options, log *slog.Logger) (*Probe, error) {
-	layout, err := histogram.NewLayout(opts.Schema)
-	if err != nil {
-		return nil, err
-	}
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		return nil, fmt.Errorf("possible CPUs: %w", err)
-	}
-	candidates, err := probe.Candidates(Variants, opts.Hook, opts.Variant)
-	if err != nil {
-		return nil, err
-	}
-	p, _, err := probe.FirstLoading(candidates, log, func(v probe.Variant) (*Probe, error) {
-		return load(layout, v, ncpu, opts.Spans)
-	})
-	return p, err
+	return probe.LoadHistogramProbe(opts.Schema, Variants, opts.Hook, opts.Variant, log,
+		func(layout *histogram.Layout, v probe.Variant, ncpu int) (*Probe, error) {
+			return load(layout, v, ncpu, opts.Spans)
+		})
 }
 
 func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanOptions) (*Probe, error) {

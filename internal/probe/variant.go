@@ -267,3 +267,25 @@ func (l *Loaded) Close() error {
 	l.Links, l.Programs, l.Maps = nil, nil, nil
 	return CloseAll(cs...)
 }
+
+// LoadHistogramProbe is Load for probes with latency histograms: it builds
+// the slot layout of schema, and returns the first of the variants (those
+// using hook, or forced) that load builds and attaches.
+func LoadHistogramProbe[T any](schema int, variants []Variant, hook Hook, forced *Variant, log *slog.Logger,
+	load func(layout *histogram.Layout, v Variant, ncpu int) (T, error)) (T, error) {
+	var zero T
+	layout, err := histogram.NewLayout(schema)
+	if err != nil {
+		return zero, err
+	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return zero, fmt.Errorf("possible CPUs: %w", err)
+	}
+	candidates, err := Candidates(variants, hook, forced)
+	if err != nil {
+		return zero, err
+	}
+	p, _, err := FirstLoading(candidates, log, func(v Variant) (T, error) { return load(layout, v, ncpu) })
+	return p, err
+}
