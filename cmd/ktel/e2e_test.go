@@ -612,33 +612,22 @@ func TestCheck(t *testing.T) {
 			bin := binary(t)
 			before := loadedObjects(t)
 
-			var stdout, stderr bytes.Buffer
-			cmd := exec.Command(bin, "check")
-			cmd.Env = childEnv(tt.env...)
-			cmd.Stdout, cmd.Stderr = &stdout, &stderr
-			cmd.WaitDelay = time.Second
-			timer := time.AfterFunc(stopTimeout, func() { cmd.Process.Kill() })
-			err := cmd.Run()
-			timer.Stop()
-			var ee *exec.ExitError
-			if err != nil && !errors.As(err, &ee) {
-				t.Fatalf("run ktel check: %v", err)
-			}
-			if got := cmd.ProcessState.ExitCode(); got != tt.wantStatus {
+			got, stdout, stderr := testenv.Run(t, []string{bin, "check"}, tt.env...)
+			if got != tt.wantStatus {
 				t.Errorf("exit status %d, want %d", got, tt.wantStatus)
 			}
-			if !strings.Contains(stdout.String(), tt.wantStdout) {
+			if !strings.Contains(stdout, tt.wantStdout) {
 				t.Errorf("stdout does not contain %q", tt.wantStdout)
 			}
-			if !strings.Contains(stderr.String(), tt.wantStderr) {
+			if !strings.Contains(stderr, tt.wantStderr) {
 				t.Errorf("stderr does not contain %q", tt.wantStderr)
 			}
 			if t.Failed() {
-				t.Logf("stdout:\n%s\nstderr:\n%s", &stdout, &stderr)
+				t.Logf("stdout:\n%s\nstderr:\n%s", stdout, stderr)
 			}
 
 			// check detaches what it attached: nothing it loaded survives it.
-			waitReleased(t, added(before, loadedObjects(t)), &stderr)
+			waitReleased(t, added(before, loadedObjects(t)), stringer(stderr))
 		})
 	}
 }
@@ -683,3 +672,8 @@ func TestNativeBucketsDecoder(t *testing.T) {
 		t.Errorf("bucket -18 holds %d, want 3; buckets %v", native[-18], native)
 	}
 }
+
+// stringer shows a fixed string where a fmt.Stringer is wanted.
+type stringer string
+
+func (s stringer) String() string { return string(s) }

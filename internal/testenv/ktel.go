@@ -1,6 +1,8 @@
 package testenv
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -138,4 +140,23 @@ func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return string(s.buf)
+}
+
+// Run runs argv with env added to an environment without KTEL_*
+// variables, killing it after StopTimeout, and returns its exit status and
+// output.
+func Run(tb testing.TB, argv []string, env ...string) (code int, stdout, stderr string) {
+	tb.Helper()
+	var out, errb bytes.Buffer
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = ChildEnv(env...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	cmd.WaitDelay = time.Second
+	timer := time.AfterFunc(StopTimeout, func() { cmd.Process.Kill() })
+	err := cmd.Run()
+	timer.Stop()
+	if _, ok := errors.AsType[*exec.ExitError](err); err != nil && !ok {
+		tb.Fatalf("run %s: %v", argv[0], err)
+	}
+	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
 }

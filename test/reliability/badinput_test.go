@@ -1,17 +1,13 @@
 package reliability
 
 import (
-	"bytes"
-	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -198,24 +194,10 @@ func checkGap(t *testing.T, bin string, c invalidCase, env []string) {
 	}
 }
 
-// runBinary runs bin with args and env (added to the test's environment
-// without KTEL_*), bounded by stopTimeout, and returns its exit status
-// and output.
+// runBinary runs bin with args and env (testenv.Run).
 func runBinary(t *testing.T, bin string, args, env []string) (code int, stdout, stderr string) {
 	t.Helper()
-	var out, errb bytes.Buffer
-	cmd := exec.Command(bin, args...)
-	cmd.Env = childEnv(env...)
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	cmd.WaitDelay = time.Second
-	timer := time.AfterFunc(stopTimeout, func() { cmd.Process.Kill() })
-	err := cmd.Run()
-	timer.Stop()
-	var ee *exec.ExitError
-	if err != nil && !errors.As(err, &ee) {
-		t.Fatalf("run %s: %v", bin, err)
-	}
-	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
+	return testenv.Run(t, append([]string{bin}, args...), env...)
 }
 
 func writeFile(t testing.TB, path, content string) {
