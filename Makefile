@@ -72,7 +72,7 @@ otelcol:
 # services file); CI runs it with FUZZTIME=10s.
 FUZZTIME ?= 30s
 FUZZ_TARGETS = ./bpf/syscall:FuzzDecodeEvent ./bpf/runqlat:FuzzDecodeEvent \
-               ./bpf/tcpretrans:FuzzDecodeEvent ./internal/lb:FuzzParse
+               ./bpf/tcpretrans:FuzzDecodeEvent ./internal/lb:FuzzParse ./internal/lb:FuzzParseJSON
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; fn=$${t##*:}; \

@@ -378,9 +378,8 @@ func manyServices(n int, port int) []ctl.Service {
 	return svcs
 }
 
-// 10,000 services are written to the maps with batch operations in tens of
-// milliseconds (parsing the 3.7 MB file takes longer), and the last one
-// serves.
+// 10,000 services are reloaded in tens of milliseconds (JSON fast path,
+// batch map writes), and the last one serves.
 func TestManyServices(t *testing.T) {
 	testenv.Privileged(t)
 	sb := newSandbox(t)

@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -98,7 +97,39 @@ func (e *FieldError) Error() string {
 	return b.String()
 }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.:/-]*$`)
+// validName reports whether name is a valid service name: letters, digits
+// and _.:/-, starting with a letter or digit, at most maxNameLen bytes.
+func validName(name string) bool {
+	if name == "" || len(name) > maxNameLen {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		switch c := name[i]; {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case i > 0 && strings.IndexByte("_.:/-", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// parseAddr parses a VIP or backend address; the message says what is
+// wrong with it.
+func parseAddr(s string) (netip.Addr, string) {
+	a, err := netip.ParseAddr(s)
+	switch {
+	case err != nil:
+		return netip.Addr{}, fmt.Sprintf("%q is not an IPv4 or IPv6 address", s)
+	case a.Zone() != "":
+		return netip.Addr{}, fmt.Sprintf("%q: zones are not supported", s)
+	case a.Is4In6():
+		return netip.Addr{}, fmt.Sprintf("%q: write IPv4 addresses in dotted form", s)
+	case a.IsUnspecified() || a.IsMulticast():
+		return netip.Addr{}, fmt.Sprintf("%q is not a unicast address", s)
+	}
+	return a, ""
+}
 
 // Parse reads a services file, YAML or JSON:
 //
@@ -115,6 +146,14 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.:/-]*$`)
 // Every problem is reported (up to 20), each as a *FieldError naming the
 // file, line and field; errors.Join combines them.
 func Parse(file string, data []byte) ([]Service, error) {
+	if svcs, ok := parseJSON(data); ok {
+		return svcs, nil
+	}
+	return parseYAML(file, data)
+}
+
+// parseYAML is the reference parser, for any YAML or JSON.
+func parseYAML(file string, data []byte) ([]Service, error) {
 	p := &parser{file: file}
 	svcs := p.parse(data)
 	if len(p.errs) > 0 {
@@ -251,7 +290,7 @@ func (p *parser) service(n *yaml.Node, path string) (Service, bool) {
 			switch {
 			case len(name) > maxNameLen:
 				p.fail(v, path+".name", "longer than %d characters", maxNameLen)
-			case !nameRE.MatchString(name):
+			case !validName(name):
 				p.fail(v, path+".name", "%q: use letters, digits and _.:/- (starting with a letter or digit)", name)
 			default:
 				s.Name = name
@@ -373,20 +412,12 @@ func (p *parser) addr(n *yaml.Node, field string) (netip.Addr, bool) {
 	if !ok {
 		return netip.Addr{}, false
 	}
-	a, err := netip.ParseAddr(s)
-	switch {
-	case err != nil:
-		p.fail(n, field, "%q is not an IPv4 or IPv6 address", s)
-	case a.Zone() != "":
-		p.fail(n, field, "%q: zones are not supported", s)
-	case a.Is4In6():
-		p.fail(n, field, "%q: write IPv4 addresses in dotted form", s)
-	case a.IsUnspecified() || a.IsMulticast():
-		p.fail(n, field, "%q is not a unicast address", s)
-	default:
-		return a, true
+	a, msg := parseAddr(s)
+	if msg != "" {
+		p.fail(n, field, "%s", msg)
+		return netip.Addr{}, false
 	}
-	return netip.Addr{}, false
+	return a, true
 }
 
 // Marshal renders services as JSON that Parse reads back (benchmarks and

@@ -1,6 +1,8 @@
 package lb
 
 import (
+	"bytes"
+	"encoding/json"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -145,5 +147,73 @@ func TestCgroup2Mount(t *testing.T) {
 	}
 	if _, err := cgroup2Mount(strings.NewReader("1 2 0:1 / / rw - ext4 /dev/sda rw\n")); err == nil {
 		t.Error("found a cgroup2 mount in none")
+	}
+}
+
+// sampleServices covers every field: IPv4 and IPv6, TCP and UDP, weights,
+// no backends, many backends (a map checks their uniqueness).
+func sampleServices() []Service {
+	ap := netip.MustParseAddrPort
+	svcs := []Service{
+		{Name: "web", VIP: ap("10.96.0.10:80"), Protocol: TCP, Backends: []Backend{
+			{Addr: ap("10.0.0.2:8080"), Weight: 1}, {Addr: ap("10.0.0.3:8080"), Weight: 100}}},
+		{Name: "dns.kube-system/udp:53", VIP: ap("[fd00::a]:53"), Protocol: UDP, Backends: []Backend{
+			{Addr: ap("[fd00::1]:5353"), Weight: 3}}},
+		{Name: "empty", VIP: ap("10.96.0.11:443"), Protocol: TCP},
+		{Name: "big", VIP: ap("10.96.0.12:443"), Protocol: TCP},
+	}
+	for i := range 40 {
+		svcs[3].Backends = append(svcs[3].Backends, Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, 0, byte(i)}), 443), Weight: 1})
+	}
+	return svcs
+}
+
+// The fast path reads JSON as programs write it (indented with spaces or
+// tabs, compact, CRLF), and reads it as the YAML parser does.
+func TestParseJSONFastPath(t *testing.T) {
+	want := sampleServices()
+	indented, err := Marshal(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v any
+	if err := json.Unmarshal(indented, &v); err != nil {
+		t.Fatal(err)
+	}
+	compact, _ := json.Marshal(v)
+	tabs, _ := json.MarshalIndent(v, "", "\t")
+	crlf := bytes.ReplaceAll(indented, []byte("\n"), []byte("\r\n"))
+	for name, data := range map[string][]byte{"indented": indented, "compact": compact, "tabs": tabs, "crlf": crlf} {
+		fast, ok := parseJSON(data)
+		if !ok {
+			t.Errorf("%s: fast path declined", name)
+			continue
+		}
+		ref, err := parseYAML("f", data)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !reflect.DeepEqual(fast, ref) {
+			t.Errorf("%s: fast path read %+v\nYAML parser read %+v", name, fast, ref)
+		}
+		for i := range fast {
+			fast[i].Line = 0
+		}
+		if !reflect.DeepEqual(fast, want) {
+			t.Errorf("%s: read %+v, want %+v", name, fast, want)
+		}
+	}
+	// Invalid files are left to the YAML parser, which names the problem.
+	for _, bad := range []string{
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 0}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "extra": 1}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "backends": [{"address": "fd00::1", "port": 1}]}]}`,
+	} {
+		if _, ok := parseJSON([]byte(bad)); ok {
+			t.Errorf("fast path accepted %s", bad)
+		}
+		if _, err := Parse("f", []byte(bad)); err == nil || !strings.Contains(err.Error(), "f:1: services[0]") {
+			t.Errorf("%s: error %v, want one naming line and field", bad, err)
+		}
 	}
 }

@@ -55,3 +55,39 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseJSON: whatever the JSON fast path accepts, the YAML parser reads
+// identically (line numbers included); the fast path never panics.
+func FuzzParseJSON(f *testing.F) {
+	for _, svcs := range [][]Service{nil, sampleServices()} {
+		js, err := Marshal(svcs)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(js)
+	}
+	for _, s := range []string{
+		`{"services": [{"name": "dns", "vip": "fd00::53", "port": 53, "protocol": "UDP", "backends": [{"address": "fd00::1", "port": 5353, "weight": 7}]}]}`,
+		"{\r\n\"services\":\t[{\"name\":\"a\",\"vip\":\"1.1.1.1\",\"port\":1,\"backends\":[]}]}\n",
+		`{"services": [{"backends": [], "name": "a", "port": 65535, "vip": "1.1.1.1"}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "backends": [{"address": "1.1.1.2", "port": 1}, {"address": "1.1.1.2", "port": 1}]}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1e1}]}`,
+		`{"services": [{"name": "a\u0041", "vip": "1.1.1.1", "port": 1}]}`,
+		`{"services": null}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		fast, ok := parseJSON(data)
+		if !ok {
+			return
+		}
+		ref, err := parseYAML("f", data)
+		if err != nil {
+			t.Fatalf("fast path accepted what the YAML parser rejects: %v\n%q", err, data)
+		}
+		if !reflect.DeepEqual(fast, ref) {
+			t.Fatalf("fast path read %+v\nYAML parser read %+v\n%q", fast, ref, data)
+		}
+	})
+}
