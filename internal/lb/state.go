@@ -83,9 +83,10 @@ type live struct {
 	base     uint32
 	count    uint32
 	maglev   bool
-	counters map[netip.AddrPort]uint32
+	counters []uint32 // of svc.Backends[i]
 	slots    []Slot
 	table    []uint32
+	index    map[netip.AddrPort]int // of svc.Backends, built for large services
 }
 
 type retired struct {
@@ -160,14 +161,14 @@ func (l Limits) Validate() error {
 }
 
 // layout is the content of a service's slots, and its Maglev table.
-func (s *State) layout(svc Service, counters map[netip.AddrPort]uint32) ([]Slot, []uint32, error) {
+func (s *State) layout(svc Service, counters []uint32) ([]Slot, []uint32, error) {
 	if len(svc.Backends) == 0 {
 		return nil, nil, nil
 	}
 	if s.lim.Algorithm == AlgMaglev {
 		slots := make([]Slot, len(svc.Backends))
 		for i, b := range svc.Backends {
-			slots[i] = Slot{Addr: b.Addr, Counter: counters[b.Addr]}
+			slots[i] = Slot{Addr: b.Addr, Counter: counters[i]}
 		}
 		table, err := Maglev(svc.Backends, s.lim.MaglevSize)
 		return slots, table, err
@@ -177,9 +178,9 @@ func (s *State) layout(svc Service, counters map[netip.AddrPort]uint32) ([]Slot,
 		g = gcd(g, weight(b))
 	}
 	var slots []Slot
-	for _, b := range svc.Backends {
+	for i, b := range svc.Backends {
 		for range weight(b) / g {
-			slots = append(slots, Slot{Addr: b.Addr, Counter: counters[b.Addr]})
+			slots = append(slots, Slot{Addr: b.Addr, Counter: counters[i]})
 		}
 	}
 	if len(slots) > MaxSlotsPerService {
@@ -256,12 +257,27 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 	if len(svcs) > s.lim.MaxServices {
 		return Applied{}, fmt.Errorf("%d services: more than the %d the services map holds: %w", len(svcs), s.lim.MaxServices, ErrFull)
 	}
-	var undo []func()
+	// What this call allocates, freed again if it fails.
+	var (
+		gotIDs, gotCounters []uint32
+		gotRanges           [][2]uint32
+		gotTables           []uint32
+	)
 	defer func() {
-		if err != nil {
-			for i := len(undo) - 1; i >= 0; i-- {
-				undo[i]()
-			}
+		if err == nil {
+			return
+		}
+		if len(gotTables) > 0 {
+			_ = s.dp.DeleteMaglev(gotTables)
+		}
+		for _, r := range gotRanges {
+			s.slots.release(r[0], r[1])
+		}
+		for _, id := range gotIDs {
+			s.svcIDs.put(id)
+		}
+		for _, c := range gotCounters {
+			s.counters.put(c)
 		}
 	}()
 
@@ -276,7 +292,7 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 	)
 	for _, svc := range svcs {
 		old := s.live[svc.Name]
-		l := &live{svc: svc, counters: make(map[netip.AddrPort]uint32, len(svc.Backends))}
+		l := &live{svc: svc, counters: make([]uint32, len(svc.Backends))}
 		if old != nil {
 			l.id = old.id
 		} else {
@@ -284,21 +300,21 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 			if !ok {
 				return Applied{}, fmt.Errorf("service %s: no free service index (%d in use or quarantined): %w", svc.Name, s.lim.MaxServices, ErrFull)
 			}
-			undo = append(undo, func() { s.svcIDs.put(id) })
+			gotIDs = append(gotIDs, id)
 			l.id = id
 			resetSvc = append(resetSvc, id)
 		}
-		for _, b := range svc.Backends {
+		for i, b := range svc.Backends {
 			if c, ok := old.counter(b.Addr); ok {
-				l.counters[b.Addr] = c
+				l.counters[i] = c
 				continue
 			}
 			c, ok := s.counters.get()
 			if !ok {
 				return Applied{}, fmt.Errorf("service %s: no free backend counter (%d in use or quarantined): %w", svc.Name, s.lim.MaxCounters, ErrFull)
 			}
-			undo = append(undo, func() { s.counters.put(c) })
-			l.counters[b.Addr] = c
+			gotCounters = append(gotCounters, c)
+			l.counters[i] = c
 			resetB = append(resetB, c)
 		}
 		if l.slots, l.table, err = s.layout(svc, l.counters); err != nil {
@@ -313,7 +329,7 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 				return Applied{}, fmt.Errorf("service %s: %d backend slots needed, %d free of %d: %w",
 					svc.Name, n, s.slots.available(), s.lim.MaxSlots, ErrFull)
 			}
-			undo = append(undo, func() { s.slots.release(base, n) })
+			gotRanges = append(gotRanges, [2]uint32{base, n})
 			l.base, l.count = base, n
 			for i, sl := range l.slots {
 				slotIdx = append(slotIdx, base+uint32(i))
@@ -340,17 +356,11 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 			return Applied{}, fmt.Errorf("write backends: %w", err)
 		}
 	}
-	var written []uint32
-	undo = append(undo, func() {
-		if len(written) > 0 {
-			_ = s.dp.DeleteMaglev(written)
-		}
-	})
 	for _, l := range tables {
 		if err := s.dp.WriteMaglev(l.base, l.table); err != nil {
 			return Applied{}, fmt.Errorf("write maglev table of %s: %w", l.svc.Name, err)
 		}
-		written = append(written, l.base)
+		gotTables = append(gotTables, l.base)
 	}
 	if len(entries) > 0 {
 		if err := s.dp.WriteServices(entries); err != nil {
@@ -384,8 +394,8 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 		if l == nil {
 			r.svcID, r.freeID = old.id, true
 		}
-		for addr, c := range old.counters {
-			if _, ok := l.counter(addr); !ok {
+		for i, c := range old.counters {
+			if _, ok := l.counter(old.svc.Backends[i].Addr); !ok {
 				r.counters = append(r.counters, c)
 			}
 		}
@@ -433,12 +443,31 @@ func (s *State) restore(entries []Entry) {
 	}
 }
 
+// counter returns the counter index of backend addr of l, if l has it.
 func (l *live) counter(addr netip.AddrPort) (uint32, bool) {
 	if l == nil {
 		return 0, false
 	}
-	c, ok := l.counters[addr]
-	return c, ok
+	const small = 16 // backends searched in order; an index past that
+	if len(l.svc.Backends) <= small {
+		for i, b := range l.svc.Backends {
+			if b.Addr == addr {
+				return l.counters[i], true
+			}
+		}
+		return 0, false
+	}
+	if l.index == nil {
+		l.index = make(map[netip.AddrPort]int, len(l.svc.Backends))
+		for i, b := range l.svc.Backends {
+			l.index[b.Addr] = i
+		}
+	}
+	i, ok := l.index[addr]
+	if !ok {
+		return 0, false
+	}
+	return l.counters[i], true
 }
 
 func (l *live) entry() Entry {
@@ -465,8 +494,8 @@ func (s *State) Services() []ServiceStatus {
 	out := make([]ServiceStatus, 0, len(s.live))
 	for _, l := range s.live {
 		st := ServiceStatus{Name: l.svc.Name, Key: l.svc.Key(), ID: l.id}
-		for _, b := range l.svc.Backends {
-			st.Backends = append(st.Backends, BackendStatus{Addr: b.Addr, Weight: b.Weight, Counter: l.counters[b.Addr]})
+		for i, b := range l.svc.Backends {
+			st.Backends = append(st.Backends, BackendStatus{Addr: b.Addr, Weight: b.Weight, Counter: l.counters[i]})
 		}
 		out = append(out, st)
 	}

@@ -173,7 +173,7 @@ func TestApply(t *testing.T) {
 	if e := f.services[Key{VIP: netip.MustParseAddrPort("10.96.0.12:80"), Protocol: TCP}]; e.Count != 0 {
 		t.Errorf("service without backends has count %d", e.Count)
 	}
-	webCounter := s.live["web"].counters[netip.MustParseAddrPort("10.0.0.2:80")]
+	webCounter := must(s.live["web"].counter(netip.MustParseAddrPort("10.0.0.2:80")))
 	apiID := s.live["api"].id
 
 	// Same configuration: nothing written.
@@ -199,7 +199,7 @@ func TestApply(t *testing.T) {
 	if f.backendsOf("10.96.0.11:80") != nil || f.backendsOf("10.96.0.21:80") == nil {
 		t.Error("api did not move")
 	}
-	if got := s.live["web"].counters[netip.MustParseAddrPort("10.0.0.2:80")]; got != webCounter {
+	if got := must(s.live["web"].counter(netip.MustParseAddrPort("10.0.0.2:80"))); got != webCounter {
 		t.Errorf("kept backend's counter changed from %d to %d", webCounter, got)
 	}
 	if s.live["api"].id != apiID {
@@ -349,4 +349,11 @@ func TestRangeAlloc(t *testing.T) {
 	if len(a.free) != 1 || a.available() != 10 {
 		t.Errorf("free list %v", a.free)
 	}
+}
+
+func must[T any](v T, ok bool) T {
+	if !ok {
+		panic("missing")
+	}
+	return v
 }
