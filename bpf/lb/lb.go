@@ -50,6 +50,10 @@ type Options struct {
 	// MaglevSize is the entries of each Maglev table, a prime of
 	// ctl.MaglevSizes; 0 is ctl.DefaultMaglevSize.
 	MaglevSize int
+
+	// noSetRetval loads the programs as for a kernel without
+	// bpf_set_retval (tests).
+	noSetRetval bool
 }
 
 func (o *Options) defaults() {
@@ -138,7 +142,7 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 	}
 	// Kernels before 5.18 lack bpf_set_retval here: refused connects then
 	// fail with EPERM, the default of a cgroup hook that rejects.
-	setRetval := features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval) == nil
+	setRetval := !opts.noSetRetval && features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval) == nil
 	refuse := "ECONNREFUSED"
 	if !setRetval {
 		refuse = "EPERM"

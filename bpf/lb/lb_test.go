@@ -118,6 +118,12 @@ const tcpServices = `services:
     port: 80
     backends:
       - {address: 127.0.0.2, port: 8080}
+  - name: dns6
+    vip: fd00::53
+    port: 53
+    protocol: udp
+    backends:
+      - {address: "::1", port: 5354}
 `
 
 // One probe, several clients: TCP distribution, exact counters, the VIP
@@ -131,6 +137,7 @@ func TestDatapath(t *testing.T) {
 		sb.serveTCP(t, b)
 	}
 	sb.serveTCP(t, "[::1]:8081")
+	sb.serveUDP(t, "[::1]:5354")
 	sb.serveUDP(t, "127.0.0.5:5353")
 	sb.serveUDP(t, "127.0.0.6:5353")
 	file := filepath.Join(t.TempDir(), "services.yaml")
@@ -209,6 +216,14 @@ func TestDatapath(t *testing.T) {
 		r = sb.run(t, clientSpec{mode: "tcp", addr: "[::ffff:10.96.0.12]:80", n: 20, inCgroup: true})
 		if r.OK != 20 || len(r.BadPeer) > 0 || r.Backends["127.0.0.2:8080"] != 20 {
 			t.Errorf("v4-mapped: ok %d, errors %v, peers %v, backends %v", r.OK, r.Errors, r.BadPeer, r.Backends)
+		}
+		// UDP over IPv6: replies come from the VIP.
+		r = sb.run(t, clientSpec{mode: "udp", addr: "[fd00::53]:53", n: 20, inCgroup: true})
+		if r.OK != 20 || len(r.BadPeer) > 0 || r.Backends["[::1]:5354"] != 20 {
+			t.Errorf("udp6: ok %d, errors %v, peers %v, backends %v", r.OK, r.Errors, r.BadPeer, r.Backends)
+		}
+		if got := service(snapshot(t, p), "dns6").Connections; got != 20 {
+			t.Errorf("dns6 counter %d, want 20", got)
 		}
 	})
 
@@ -314,9 +329,20 @@ func TestMaglev(t *testing.T) {
 		sb.serveTCP(t, b)
 	}
 	sb.serveUDP(t, "127.0.0.5:5353")
+	sb.serveTCP(t, "[::1]:8081")
+	sb.serveUDP(t, "[::1]:5354")
 	file := filepath.Join(t.TempDir(), "services.yaml")
 	writeFile(t, file, tcpServices)
 	p := load(t, Options{Cgroup: sb.cg, ServicesFile: file, Algorithm: "maglev", MaglevSize: 251})
+	// IPv6 through Maglev tables, TCP and UDP.
+	for _, c := range []clientSpec{
+		{mode: "tcp", addr: "[fd00::10]:80", n: 20, inCgroup: true},
+		{mode: "udp", addr: "[fd00::53]:53", n: 20, inCgroup: true},
+	} {
+		if r := sb.run(t, c); r.OK != 20 || len(r.BadPeer) > 0 {
+			t.Errorf("%s %s: ok %d, errors %v, peers %v", c.mode, c.addr, r.OK, r.Errors, r.BadPeer)
+		}
+	}
 	r := sb.run(t, clientSpec{mode: "tcp", addr: "10.96.0.10:80", n: 300, inCgroup: true})
 	if r.OK != 300 || len(r.BadPeer) > 0 {
 		t.Fatalf("ok %d, errors %v, peers %v", r.OK, r.Errors, r.BadPeer)
@@ -336,6 +362,27 @@ func TestMaglev(t *testing.T) {
 	}
 	if s := snapshot(t, p); s.MaglevMissing != 0 || s.SlotMissing != 0 {
 		t.Errorf("drops: %+v", s)
+	}
+}
+
+// Kernels before 5.18 lack bpf_set_retval in these hooks: the programs built
+// for them load, and a connect to a service without backends fails with
+// EPERM, counted the same.
+func TestRefuseWithoutSetRetval(t *testing.T) {
+	testenv.Privileged(t)
+	sb := newSandbox(t)
+	file := filepath.Join(t.TempDir(), "services.yaml")
+	writeFile(t, file, tcpServices)
+	p := load(t, Options{Cgroup: sb.cg, ServicesFile: file, noSetRetval: true})
+	if p.RefuseErrno() != "EPERM" {
+		t.Fatalf("RefuseErrno %s", p.RefuseErrno())
+	}
+	r := sb.run(t, clientSpec{mode: "tcp", addr: "10.96.0.11:80", n: 5, inCgroup: true})
+	if r.OK != 0 || r.Errors["EPERM"] != 5 {
+		t.Errorf("got %d ok, errors %v; want 5 x EPERM", r.OK, r.Errors)
+	}
+	if got := service(snapshot(t, p), "empty").NoBackend; got != 5 {
+		t.Errorf("no-backend counter %d, want 5", got)
 	}
 }
 
