@@ -1,9 +1,12 @@
 package metrics
 
 import (
+	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/histogram"
@@ -33,6 +36,41 @@ func BenchmarkSyscallCollector(b *testing.B) {
 		c.snap = NewCached(f.Snapshot, 0)
 		if err := c.Update(ch); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkScrape is one /metrics request served as the daemon serves it,
+// over 100 active syscalls (the map read excluded), per format.
+func BenchmarkScrape(b *testing.B) {
+	l, _ := histogram.NewLayout(3)
+	snap := &sysprobe.Snapshot{Latency: map[uint32]sysprobe.Hist{}, Errors: map[sysprobe.ErrorKey]uint64{}}
+	for nr := range uint32(100) {
+		slots := make([]uint64, l.Slots())
+		for k := 20 + int(nr); k < 60+int(nr); k++ {
+			slots[k] = uint64(k)
+		}
+		snap.Latency[nr] = sysprobe.Hist{Slots: slots, SumNs: 1e9}
+	}
+	f := &fakeSyscalls{layout: l, snap: snap}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}, nil))
+	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true})
+	for _, accept := range []string{"text/plain;version=0.0.4", "application/openmetrics-text;version=1.0.0", "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited"} {
+		for _, enc := range []string{"identity", "gzip"} {
+			b.Run(strings.Split(accept, ";")[0]+"/"+enc, func(b *testing.B) {
+				req := httptest.NewRequest("GET", "/metrics", nil)
+				req.Header.Set("Accept", accept)
+				req.Header.Set("Accept-Encoding", enc)
+				for b.Loop() {
+					w := httptest.NewRecorder()
+					h.ServeHTTP(w, req)
+					if w.Code != 200 {
+						b.Fatal(w.Code)
+					}
+					b.SetBytes(int64(w.Body.Len()))
+				}
+			})
 		}
 	}
 }

@@ -168,7 +168,7 @@ func (d *Daemon) Running() int { return len(d.probes) }
 // Handler serves /metrics, /healthz and a landing page.
 func (d *Daemon) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{
+	mux.Handle("/metrics", gzipped(promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelError),
 		ErrorHandling:     promhttp.ContinueOnError,
 		Registry:          d.reg,
@@ -176,7 +176,9 @@ func (d *Daemon) Handler() http.Handler {
 		// Beyond this many concurrent scrapes, answer 503 at once.
 		MaxRequestsInFlight: d.cfg.MaxScrapes,
 		Timeout:             scrapeTimeout,
-	}))
+		// gzipped compresses, faster.
+		DisableCompression: true,
+	})))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, "ok\n")
 	})
