@@ -6,7 +6,6 @@ package syscall
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -63,10 +62,12 @@ type Probe struct {
 	start                *ebpf.Map // the start map in use, for fill reporting
 	events, spanDrops    *ebpf.Map
 
-	readMu  sync.Mutex // guards the read buffers
-	buf     []byte
-	keys    []uint32
-	noBatch bool // the kernel has no batch lookups
+	bss     *ebpf.Map // holds syscall_seen at seenOff
+	seenOff int
+
+	readMu sync.Mutex // guards the read buffers
+	bssBuf []byte
+	val    []byte
 }
 
 // Load loads and attaches the probe, trying variants in order of preference
@@ -95,7 +96,12 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if v.Storage == probe.StorageHash {
 		startMap = "syscall_start_hash"
 	}
-	objs, err := probe.LoadVariant(spec, v, "syscall_latency", "syscall_errors", "syscall_drops", startMap, "ktel_events", "ktel_span_drops")
+	seen, ok := spec.Variables["syscall_seen"]
+	if !ok || seen.SectionName != ".bss" || seen.Size() != MaxSyscalls {
+		return nil, fmt.Errorf("syscall_seen: not a %d-byte variable in .bss", MaxSyscalls)
+	}
+	bssSize := spec.Maps[".bss"].ValueSize
+	objs, err := probe.LoadVariant(spec, v, "syscall_latency", "syscall_errors", "syscall_drops", startMap, "ktel_events", "ktel_span_drops", ".bss")
 	if err != nil {
 		return nil, err
 	}
@@ -103,6 +109,7 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 		layout: layout, variant: v, ncpu: ncpu, objs: objs,
 		latency: objs.Maps["syscall_latency"], errs: objs.Maps["syscall_errors"], drops: objs.Maps["syscall_drops"],
 		start: objs.Maps[startMap], events: objs.Maps["ktel_events"], spanDrops: objs.Maps["ktel_span_drops"],
+		bss: objs.Maps[".bss"], bssBuf: make([]byte, bssSize), seenOff: int(seen.Offset),
 	}, nil
 }
 
@@ -171,19 +178,22 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	s := &Snapshot{Latency: make(map[uint32]Hist), Errors: make(map[ErrorKey]uint64)}
 	p.readMu.Lock()
 	defer p.readMu.Unlock()
-	all, err := p.readLatency()
-	if err != nil {
-		return nil, err
+	// Only the syscalls seen: most never are, and each histogram is
+	// CPUs x slots counters.
+	if err := p.bss.Lookup(uint32(0), p.bssBuf); err != nil {
+		return nil, fmt.Errorf("read syscall_seen: %w", err)
 	}
-	full := len(all) / MaxSyscalls
-	for nr := range uint32(MaxSyscalls) {
-		buf := all[int(nr)*full : int(nr+1)*full]
-		if p.neverSeen(buf) { // most syscalls
+	for nr, seen := range p.bssBuf[p.seenOff : p.seenOff+MaxSyscalls] {
+		if seen == 0 {
 			continue
+		}
+		buf, err := p.readLatency(uint32(nr))
+		if err != nil {
+			return nil, err
 		}
 		var h Hist
 		h.Slots, h.SumNs = probe.SumHist(buf, p.ncpu, p.layout, nil)
-		s.Latency[nr] = h
+		s.Latency[uint32(nr)] = h
 	}
 
 	var (
@@ -217,51 +227,13 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	return s, nil
 }
 
-// readLatency reads every value of syscall_latency into a buffer reused
-// from one read to the next: one batch lookup where the kernel has them
-// (5.6+), one lookup per syscall otherwise. Values follow each other, each
-// the per-CPU copies of one syscall's histogram.
-func (p *Probe) readLatency() ([]byte, error) {
-	full := p.ncpu * ((probe.HistValueSize(p.layout) + 7) &^ 7)
-	if p.buf == nil {
-		p.buf = make([]byte, MaxSyscalls*full)
-		p.keys = make([]uint32, MaxSyscalls)
+// readLatency reads the per-CPU values of one syscall's histogram.
+func (p *Probe) readLatency(nr uint32) ([]byte, error) {
+	v, err := p.latency.LookupBytes(nr)
+	if err != nil {
+		return nil, fmt.Errorf("read syscall_latency[%d]: %w", nr, err)
 	}
-	if !p.noBatch {
-		var cursor ebpf.MapBatchCursor
-		n, err := p.latency.BatchLookup(&cursor, p.keys, p.buf, nil)
-		if n == MaxSyscalls && (err == nil || errors.Is(err, ebpf.ErrKeyNotExist)) {
-			return p.buf, nil
-		}
-		if !errors.Is(err, ebpf.ErrNotSupported) {
-			return nil, fmt.Errorf("read syscall_latency: %d of %d values: %w", n, MaxSyscalls, err)
-		}
-		p.noBatch = true
-	}
-	for nr := range uint32(MaxSyscalls) {
-		v, err := p.latency.LookupBytes(nr)
-		if err != nil {
-			return nil, fmt.Errorf("read syscall_latency[%d]: %w", nr, err)
-		}
-		copy(p.buf[int(nr)*full:int(nr+1)*full], v)
-	}
-	return p.buf, nil
-}
-
-// neverSeen reports whether one syscall's per-CPU histograms are empty,
-// reading two words per CPU rather than every slot: a syscall observed has
-// a non-zero sum of latencies, or, if every latency was 0 ns, a non-zero
-// slot 0.
-func (p *Probe) neverSeen(buf []byte) bool {
-	n := p.layout.Slots()
-	stride := (probe.HistValueSize(p.layout) + 7) &^ 7
-	for cpu := range p.ncpu {
-		v := buf[cpu*stride:]
-		if binary.NativeEndian.Uint64(v) != 0 || binary.NativeEndian.Uint64(v[8*n:]) != 0 {
-			return false
-		}
-	}
-	return true
+	return v, nil
 }
 
 // Event is one outlier syscall. Times are CLOCK_MONOTONIC nanoseconds.

@@ -72,6 +72,7 @@ const (
 	syscallVarKtelSpanCostNs      = "ktel_span_cost_ns"
 	syscallVarKtelSpanThresholdNs = "ktel_span_threshold_ns"
 	syscallVarKtelSpanWakeupBytes = "ktel_span_wakeup_bytes"
+	syscallVarSyscallSeen         = "syscall_seen"
 	syscallVarUnusedSyscallEvent  = "unused_syscall_event"
 )
 
@@ -153,6 +154,7 @@ type syscallVariableSpecs struct {
 	KtelSpanCostNs      *ebpf.VariableSpec `ebpf:"ktel_span_cost_ns"`
 	KtelSpanThresholdNs *ebpf.VariableSpec `ebpf:"ktel_span_threshold_ns"`
 	KtelSpanWakeupBytes *ebpf.VariableSpec `ebpf:"ktel_span_wakeup_bytes"`
+	SyscallSeen         *ebpf.VariableSpec `ebpf:"syscall_seen"`
 	UnusedSyscallEvent  *ebpf.VariableSpec `ebpf:"unused_syscall_event"`
 }
 
@@ -209,6 +211,7 @@ type syscallVariables struct {
 	KtelSpanCostNs      *ebpf.Variable `ebpf:"ktel_span_cost_ns"`
 	KtelSpanThresholdNs *ebpf.Variable `ebpf:"ktel_span_threshold_ns"`
 	KtelSpanWakeupBytes *ebpf.Variable `ebpf:"ktel_span_wakeup_bytes"`
+	SyscallSeen         *ebpf.Variable `ebpf:"syscall_seen"`
 	UnusedSyscallEvent  *ebpf.Variable `ebpf:"unused_syscall_event"`
 }
 

@@ -225,8 +225,9 @@ func TestHookSelection(t *testing.T) {
 	}
 }
 
-// The batch read and the per-key fallback read the same histograms.
-func TestReadPaths(t *testing.T) {
+// A scrape reads only the syscalls flagged in syscall_seen: exactly those
+// whose histograms hold counts, with the same values as a read of every key.
+func TestSeenSyscalls(t *testing.T) {
 	testenv.Privileged(t)
 	p, err := Load(Options{Schema: 3}, discard())
 	if err != nil {
@@ -239,25 +240,30 @@ func TestReadPaths(t *testing.T) {
 		l.Close()
 	}
 	p.objs.Links = nil
-	batch, err := p.Snapshot()
+	snap, err := p.Snapshot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.noBatch {
-		t.Fatal("batch lookups unsupported on this kernel")
-	}
-	p.noBatch = true
-	keyed, err := p.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(batch.Latency) == 0 || len(batch.Latency) != len(keyed.Latency) {
-		t.Fatalf("%d syscalls by batch, %d by key", len(batch.Latency), len(keyed.Latency))
-	}
-	for nr, h := range batch.Latency {
-		k := keyed.Latency[nr]
-		if h.SumNs != k.SumNs || !slices.Equal(h.Slots, k.Slots) {
-			t.Errorf("syscall %d: batch %d/%d, by key %d/%d", nr, h.Count(), h.SumNs, k.Count(), k.SumNs)
+	all := 0
+	for nr := range uint32(MaxSyscalls) {
+		buf, err := p.readLatency(nr)
+		if err != nil {
+			t.Fatal(err)
 		}
+		slots, sum := probe.SumHist(buf, p.ncpu, p.layout, nil)
+		h, ok := snap.Latency[nr]
+		if !slices.ContainsFunc(slots, func(c uint64) bool { return c > 0 }) {
+			if ok {
+				t.Errorf("syscall %d: in the snapshot without counts", nr)
+			}
+			continue
+		}
+		all++
+		if !ok || h.SumNs != sum || !slices.Equal(h.Slots, slots) {
+			t.Errorf("syscall %d: snapshot %v, all keys %d/%d", nr, ok, Hist{Slots: slots}.Count(), sum)
+		}
+	}
+	if all == 0 || len(snap.Latency) != all {
+		t.Errorf("%d syscalls in the snapshot, %d with counts", len(snap.Latency), all)
 	}
 }
