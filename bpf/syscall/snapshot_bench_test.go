@@ -9,8 +9,8 @@ import (
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
-// BenchmarkSnapshot reads the probe's maps after syscalls of a few dozen
-// kinds, as a scrape does.
+// BenchmarkSnapshot reads the probe's maps as a scrape does, after the
+// syscalls of this test and of the machine, by each way of reading.
 func BenchmarkSnapshot(b *testing.B) {
 	testenv.Privileged(b)
 	p, err := Load(Options{Schema: 3}, slog.New(slog.NewTextHandler(io.Discard, nil)))
@@ -22,12 +22,20 @@ func BenchmarkSnapshot(b *testing.B) {
 		_, _ = os.ReadDir("/proc/self")
 		_, _ = os.Stat("/nonexistent")
 	}
-	b.ReportAllocs()
-	for b.Loop() {
-		s, err := p.Snapshot()
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.ReportMetric(float64(len(s.Latency)), "syscalls")
+	for _, m := range []struct {
+		name string
+		mode readMode
+	}{{"auto", readAuto}, {"batch", readBatch}, {"bykey", readByKey}} {
+		b.Run(m.name, func(b *testing.B) {
+			p.force = m.mode
+			b.ReportAllocs()
+			for b.Loop() {
+				s, err := p.Snapshot()
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(float64(len(s.Latency)), "syscalls")
+			}
+		})
 	}
 }

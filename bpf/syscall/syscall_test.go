@@ -4,6 +4,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"reflect"
 	"runtime"
 	"slices"
 	"testing"
@@ -226,7 +227,8 @@ func TestHookSelection(t *testing.T) {
 }
 
 // A scrape reads only the syscalls flagged in syscall_seen: exactly those
-// whose histograms hold counts, with the same values as a read of every key.
+// whose histograms hold counts, with the same values as a read of every key,
+// whether by one batch lookup or by key.
 func TestSeenSyscalls(t *testing.T) {
 	testenv.Privileged(t)
 	p, err := Load(Options{Schema: 3}, discard())
@@ -244,9 +246,23 @@ func TestSeenSyscalls(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Both ways of reading agree.
+	for _, m := range []readMode{readBatch, readByKey} {
+		p.force = m
+		other, err := p.Snapshot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(other.Latency, snap.Latency) {
+			t.Errorf("read mode %d: %d syscalls, auto %d", m, len(other.Latency), len(snap.Latency))
+		}
+	}
+	if p.noBatch {
+		t.Error("batch lookups unsupported on this kernel")
+	}
 	all := 0
 	for nr := range uint32(MaxSyscalls) {
-		buf, err := p.readLatency(nr)
+		buf, err := p.latency.LookupBytes(nr)
 		if err != nil {
 			t.Fatal(err)
 		}
