@@ -214,20 +214,12 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.Latency[uint32(nr)] = h
 	}
 
-	var (
-		key  syscallErrorsKey
-		vals []uint64
-		iter = p.errs.Iterate()
-	)
-	for iter.Next(&key, &vals) {
-		var n uint64
-		for _, v := range vals {
-			n += v
-		}
-		s.Errors[ErrorKey{Nr: key.Nr, Errno: key.Err}] = n
-	}
-	if err := iter.Err(); err != nil {
+	errs, err := probe.SumPerCPUHash[syscallErrorsKey](p.errs, int(p.errs.MaxEntries()))
+	if err != nil {
 		return nil, fmt.Errorf("read syscall_errors: %w", err)
+	}
+	for k, n := range errs {
+		s.Errors[ErrorKey{Nr: k.Nr, Errno: k.Err}] = n
 	}
 
 	var drops []uint64

@@ -140,3 +140,58 @@ func SumPerCPUArray(m *ebpf.Map, n int) ([]uint64, error) {
 	}
 	return sums, nil
 }
+
+// SumPerCPUHash returns the entries of a per-CPU hash of u64 values with
+// at most maxEntries keys, each summed over CPUs: by batch lookups where
+// the kernel has them (5.6+; two syscalls per key otherwise).
+func SumPerCPUHash[K comparable](m *ebpf.Map, maxEntries int) (map[K]uint64, error) {
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[K]uint64)
+	n := min(maxEntries, 1024) // per call; a hash bucket must fit
+	keys := make([]K, n)
+	vals := make([]uint64, n*ncpu)
+	var cursor ebpf.MapBatchCursor
+	for {
+		got, err := m.BatchLookup(&cursor, keys, vals, nil)
+		for i := range got {
+			var n uint64
+			for _, v := range vals[i*ncpu : (i+1)*ncpu] {
+				n += v
+			}
+			out[keys[i]] = n
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return out, nil
+		case errors.Is(err, ebpf.ErrNotSupported):
+			return sumPerCPUHashIter[K](m)
+		case err != nil:
+			return nil, fmt.Errorf("batch lookup: %w", err)
+		case got == 0:
+			return out, nil
+		}
+	}
+}
+
+func sumPerCPUHashIter[K comparable](m *ebpf.Map) (map[K]uint64, error) {
+	out := make(map[K]uint64)
+	var (
+		key  K
+		vals []uint64
+		iter = m.Iterate()
+	)
+	for iter.Next(&key, &vals) {
+		var n uint64
+		for _, v := range vals {
+			n += v
+		}
+		out[key] = n
+	}
+	if err := iter.Err(); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
