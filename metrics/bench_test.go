@@ -12,9 +12,9 @@ import (
 	"github.com/ktel-dev/ktel/internal/histogram"
 )
 
-// BenchmarkSyscallCollector is the user-space cost of one scrape of the
-// syscall collector with 100 active syscalls (the map read excluded).
-func BenchmarkSyscallCollector(b *testing.B) {
+// syntheticSyscalls is a syscall source with 100 active syscalls, 40
+// buckets each, at schema 3.
+func syntheticSyscalls() *fakeSyscalls {
 	l, _ := histogram.NewLayout(3)
 	snap := &sysprobe.Snapshot{Latency: map[uint32]sysprobe.Hist{}, Errors: map[sysprobe.ErrorKey]uint64{}}
 	for nr := range uint32(100) {
@@ -24,7 +24,13 @@ func BenchmarkSyscallCollector(b *testing.B) {
 		}
 		snap.Latency[nr] = sysprobe.Hist{Slots: slots, SumNs: 1e9}
 	}
-	f := &fakeSyscalls{layout: l, snap: snap}
+	return &fakeSyscalls{layout: l, snap: snap}
+}
+
+// BenchmarkSyscallCollector is the user-space cost of one scrape of the
+// syscall collector with 100 active syscalls (the map read excluded).
+func BenchmarkSyscallCollector(b *testing.B) {
+	f := syntheticSyscalls()
 	c := NewSyscallCollector(f, names, nil).(*syscallCollector)
 	ch := make(chan prometheus.Metric, 256)
 	go func() {
@@ -43,16 +49,7 @@ func BenchmarkSyscallCollector(b *testing.B) {
 // BenchmarkScrape is one /metrics request served as the daemon serves it,
 // over 100 active syscalls (the map read excluded), per format.
 func BenchmarkScrape(b *testing.B) {
-	l, _ := histogram.NewLayout(3)
-	snap := &sysprobe.Snapshot{Latency: map[uint32]sysprobe.Hist{}, Errors: map[sysprobe.ErrorKey]uint64{}}
-	for nr := range uint32(100) {
-		slots := make([]uint64, l.Slots())
-		for k := 20 + int(nr); k < 60+int(nr); k++ {
-			slots[k] = uint64(k)
-		}
-		snap.Latency[nr] = sysprobe.Hist{Slots: slots, SumNs: 1e9}
-	}
-	f := &fakeSyscalls{layout: l, snap: snap}
+	f := syntheticSyscalls()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}, nil))
 	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true})

@@ -114,6 +114,17 @@ func validName(name string) bool {
 	return true
 }
 
+// parseProtocol parses tcp or udp, in any case.
+func parseProtocol(s string) (Protocol, bool) {
+	switch strings.ToLower(s) {
+	case "tcp":
+		return TCP, true
+	case "udp":
+		return UDP, true
+	}
+	return 0, false
+}
+
 // parseAddr parses a VIP or backend address; the message says what is
 // wrong with it.
 func parseAddr(s string) (netip.Addr, string) {
@@ -310,12 +321,9 @@ func (p *parser) service(n *yaml.Node, path string) (Service, bool) {
 	s.VIP = netip.AddrPortFrom(vip, port)
 	if v, ok := f["protocol"]; ok {
 		if proto, ok := p.str(v, path+".protocol"); ok {
-			switch strings.ToLower(proto) {
-			case "tcp":
-				s.Protocol = TCP
-			case "udp":
-				s.Protocol = UDP
-			default:
+			if pr, ok := parseProtocol(proto); ok {
+				s.Protocol = pr
+			} else {
 				p.fail(v, path+".protocol", "%q: want tcp or udp", proto)
 			}
 		}

@@ -2,7 +2,6 @@ package lb
 
 import (
 	"net/netip"
-	"strings"
 )
 
 // parseJSON is Parse's fast path for services files in JSON, the form that
@@ -149,6 +148,16 @@ func (s *jsonScanner) bytes() ([]byte, bool) {
 	return nil, false
 }
 
+// addr reads a string that is a valid VIP or backend address.
+func (s *jsonScanner) addr() (netip.Addr, bool) {
+	str, ok := s.str()
+	if !ok {
+		return netip.Addr{}, false
+	}
+	a, msg := parseAddr(str)
+	return a, msg == ""
+}
+
 func (s *jsonScanner) str() (string, bool) {
 	b, ok := s.bytes()
 	return string(b), ok && len(b) > 0
@@ -221,25 +230,13 @@ func (s *jsonScanner) service() (Service, bool) {
 				ok = validName(svc.Name)
 			}
 		case 1:
-			var a string
-			if a, ok = s.str(); ok {
-				var msg string
-				vip, msg = parseAddr(a)
-				ok = msg == ""
-			}
+			vip, ok = s.addr()
 		case 2:
 			port, ok = s.uint(1, 65535)
 		case 3:
 			var p string
 			if p, ok = s.str(); ok {
-				switch strings.ToLower(p) {
-				case "tcp":
-					svc.Protocol = TCP
-				case "udp":
-					svc.Protocol = UDP
-				default:
-					ok = false
-				}
+				svc.Protocol, ok = parseProtocol(p)
 			}
 		case 4:
 			var seen map[netip.AddrPort]struct{} // past a few backends
@@ -294,12 +291,7 @@ func (s *jsonScanner) backend() (Backend, bool) {
 		var ok bool
 		switch i {
 		case 0:
-			var a string
-			if a, ok = s.str(); ok {
-				var msg string
-				addr, msg = parseAddr(a)
-				ok = msg == ""
-			}
+			addr, ok = s.addr()
 		case 1:
 			port, ok = s.uint(1, 65535)
 		case 2:
