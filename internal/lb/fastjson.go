@@ -97,7 +97,9 @@ func (s *jsonScanner) object(field func(key []byte) bool) bool {
 	}
 	for {
 		k, ok := s.bytes()
-		if !ok || !s.next(':') || !field(k) {
+		line := s.line
+		// YAML wants a flow key and its colon on one line.
+		if !ok || !s.next(':') || s.line != line || !field(k) {
 			return false
 		}
 		if s.next('}') {
