@@ -303,13 +303,11 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		return s, nil
 	}
 
-	var (
-		pk   tcpretransPeerKey
-		vals []uint64
-		iter = p.peer.Iterate()
-	)
-	for iter.Next(&pk, &vals) {
-		n := sum(vals)
+	peers, err := probe.SumPerCPUHash[tcpretransPeerKey](p.peer, int(p.peer.MaxEntries()))
+	if err != nil {
+		return nil, fmt.Errorf("read tcp_rtx_peers: %w", err)
+	}
+	for pk, n := range peers {
 		if n == 0 {
 			continue
 		}
@@ -317,17 +315,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.Retransmits[k.Key] += n
 		s.Peers[k] += n
 	}
-	if err := iter.Err(); err != nil {
-		return nil, fmt.Errorf("read tcp_rtx_peers: %w", err)
-	}
 	return s, nil
-}
-
-func sum(vals []uint64) (n uint64) {
-	for _, v := range vals {
-		n += v
-	}
-	return n
 }
 
 // keyOfIndex inverts the index of tcp_retransmits,
