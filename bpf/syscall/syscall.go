@@ -262,6 +262,8 @@ func (p *Probe) latencyReader(seen []byte) (func(nr uint32) ([]byte, error), err
 	}
 	count := last + 1
 	switch {
+	case n == 0: // nothing to read; a batch of zero keys is an error
+		return byKey, nil
 	case p.noBatch || p.force == readByKey:
 		return byKey, nil
 	case p.force == readAuto && count*stride > n*(lookupCostBytes+stride):
