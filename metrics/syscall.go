@@ -28,6 +28,7 @@ type syscallCollector struct {
 	latency   *prometheus.Desc
 	errors    *prometheus.Desc
 	dropped   *prometheus.Desc
+	untimed   *prometheus.Desc
 }
 
 // NewSyscallCollector exports the syscall probe's histograms as
@@ -47,6 +48,8 @@ func NewSyscallCollector(src SyscallSource, name func(nr uint32) string, ex *Exe
 			"Syscalls that returned an error, per syscall and errno.", []string{"syscall", "errno"}, nil),
 		dropped: prometheus.NewDesc("ktel_syscall_errors_dropped_total",
 			"Failed syscalls not counted in ktel_syscall_errors_total because its kernel map was full.", nil, nil),
+		untimed: prometheus.NewDesc("ktel_syscall_untimed_total",
+			"Syscalls missing from ktel_syscall_latency_seconds because the kernel had no memory to keep their start.", nil, nil),
 	}
 }
 
@@ -63,6 +66,7 @@ func (c *syscallCollector) Update(ch chan<- prometheus.Metric) error {
 		ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(n), c.name(k.Nr), errnoName(k.Errno))
 	}
 	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.ErrorsDropped))
+	ch <- prometheus.MustNewConstMetric(c.untimed, prometheus.CounterValue, float64(s.StartsDropped))
 	sendKernelSpanDrops(ch, "syscall", s.SpanDrops)
 	return nil
 }

@@ -48,6 +48,7 @@ func newFake(t *testing.T) *fakeSyscalls {
 			{Nr: 0, Errno: 512}: 1,
 		},
 		ErrorsDropped: 3,
+		StartsDropped: 2,
 		SpanDrops:     probe.SpanDrops{RateLimited: 5},
 	}}
 }
@@ -65,6 +66,9 @@ ktel_syscall_errors_dropped_total 3
 # TYPE ktel_syscall_errors_total counter
 ktel_syscall_errors_total{errno="512",syscall="read"} 1
 ktel_syscall_errors_total{errno="EAGAIN",syscall="read"} 7
+# HELP ktel_syscall_untimed_total Syscalls missing from ktel_syscall_latency_seconds because the kernel had no memory to keep their start.
+# TYPE ktel_syscall_untimed_total counter
+ktel_syscall_untimed_total 2
 # HELP ktel_spans_dropped_total Outlier events that did not become exported spans, by probe and reason: rate_limited and ringbuf_full in the kernel, queue_full and export_failed in ktel.
 # TYPE ktel_spans_dropped_total counter
 ktel_spans_dropped_total{probe="syscall",reason="rate_limited"} 5

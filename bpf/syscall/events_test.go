@@ -112,3 +112,123 @@ func FuzzDecodeEvent(f *testing.F) {
 		}
 	})
 }
+
+// A syscall whose thread is switched out is timed whole: while it sleeps,
+// another thread makes syscalls on its CPU, and every other sleep ends on
+// another CPU. Events (one per sleep, by thread id) show that none is lost
+// or cut short, in every variant.
+func TestSwitchedOut(t *testing.T) {
+	testenv.Privileged(t)
+	testenv.Tracefs(t)
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		t.Fatal(err)
+	}
+	var cpus []int
+	for c := 0; c < 1024 && len(cpus) < 2; c++ {
+		if set.IsSet(c) {
+			cpus = append(cpus, c)
+		}
+	}
+	if len(cpus) < 2 {
+		t.Skip("needs two CPUs") // CI machines have them; a skip fails there
+	}
+	pin := func(tid, cpu int) {
+		var s unix.CPUSet
+		s.Set(cpu)
+		if err := unix.SchedSetaffinity(tid, &s); err != nil {
+			t.Error(err)
+		}
+	}
+	const n, sleep = 20, 5 * time.Millisecond
+	for _, v := range Variants {
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v, Spans: probe.SpanOptions{Threshold: sleep / 2}}, discard())
+			if err != nil {
+				t.Fatalf("load: %+v", err)
+			}
+			defer p.Close()
+			rd, err := ringbuf.NewReader(p.Events())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer rd.Close()
+			before, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			done := make(chan struct{})
+			getpids := make(chan int)
+			go func() { // on the sleeper's CPU, making syscalls all along
+				runtime.LockOSThread()
+				defer runtime.UnlockOSThread()
+				pin(0, cpus[0])
+				var k int
+				for {
+					select {
+					case <-done:
+						getpids <- k
+						return
+					default:
+					}
+					for range 100 {
+						unix.RawSyscall(unix.SYS_GETPID, 0, 0, 0)
+					}
+					k += 100
+				}
+			}()
+
+			tids := make(chan int)
+			asleep := make(chan struct{})
+			go func() {
+				runtime.LockOSThread()
+				defer runtime.UnlockOSThread()
+				tids <- unix.Gettid()
+				for i := range n {
+					pin(0, cpus[0])
+					asleep <- struct{}{}
+					testenv.Sleep(t, sleep)
+					_ = i
+				}
+				close(asleep)
+			}()
+			tid := <-tids
+			start := time.Now()
+			var i int
+			for range asleep {
+				if i%2 == 1 { // move it while it sleeps: it wakes on the other CPU
+					time.Sleep(sleep / 5)
+					pin(tid, cpus[1])
+				}
+				i++
+			}
+			elapsed := time.Since(start)
+			close(done)
+			made := <-getpids
+
+			var total time.Duration
+			var count int
+			for _, e := range testenv.Records(t, rd, 200*time.Millisecond, DecodeEvent) {
+				if e.Tid == uint32(tid) && e.Nr == unix.SYS_CLOCK_NANOSLEEP {
+					total += time.Duration(e.EndNs - e.StartNs)
+					count++
+				}
+			}
+			// A signal may split a sleep in two; together they still last it.
+			if count < n || total < n*sleep || total > elapsed {
+				t.Errorf("%d clock_nanosleep events lasting %v, want >= %d lasting %v..%v", count, total, n, n*sleep, elapsed)
+			}
+			after, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := sum(delta(before, after, unix.SYS_GETPID)); got < uint64(made) {
+				t.Errorf("getpid count rose by %d, want >= %d made on the sleeper's CPU", got, made)
+			}
+			if after.StartsDropped != 0 {
+				t.Errorf("%d starts dropped", after.StartsDropped)
+			}
+		})
+	}
+}

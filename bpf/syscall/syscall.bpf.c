@@ -4,10 +4,14 @@
  * Per-syscall latency: time from raw_syscalls:sys_enter to sys_exit on the
  * same thread, aggregated in the kernel into native-histogram slots.
  *
- * Three hook flavours share the same logic; user space loads one pair:
- *   tp_btf     BTF-enabled raw tracepoint (5.5+), start time in task storage
- *              (5.11+) or, where task storage is missing, in a hash.
- *   raw_tp     raw tracepoint (4.17+), start time in a hash.
+ * Three hook flavours share the same logic; user space loads one set:
+ *   tp_btf     BTF-enabled raw tracepoint (5.5+), with the start time
+ *              - in a per-CPU slot, moved to task storage (5.11+) when its
+ *                thread is switched out inside the syscall (the "cpu"
+ *                variant, below);
+ *              - in task storage;
+ *              - where task storage is missing, in a hash.
+ *   raw_tp     raw tracepoint (4.17+), start time in task storage or a hash.
  *   tracepoint classic tracepoint, start time in a hash.
  */
 #include "vmlinux.h"
@@ -26,7 +30,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define MAX_ERRNO 4095
 
 struct start {
-	__u64 ts;
+	__u64 ts; /* 0: no syscall in flight */
 	__u32 nr;
 	__u32 _pad;
 };
@@ -48,6 +52,7 @@ const struct syscall_event *unused_syscall_event __attribute__((unused));
 
 enum drop_reason {
 	DROP_ERRORS_FULL = 0, /* syscall_errors had no room for a new key */
+	DROP_START_FULL = 1,  /* no task storage for a switched-out start: not timed */
 	DROP_REASONS,
 };
 
@@ -59,6 +64,26 @@ struct {
 	__type(key, int);
 	__type(value, struct start);
 } syscall_start_task SEC(".maps");
+
+/*
+ * The syscall in flight on this CPU, for the "cpu" variant. A syscall that
+ * returns without leaving the CPU (most of them) costs a per-CPU array
+ * lookup, which the kernel inlines, instead of two task-storage lookups.
+ *
+ * A started slot always belongs to the thread running on its CPU: a thread
+ * sets it on entry and clears it on exit, and if it is switched out between
+ * the two, sched_switch moves the start into that thread's task storage and
+ * clears the slot. So the exit path needs no thread id: a started slot is
+ * its own syscall's; an empty one means the start is in task storage, or
+ * was never seen (the syscall began before the probe was attached, or it
+ * is a new thread's first return from fork or clone).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct start);
+} syscall_start_cpu SEC(".maps");
 
 /* Fallback for kernels without task storage, keyed by thread id. LRU so that
  * entries of threads that died inside a syscall (exit_group, a kill) do not
@@ -243,6 +268,66 @@ int BPF_PROG(sys_exit_btf_task, struct pt_regs *regs, long ret)
 		finish(s, ret);
 	return 0;
 }
+
+/* --- per-CPU slot, spilled to task storage on switch-out (tp_btf) --- */
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter_btf_cpu, struct pt_regs *regs, long id)
+{
+	__u32 zero = 0;
+	struct start *c;
+
+	if (id < 0 || id >= MAX_SYSCALLS)
+		return 0;
+	c = bpf_map_lookup_elem(&syscall_start_cpu, &zero);
+	if (c)
+		enter(c, id);
+	return 0;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit_btf_cpu, struct pt_regs *regs, long ret)
+{
+	__u32 zero = 0;
+	struct start *c, *s;
+
+	c = bpf_map_lookup_elem(&syscall_start_cpu, &zero);
+	if (!c)
+		return 0;
+	if (c->ts) {
+		finish(c, ret);
+		return 0;
+	}
+	/* Switched out since its entry: the start is in task storage. */
+	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0, 0);
+	if (s)
+		finish(s, ret);
+	return 0;
+}
+
+/* syscall_switch_btf_cpu moves the start of the syscall in flight on this
+ * CPU, if any, which is prev's, into prev's task storage. */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(syscall_switch_btf_cpu, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	__u32 zero = 0;
+	struct start *c, *s;
+
+	c = bpf_map_lookup_elem(&syscall_start_cpu, &zero);
+	if (!c || !c->ts)
+		return 0;
+	s = bpf_task_storage_get(&syscall_start_task, prev, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (s) {
+		s->ts = c->ts;
+		s->nr = c->nr;
+	} else {
+		count_drop(DROP_START_FULL);
+	}
+	c->ts = 0;
+	return 0;
+}
+
+/* --- hash keyed by thread id --- */
 
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter_btf_hash, struct pt_regs *regs, long id)

@@ -21,6 +21,13 @@ import (
 // MaxSyscalls bounds the syscall numbers measured (MAX_SYSCALLS in C).
 const MaxSyscalls = 512
 
+// Keys of syscall_drops (enum drop_reason in C).
+const (
+	dropErrorsFull = iota
+	dropStartFull
+	dropReasons
+)
+
 func pair(enter, exit string) []probe.Program {
 	// Exit first: an enter without exit only leaves a start behind, an
 	// exit without enter is skipped anyway.
@@ -30,9 +37,19 @@ func pair(enter, exit string) []probe.Program {
 	}
 }
 
+// cpuVariant keeps the start in a per-CPU slot and, for a thread switched
+// out mid-syscall, in its task storage. The sched_switch program that moves
+// it there is attached first and detached last, so that no start is ever
+// left in a slot whose thread has gone.
+func cpuVariant() []probe.Program {
+	return append([]probe.Program{{Name: "syscall_switch_btf_cpu", Group: "sched", Tracepoint: "sched_switch"}},
+		pair("sys_enter_btf_cpu", "sys_exit_btf_cpu")...)
+}
+
 // Variants in order of preference: cheapest first, as measured by
 // `make bench` (see README, "Overhead").
 var Variants = []probe.Variant{
+	{Hook: probe.HookBTF, Storage: probe.StorageCPU, Programs: cpuVariant()},
 	{Hook: probe.HookBTF, Storage: probe.StorageTask, Programs: pair("sys_enter_btf_task", "sys_exit_btf_task")},
 	{Hook: probe.HookRaw, Storage: probe.StorageTask, Programs: pair("sys_enter_raw_task", "sys_exit_raw_task")},
 	{Hook: probe.HookBTF, Storage: probe.StorageHash, Programs: pair("sys_enter_btf_hash", "sys_exit_btf_hash")},
@@ -180,6 +197,9 @@ type Snapshot struct {
 	// ErrorsDropped counts failures not recorded because syscall_errors
 	// was full.
 	ErrorsDropped uint64
+	// StartsDropped counts syscalls not timed because the kernel had no
+	// memory for the start of one whose thread was switched out.
+	StartsDropped uint64
 	// SpanDrops are outliers the kernel did not deliver as events.
 	SpanDrops probe.SpanDrops
 }
@@ -222,13 +242,11 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.Errors[ErrorKey{Nr: k.Nr, Errno: k.Err}] = n
 	}
 
-	var drops []uint64
-	if err := p.drops.Lookup(uint32(0), &drops); err != nil {
+	drops, err := probe.SumPerCPUArray(p.drops, dropReasons)
+	if err != nil {
 		return nil, fmt.Errorf("read syscall_drops: %w", err)
 	}
-	for _, d := range drops {
-		s.ErrorsDropped += d
-	}
+	s.ErrorsDropped, s.StartsDropped = drops[dropErrorsFull], drops[dropStartFull]
 	spanDrops, err := probe.ReadSpanDrops(p.spanDrops)
 	if err != nil {
 		return nil, err

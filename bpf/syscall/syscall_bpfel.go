@@ -48,32 +48,36 @@ type syscallSyscallEvent struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	syscallMapKtelEvents          = "ktel_events"
-	syscallMapKtelSpanDrops       = "ktel_span_drops"
-	syscallMapKtelSpanLimiter     = "ktel_span_limiter"
-	syscallMapSyscallDrops        = "syscall_drops"
-	syscallMapSyscallErrors       = "syscall_errors"
-	syscallMapSyscallLatency      = "syscall_latency"
-	syscallMapSyscallStartHash    = "syscall_start_hash"
-	syscallMapSyscallStartTask    = "syscall_start_task"
-	syscallProgSysEnterBtfHash    = "sys_enter_btf_hash"
-	syscallProgSysEnterBtfTask    = "sys_enter_btf_task"
-	syscallProgSysEnterRawHash    = "sys_enter_raw_hash"
-	syscallProgSysEnterRawTask    = "sys_enter_raw_task"
-	syscallProgSysEnterTpHash     = "sys_enter_tp_hash"
-	syscallProgSysExitBtfHash     = "sys_exit_btf_hash"
-	syscallProgSysExitBtfTask     = "sys_exit_btf_task"
-	syscallProgSysExitRawHash     = "sys_exit_raw_hash"
-	syscallProgSysExitRawTask     = "sys_exit_raw_task"
-	syscallProgSysExitTpHash      = "sys_exit_tp_hash"
-	syscallVarKtelBounds          = "ktel_bounds"
-	syscallVarKtelSlots           = "ktel_slots"
-	syscallVarKtelSpanBurstNs     = "ktel_span_burst_ns"
-	syscallVarKtelSpanCostNs      = "ktel_span_cost_ns"
-	syscallVarKtelSpanThresholdNs = "ktel_span_threshold_ns"
-	syscallVarKtelSpanWakeupBytes = "ktel_span_wakeup_bytes"
-	syscallVarSyscallSeen         = "syscall_seen"
-	syscallVarUnusedSyscallEvent  = "unused_syscall_event"
+	syscallMapKtelEvents           = "ktel_events"
+	syscallMapKtelSpanDrops        = "ktel_span_drops"
+	syscallMapKtelSpanLimiter      = "ktel_span_limiter"
+	syscallMapSyscallDrops         = "syscall_drops"
+	syscallMapSyscallErrors        = "syscall_errors"
+	syscallMapSyscallLatency       = "syscall_latency"
+	syscallMapSyscallStartCpu      = "syscall_start_cpu"
+	syscallMapSyscallStartHash     = "syscall_start_hash"
+	syscallMapSyscallStartTask     = "syscall_start_task"
+	syscallProgSysEnterBtfCpu      = "sys_enter_btf_cpu"
+	syscallProgSysEnterBtfHash     = "sys_enter_btf_hash"
+	syscallProgSysEnterBtfTask     = "sys_enter_btf_task"
+	syscallProgSysEnterRawHash     = "sys_enter_raw_hash"
+	syscallProgSysEnterRawTask     = "sys_enter_raw_task"
+	syscallProgSysEnterTpHash      = "sys_enter_tp_hash"
+	syscallProgSysExitBtfCpu       = "sys_exit_btf_cpu"
+	syscallProgSysExitBtfHash      = "sys_exit_btf_hash"
+	syscallProgSysExitBtfTask      = "sys_exit_btf_task"
+	syscallProgSysExitRawHash      = "sys_exit_raw_hash"
+	syscallProgSysExitRawTask      = "sys_exit_raw_task"
+	syscallProgSysExitTpHash       = "sys_exit_tp_hash"
+	syscallProgSyscallSwitchBtfCpu = "syscall_switch_btf_cpu"
+	syscallVarKtelBounds           = "ktel_bounds"
+	syscallVarKtelSlots            = "ktel_slots"
+	syscallVarKtelSpanBurstNs      = "ktel_span_burst_ns"
+	syscallVarKtelSpanCostNs       = "ktel_span_cost_ns"
+	syscallVarKtelSpanThresholdNs  = "ktel_span_threshold_ns"
+	syscallVarKtelSpanWakeupBytes  = "ktel_span_wakeup_bytes"
+	syscallVarSyscallSeen          = "syscall_seen"
+	syscallVarUnusedSyscallEvent   = "unused_syscall_event"
 )
 
 // loadSyscall returns the embedded CollectionSpec for syscall.
@@ -118,16 +122,19 @@ type syscallSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type syscallProgramSpecs struct {
-	SysEnterBtfHash *ebpf.ProgramSpec `ebpf:"sys_enter_btf_hash"`
-	SysEnterBtfTask *ebpf.ProgramSpec `ebpf:"sys_enter_btf_task"`
-	SysEnterRawHash *ebpf.ProgramSpec `ebpf:"sys_enter_raw_hash"`
-	SysEnterRawTask *ebpf.ProgramSpec `ebpf:"sys_enter_raw_task"`
-	SysEnterTpHash  *ebpf.ProgramSpec `ebpf:"sys_enter_tp_hash"`
-	SysExitBtfHash  *ebpf.ProgramSpec `ebpf:"sys_exit_btf_hash"`
-	SysExitBtfTask  *ebpf.ProgramSpec `ebpf:"sys_exit_btf_task"`
-	SysExitRawHash  *ebpf.ProgramSpec `ebpf:"sys_exit_raw_hash"`
-	SysExitRawTask  *ebpf.ProgramSpec `ebpf:"sys_exit_raw_task"`
-	SysExitTpHash   *ebpf.ProgramSpec `ebpf:"sys_exit_tp_hash"`
+	SysEnterBtfCpu      *ebpf.ProgramSpec `ebpf:"sys_enter_btf_cpu"`
+	SysEnterBtfHash     *ebpf.ProgramSpec `ebpf:"sys_enter_btf_hash"`
+	SysEnterBtfTask     *ebpf.ProgramSpec `ebpf:"sys_enter_btf_task"`
+	SysEnterRawHash     *ebpf.ProgramSpec `ebpf:"sys_enter_raw_hash"`
+	SysEnterRawTask     *ebpf.ProgramSpec `ebpf:"sys_enter_raw_task"`
+	SysEnterTpHash      *ebpf.ProgramSpec `ebpf:"sys_enter_tp_hash"`
+	SysExitBtfCpu       *ebpf.ProgramSpec `ebpf:"sys_exit_btf_cpu"`
+	SysExitBtfHash      *ebpf.ProgramSpec `ebpf:"sys_exit_btf_hash"`
+	SysExitBtfTask      *ebpf.ProgramSpec `ebpf:"sys_exit_btf_task"`
+	SysExitRawHash      *ebpf.ProgramSpec `ebpf:"sys_exit_raw_hash"`
+	SysExitRawTask      *ebpf.ProgramSpec `ebpf:"sys_exit_raw_task"`
+	SysExitTpHash       *ebpf.ProgramSpec `ebpf:"sys_exit_tp_hash"`
+	SyscallSwitchBtfCpu *ebpf.ProgramSpec `ebpf:"syscall_switch_btf_cpu"`
 }
 
 // syscallMapSpecs contains maps before they are loaded into the kernel.
@@ -140,6 +147,7 @@ type syscallMapSpecs struct {
 	SyscallDrops     *ebpf.MapSpec `ebpf:"syscall_drops"`
 	SyscallErrors    *ebpf.MapSpec `ebpf:"syscall_errors"`
 	SyscallLatency   *ebpf.MapSpec `ebpf:"syscall_latency"`
+	SyscallStartCpu  *ebpf.MapSpec `ebpf:"syscall_start_cpu"`
 	SyscallStartHash *ebpf.MapSpec `ebpf:"syscall_start_hash"`
 	SyscallStartTask *ebpf.MapSpec `ebpf:"syscall_start_task"`
 }
@@ -184,6 +192,7 @@ type syscallMaps struct {
 	SyscallDrops     *ebpf.Map `ebpf:"syscall_drops"`
 	SyscallErrors    *ebpf.Map `ebpf:"syscall_errors"`
 	SyscallLatency   *ebpf.Map `ebpf:"syscall_latency"`
+	SyscallStartCpu  *ebpf.Map `ebpf:"syscall_start_cpu"`
 	SyscallStartHash *ebpf.Map `ebpf:"syscall_start_hash"`
 	SyscallStartTask *ebpf.Map `ebpf:"syscall_start_task"`
 }
@@ -196,6 +205,7 @@ func (m *syscallMaps) Close() error {
 		m.SyscallDrops,
 		m.SyscallErrors,
 		m.SyscallLatency,
+		m.SyscallStartCpu,
 		m.SyscallStartHash,
 		m.SyscallStartTask,
 	)
@@ -219,30 +229,36 @@ type syscallVariables struct {
 //
 // It can be passed to loadSyscallObjects or ebpf.CollectionSpec.LoadAndAssign.
 type syscallPrograms struct {
-	SysEnterBtfHash *ebpf.Program `ebpf:"sys_enter_btf_hash"`
-	SysEnterBtfTask *ebpf.Program `ebpf:"sys_enter_btf_task"`
-	SysEnterRawHash *ebpf.Program `ebpf:"sys_enter_raw_hash"`
-	SysEnterRawTask *ebpf.Program `ebpf:"sys_enter_raw_task"`
-	SysEnterTpHash  *ebpf.Program `ebpf:"sys_enter_tp_hash"`
-	SysExitBtfHash  *ebpf.Program `ebpf:"sys_exit_btf_hash"`
-	SysExitBtfTask  *ebpf.Program `ebpf:"sys_exit_btf_task"`
-	SysExitRawHash  *ebpf.Program `ebpf:"sys_exit_raw_hash"`
-	SysExitRawTask  *ebpf.Program `ebpf:"sys_exit_raw_task"`
-	SysExitTpHash   *ebpf.Program `ebpf:"sys_exit_tp_hash"`
+	SysEnterBtfCpu      *ebpf.Program `ebpf:"sys_enter_btf_cpu"`
+	SysEnterBtfHash     *ebpf.Program `ebpf:"sys_enter_btf_hash"`
+	SysEnterBtfTask     *ebpf.Program `ebpf:"sys_enter_btf_task"`
+	SysEnterRawHash     *ebpf.Program `ebpf:"sys_enter_raw_hash"`
+	SysEnterRawTask     *ebpf.Program `ebpf:"sys_enter_raw_task"`
+	SysEnterTpHash      *ebpf.Program `ebpf:"sys_enter_tp_hash"`
+	SysExitBtfCpu       *ebpf.Program `ebpf:"sys_exit_btf_cpu"`
+	SysExitBtfHash      *ebpf.Program `ebpf:"sys_exit_btf_hash"`
+	SysExitBtfTask      *ebpf.Program `ebpf:"sys_exit_btf_task"`
+	SysExitRawHash      *ebpf.Program `ebpf:"sys_exit_raw_hash"`
+	SysExitRawTask      *ebpf.Program `ebpf:"sys_exit_raw_task"`
+	SysExitTpHash       *ebpf.Program `ebpf:"sys_exit_tp_hash"`
+	SyscallSwitchBtfCpu *ebpf.Program `ebpf:"syscall_switch_btf_cpu"`
 }
 
 func (p *syscallPrograms) Close() error {
 	return _SyscallClose(
+		p.SysEnterBtfCpu,
 		p.SysEnterBtfHash,
 		p.SysEnterBtfTask,
 		p.SysEnterRawHash,
 		p.SysEnterRawTask,
 		p.SysEnterTpHash,
+		p.SysExitBtfCpu,
 		p.SysExitBtfHash,
 		p.SysExitBtfTask,
 		p.SysExitRawHash,
 		p.SysExitRawTask,
 		p.SysExitTpHash,
+		p.SyscallSwitchBtfCpu,
 	)
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -29,6 +30,9 @@ type Storage string
 const (
 	StorageTask Storage = "task" // BPF task storage, 5.11+
 	StorageHash Storage = "hash" // a bounded hash keyed by thread id
+	// StorageCPU is a per-CPU slot for what runs on the CPU, moved into
+	// task storage (5.11+) when its task is switched out.
+	StorageCPU Storage = "cpu"
 )
 
 // Program is one program of a variant and the tracepoint it attaches to.
@@ -255,7 +259,9 @@ func (l *Loaded) Close() error {
 		return nil
 	}
 	var cs []interface{ Close() error }
-	for _, lk := range l.Links {
+	// Detach in reverse order of attach: a variant attaches the programs
+	// that clean up before those that leave state for them.
+	for _, lk := range slices.Backward(l.Links) {
 		cs = append(cs, lk)
 	}
 	for _, p := range l.Programs {
