@@ -22,6 +22,25 @@ int BPF_PROG(floor_exit_btf, struct pt_regs *regs, long ret)
 	return 0;
 }
 
+/* The least a latency probe must do: read the clock on entry and on exit.
+ * The difference is written where nothing reads it, so that neither read
+ * is optimised away. */
+__u64 floor_clock_start, floor_clock_sink;
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(floor_enter_clock, struct pt_regs *regs, long id)
+{
+	floor_clock_start = bpf_ktime_get_ns();
+	return 0;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(floor_exit_clock, struct pt_regs *regs, long ret)
+{
+	floor_clock_sink = bpf_ktime_get_ns() - floor_clock_start;
+	return 0;
+}
+
 SEC("raw_tp/sys_enter")
 int BPF_PROG(floor_enter_raw, struct pt_regs *regs, long id)
 {

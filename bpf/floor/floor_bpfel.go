@@ -17,12 +17,16 @@ import (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	FloorProgFloorEnterBtf     = "floor_enter_btf"
+	FloorProgFloorEnterClock   = "floor_enter_clock"
 	FloorProgFloorEnterRaw     = "floor_enter_raw"
 	FloorProgFloorExitBtf      = "floor_exit_btf"
+	FloorProgFloorExitClock    = "floor_exit_clock"
 	FloorProgFloorExitRaw      = "floor_exit_raw"
 	FloorProgFloorSwitchBtf    = "floor_switch_btf"
 	FloorProgFloorWakeupBtf    = "floor_wakeup_btf"
 	FloorProgFloorWakeupNewBtf = "floor_wakeup_new_btf"
+	FloorVarFloorClockSink     = "floor_clock_sink"
+	FloorVarFloorClockStart    = "floor_clock_start"
 )
 
 // LoadFloor returns the embedded CollectionSpec for Floor.
@@ -68,8 +72,10 @@ type FloorSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type FloorProgramSpecs struct {
 	FloorEnterBtf     *ebpf.ProgramSpec `ebpf:"floor_enter_btf"`
+	FloorEnterClock   *ebpf.ProgramSpec `ebpf:"floor_enter_clock"`
 	FloorEnterRaw     *ebpf.ProgramSpec `ebpf:"floor_enter_raw"`
 	FloorExitBtf      *ebpf.ProgramSpec `ebpf:"floor_exit_btf"`
+	FloorExitClock    *ebpf.ProgramSpec `ebpf:"floor_exit_clock"`
 	FloorExitRaw      *ebpf.ProgramSpec `ebpf:"floor_exit_raw"`
 	FloorSwitchBtf    *ebpf.ProgramSpec `ebpf:"floor_switch_btf"`
 	FloorWakeupBtf    *ebpf.ProgramSpec `ebpf:"floor_wakeup_btf"`
@@ -86,6 +92,8 @@ type FloorMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type FloorVariableSpecs struct {
+	FloorClockSink  *ebpf.VariableSpec `ebpf:"floor_clock_sink"`
+	FloorClockStart *ebpf.VariableSpec `ebpf:"floor_clock_start"`
 }
 
 // FloorObjects contains all objects after they have been loaded into the kernel.
@@ -118,6 +126,8 @@ func (m *FloorMaps) Close() error {
 //
 // It can be passed to LoadFloorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type FloorVariables struct {
+	FloorClockSink  *ebpf.Variable `ebpf:"floor_clock_sink"`
+	FloorClockStart *ebpf.Variable `ebpf:"floor_clock_start"`
 }
 
 // FloorPrograms contains all programs after they have been loaded into the kernel.
@@ -125,8 +135,10 @@ type FloorVariables struct {
 // It can be passed to LoadFloorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type FloorPrograms struct {
 	FloorEnterBtf     *ebpf.Program `ebpf:"floor_enter_btf"`
+	FloorEnterClock   *ebpf.Program `ebpf:"floor_enter_clock"`
 	FloorEnterRaw     *ebpf.Program `ebpf:"floor_enter_raw"`
 	FloorExitBtf      *ebpf.Program `ebpf:"floor_exit_btf"`
+	FloorExitClock    *ebpf.Program `ebpf:"floor_exit_clock"`
 	FloorExitRaw      *ebpf.Program `ebpf:"floor_exit_raw"`
 	FloorSwitchBtf    *ebpf.Program `ebpf:"floor_switch_btf"`
 	FloorWakeupBtf    *ebpf.Program `ebpf:"floor_wakeup_btf"`
@@ -136,8 +148,10 @@ type FloorPrograms struct {
 func (p *FloorPrograms) Close() error {
 	return _FloorClose(
 		p.FloorEnterBtf,
+		p.FloorEnterClock,
 		p.FloorEnterRaw,
 		p.FloorExitBtf,
+		p.FloorExitClock,
 		p.FloorExitRaw,
 		p.FloorSwitchBtf,
 		p.FloorWakeupBtf,

@@ -102,8 +102,9 @@ func runtimeOf(c config, work func()) ([]progCost, error) {
 }
 
 // reportRuntime prints, for each config, its programs' kernel run time
-// per run, and returns per config the sum of ns/run over its programs
-// (what one event pair costs inside the programs).
+// per run, and returns per config the run time of all its programs in ns
+// during work: divided by work's events, what one event costs inside the
+// programs, however often each program ran.
 func reportRuntime(w io.Writer, cfgs []config, work func()) map[string]float64 {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "config\tprogram\truns\tns/run\tverified insns\tJITed bytes\t\n")
@@ -122,7 +123,7 @@ func reportRuntime(w io.Writer, cfgs []config, work func()) map[string]float64 {
 				continue // loaded beside the config's programs, not attached
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%d\t%.1f\t%d\t%d\t\n", c.name, pc.name, pc.runs, pc.nsPerRun, pc.verified, pc.jit)
-			sums[c.name] += pc.nsPerRun
+			sums[c.name] += pc.nsPerRun * float64(pc.runs)
 		}
 	}
 	tw.Flush()
