@@ -11,9 +11,12 @@
  * runnable. Not counted: the idle task (pid 0), and waits that began before
  * the probe was attached.
  *
- * Flavours, loaded in pairs by user space:
- *   tp_btf     BTF-enabled raw tracepoints (5.5+), timestamps in task
- *              storage (5.11+) or in a hash;
+ * Flavours, loaded as sets by user space:
+ *   tp_btf     BTF-enabled raw tracepoints (5.5+), either
+ *              - reading the kernel's own run-queue delay accounting
+ *                (sched_info, 5.14+) at switch-out only: the "sched_info"
+ *                variant, below; or
+ *              - with timestamps in task storage (5.11+) or in a hash;
  *   raw_tp     raw tracepoints, timestamps in a hash;
  *   tracepoint classic tracepoints, timestamps in a hash.
  */
@@ -153,6 +156,98 @@ static __always_inline long task_state_btf(struct task_struct *t)
 	if (bpf_core_field_exists(t->__state))
 		return t->__state;
 	return ((struct task_struct___pre514 *)t)->state;
+}
+
+/* --- the kernel's sched_info (tp_btf, 5.14+) --- */
+
+/*
+ * The scheduler itself adds every wait of a task to
+ * task->sched_info.run_delay (CONFIG_SCHED_INFO, unconditional since 5.14)
+ * when the task is switched in, including the parts of a wait spent queued
+ * on other CPUs before a migration. So a task's last wait is how much
+ * run_delay grew between its two latest switch-outs, and one program at
+ * switch-out times it: no wakeup programs, no clock reads, one task-storage
+ * lookup per context switch. The wait is recorded when the task leaves the
+ * CPU it got, on that CPU, rather than when it got it.
+ */
+struct delay_base {
+	__u64 run_delay; /* run_delay at the task's previous switch-out */
+	__u32 seen;      /* 0: storage just created */
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct delay_base);
+} runqlat_delay_task SEC(".maps");
+
+/* on_cpu_for is how long prev has been on this CPU, from its switch-in
+ * (sched_info.last_arrival) to now, both on this run queue's clock, which
+ * is reached through the task's CFS run queue (CONFIG_FAIR_GROUP_SCHED; 0
+ * without it). Only outliers pay for it. */
+static __always_inline __u64 on_cpu_for(struct task_struct *prev)
+{
+	struct cfs_rq *cfs;
+	struct rq *rq;
+	__u64 clock, arrived = prev->sched_info.last_arrival;
+
+	if (!bpf_core_field_exists(prev->se.cfs_rq) || !bpf_core_field_exists(struct cfs_rq, rq))
+		return 0;
+	cfs = prev->se.cfs_rq;
+	if (!cfs)
+		return 0;
+	rq = cfs->rq;
+	if (!rq)
+		return 0;
+	clock = rq->clock;
+	return clock > arrived ? clock - arrived : 0;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(sched_switch_btf_info, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	struct delay_base *b;
+	__u64 delay, wait, ran, now;
+	__u32 zero = 0;
+	__u64 *hist;
+
+	if (!prev->pid)
+		return 0;
+	delay = prev->sched_info.run_delay;
+	b = bpf_task_storage_get(&runqlat_delay_task, prev, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!b) {
+		count_drop(DROP_START_FULL);
+		return 0;
+	}
+	if (b->seen) {
+		wait = delay - b->run_delay;
+	} else if (prev->sched_info.pcount == 1) {
+		/* First run of the task: all its delay so far is this wait. */
+		wait = delay;
+	} else {
+		/* Seen first after many runs: its last wait is not known. */
+		b->run_delay = delay;
+		b->seen = 1;
+		return 0;
+	}
+	b->run_delay = delay;
+	b->seen = 1;
+
+	hist = bpf_map_lookup_elem(&runqueue_latency, &zero);
+	if (hist)
+		ktel_hist_add(hist, wait);
+	if (!ktel_span_wanted(wait))
+		return 0;
+	/* The wait ended when the task got the CPU, on_cpu_for ago (or, where
+	 * that is unknown, the span ends at the switch-out). */
+	now = bpf_ktime_get_ns();
+	ran = on_cpu_for(prev);
+	if (ran + wait > now)
+		ran = 0;
+	emit_event(now - ran - wait, now - ran, prev->tgid, prev->pid, prev->comm, prev);
+	return 0;
 }
 
 /* --- task storage (tp_btf) --- */

@@ -11,6 +11,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 
 	"github.com/ktel-dev/ktel/internal/histogram"
 	"github.com/ktel-dev/ktel/internal/probe"
@@ -29,6 +30,8 @@ func programs(suffix string) []probe.Program {
 // Variants in order of preference, cheapest first as measured by
 // `make bench`.
 var Variants = []probe.Variant{
+	{Hook: probe.HookBTF, Storage: probe.StorageSchedInfo, Programs: []probe.Program{
+		{Name: "sched_switch_btf_info", Group: "sched", Tracepoint: "sched_switch"}}},
 	{Hook: probe.HookBTF, Storage: probe.StorageTask, Programs: programs("btf_task")},
 	{Hook: probe.HookBTF, Storage: probe.StorageHash, Programs: programs("btf_hash")},
 	{Hook: probe.HookRaw, Storage: probe.StorageHash, Programs: programs("raw_hash")},
@@ -75,8 +78,14 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 		return nil, err
 	}
 	startMap := "runqlat_start_task"
-	if v.Storage == probe.StorageHash {
+	switch v.Storage {
+	case probe.StorageHash:
 		startMap = "runqlat_start_hash"
+	case probe.StorageSchedInfo:
+		startMap = "runqlat_delay_task"
+		if err := schedInfoAlways(); err != nil {
+			return nil, err
+		}
 	}
 	objs, err := probe.LoadVariant(spec, v, "runqueue_latency", "runqlat_drops", startMap, "ktel_events", "ktel_span_drops")
 	if err != nil {
@@ -179,4 +188,28 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// schedInfoAlways returns nil if the kernel keeps sched_info for every task
+// whatever its boot options: CONFIG_SCHED_INFO (task_struct has
+// sched_info) on 5.14+ (which renamed task_struct.state to __state in the
+// same release that made the accounting unconditional). Before 5.14 it
+// depended on delay accounting being switched on.
+func schedInfoAlways() error {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("kernel BTF: %w", err)
+	}
+	var task *btf.Struct
+	if err := spec.TypeByName("task_struct", &task); err != nil {
+		return fmt.Errorf("kernel BTF: %w", err)
+	}
+	has := map[string]bool{}
+	for _, m := range task.Members {
+		has[m.Name] = true
+	}
+	if !has["sched_info"] || !has["__state"] {
+		return fmt.Errorf("sched_info accounting is not unconditional on this kernel (needs CONFIG_SCHED_INFO and 5.14+): %w", ebpf.ErrNotSupported)
+	}
+	return nil
 }

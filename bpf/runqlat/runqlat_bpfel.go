@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type runqlatDelayBase struct {
+	_        structs.HostLayout
+	RunDelay uint64
+	Seen     uint32
+	Pad      uint32
+}
+
 type runqlatKtelTokenBucket struct {
 	_      structs.HostLayout
 	Credit uint64
@@ -38,11 +45,13 @@ const (
 	runqlatMapKtelEvents             = "ktel_events"
 	runqlatMapKtelSpanDrops          = "ktel_span_drops"
 	runqlatMapKtelSpanLimiter        = "ktel_span_limiter"
+	runqlatMapRunqlatDelayTask       = "runqlat_delay_task"
 	runqlatMapRunqlatDrops           = "runqlat_drops"
 	runqlatMapRunqlatStartHash       = "runqlat_start_hash"
 	runqlatMapRunqlatStartTask       = "runqlat_start_task"
 	runqlatMapRunqueueLatency        = "runqueue_latency"
 	runqlatProgSchedSwitchBtfHash    = "sched_switch_btf_hash"
+	runqlatProgSchedSwitchBtfInfo    = "sched_switch_btf_info"
 	runqlatProgSchedSwitchBtfTask    = "sched_switch_btf_task"
 	runqlatProgSchedSwitchRawHash    = "sched_switch_raw_hash"
 	runqlatProgSchedSwitchTpHash     = "sched_switch_tp_hash"
@@ -106,6 +115,7 @@ type runqlatSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type runqlatProgramSpecs struct {
 	SchedSwitchBtfHash    *ebpf.ProgramSpec `ebpf:"sched_switch_btf_hash"`
+	SchedSwitchBtfInfo    *ebpf.ProgramSpec `ebpf:"sched_switch_btf_info"`
 	SchedSwitchBtfTask    *ebpf.ProgramSpec `ebpf:"sched_switch_btf_task"`
 	SchedSwitchRawHash    *ebpf.ProgramSpec `ebpf:"sched_switch_raw_hash"`
 	SchedSwitchTpHash     *ebpf.ProgramSpec `ebpf:"sched_switch_tp_hash"`
@@ -126,6 +136,7 @@ type runqlatMapSpecs struct {
 	KtelEvents       *ebpf.MapSpec `ebpf:"ktel_events"`
 	KtelSpanDrops    *ebpf.MapSpec `ebpf:"ktel_span_drops"`
 	KtelSpanLimiter  *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
+	RunqlatDelayTask *ebpf.MapSpec `ebpf:"runqlat_delay_task"`
 	RunqlatDrops     *ebpf.MapSpec `ebpf:"runqlat_drops"`
 	RunqlatStartHash *ebpf.MapSpec `ebpf:"runqlat_start_hash"`
 	RunqlatStartTask *ebpf.MapSpec `ebpf:"runqlat_start_task"`
@@ -168,6 +179,7 @@ type runqlatMaps struct {
 	KtelEvents       *ebpf.Map `ebpf:"ktel_events"`
 	KtelSpanDrops    *ebpf.Map `ebpf:"ktel_span_drops"`
 	KtelSpanLimiter  *ebpf.Map `ebpf:"ktel_span_limiter"`
+	RunqlatDelayTask *ebpf.Map `ebpf:"runqlat_delay_task"`
 	RunqlatDrops     *ebpf.Map `ebpf:"runqlat_drops"`
 	RunqlatStartHash *ebpf.Map `ebpf:"runqlat_start_hash"`
 	RunqlatStartTask *ebpf.Map `ebpf:"runqlat_start_task"`
@@ -179,6 +191,7 @@ func (m *runqlatMaps) Close() error {
 		m.KtelEvents,
 		m.KtelSpanDrops,
 		m.KtelSpanLimiter,
+		m.RunqlatDelayTask,
 		m.RunqlatDrops,
 		m.RunqlatStartHash,
 		m.RunqlatStartTask,
@@ -204,6 +217,7 @@ type runqlatVariables struct {
 // It can be passed to loadRunqlatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type runqlatPrograms struct {
 	SchedSwitchBtfHash    *ebpf.Program `ebpf:"sched_switch_btf_hash"`
+	SchedSwitchBtfInfo    *ebpf.Program `ebpf:"sched_switch_btf_info"`
 	SchedSwitchBtfTask    *ebpf.Program `ebpf:"sched_switch_btf_task"`
 	SchedSwitchRawHash    *ebpf.Program `ebpf:"sched_switch_raw_hash"`
 	SchedSwitchTpHash     *ebpf.Program `ebpf:"sched_switch_tp_hash"`
@@ -220,6 +234,7 @@ type runqlatPrograms struct {
 func (p *runqlatPrograms) Close() error {
 	return _RunqlatClose(
 		p.SchedSwitchBtfHash,
+		p.SchedSwitchBtfInfo,
 		p.SchedSwitchBtfTask,
 		p.SchedSwitchRawHash,
 		p.SchedSwitchTpHash,

@@ -241,3 +241,84 @@ func FuzzDecodeEvent(f *testing.F) {
 		}
 	})
 }
+
+// The sched_info variant, which reads the scheduler's own accounting,
+// agrees with timestamps taken at wakeup and switch-in (the task variant):
+// loaded side by side on the same contention, the long waits of our
+// threads match one to one, in length and in where they sit in time.
+func TestSchedInfoAgrees(t *testing.T) {
+	testenv.Privileged(t)
+	var info, task *probe.Variant
+	for i, v := range Variants {
+		switch v.Storage {
+		case probe.StorageSchedInfo:
+			info = &Variants[i]
+		case probe.StorageTask:
+			task = &Variants[i]
+		}
+	}
+	load := func(v *probe.Variant) *ringbuf.Reader {
+		p, err := Load(Options{Schema: 3, Variant: v, Spans: probe.SpanOptions{Threshold: time.Millisecond}}, discard())
+		if err != nil {
+			t.Fatalf("load %s: %+v", v, err)
+		}
+		t.Cleanup(func() { p.Close() })
+		rd, err := ringbuf.NewReader(p.Events())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { rd.Close() })
+		return rd
+	}
+	rdInfo, rdTask := load(info), load(task)
+	ours, _ := contend(t, 0, 3, time.Second)
+	mine := func(rd *ringbuf.Reader) map[uint32][]Event {
+		out := map[uint32][]Event{}
+		for _, e := range events(t, rd) {
+			if slices.Contains(ours, e.Tid) {
+				out[e.Tid] = append(out[e.Tid], e)
+			}
+		}
+		return out
+	}
+	byInfo, byTask := mine(rdInfo), mine(rdTask)
+
+	var n, matched int
+	var worstLen, worstEnd time.Duration
+	for tid, es := range byTask {
+		for _, e := range es {
+			n++
+			// The same wait: the one of this thread that overlaps it most.
+			var best *Event
+			for i, f := range byInfo[tid] {
+				if f.StartNs < e.EndNs && e.StartNs < f.EndNs && (best == nil || absDiff(f.EndNs, e.EndNs) < absDiff(best.EndNs, e.EndNs)) {
+					best = &byInfo[tid][i]
+				}
+			}
+			if best == nil {
+				continue
+			}
+			matched++
+			worstLen = max(worstLen, absDiff(best.EndNs-best.StartNs, e.EndNs-e.StartNs))
+			worstEnd = max(worstEnd, absDiff(best.EndNs, e.EndNs))
+		}
+	}
+	t.Logf("%d long waits of ours by timestamps, %d matched by sched_info; worst difference: length %v, end %v", n, matched, worstLen, worstEnd)
+	if n < 50 {
+		t.Fatalf("only %d long waits by timestamps: no contention?", n)
+	}
+	// Waits within a few µs of the threshold may fall on either side of it.
+	if matched*10 < n*9 {
+		t.Errorf("%d of %d long waits found by the sched_info variant", matched, n)
+	}
+	if worstLen > 250*time.Microsecond || worstEnd > 500*time.Microsecond {
+		t.Errorf("matched waits differ by up to %v in length and %v in end, want <= 250µs and 500µs", worstLen, worstEnd)
+	}
+}
+
+func absDiff(a, b uint64) time.Duration {
+	if a > b {
+		return time.Duration(a - b)
+	}
+	return time.Duration(b - a)
+}

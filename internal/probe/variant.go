@@ -33,6 +33,9 @@ const (
 	// StorageCPU is a per-CPU slot for what runs on the CPU, moved into
 	// task storage (5.11+) when its task is switched out.
 	StorageCPU Storage = "cpu"
+	// StorageSchedInfo reads the scheduler's own per-task accounting
+	// (CONFIG_SCHED_INFO, 5.14+), with a baseline in task storage.
+	StorageSchedInfo Storage = "sched_info"
 )
 
 // Program is one program of a variant and the tracepoint it attaches to.
