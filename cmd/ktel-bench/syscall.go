@@ -21,7 +21,7 @@ func ktelSyscall() string { return "syscall " + syscall.Variants[0].String() }
 // runSyscallBench measures a pinned getpid loop under each configuration,
 // then the kernel run time of the programs themselves.
 func runSyscallBench(w io.Writer, log *slog.Logger, sum *summary, o options, bt string) {
-	fmt.Fprintf(w, "syscall probe: getpid, %d calls x %d rounds, pinned to CPU %d\n\n", o.calls, o.rounds, o.cpu)
+	fmt.Fprintf(w, "syscall probe: getpid, %d calls x %d rounds, pinned to CPU %d; each round reports its fastest %d-call part\n\n", o.calls, o.rounds, o.cpu, max(o.calls/blocks, 1))
 	cfgs := syscallConfigs(log)
 	if bt != "" {
 		cfgs = append(cfgs,
