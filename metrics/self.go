@@ -15,10 +15,12 @@ type Self struct {
 // ktel_build_info and ktel_probe_up registered.
 func NewRegistry(version, revision, goVersion string) (*prometheus.Registry, *Self) {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-	)
+	process, err := NewProcessCollector()
+	if err != nil {
+		// No /proc: client_golang's collector reports why on each scrape.
+		process = collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})
+	}
+	reg.MustRegister(collectors.NewGoCollector(), process)
 	info := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "ktel_build_info",
 		Help:        "Version of the running ktel; the value is always 1.",
