@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ktel-dev/ktel/bpf/runqlat"
+	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/bpf/tcpretrans"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -55,9 +58,11 @@ func TestFaultCycles(t *testing.T) {
 		if i == 0 {
 			first = o
 			t.Logf("cycle 0: ktel holds %d programs, %d maps, %d links", len(o.progs), len(o.maps), len(o.links))
-			// syscall 2, runqlat 3, tcpretrans 2 links; netdev 2 per veth.
-			if len(o.links) < 7+4 {
-				t.Fatalf("cycle 0: only %d links held (want the default probes' 7 and netdev's 4): %v\nstderr:\n%s", len(o.links), o, d.Stderr)
+			// A link per program of each default probe's preferred
+			// variant; netdev 2 per veth.
+			probes := len(sysprobe.Variants[0].Programs) + len(runqlat.Variants[0].Programs) + len(tcpretrans.Variants[0].Programs)
+			if len(o.links) < probes+4 {
+				t.Fatalf("cycle 0: only %d links held (want the default probes' %d and netdev's 4): %v\nstderr:\n%s", len(o.links), probes, o, d.Stderr)
 			}
 		} else if len(o.progs) != len(first.progs) || len(o.links) != len(first.links) {
 			t.Errorf("cycle %d: %d programs and %d links held, cycle 0 held %d and %d\nstderr:\n%s",
