@@ -102,6 +102,23 @@ func waits(l *histogram.Layout, before, after Hist) (all, long uint64) {
 	return all, long
 }
 
+// loadWithEvents loads the probe with opts and opens a reader on its ring
+// buffer, both closed when the test ends.
+func loadWithEvents(t *testing.T, opts Options) (*Probe, *ringbuf.Reader) {
+	t.Helper()
+	p, err := Load(opts, discard())
+	if err != nil {
+		t.Fatalf("load: %+v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	rd, err := ringbuf.NewReader(p.Events())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rd.Close() })
+	return p, rd
+}
+
 // events decodes the records in the ring buffer.
 func events(t *testing.T, rd *ringbuf.Reader) []Event {
 	return testenv.Records(t, rd, 100*time.Millisecond, DecodeEvent)
@@ -131,16 +148,7 @@ func TestContention(t *testing.T) {
 	}
 	for _, v := range Variants {
 		t.Run(v.String(), func(t *testing.T) {
-			p, err := Load(Options{Schema: 3, Variant: &v, Spans: probe.SpanOptions{Threshold: 100 * time.Microsecond}}, discard())
-			if err != nil {
-				t.Fatalf("load: %+v", err)
-			}
-			defer p.Close()
-			rd, err := ringbuf.NewReader(p.Events())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer rd.Close()
+			p, rd := loadWithEvents(t, Options{Schema: 3, Variant: &v, Spans: probe.SpanOptions{Threshold: 100 * time.Microsecond}})
 			l := p.Layout()
 
 			// Uncontended: the pair alone on CPU 1.
@@ -203,16 +211,7 @@ func TestStructSizes(t *testing.T) {
 // event naming it.
 func TestLongWaitEvents(t *testing.T) {
 	testenv.Privileged(t)
-	p, err := Load(Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 2 * time.Millisecond}}, discard())
-	if err != nil {
-		t.Fatalf("%+v", err)
-	}
-	defer p.Close()
-	rd, err := ringbuf.NewReader(p.Events())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rd.Close()
+	_, rd := loadWithEvents(t, Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 2 * time.Millisecond}})
 	contend(t, 0, 3, 500*time.Millisecond)
 	var n int
 	for _, e := range events(t, rd) {
@@ -257,20 +256,8 @@ func TestSchedInfoAgrees(t *testing.T) {
 			task = &Variants[i]
 		}
 	}
-	load := func(v *probe.Variant) *ringbuf.Reader {
-		p, err := Load(Options{Schema: 3, Variant: v, Spans: probe.SpanOptions{Threshold: time.Millisecond}}, discard())
-		if err != nil {
-			t.Fatalf("load %s: %+v", v, err)
-		}
-		t.Cleanup(func() { p.Close() })
-		rd, err := ringbuf.NewReader(p.Events())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { rd.Close() })
-		return rd
-	}
-	rdInfo, rdTask := load(info), load(task)
+	_, rdInfo := loadWithEvents(t, Options{Schema: 3, Variant: info, Spans: probe.SpanOptions{Threshold: time.Millisecond}})
+	_, rdTask := loadWithEvents(t, Options{Schema: 3, Variant: task, Spans: probe.SpanOptions{Threshold: time.Millisecond}})
 	ours, _ := contend(t, 0, 3, time.Second)
 	mine := func(rd *ringbuf.Reader) map[uint32][]Event {
 		out := map[uint32][]Event{}

@@ -13,18 +13,26 @@ import (
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
-func TestOutlierEvents(t *testing.T) {
-	testenv.Privileged(t)
-	p, err := Load(Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 50 * time.Millisecond}}, discard())
+// loadWithEvents loads the probe with opts and opens a reader on its ring
+// buffer, both closed when the test ends.
+func loadWithEvents(t *testing.T, opts Options) (*Probe, *ringbuf.Reader) {
+	t.Helper()
+	p, err := Load(opts, discard())
 	if err != nil {
-		t.Fatalf("%+v", err)
+		t.Fatalf("load: %+v", err)
 	}
-	defer p.Close()
+	t.Cleanup(func() { p.Close() })
 	rd, err := ringbuf.NewReader(p.Events())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer rd.Close()
+	t.Cleanup(func() { rd.Close() })
+	return p, rd
+}
+
+func TestOutlierEvents(t *testing.T) {
+	testenv.Privileged(t)
+	_, rd := loadWithEvents(t, Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 50 * time.Millisecond}})
 
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
@@ -64,16 +72,7 @@ func TestOutlierEvents(t *testing.T) {
 func TestRateLimit(t *testing.T) {
 	testenv.Privileged(t)
 	const rate = 200
-	p, err := Load(Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 1, Rate: rate}}, discard())
-	if err != nil {
-		t.Fatalf("%+v", err)
-	}
-	defer p.Close()
-	rd, err := ringbuf.NewReader(p.Events())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rd.Close()
+	p, rd := loadWithEvents(t, Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 1, Rate: rate}})
 
 	start := time.Now()
 	for time.Since(start) < time.Second {
@@ -143,16 +142,7 @@ func TestSwitchedOut(t *testing.T) {
 	const n, sleep = 20, 5 * time.Millisecond
 	for _, v := range Variants {
 		t.Run(v.String(), func(t *testing.T) {
-			p, err := Load(Options{Schema: 3, Variant: &v, Spans: probe.SpanOptions{Threshold: sleep / 2}}, discard())
-			if err != nil {
-				t.Fatalf("load: %+v", err)
-			}
-			defer p.Close()
-			rd, err := ringbuf.NewReader(p.Events())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer rd.Close()
+			p, rd := loadWithEvents(t, Options{Schema: 3, Variant: &v, Spans: probe.SpanOptions{Threshold: sleep / 2}})
 			before, err := p.Snapshot()
 			if err != nil {
 				t.Fatal(err)
