@@ -111,12 +111,7 @@ func loadWithEvents(t *testing.T, opts Options) (*Probe, *ringbuf.Reader) {
 		t.Fatalf("load: %+v", err)
 	}
 	t.Cleanup(func() { p.Close() })
-	rd, err := ringbuf.NewReader(p.Events())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rd.Close() })
-	return p, rd
+	return p, testenv.EventReader(t, p.Events())
 }
 
 // events decodes the records in the ring buffer.

@@ -5,8 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf/ringbuf"
-
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/testenv"
@@ -17,11 +15,7 @@ import (
 func TestRetransmitEvents(t *testing.T) {
 	testenv.Privileged(t)
 	p := load(t, tcpretrans.Options{Spans: probe.SpanOptions{Always: true}}, tcpretrans.Variants[0])
-	rd, err := ringbuf.NewReader(p.Events())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rd.Close()
+	rd := testenv.EventReader(t, p.Events())
 
 	pair := newPair(t, 0)
 	firewall(t, pair.server, "INPUT", "-p", "tcp", "--syn", "-j", "DROP")

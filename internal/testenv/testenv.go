@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 )
@@ -64,6 +65,18 @@ func Sleep(tb testing.TB, d time.Duration) {
 			tb.Fatalf("clock_nanosleep: %v", err)
 		}
 	}
+}
+
+// EventReader opens a reader on a probe's ring buffer, closed when the test
+// ends.
+func EventReader(tb testing.TB, m *ebpf.Map) *ringbuf.Reader {
+	tb.Helper()
+	rd, err := ringbuf.NewReader(m)
+	if err != nil {
+		tb.Fatalf("ring buffer reader: %v", err)
+	}
+	tb.Cleanup(func() { rd.Close() })
+	return rd
 }
 
 // Records decodes the ring-buffer records that arrive until none has for
