@@ -244,8 +244,8 @@ static __always_inline int exit_hash(long ret)
 	return 0;
 }
 
-SEC("tp_btf/sys_enter")
-int BPF_PROG(sys_enter_btf_task, struct pt_regs *regs, long id)
+/* The start in the current task's storage (created on entry). */
+static __always_inline int enter_task(long id)
 {
 	struct start *s;
 
@@ -258,8 +258,7 @@ int BPF_PROG(sys_enter_btf_task, struct pt_regs *regs, long id)
 	return 0;
 }
 
-SEC("tp_btf/sys_exit")
-int BPF_PROG(sys_exit_btf_task, struct pt_regs *regs, long ret)
+static __always_inline int exit_task(long ret)
 {
 	struct start *s;
 
@@ -267,6 +266,18 @@ int BPF_PROG(sys_exit_btf_task, struct pt_regs *regs, long ret)
 	if (s)
 		finish(s, ret);
 	return 0;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter_btf_task, struct pt_regs *regs, long id)
+{
+	return enter_task(id);
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit_btf_task, struct pt_regs *regs, long ret)
+{
+	return exit_task(ret);
 }
 
 /* --- per-CPU slot, spilled to task storage on switch-out (tp_btf) --- */
@@ -289,7 +300,7 @@ SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit_btf_cpu, struct pt_regs *regs, long ret)
 {
 	__u32 zero = 0;
-	struct start *c, *s;
+	struct start *c;
 
 	c = bpf_map_lookup_elem(&syscall_start_cpu, &zero);
 	if (!c)
@@ -299,10 +310,7 @@ int BPF_PROG(sys_exit_btf_cpu, struct pt_regs *regs, long ret)
 		return 0;
 	}
 	/* Switched out since its entry: the start is in task storage. */
-	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0, 0);
-	if (s)
-		finish(s, ret);
-	return 0;
+	return exit_task(ret);
 }
 
 /* syscall_switch_btf_cpu moves the start of the syscall in flight on this
@@ -344,26 +352,13 @@ int BPF_PROG(sys_exit_btf_hash, struct pt_regs *regs, long ret)
 SEC("raw_tp/sys_enter")
 int BPF_PROG(sys_enter_raw_task, struct pt_regs *regs, long id)
 {
-	struct start *s;
-
-	if (id < 0 || id >= MAX_SYSCALLS)
-		return 0;
-	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0,
-				 BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (s)
-		enter(s, id);
-	return 0;
+	return enter_task(id);
 }
 
 SEC("raw_tp/sys_exit")
 int BPF_PROG(sys_exit_raw_task, struct pt_regs *regs, long ret)
 {
-	struct start *s;
-
-	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0, 0);
-	if (s)
-		finish(s, ret);
-	return 0;
+	return exit_task(ret);
 }
 
 SEC("raw_tp/sys_enter")
