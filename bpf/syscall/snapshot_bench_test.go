@@ -10,7 +10,7 @@ import (
 )
 
 // BenchmarkSnapshot reads the probe's maps as a scrape does, after the
-// syscalls of this test and of the machine, by each way of reading.
+// syscalls of this test and of the machine.
 func BenchmarkSnapshot(b *testing.B) {
 	testenv.Privileged(b)
 	p, err := Load(Options{Schema: 3}, slog.New(slog.NewTextHandler(io.Discard, nil)))
@@ -22,20 +22,12 @@ func BenchmarkSnapshot(b *testing.B) {
 		_, _ = os.ReadDir("/proc/self")
 		_, _ = os.Stat("/nonexistent")
 	}
-	for _, m := range []struct {
-		name string
-		mode readMode
-	}{{"auto", readAuto}, {"batch", readBatch}, {"bykey", readByKey}} {
-		b.Run(m.name, func(b *testing.B) {
-			p.force = m.mode
-			b.ReportAllocs()
-			for b.Loop() {
-				s, err := p.Snapshot()
-				if err != nil {
-					b.Fatal(err)
-				}
-				b.ReportMetric(float64(len(s.Latency)), "syscalls")
-			}
-		})
+	b.ReportAllocs()
+	for b.Loop() {
+		s, err := p.Snapshot()
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(len(s.Latency)), "syscalls")
 	}
 }

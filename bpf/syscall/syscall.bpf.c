@@ -96,11 +96,19 @@ struct {
 	__type(value, struct start);
 } syscall_start_hash SEC(".maps");
 
-/* Histogram per syscall number: ktel_slots counters, then the sum of
- * latencies in nanoseconds. The value size depends on the schema and is set
- * by user space at load time, hence no BTF value type. */
+/* Histogram per CPU and syscall number, at key cpu * MAX_SYSCALLS + nr:
+ * ktel_slots counters, then the sum of latencies in nanoseconds. A plain
+ * array with one value per CPU rather than a per-CPU map, because a plain
+ * array can be mapped into user space's memory (BPF_F_MMAPABLE): a scrape
+ * reads the seen syscalls' counters in place, without a syscall and without
+ * copying the unseen ones. Each CPU writes only its own MAX_SYSCALLS values,
+ * so CPUs share no cache line but at the border of two CPUs' ranges, where
+ * syscall 511 (never used) meets syscall 0. The value size (schema) and the
+ * number of entries (possible CPUs x MAX_SYSCALLS) are set by user space at
+ * load time, hence no BTF value type. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, MAX_SYSCALLS);
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(__u64));
@@ -187,7 +195,8 @@ static __always_inline void emit_event(__u32 nr, __u64 start, __u64 end, long re
 
 static __always_inline void record(__u32 nr, __u64 start, __u64 end, long ret)
 {
-	__u64 delta = end - start, *hist = bpf_map_lookup_elem(&syscall_latency, &nr);
+	__u32 key = bpf_get_smp_processor_id() * MAX_SYSCALLS + (nr & (MAX_SYSCALLS - 1));
+	__u64 delta = end - start, *hist = bpf_map_lookup_elem(&syscall_latency, &key);
 
 	if (!hist)
 		return;

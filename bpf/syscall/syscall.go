@@ -6,7 +6,6 @@ package syscall
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -83,22 +82,15 @@ type Probe struct {
 	bss     *ebpf.Map // holds syscall_seen at seenOff
 	seenOff int
 
-	readMu  sync.Mutex // guards the read buffers
-	bssBuf  []byte
-	buf     []byte
-	keys    []uint32
-	noBatch bool // the kernel has no batch lookups
-	force   readMode
+	// hists is syscall_latency mapped into memory: the histogram of
+	// syscall nr on CPU c at offset (c*MaxSyscalls+nr)*valueSize.
+	hists     *ebpf.Memory
+	valueSize int
+
+	readMu sync.Mutex // guards the read buffers
+	bssBuf []byte
+	buf    []byte // one syscall's values, CPU after CPU
 }
-
-// readMode forces one way of reading the histograms (tests).
-type readMode int
-
-const (
-	readAuto readMode = iota
-	readBatch
-	readByKey
-)
 
 // Load loads and attaches the probe, trying variants in order of preference
 // and returning the first that loads. When none does, the errors of all are
@@ -119,6 +111,7 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if err := probe.SetHistogram(spec, layout, "syscall_latency"); err != nil {
 		return nil, err
 	}
+	spec.Maps["syscall_latency"].MaxEntries = uint32(ncpu * MaxSyscalls)
 	if err := spans.Apply(spec, ncpu); err != nil {
 		return nil, err
 	}
@@ -135,11 +128,19 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if err != nil {
 		return nil, err
 	}
+	latency := objs.Maps["syscall_latency"]
+	hists, err := latency.Memory()
+	if err != nil {
+		objs.Close()
+		return nil, fmt.Errorf("map syscall_latency into memory: %w", err)
+	}
+	valueSize := probe.HistValueSize(layout)
 	return &Probe{
 		layout: layout, variant: v, ncpu: ncpu, objs: objs,
-		latency: objs.Maps["syscall_latency"], errs: objs.Maps["syscall_errors"], drops: objs.Maps["syscall_drops"],
+		latency: latency, errs: objs.Maps["syscall_errors"], drops: objs.Maps["syscall_drops"],
 		start: objs.Maps[startMap], events: objs.Maps["ktel_events"], spanDrops: objs.Maps["ktel_span_drops"],
 		bss: objs.Maps[".bss"], bssBuf: make([]byte, bssSize), seenOff: int(seen.Offset),
+		hists: hists, valueSize: valueSize, buf: make([]byte, ncpu*valueSize),
 	}, nil
 }
 
@@ -217,20 +218,15 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		return nil, fmt.Errorf("read syscall_seen: %w", err)
 	}
 	seen := p.bssBuf[p.seenOff : p.seenOff+MaxSyscalls]
-	read, err := p.latencyReader(seen)
-	if err != nil {
-		return nil, err
-	}
 	for nr, ok := range seen {
 		if ok == 0 {
 			continue
 		}
-		buf, err := read(uint32(nr))
-		if err != nil {
+		if err := p.readHist(uint32(nr)); err != nil {
 			return nil, err
 		}
 		var h Hist
-		h.Slots, h.SumNs = probe.SumHist(buf, p.ncpu, p.layout, nil)
+		h.Slots, h.SumNs = probe.SumHist(p.buf, p.ncpu, p.layout, nil)
 		s.Latency[uint32(nr)] = h
 	}
 
@@ -255,52 +251,18 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	return s, nil
 }
 
-// lookupCostBytes is what one lookup syscall costs, in bytes copied by a
-// batch lookup: ~10 us against ~0.3 ns per byte, measured here.
-const lookupCostBytes = 32 << 10
-
-// latencyReader returns a function that reads the per-CPU values of one
-// seen syscall's histogram: from one batch lookup of keys 0..the highest
-// seen, or by one lookup per key, whichever copies less. The batch wins
-// when many syscalls are seen on few CPUs, single lookups on many CPUs.
-func (p *Probe) latencyReader(seen []byte) (func(nr uint32) ([]byte, error), error) {
-	stride := p.ncpu * ((probe.HistValueSize(p.layout) + 7) &^ 7)
-	n, last := 0, -1
-	for nr, ok := range seen {
-		if ok != 0 {
-			n, last = n+1, nr
+// readHist copies the values of syscall nr on every CPU from the mapped
+// syscall_latency into p.buf, CPU after CPU as a per-CPU map lookup returns
+// them. The kernel keeps counting meanwhile: each 8-byte counter is read
+// whole, but one histogram's counters are not read at one instant.
+func (p *Probe) readHist(nr uint32) error {
+	for cpu := range p.ncpu {
+		off := int64((cpu*MaxSyscalls + int(nr)) * p.valueSize)
+		if _, err := p.hists.ReadAt(p.buf[cpu*p.valueSize:(cpu+1)*p.valueSize], off); err != nil {
+			return fmt.Errorf("read syscall_latency of syscall %d on CPU %d: %w", nr, cpu, err)
 		}
 	}
-	byKey := func(nr uint32) ([]byte, error) {
-		v, err := p.latency.LookupBytes(nr)
-		if err != nil {
-			return nil, fmt.Errorf("read syscall_latency[%d]: %w", nr, err)
-		}
-		return v, nil
-	}
-	count := last + 1
-	switch {
-	case n == 0: // nothing to read; a batch of zero keys is an error
-		return byKey, nil
-	case p.noBatch || p.force == readByKey:
-		return byKey, nil
-	case p.force == readAuto && count*stride > n*(lookupCostBytes+stride):
-		return byKey, nil
-	}
-	if p.buf == nil {
-		p.buf = make([]byte, MaxSyscalls*stride)
-		p.keys = make([]uint32, MaxSyscalls)
-	}
-	var cursor ebpf.MapBatchCursor
-	got, err := p.latency.BatchLookup(&cursor, p.keys[:count], p.buf[:count*stride], nil)
-	switch {
-	case got == count && (err == nil || errors.Is(err, ebpf.ErrKeyNotExist)):
-		return func(nr uint32) ([]byte, error) { return p.buf[int(nr)*stride : int(nr+1)*stride], nil }, nil
-	case errors.Is(err, ebpf.ErrNotSupported):
-		p.noBatch = true // before 5.6
-		return byKey, nil
-	}
-	return nil, fmt.Errorf("read syscall_latency: %d of %d values: %w", got, count, err)
+	return nil
 }
 
 // Event is one outlier syscall. Times are CLOCK_MONOTONIC nanoseconds.
