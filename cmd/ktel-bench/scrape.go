@@ -19,7 +19,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sys/unix"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
@@ -457,13 +456,11 @@ func syntheticScrape(w io.Writer, log *slog.Logger, sum *summary) {
 		"syscall": metrics.NewSyscallCollector(newFakeSyscalls(nr, errnos), sysprobe.NativeName, nil),
 	}, log)
 	reg.MustRegister(ex)
-	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{
-		ErrorHandling: promhttp.ContinueOnError, Registry: reg, EnableOpenMetrics: true, MaxRequestsInFlight: 10,
-	}))
+	srv := httptest.NewServer(metrics.Handler(reg, metrics.HandlerOpts{Log: log, Registry: reg, MaxRequestsInFlight: 10}))
 	defer srv.Close()
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
 
-	fmt.Fprintf(w, "\nsynthetic /metrics: the daemon's exporter in-process (metrics.NewExporter, promhttp as the daemon configures it) over a fake syscall source: %d histograms + %d error counters = %d series; 15 scrapes per format, then 5 x 10 in parallel\n\n", nr, nr*errnos, nr+nr*errnos)
+	fmt.Fprintf(w, "\nsynthetic /metrics: the daemon's exporter in-process (metrics.NewExporter and metrics.Handler, as the daemon configures them) over a fake syscall source: %d histograms + %d error counters = %d series; 15 scrapes per format, then 5 x 10 in parallel\n\n", nr, nr*errnos, nr+nr*errnos)
 	var text, proto, par []float64
 	var textKiB, protoKiB float64
 	for range 15 {

@@ -17,7 +17,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/exporter-toolkit/web"
 
 	"github.com/ktel-dev/ktel/internal/caps"
@@ -168,17 +167,13 @@ func (d *Daemon) Running() int { return len(d.probes) }
 // Handler serves /metrics, /healthz and a landing page.
 func (d *Daemon) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", gzipped(promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{
-		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelError),
-		ErrorHandling:     promhttp.ContinueOnError,
-		Registry:          d.reg,
-		EnableOpenMetrics: true,
+	mux.Handle("/metrics", metrics.Handler(d.reg, metrics.HandlerOpts{
+		Log:      d.log,
+		Registry: d.reg,
 		// Beyond this many concurrent scrapes, answer 503 at once.
 		MaxRequestsInFlight: d.cfg.MaxScrapes,
 		Timeout:             scrapeTimeout,
-		// gzipped compresses, faster.
-		DisableCompression: true,
-	})))
+	}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, "ok\n")
 	})
