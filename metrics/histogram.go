@@ -20,6 +20,9 @@ type nativeAndClassic struct {
 	h      *dto.Histogram
 }
 
+// classicBuckets is the number of classic buckets.
+const classicBuckets = histogram.ClassicMaxExp - histogram.ClassicMinExp + 1
+
 // classicBoundPtrs are the classic bucket upper bounds, shared read-only by
 // every histogram built here.
 var classicBoundPtrs = func() []*float64 {
@@ -30,38 +33,57 @@ var classicBoundPtrs = func() []*float64 {
 	return out
 }()
 
+// histogramBlock holds everything one histogram points to but its native
+// spans and deltas and its labels, so that building it is one allocation
+// rather than forty: it runs for every series on every scrape.
+type histogramBlock struct {
+	m                  nativeAndClassic
+	h                  dto.Histogram
+	count, zeroCount   uint64
+	sum, zeroThreshold float64
+	schema             int32
+	cums               [classicBuckets]uint64
+	buckets            [classicBuckets]dto.Bucket
+	bucketPtrs         [classicBuckets]*dto.Bucket
+	spans              [2]dto.BucketSpan // most histograms need one or two
+	spanOffsets        [2]int32
+	spanLengths        [2]uint32
+	spanPtrs           [2]*dto.BucketSpan
+}
+
 // newLatencyHistogram builds the metric for per-slot counts and a sum in
 // nanoseconds, with exemplars by classic bucket (may be nil). It runs for
 // every series on every scrape: the buckets are built in one pass over the
 // slots, which are already in bucket order, with few allocations.
 func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots []uint64, sumNs uint64, ex map[float64]Exemplar, labelValues ...string) prometheus.Metric {
-	var count uint64
+	b := &histogramBlock{schema: layout.Schema, zeroThreshold: layout.ZeroThreshold(), zeroCount: slots[0]}
 	for _, c := range slots {
-		count += c
+		b.count += c
 	}
-	h := &dto.Histogram{
-		SampleCount:   proto.Uint64(count),
-		SampleSum:     proto.Float64(float64(sumNs) / 1e9),
-		Schema:        proto.Int32(layout.Schema),
-		ZeroThreshold: proto.Float64(layout.ZeroThreshold()),
-		ZeroCount:     proto.Uint64(slots[0]),
+	b.sum = float64(sumNs) / 1e9
+	b.h = dto.Histogram{
+		SampleCount:   &b.count,
+		SampleSum:     &b.sum,
+		Schema:        &b.schema,
+		ZeroThreshold: &b.zeroThreshold,
+		ZeroCount:     &b.zeroCount,
 	}
-	cums := layout.Classic(slots)
-	buckets := make([]dto.Bucket, len(cums))
-	h.Bucket = make([]*dto.Bucket, len(cums))
+	cums := layout.ClassicInto(b.cums[:0], slots)
 	for i := range cums {
-		buckets[i] = dto.Bucket{UpperBound: classicBoundPtrs[i], CumulativeCount: &cums[i]}
-		h.Bucket[i] = &buckets[i]
+		b.buckets[i] = dto.Bucket{UpperBound: classicBoundPtrs[i], CumulativeCount: &b.cums[i]}
+		b.bucketPtrs[i] = &b.buckets[i]
 	}
+	b.h.Bucket = b.bucketPtrs[:len(cums)]
 	// Slot k > 0 is native bucket FirstIndex()+k; slot 0 is the zero bucket.
-	h.PositiveSpan, h.PositiveDelta = spansAndDeltas(layout.FirstIndex()+1, slots[1:])
-	if len(h.PositiveSpan) == 0 && slots[0] == 0 {
+	b.h.PositiveSpan, b.h.PositiveDelta = b.spansAndDeltas(layout.FirstIndex()+1, slots[1:])
+	if len(b.h.PositiveSpan) == 0 && slots[0] == 0 {
 		// A native histogram with no buckets needs a span to be told apart
 		// from a classic one.
-		h.PositiveSpan = []*dto.BucketSpan{{Offset: proto.Int32(0), Length: proto.Uint32(0)}}
+		b.h.PositiveSpan = b.newSpan(0)
 	}
-	attachExemplars(h, ex)
-	return &nativeAndClassic{desc: desc, labels: prometheus.MakeLabelPairs(desc, labelValues), h: h}
+	attachExemplars(&b.h, ex)
+	b.m = nativeAndClassic{desc: desc, labels: prometheus.MakeLabelPairs(desc, labelValues), h: &b.h}
+	return &b.m
 }
 
 func (m *nativeAndClassic) Desc() *prometheus.Desc { return m.desc }
@@ -76,22 +98,34 @@ func (m *nativeAndClassic) Write(out *dto.Metric) error {
 // as native-histogram spans and delta-encoded counts, leaving out empty
 // buckets. Gaps of up to two empty buckets are filled with zero counts
 // rather than opening a new span, as client_golang does.
-func spansAndDeltas(first int, counts []uint64) ([]*dto.BucketSpan, []int64) {
+func (b *histogramBlock) spansAndDeltas(first int, counts []uint64) ([]*dto.BucketSpan, []int64) {
+	lo, hi := -1, -1
+	for j, n := range counts {
+		if n != 0 {
+			if lo < 0 {
+				lo = j
+			}
+			hi = j
+		}
+	}
+	if lo < 0 {
+		return nil, nil
+	}
 	var (
 		spans  []*dto.BucketSpan
-		deltas []int64
+		deltas = make([]int64, 0, hi-lo+1)
 		prev   int64
 		next   int // index after the last bucket written
 	)
-	for j, n := range counts {
+	for j, n := range counts[lo : hi+1] {
 		if n == 0 {
 			continue
 		}
-		i := first + j
+		i := first + lo + j
 		gap := i - next
 		switch {
 		case len(spans) == 0:
-			spans = append(spans, &dto.BucketSpan{Offset: proto.Int32(int32(i)), Length: proto.Uint32(0)})
+			spans = b.newSpan(int32(i))
 		case gap <= 2:
 			for range gap {
 				deltas = append(deltas, -prev)
@@ -99,7 +133,7 @@ func spansAndDeltas(first int, counts []uint64) ([]*dto.BucketSpan, []int64) {
 				*spans[len(spans)-1].Length++
 			}
 		default:
-			spans = append(spans, &dto.BucketSpan{Offset: proto.Int32(int32(gap)), Length: proto.Uint32(0)})
+			spans = append(spans, b.newSpan(int32(gap))...)
 		}
 		c := int64(min(n, math.MaxInt64))
 		deltas = append(deltas, c-prev)
@@ -108,4 +142,19 @@ func spansAndDeltas(first int, counts []uint64) ([]*dto.BucketSpan, []int64) {
 		next = i + 1
 	}
 	return spans, deltas
+}
+
+// newSpan returns a one-element slice of a new empty span at offset, from
+// the block's spans while they last (its capacity is one: appending to it
+// copies).
+func (b *histogramBlock) newSpan(offset int32) []*dto.BucketSpan {
+	for k := range b.spanPtrs {
+		if b.spanPtrs[k] == nil {
+			b.spanOffsets[k], b.spanLengths[k] = offset, 0
+			b.spans[k] = dto.BucketSpan{Offset: &b.spanOffsets[k], Length: &b.spanLengths[k]}
+			b.spanPtrs[k] = &b.spans[k]
+			return b.spanPtrs[k : k+1 : k+1]
+		}
+	}
+	return []*dto.BucketSpan{{Offset: proto.Int32(offset), Length: proto.Uint32(0)}}
 }

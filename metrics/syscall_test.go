@@ -169,6 +169,7 @@ func TestSpansAndDeltas(t *testing.T) {
 		{"adjacent", map[int]uint64{1: 3, 2: 5}, [][2]int{{1, 2}}, []int64{3, 2}},
 		{"gap of two filled", map[int]uint64{1: 3, 4: 1}, [][2]int{{1, 4}}, []int64{3, -3, 0, 1}},
 		{"gap of three splits", map[int]uint64{1: 3, 5: 1}, [][2]int{{1, 1}, {3, 1}}, []int64{3, -2}},
+		{"three spans", map[int]uint64{-7: 3, -3: 1, 2: 2}, [][2]int{{-7, 1}, {3, 1}, {4, 1}}, []int64{3, -2, 1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// As the collector passes them: a dense run from index -8.
@@ -176,7 +177,7 @@ func TestSpansAndDeltas(t *testing.T) {
 			for i, c := range tc.buckets {
 				counts[i+8] = c
 			}
-			spans, deltas := spansAndDeltas(-8, counts)
+			spans, deltas := new(histogramBlock).spansAndDeltas(-8, counts)
 			if len(spans) != len(tc.spans) {
 				t.Fatalf("spans %v, want %v", spans, tc.spans)
 			}

@@ -137,7 +137,11 @@ func ClassicBounds() []float64 {
 // classic bound is a power of two and so a native bound of any schema: the
 // derivation is exact.
 func (l *Layout) Classic(slots []uint64) []uint64 {
-	out := make([]uint64, 0, ClassicMaxExp-ClassicMinExp+1)
+	return l.ClassicInto(make([]uint64, 0, ClassicMaxExp-ClassicMinExp+1), slots)
+}
+
+// ClassicInto is Classic appending to out.
+func (l *Layout) ClassicInto(out, slots []uint64) []uint64 {
 	per := 1 << l.Schema
 	var cum uint64
 	k := 0
