@@ -3,6 +3,7 @@ package metrics
 import (
 	"errors"
 	"fmt"
+	"reflect"
 
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
@@ -72,26 +73,65 @@ func (c *bpfCollector) Update(ch chan<- prometheus.Metric) error {
 	return errors.Join(errs...)
 }
 
-// countKeys walks the keys only, without copying values. Keys deleted
-// during the walk may restart it from the first key (the kernel's
-// behaviour for a missing key), so the walk is capped at the capacity.
+// countKeys counts m's entries: by batch lookups where the kernel has
+// them (5.6+), a few syscalls for the whole map, else by walking the keys,
+// one syscall per key. The batch buffers are typed as arrays of the key
+// and value sizes, which is all a batch needs. Keys deleted during a walk
+// may restart it from the first key (the kernel's behaviour for a missing
+// key), so the walk is capped at the capacity.
 func countKeys(m *ebpf.Map) (int, error) {
+	n, err := countKeysBatch(m)
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		return n, err
+	}
 	key := make([]byte, m.KeySize())
 	next := make([]byte, m.KeySize())
-	var (
-		n   int
-		cur any // nil: start from the first key
-	)
-	for n < int(m.MaxEntries()) {
+	var cur any // nil: start from the first key
+	for n = 0; n < int(m.MaxEntries()); n++ {
 		if err := m.NextKey(cur, &next); err != nil {
 			if errors.Is(err, ebpf.ErrKeyNotExist) {
 				return n, nil
 			}
 			return n, err
 		}
-		n++
 		copy(key, next)
 		cur = key
 	}
 	return n, nil
+}
+
+// countBatch is how many entries one batch lookup asks for: enough that a
+// full syscall_errors (4096) takes a few calls, and that any hash bucket
+// fits (the kernel fails a batch smaller than a bucket with ENOSPC).
+const countBatch = 512
+
+func countKeysBatch(m *ebpf.Map) (int, error) {
+	per := 1
+	switch m.Type() {
+	case ebpf.PerCPUHash, ebpf.LRUCPUHash, ebpf.PerCPUArray:
+		ncpu, err := ebpf.PossibleCPU()
+		if err != nil {
+			return 0, err
+		}
+		per = ncpu
+	}
+	chunk := min(countBatch, int(m.MaxEntries()))
+	keys := reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(m.KeySize()), reflect.TypeFor[byte]())), chunk, chunk).Interface()
+	vals := reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(m.ValueSize()), reflect.TypeFor[byte]())), chunk*per, chunk*per).Interface()
+	var (
+		cursor ebpf.MapBatchCursor
+		n      int
+	)
+	for {
+		got, err := m.BatchLookup(&cursor, keys, vals, nil)
+		n += got
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return n, nil
+		case err != nil:
+			return n, err
+		case got == 0:
+			return n, nil
+		}
+	}
 }
