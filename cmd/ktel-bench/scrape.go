@@ -176,6 +176,11 @@ type footprint struct {
 	textKiB, protoKiB         float64
 }
 
+// scrapesPerFormat is the number of single scrapes of each format, each
+// reading the maps: the median of a handful moved by a millisecond from run
+// to run on this machine.
+const scrapesPerFormat = 10
+
 // daemonFootprint runs the daemon with extra environment through idle,
 // load and scrapes.
 func daemonFootprint(bin string, extra []string, o options) (*footprint, error) {
@@ -226,7 +231,7 @@ func daemonFootprint(bin string, extra []string, o options) (*footprint, error) 
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
 	c0 = cpuNs(pid)
 	n := 0
-	for i := range 10 {
+	for i := range 2 * scrapesPerFormat {
 		time.Sleep(1100 * time.Millisecond)
 		accept := acceptText
 		if i%2 == 1 {
