@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 )
 
@@ -20,17 +22,19 @@ type HandlerOpts struct {
 	// MaxRequestsInFlight bounds concurrent scrapes; more are answered 503
 	// at once. 0: no bound.
 	MaxRequestsInFlight int
-	// Timeout answers 503 to a scrape that takes longer. 0: none.
+	// Timeout answers 503 to a scrape whose gathering takes longer. 0:
+	// none.
 	Timeout time.Duration
 }
 
 // Handler serves /metrics from g as promhttp.HandlerFor does with
 // ContinueOnError and OpenMetrics enabled: same format negotiation,
-// headers, name[] filter, in-flight limit, timeout and error counter
+// headers, name[] filter, in-flight limit and error counter
 // (TestHandlerMatchesPromhttp). It differs in how it encodes histogram
 // families in the text formats (see encoder), which took most of a ktel
-// scrape in promhttp, and in compression: gzip at the fastest level (see
-// gzipped), for clients that accept it.
+// scrape in promhttp; in compression: gzip at the fastest level (see
+// gzipped), for clients that accept it; and in what its timeout bounds
+// (see gather).
 func Handler(g prometheus.Gatherer, opts HandlerOpts) http.Handler {
 	errCnt := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "promhttp_metric_handler_errors_total",
@@ -58,17 +62,23 @@ func Handler(g prometheus.Gatherer, opts HandlerOpts) http.Handler {
 	formats := expfmt.DefaultOpenMetricsAcceptedFormats()
 
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		release := func() {}
 		if inFlight != nil {
 			select {
 			case inFlight <- struct{}{}:
-				defer func() { <-inFlight }()
+				release = sync.OnceFunc(func() { <-inFlight })
 			default:
 				http.Error(w, fmt.Sprintf("Limit of concurrent requests reached (%d), try again later.", opts.MaxRequestsInFlight),
 					http.StatusServiceUnavailable)
 				return
 			}
 		}
-		mfs, err := g.Gather()
+		mfs, ok, err := gather(g, opts.Timeout, release)
+		if !ok {
+			http.Error(w, fmt.Sprintf("Exceeded configured timeout of %v.", opts.Timeout), http.StatusServiceUnavailable)
+			return
+		}
+		defer release()
 		if err != nil {
 			log.Error("error gathering metrics", "err", err)
 			errCnt.WithLabelValues("gathering").Inc()
@@ -105,8 +115,39 @@ func Handler(g prometheus.Gatherer, opts HandlerOpts) http.Handler {
 			errCnt.WithLabelValues("encoding").Inc()
 		}
 	})
-	if opts.Timeout <= 0 {
-		return gzipped(h)
+	return gzipped(h)
+}
+
+// gather runs g.Gather, waiting at most timeout (if > 0). Only the
+// gathering is timed, the one part that waits on the kernel's maps; the
+// response is then encoded and compressed as it is sent rather than
+// buffered whole, as http.TimeoutHandler would. When gathering times out,
+// ok is false and release runs once it finishes, so that a scrape stuck
+// in a collector keeps its in-flight slot.
+func gather(g prometheus.Gatherer, timeout time.Duration, release func()) (mfs []*dto.MetricFamily, ok bool, err error) {
+	if timeout <= 0 {
+		mfs, err = g.Gather()
+		return mfs, true, err
 	}
-	return gzipped(http.TimeoutHandler(h, opts.Timeout, fmt.Sprintf("Exceeded configured timeout of %v.\n", opts.Timeout)))
+	type result struct {
+		mfs []*dto.MetricFamily
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		mfs, err := g.Gather()
+		done <- result{mfs, err}
+	}()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case r := <-done:
+		return r.mfs, true, r.err
+	case <-t.C:
+		go func() {
+			<-done
+			release()
+		}()
+		return nil, false, nil
+	}
 }

@@ -119,7 +119,7 @@ func TestHandlerMatchesPromhttp(t *testing.T) {
 	reg := encoderRegistry(t)
 	want := promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, EnableOpenMetrics: true,
 		OfferedCompressions: []promhttp.Compression{promhttp.Identity, promhttp.Gzip}})
-	got := Handler(reg, HandlerOpts{})
+	got := Handler(reg, HandlerOpts{Timeout: time.Minute}) // as the daemon: gathering in its own goroutine
 	for _, accept := range []string{
 		"",
 		"*/*",
@@ -302,5 +302,42 @@ func TestHandlerErrors(t *testing.T) {
 	Handler(empty, HandlerOpts{}).ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	if w.Code != http.StatusInternalServerError || !strings.Contains(w.Body.String(), "map read failed") {
 		t.Errorf("failed scrape: %d %q", w.Code, w.Body.String())
+	}
+}
+
+// A scrape whose gathering outlasts the timeout is answered 503 at the
+// timeout, and keeps its in-flight slot until the gathering ends.
+func TestHandlerTimeout(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	c := &blockingCollector{started: make(chan struct{}, 1), release: make(chan struct{})}
+	reg.MustRegister(c)
+	h := Handler(reg, HandlerOpts{MaxRequestsInFlight: 1, Timeout: 50 * time.Millisecond})
+	w := httptest.NewRecorder()
+	start := time.Now()
+	h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	if w.Code != http.StatusServiceUnavailable || !strings.Contains(w.Body.String(), "Exceeded configured timeout of 50ms") {
+		t.Errorf("slow scrape: %d %q", w.Code, w.Body.String())
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("slow scrape answered after %v", d)
+	}
+	<-c.started
+	w = httptest.NewRecorder()
+	h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	if w.Code != http.StatusServiceUnavailable || !strings.Contains(w.Body.String(), "Limit of concurrent requests") {
+		t.Errorf("scrape while the first still gathers: %d %q", w.Code, w.Body.String())
+	}
+	close(c.release) // the first gathering ends and frees its slot
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		w = httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+		if w.Code == http.StatusOK || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if w.Code != http.StatusOK {
+		t.Errorf("scrape after the gathering ended: %d %q", w.Code, w.Body.String())
 	}
 }
