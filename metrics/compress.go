@@ -1,9 +1,9 @@
 package metrics
 
 import (
+	"io"
 	"net/http"
 	"strings"
-	"sync"
 
 	"github.com/klauspost/compress/gzip"
 )
@@ -41,10 +41,32 @@ func acceptsGzip(values []string) bool {
 	return false
 }
 
-var gzipPool = sync.Pool{New: func() any {
-	w, _ := gzip.NewWriterLevel(nil, gzip.BestSpeed)
-	return w
-}}
+// gzipWriters keeps a few compressors between scrapes. A sync.Pool would
+// lose them at every garbage collection, which a scrape's allocations
+// trigger every other scrape or so, and a new compressor allocates ~1 MiB
+// (its history and tables): more garbage, hence more collections. Kept:
+// as many as are usually busy at once; more are made when needed and
+// dropped after.
+var gzipWriters = make(chan *gzip.Writer, 2)
+
+func getGzipWriter(w io.Writer) *gzip.Writer {
+	select {
+	case z := <-gzipWriters:
+		z.Reset(w)
+		return z
+	default:
+		z, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
+		return z
+	}
+}
+
+func putGzipWriter(z *gzip.Writer) {
+	z.Reset(io.Discard) // drop the reference to the response
+	select {
+	case gzipWriters <- z:
+	default:
+	}
+}
 
 // gzipWriter compresses what is written to it, from the first write or
 // WriteHeader on.
@@ -58,8 +80,7 @@ func (w *gzipWriter) WriteHeader(code int) {
 		h := w.Header()
 		h.Del("Content-Length")
 		h.Set("Content-Encoding", "gzip")
-		w.gz = gzipPool.Get().(*gzip.Writer)
-		w.gz.Reset(w.ResponseWriter)
+		w.gz = getGzipWriter(w.ResponseWriter)
 	}
 	w.ResponseWriter.WriteHeader(code)
 }
@@ -76,6 +97,6 @@ func (w *gzipWriter) close() {
 		return
 	}
 	_ = w.gz.Close()
-	gzipPool.Put(w.gz)
+	putGzipWriter(w.gz)
 	w.gz = nil
 }
