@@ -142,7 +142,7 @@ func TestSwitchedOut(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			missesBefore := recursionMisses(t, p)
+			missesBefore := testenv.RecursionMisses(t, p.Programs())
 
 			done := make(chan struct{})
 			getpids := make(chan int)
@@ -205,7 +205,7 @@ func TestSwitchedOut(t *testing.T) {
 			// The kernel skips a program that is already running on the CPU
 			// (the getpid thread, preempted in it by the sleeper); such a
 			// skip is counted, and may cost a sleep its event.
-			missed := int(recursionMisses(t, p) - missesBefore)
+			missed := int(testenv.RecursionMisses(t, p.Programs()) - missesBefore)
 			if count+missed < n || total < time.Duration(n-missed)*sleep || total > elapsed {
 				t.Errorf("%d clock_nanosleep events lasting %v (%d program runs skipped), want >= %d lasting %v..%v",
 					count, total, missed, n, n*sleep, elapsed)
@@ -222,18 +222,4 @@ func TestSwitchedOut(t *testing.T) {
 			}
 		})
 	}
-}
-
-// recursionMisses is the number of runs of p's programs the kernel skipped
-// because one was already running on the CPU.
-func recursionMisses(t *testing.T, p *Probe) (n uint64) {
-	t.Helper()
-	for _, prog := range p.Programs() {
-		st, err := prog.Stats()
-		if err != nil {
-			t.Fatal(err)
-		}
-		n += st.RecursionMisses
-	}
-	return n
 }

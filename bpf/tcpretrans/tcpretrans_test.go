@@ -69,18 +69,6 @@ type reading struct {
 	misses uint64
 }
 
-func recursionMisses(t *testing.T, p *tcpretrans.Probe) (n uint64) {
-	t.Helper()
-	for _, prog := range p.Programs() {
-		st, err := prog.Stats()
-		if err != nil {
-			t.Fatal(err)
-		}
-		n += st.RecursionMisses
-	}
-	return n
-}
-
 // read reads both probes and the counters of namespace ns. The plain
 // probe is read first before and last after, so that its delta covers at
 // least the peer probe's.
@@ -97,11 +85,11 @@ func (p probes) read(t *testing.T, ns string, after bool) reading {
 	if after {
 		r.mib = mib(t, ns)
 		r.peers = snap(p.peers)
-		r.misses = recursionMisses(t, p.peers)
+		r.misses = testenv.RecursionMisses(t, p.peers.Programs())
 		r.plain = snap(p.plain)
 	} else {
 		r.plain = snap(p.plain)
-		r.misses = recursionMisses(t, p.peers)
+		r.misses = testenv.RecursionMisses(t, p.peers.Programs())
 		r.peers = snap(p.peers)
 		r.mib = mib(t, ns)
 	}

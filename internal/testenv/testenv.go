@@ -67,6 +67,21 @@ func Sleep(tb testing.TB, d time.Duration) {
 	}
 }
 
+// RecursionMisses is the number of runs of progs the kernel skipped
+// because a program was already running on the CPU (exported as
+// ktel_bpf_program_recursion_misses_total).
+func RecursionMisses(tb testing.TB, progs map[string]*ebpf.Program) (n uint64) {
+	tb.Helper()
+	for _, prog := range progs {
+		st, err := prog.Stats()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		n += st.RecursionMisses
+	}
+	return n
+}
+
 // EventReader opens a reader on a probe's ring buffer, closed when the test
 // ends.
 func EventReader(tb testing.TB, m *ebpf.Map) *ringbuf.Reader {
