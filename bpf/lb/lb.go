@@ -351,15 +351,19 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	return s, nil
 }
 
-// readPerCPU reads indexes 0..n-1 of a per-CPU array, in batches.
+// readPerCPU reads indexes 0..n-1 of a per-CPU array, in batches of at
+// most what is left to read: the kernel copies every value a batch asks
+// for, at ~1 us each (the arrays have room for 16384 services and 65536
+// backends).
 func readPerCPU[T any](m *ebpf.Map, n uint32, ncpu int) ([][]T, error) {
 	out := make([][]T, n)
-	const chunk = 1024
+	chunk := min(n, 1024)
 	var cursor ebpf.MapBatchCursor
 	keys := make([]uint32, chunk)
-	vals := make([]T, chunk*ncpu)
+	vals := make([]T, int(chunk)*ncpu)
 	for got := uint32(0); got < n; {
-		k, err := m.BatchLookup(&cursor, keys, vals, nil)
+		want := min(chunk, n-got)
+		k, err := m.BatchLookup(&cursor, keys[:want], vals[:int(want)*ncpu], nil)
 		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			if errors.Is(err, ebpf.ErrNotSupported) {
 				return readPerCPUSlow[T](m, n)

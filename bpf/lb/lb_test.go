@@ -11,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	ctl "github.com/ktel-dev/ktel/internal/lb"
+
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -470,5 +472,43 @@ func TestManyServices(t *testing.T) {
 	}
 	if got := service(s, fmt.Sprintf("svc-%d", n-1)).Connections; got != 30 {
 		t.Errorf("last service counted %d", got)
+	}
+}
+
+// readPerCPU returns exactly indexes 0..n-1, each CPU's value, in one
+// batch or several.
+func TestReadPerCPU(t *testing.T) {
+	testenv.Privileged(t)
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: 3000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for i := range uint32(3000) {
+		per := make([]uint64, ncpu)
+		for c := range per {
+			per[c] = uint64(i)*100 + uint64(c)
+		}
+		if err := m.Update(i, per, ebpf.UpdateAny); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range []uint32{0, 7, 1024, 2500, 3000} {
+		got, err := readPerCPU[uint64](m, n, ncpu)
+		if err != nil {
+			t.Fatalf("n=%d: %v", n, err)
+		}
+		if len(got) != int(n) {
+			t.Fatalf("n=%d: %d values", n, len(got))
+		}
+		for i, per := range got {
+			if len(per) != ncpu || per[ncpu-1] != uint64(i)*100+uint64(ncpu-1) {
+				t.Fatalf("n=%d: index %d = %v", n, i, per)
+			}
+		}
 	}
 }
