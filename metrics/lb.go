@@ -1,7 +1,11 @@
 package metrics
 
 import (
+	"strings"
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/ktel-dev/ktel/bpf/lb"
 )
@@ -14,6 +18,7 @@ type LBSource interface {
 
 type lbCollector struct {
 	snap        *Cached[*lb.Snapshot]
+	labels      labelCache
 	svcConns    *prometheus.Desc
 	backConns   *prometheus.Desc
 	noBackend   *prometheus.Desc
@@ -55,13 +60,18 @@ func (c *lbCollector) Update(ch chan<- prometheus.Metric) error {
 	if err != nil {
 		return err
 	}
+	// Thousands of series with the same labels scrape after scrape: their
+	// label pairs are made once (labelCache), not per series and scrape.
+	c.labels.begin()
 	for _, sv := range s.Services {
-		ch <- prometheus.MustNewConstMetric(c.svcConns, prometheus.CounterValue, float64(sv.Connections), sv.Name)
-		ch <- prometheus.MustNewConstMetric(c.noBackend, prometheus.CounterValue, float64(sv.NoBackend), sv.Name)
+		svc := c.labels.get(c.svcConns, sv.Name)
+		ch <- newCounter(c.svcConns, svc, sv.Connections)
+		ch <- newCounter(c.noBackend, svc, sv.NoBackend)
 		for _, b := range sv.Backends {
-			ch <- prometheus.MustNewConstMetric(c.backConns, prometheus.CounterValue, float64(b.Connections), sv.Name, b.Address)
+			ch <- newCounter(c.backConns, c.labels.get(c.backConns, sv.Name, b.Address), b.Connections)
 		}
 	}
+	c.labels.end()
 	ch <- prometheus.MustNewConstMetric(c.services, prometheus.GaugeValue, float64(len(s.Services)))
 	ch <- prometheus.MustNewConstMetric(c.backends, prometheus.GaugeValue, float64(s.Backends))
 	ch <- prometheus.MustNewConstMetric(c.reloads, prometheus.CounterValue, float64(s.ReloadSuccess), "success")
@@ -72,5 +82,60 @@ func (c *lbCollector) Update(ch chan<- prometheus.Metric) error {
 	ch <- prometheus.MustNewConstMetric(c.datapathErr, prometheus.CounterValue, float64(s.ReverseFailed), "reverse")
 	ch <- prometheus.MustNewConstMetric(c.datapathErr, prometheus.CounterValue, float64(s.SlotMissing), "slot")
 	ch <- prometheus.MustNewConstMetric(c.datapathErr, prometheus.CounterValue, float64(s.MaglevMissing), "maglev")
+	return nil
+}
+
+// labelCache keeps the label pairs of the series of the last scrape,
+// keyed by their label values, for descriptors whose label names are the
+// same wherever the values are (ktel_lb_service_connections_total and
+// ktel_lb_no_backend_total share theirs). Pairs of series absent from a
+// scrape are dropped at its end. Scrapes may run concurrently.
+type labelCache struct {
+	mu         sync.Mutex
+	prev, next map[string][]*dto.LabelPair
+}
+
+func (c *labelCache) begin() {
+	c.mu.Lock()
+	c.next = make(map[string][]*dto.LabelPair, len(c.prev))
+}
+
+func (c *labelCache) get(desc *prometheus.Desc, values ...string) []*dto.LabelPair {
+	// The number of values leads: a service named "a\x00b" is not the
+	// backend b of service a.
+	key := string(rune('0'+len(values))) + strings.Join(values, "\x00")
+	l, ok := c.prev[key]
+	if !ok {
+		l = prometheus.MakeLabelPairs(desc, values)
+	}
+	c.next[key] = l
+	return l
+}
+
+func (c *labelCache) end() {
+	c.prev, c.next = c.next, nil
+	c.mu.Unlock()
+}
+
+// counter is a const counter with label pairs made beforehand: the
+// registry and the encoders only read them.
+type counter struct {
+	desc   *prometheus.Desc
+	labels []*dto.LabelPair
+	value  float64
+	c      dto.Counter
+}
+
+func newCounter(desc *prometheus.Desc, labels []*dto.LabelPair, v uint64) prometheus.Metric {
+	m := &counter{desc: desc, labels: labels, value: float64(v)}
+	m.c.Value = &m.value
+	return m
+}
+
+func (m *counter) Desc() *prometheus.Desc { return m.desc }
+
+func (m *counter) Write(out *dto.Metric) error {
+	out.Label = m.labels
+	out.Counter = &m.c
 	return nil
 }

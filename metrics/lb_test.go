@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"errors"
+	"maps"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/ktel-dev/ktel/bpf/lb"
 )
@@ -88,5 +90,55 @@ func TestLBCollectorError(t *testing.T) {
 	f := &fakeLB{err: errors.New("map gone")}
 	if err := NewLBCollector(f).Update(make(chan prometheus.Metric, 16)); err == nil {
 		t.Error("error not returned")
+	}
+}
+
+// Label pairs are reused from scrape to scrape, but a series follows the
+// services file: a backend moved to another service is exported under it,
+// and the pairs of series gone are forgotten.
+func TestLBCollectorLabelsFollowServices(t *testing.T) {
+	f := &fakeLB{snap: &lb.Snapshot{Services: []lb.ServiceStats{
+		{Name: "web", Connections: 3, Backends: []lb.BackendStats{{Address: "10.0.0.1:80", Connections: 1}, {Address: "10.0.0.2:80", Connections: 2}}},
+	}}}
+	c := NewLBCollector(f).(*lbCollector)
+	c.snap = NewCached(f.Snapshot, 0)
+	backends := func() map[string]float64 {
+		t.Helper()
+		ch := make(chan prometheus.Metric, 64)
+		if err := c.Update(ch); err != nil {
+			t.Fatal(err)
+		}
+		close(ch)
+		got := map[string]float64{}
+		for m := range ch {
+			if m.Desc() != c.backConns {
+				continue
+			}
+			var d dto.Metric
+			if err := m.Write(&d); err != nil {
+				t.Fatal(err)
+			}
+			var key []string
+			for _, l := range d.Label {
+				key = append(key, l.GetName()+"="+l.GetValue())
+			}
+			got[strings.Join(key, ",")] = d.Counter.GetValue()
+		}
+		return got
+	}
+	backends()
+	f.snap = &lb.Snapshot{Services: []lb.ServiceStats{
+		{Name: "web", Connections: 5, Backends: []lb.BackendStats{{Address: "10.0.0.2:80", Connections: 5}}},
+		{Name: "api", Backends: []lb.BackendStats{{Address: "10.0.0.1:80", Connections: 7}}},
+	}}
+	want := map[string]float64{
+		"backend=10.0.0.2:80,service=web": 5,
+		"backend=10.0.0.1:80,service=api": 7,
+	}
+	if got := backends(); !maps.Equal(got, want) {
+		t.Errorf("backend series %v, want %v", got, want)
+	}
+	if n := len(c.labels.prev); n != 4 { // 2 services, 2 backends
+		t.Errorf("%d label sets kept, want 4", n)
 	}
 }
