@@ -17,7 +17,7 @@ import (
 // encoder writes metric families in a negotiated exposition format.
 // Histogram families in the two text formats (Prometheus text and
 // OpenMetrics 1.0) are written by appendHistogram, byte for byte as expfmt
-// writes them (TestEncoderMatchesExpfmt) but several times faster: most
+// writes them (TestHandlerMatchesPromhttp) but several times faster: most
 // lines of a ktel scrape are syscall histogram buckets, and expfmt
 // validates the metric name, concatenates the suffix, escapes every label
 // value and formats the bucket bound anew on each of them. Everything else
@@ -25,7 +25,7 @@ import (
 type encoder struct {
 	w     io.Writer
 	slow  expfmt.Encoder
-	text  bool // Prometheus text format
+	fast  bool // a format appendHistogram writes: Prometheus text, OpenMetrics 1.0
 	om    bool // OpenMetrics 1.0 (or 0.0.1)
 	buf   []byte
 	label []byte             // one metric's labels, reused
@@ -36,10 +36,11 @@ func newEncoder(w io.Writer, format expfmt.Format) *encoder {
 	e := &encoder{w: w, slow: expfmt.NewEncoder(w, format), bound: map[float64][]byte{}}
 	switch format.FormatType() {
 	case expfmt.TypeTextPlain:
-		e.text = true
+		e.fast = true
 	case expfmt.TypeOpenMetrics:
 		_, params, err := mime.ParseMediaType(string(format))
 		e.om = err == nil && params["version"] != expfmt.OpenMetricsVersion_2_0_0
+		e.fast = e.om
 	}
 	return e
 }
@@ -52,7 +53,7 @@ var encodeBufs = sync.Pool{New: func() any { b := make([]byte, 0, 2*encodeBufSiz
 
 // Encode writes one family.
 func (e *encoder) Encode(mf *dto.MetricFamily) error {
-	if (!e.text && !e.om) || !fastHistogram(mf) {
+	if !e.fast || !fastHistogram(mf) {
 		return e.slow.Encode(mf)
 	}
 	if e.buf == nil {
@@ -137,10 +138,7 @@ func (e *encoder) appendHistogram(mf *dto.MetricFamily) error {
 		// `{l1="v1",l2="v2",` or `{`: the bucket lines add le.
 		e.label = append(e.label[:0], '{')
 		for _, l := range m.Label {
-			e.label = append(e.label, l.GetName()...)
-			e.label = append(e.label, `="`...)
-			e.label = appendEscaped(e.label, l.GetValue(), true)
-			e.label = append(e.label, `",`...)
+			e.label = append(appendLabel(e.label, l), ',')
 		}
 		infSeen := false
 		for _, bk := range h.Bucket {
@@ -199,10 +197,7 @@ func (e *encoder) appendBucket(b []byte, name string, upper float64, count uint6
 			if i > 0 {
 				b = append(b, ',')
 			}
-			b = append(b, l.GetName()...)
-			b = append(b, `="`...)
-			b = appendEscaped(b, l.GetValue(), true)
-			b = append(b, '"')
+			b = appendLabel(b, l)
 		}
 		b = append(b, "} "...)
 		b = e.appendFloat(b, x.GetValue())
@@ -245,6 +240,14 @@ func (e *encoder) appendFloat(b []byte, f float64) []byte {
 		b = append(b, ".0"...)
 	}
 	return b
+}
+
+// appendLabel appends name="value", the value escaped.
+func appendLabel(b []byte, l *dto.LabelPair) []byte {
+	b = append(b, l.GetName()...)
+	b = append(b, `="`...)
+	b = appendEscaped(b, l.GetValue(), true)
+	return append(b, '"')
 }
 
 // appendEscaped escapes backslashes and newlines, and double quotes if
