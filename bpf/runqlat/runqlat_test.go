@@ -106,12 +106,7 @@ func waits(l *histogram.Layout, before, after Hist) (all, long uint64) {
 // buffer, both closed when the test ends.
 func loadWithEvents(t *testing.T, opts Options) (*Probe, *ringbuf.Reader) {
 	t.Helper()
-	p, err := Load(opts, discard())
-	if err != nil {
-		t.Fatalf("load: %+v", err)
-	}
-	t.Cleanup(func() { p.Close() })
-	return p, testenv.EventReader(t, p.Events())
+	return testenv.LoadWithEvents(t, func() (*Probe, error) { return Load(opts, discard()) })
 }
 
 // events decodes the records in the ring buffer.

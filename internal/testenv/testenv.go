@@ -94,6 +94,24 @@ func EventReader(tb testing.TB, m *ebpf.Map) *ringbuf.Reader {
 	return rd
 }
 
+// EventProbe is a loaded probe with an outlier ring buffer.
+type EventProbe interface {
+	Events() *ebpf.Map
+	Close() error
+}
+
+// LoadWithEvents loads a probe and opens a reader on its ring buffer, both
+// closed when the test ends.
+func LoadWithEvents[P EventProbe](tb testing.TB, load func() (P, error)) (P, *ringbuf.Reader) {
+	tb.Helper()
+	p, err := load()
+	if err != nil {
+		tb.Fatalf("load: %+v", err)
+	}
+	tb.Cleanup(func() { p.Close() })
+	return p, EventReader(tb, p.Events())
+}
+
 // Records decodes the ring-buffer records that arrive until none has for
 // idle.
 func Records[T any](tb testing.TB, rd *ringbuf.Reader, idle time.Duration, decode func([]byte) (T, error)) []T {
