@@ -10,7 +10,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/ktel-dev/ktel/bpf/lb"
 )
@@ -104,27 +103,7 @@ func TestLBCollectorLabelsFollowServices(t *testing.T) {
 	c.snap = NewCached(f.Snapshot, 0)
 	backends := func() map[string]float64 {
 		t.Helper()
-		ch := make(chan prometheus.Metric, 64)
-		if err := c.Update(ch); err != nil {
-			t.Fatal(err)
-		}
-		close(ch)
-		got := map[string]float64{}
-		for m := range ch {
-			if m.Desc() != c.backConns {
-				continue
-			}
-			var d dto.Metric
-			if err := m.Write(&d); err != nil {
-				t.Fatal(err)
-			}
-			var key []string
-			for _, l := range d.Label {
-				key = append(key, l.GetName()+"="+l.GetValue())
-			}
-			got[strings.Join(key, ",")] = d.Counter.GetValue()
-		}
-		return got
+		return updateSeries(t, c)["ktel_lb_backend_connections_total"]
 	}
 	backends()
 	f.snap = &lb.Snapshot{Services: []lb.ServiceStats{

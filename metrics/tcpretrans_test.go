@@ -2,15 +2,13 @@ package metrics
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
 )
@@ -120,29 +118,13 @@ ktel_tcp_retransmits_peer_map_full_total 0
 // under "overflow".
 func series(t *testing.T, c Collector) map[string]float64 {
 	t.Helper()
-	ch := make(chan prometheus.Metric, 100)
-	if err := c.Update(ch); err != nil {
-		t.Fatal(err)
+	fams := updateSeries(t, c)
+	out := maps.Clone(fams["ktel_tcp_retransmits_total"])
+	if out == nil {
+		out = map[string]float64{}
 	}
-	close(ch)
-	out := map[string]float64{}
-	for m := range ch {
-		var d dto.Metric
-		if err := m.Write(&d); err != nil {
-			t.Fatal(err)
-		}
-		name := m.Desc().String()
-		switch {
-		case strings.Contains(name, "ktel_label_overflow_total"):
-			out["overflow"] = d.GetCounter().GetValue()
-		case strings.Contains(name, "ktel_tcp_retransmits_total"):
-			var ls []string
-			for _, l := range d.Label {
-				ls = append(ls, l.GetName()+"="+l.GetValue())
-			}
-			sort.Strings(ls)
-			out[strings.Join(ls, ",")] = d.GetCounter().GetValue()
-		}
+	for _, v := range fams["ktel_label_overflow_total"] {
+		out["overflow"] = v
 	}
 	return out
 }
