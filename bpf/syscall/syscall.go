@@ -75,9 +75,9 @@ type Probe struct {
 	ncpu    int
 	objs    *probe.Loaded
 
-	latency, errs, drops *ebpf.Map
-	start                *ebpf.Map // the start map in use, for fill reporting
-	events, spanDrops    *ebpf.Map
+	errs, drops       *ebpf.Map
+	start             *ebpf.Map // the start map in use, for fill reporting
+	events, spanDrops *ebpf.Map
 
 	bss     *ebpf.Map // holds syscall_seen at seenOff
 	seenOff int
@@ -137,7 +137,7 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	valueSize := probe.HistValueSize(layout)
 	return &Probe{
 		layout: layout, variant: v, ncpu: ncpu, objs: objs,
-		latency: latency, errs: objs.Maps["syscall_errors"], drops: objs.Maps["syscall_drops"],
+		errs: objs.Maps["syscall_errors"], drops: objs.Maps["syscall_drops"],
 		start: objs.Maps[startMap], events: objs.Maps["ktel_events"], spanDrops: objs.Maps["ktel_span_drops"],
 		bss: objs.Maps[".bss"], bssBuf: make([]byte, bssSize), seenOff: int(seen.Offset),
 		hists: hists, valueSize: valueSize, buf: make([]byte, ncpu*valueSize),

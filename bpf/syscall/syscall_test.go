@@ -250,7 +250,7 @@ func TestSeenSyscalls(t *testing.T) {
 	for nr := range uint32(MaxSyscalls) {
 		var buf []byte
 		for cpu := range uint32(p.ncpu) {
-			v, err := p.latency.LookupBytes(cpu*MaxSyscalls + nr)
+			v, err := p.objs.Maps["syscall_latency"].LookupBytes(cpu*MaxSyscalls + nr)
 			if err != nil {
 				t.Fatal(err)
 			}
