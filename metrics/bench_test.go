@@ -29,21 +29,22 @@ func syntheticSyscalls() *fakeSyscalls {
 }
 
 // BenchmarkSyscallCollector is the user-space cost of one scrape of the
-// syscall collector with 100 active syscalls (the map read excluded).
+// syscall collector with 100 active syscalls (the map read excluded):
+// gathering a registry with it, as the daemon does.
 func BenchmarkSyscallCollector(b *testing.B) {
 	f := syntheticSyscalls()
-	c := NewSyscallCollector(f, names, nil).(*syscallCollector)
-	ch := make(chan prometheus.Metric, 256)
-	go func() {
-		for range ch {
-		}
-	}()
+	c := NewSyscallCollector(f, names, nil)
+	c.snap = NewCached(f.Snapshot, 0)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(&collectorAdapter{c})
+	g := NewGatherer(reg, map[string]Collector{"syscall": c})
 	b.ReportAllocs()
 	for b.Loop() {
-		c.snap = NewCached(f.Snapshot, 0)
-		if err := c.Update(ch); err != nil {
+		_, done, err := g.Gather()
+		if err != nil {
 			b.Fatal(err)
 		}
+		done()
 	}
 }
 
@@ -52,11 +53,13 @@ func BenchmarkSyscallCollector(b *testing.B) {
 // (compression is the daemon's) and by promhttp for comparison.
 func BenchmarkScrape(b *testing.B) {
 	f := syntheticSyscalls()
+	cs := map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}, nil))
+	reg.MustRegister(NewExporter(cs, nil))
+	g := NewGatherer(reg, cs)
 	handlers := map[string]http.Handler{
-		"ktel":     Handler(reg, HandlerOpts{}),
-		"promhttp": promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true, DisableCompression: true}),
+		"ktel":     Handler(g, HandlerOpts{}),
+		"promhttp": promhttp.HandlerForTransactional(g, promhttp.HandlerOpts{EnableOpenMetrics: true, DisableCompression: true}),
 	}
 	for _, accept := range []string{"text/plain;version=0.0.4", "application/openmetrics-text;version=1.0.0", "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited"} {
 		for _, name := range []string{"ktel", "promhttp"} {

@@ -27,7 +27,7 @@ type HandlerOpts struct {
 	Timeout time.Duration
 }
 
-// Handler serves /metrics from g as promhttp.HandlerFor does with
+// Handler serves /metrics from g as promhttp.HandlerForTransactional does with
 // ContinueOnError and OpenMetrics enabled: same format negotiation,
 // headers, name[] filter, in-flight limit and error counter
 // (TestHandlerMatchesPromhttp). It differs in how it encodes histogram
@@ -35,7 +35,7 @@ type HandlerOpts struct {
 // scrape in promhttp; in compression: gzip at the fastest level (see
 // gzipped), for clients that accept it; and in what its timeout bounds
 // (see gather).
-func Handler(g prometheus.Gatherer, opts HandlerOpts) http.Handler {
+func Handler(g prometheus.TransactionalGatherer, opts HandlerOpts) http.Handler {
 	errCnt := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "promhttp_metric_handler_errors_total",
 		Help: "Total number of internal errors encountered by the promhttp metric handler.",
@@ -73,12 +73,13 @@ func Handler(g prometheus.Gatherer, opts HandlerOpts) http.Handler {
 				return
 			}
 		}
-		mfs, ok, err := gather(g, opts.Timeout, release)
+		mfs, done, ok, err := gather(g, opts.Timeout, release)
 		if !ok {
 			http.Error(w, fmt.Sprintf("Exceeded configured timeout of %v.", opts.Timeout), http.StatusServiceUnavailable)
 			return
 		}
 		defer release()
+		defer done()
 		if err != nil {
 			log.Error("error gathering metrics", "err", err)
 			errCnt.WithLabelValues("gathering").Inc()
@@ -122,32 +123,34 @@ func Handler(g prometheus.Gatherer, opts HandlerOpts) http.Handler {
 // gathering is timed, the one part that waits on the kernel's maps; the
 // response is then encoded and compressed as it is sent rather than
 // buffered whole, as http.TimeoutHandler would. When gathering times out,
-// ok is false and release runs once it finishes, so that a scrape stuck
-// in a collector keeps its in-flight slot.
-func gather(g prometheus.Gatherer, timeout time.Duration, release func()) (mfs []*dto.MetricFamily, ok bool, err error) {
+// ok is false, and once it finishes its families are done with and release
+// runs, so that a scrape stuck in a collector keeps its in-flight slot.
+func gather(g prometheus.TransactionalGatherer, timeout time.Duration, release func()) (mfs []*dto.MetricFamily, done func(), ok bool, err error) {
 	if timeout <= 0 {
-		mfs, err = g.Gather()
-		return mfs, true, err
+		mfs, done, err = g.Gather()
+		return mfs, done, true, err
 	}
 	type result struct {
-		mfs []*dto.MetricFamily
-		err error
+		mfs  []*dto.MetricFamily
+		done func()
+		err  error
 	}
-	done := make(chan result, 1)
+	res := make(chan result, 1)
 	go func() {
-		mfs, err := g.Gather()
-		done <- result{mfs, err}
+		mfs, done, err := g.Gather()
+		res <- result{mfs, done, err}
 	}()
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
-	case r := <-done:
-		return r.mfs, true, r.err
+	case r := <-res:
+		return r.mfs, r.done, true, r.err
 	case <-t.C:
 		go func() {
-			<-done
+			r := <-res
+			r.done()
 			release()
 		}()
-		return nil, false, nil
+		return nil, nil, false, nil
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -115,11 +116,20 @@ func (floatHistogram) Write(m *dto.Metric) error {
 // The encoder writes every family byte for byte as expfmt does, in every
 // format Prometheus negotiates, and the handler answers with promhttp's
 // headers.
+// The syscall latency family, which the syscall collector builds itself
+// (FamilyCollector), is among them, with an exemplar.
 func TestHandlerMatchesPromhttp(t *testing.T) {
 	reg := encoderRegistry(t)
-	want := promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, EnableOpenMetrics: true,
+	f := syntheticSyscalls()
+	ex := NewExemplars()
+	ex.Observe(SyscallLatency, []string{names(3)}, Exemplar{Value: 0.002, TraceID: "0af7651916cd43dd8448eb211c80319c",
+		SpanID: "b7ad6b7169203331", Time: time.Unix(1700000000, 0)})
+	sc := NewSyscallCollector(f, names, ex)
+	reg.MustRegister(&collectorAdapter{sc})
+	g := NewGatherer(reg, map[string]Collector{"syscall": sc})
+	want := promhttp.HandlerForTransactional(g, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, EnableOpenMetrics: true,
 		OfferedCompressions: []promhttp.Compression{promhttp.Identity, promhttp.Gzip}})
-	got := Handler(reg, HandlerOpts{Timeout: time.Minute}) // as the daemon: gathering in its own goroutine
+	got := Handler(g, HandlerOpts{Timeout: time.Minute}) // as the daemon: gathering in its own goroutine
 	for _, accept := range []string{
 		"",
 		"*/*",
@@ -139,7 +149,7 @@ func TestHandlerMatchesPromhttp(t *testing.T) {
 			for _, c := range []struct{ query, encoding string }{
 				{"", ""},
 				{"", "gzip"},
-				{"?name[]=ktel_test_latency_seconds&name[]=ktel_test_gauge", ""},
+				{"?name[]=ktel_test_latency_seconds&name[]=ktel_test_gauge&name[]=" + SyscallLatency, ""},
 			} {
 				req := httptest.NewRequest(http.MethodGet, "/metrics"+c.query, nil)
 				req.Header.Set("Accept", accept)
@@ -241,7 +251,7 @@ func TestHandlerInFlightLimit(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	c := &blockingCollector{started: make(chan struct{}), release: make(chan struct{})}
 	reg.MustRegister(c)
-	h := Handler(reg, HandlerOpts{MaxRequestsInFlight: 1})
+	h := Handler(prometheus.ToTransactionalGatherer(reg), HandlerOpts{MaxRequestsInFlight: 1})
 	var wg sync.WaitGroup
 	first := httptest.NewRecorder()
 	wg.Go(func() { h.ServeHTTP(first, httptest.NewRequest(http.MethodGet, "/metrics", nil)) })
@@ -275,7 +285,7 @@ func (failingCollector) Collect(ch chan<- prometheus.Metric) {
 func TestHandlerErrors(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(failingCollector{}, constCollector{floatHistogram{}})
-	h := Handler(reg, HandlerOpts{Registry: reg})
+	h := Handler(prometheus.ToTransactionalGatherer(reg), HandlerOpts{Registry: reg})
 	req := httptest.NewRequest(http.MethodGet, "/metrics", nil)
 	req.Header.Set("Accept", string(expfmt.NewFormat(expfmt.TypeOpenMetrics)))
 	w := httptest.NewRecorder()
@@ -299,7 +309,7 @@ func TestHandlerErrors(t *testing.T) {
 	empty := prometheus.NewRegistry()
 	empty.MustRegister(constCollector{prometheus.NewInvalidMetric(failingDesc, errors.New("map read failed"))})
 	w = httptest.NewRecorder()
-	Handler(empty, HandlerOpts{}).ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	Handler(prometheus.ToTransactionalGatherer(empty), HandlerOpts{}).ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	if w.Code != http.StatusInternalServerError || !strings.Contains(w.Body.String(), "map read failed") {
 		t.Errorf("failed scrape: %d %q", w.Code, w.Body.String())
 	}
@@ -307,11 +317,13 @@ func TestHandlerErrors(t *testing.T) {
 
 // A scrape whose gathering outlasts the timeout is answered 503 at the
 // timeout, and keeps its in-flight slot until the gathering ends.
+// Its families are done with once gathered, as those of every scrape.
 func TestHandlerTimeout(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	c := &blockingCollector{started: make(chan struct{}, 1), release: make(chan struct{})}
 	reg.MustRegister(c)
-	h := Handler(reg, HandlerOpts{MaxRequestsInFlight: 1, Timeout: 50 * time.Millisecond})
+	g := &doneCounter{g: prometheus.ToTransactionalGatherer(reg)}
+	h := Handler(g, HandlerOpts{MaxRequestsInFlight: 1, Timeout: 50 * time.Millisecond})
 	w := httptest.NewRecorder()
 	start := time.Now()
 	h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
@@ -340,4 +352,19 @@ func TestHandlerTimeout(t *testing.T) {
 	if w.Code != http.StatusOK {
 		t.Errorf("scrape after the gathering ended: %d %q", w.Code, w.Body.String())
 	}
+	if n, d := g.gathers.Load(), g.dones.Load(); n != d || n < 2 {
+		t.Errorf("%d gatherings, %d done with", n, d)
+	}
+}
+
+// doneCounter counts gatherings and the calls of their done functions.
+type doneCounter struct {
+	g              prometheus.TransactionalGatherer
+	gathers, dones atomic.Int32
+}
+
+func (c *doneCounter) Gather() ([]*dto.MetricFamily, func(), error) {
+	c.gathers.Add(1)
+	mfs, done, err := c.g.Gather()
+	return mfs, func() { c.dones.Add(1); done() }, err
 }

@@ -33,9 +33,9 @@ var classicBoundPtrs = func() []*float64 {
 	return out
 }()
 
-// histogramBlock holds everything one histogram points to but its native
-// spans and deltas and its labels, so that building it is one allocation
-// rather than forty: it runs for every series on every scrape.
+// histogramBlock holds everything one histogram points to but its labels,
+// so that building it is one allocation rather than forty, and rebuilding
+// it none (fill).
 type histogramBlock struct {
 	m                  nativeAndClassic
 	h                  dto.Histogram
@@ -49,14 +49,25 @@ type histogramBlock struct {
 	spanOffsets        [2]int32
 	spanLengths        [2]uint32
 	spanPtrs           [2]*dto.BucketSpan
+	deltas             []int64 // reused by the next fill
 }
 
 // newLatencyHistogram builds the metric for per-slot counts and a sum in
-// nanoseconds, with exemplars by classic bucket (may be nil). It runs for
-// every series on every scrape: the buckets are built in one pass over the
-// slots, which are already in bucket order, with few allocations.
+// nanoseconds, with exemplars by classic bucket (may be nil).
 func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots []uint64, sumNs uint64, ex map[float64]Exemplar, labelValues ...string) prometheus.Metric {
-	b := &histogramBlock{schema: layout.Schema, zeroThreshold: layout.ZeroThreshold(), zeroCount: slots[0]}
+	b := new(histogramBlock)
+	b.fill(layout, slots, sumNs, ex)
+	b.m = nativeAndClassic{desc: desc, labels: prometheus.MakeLabelPairs(desc, labelValues), h: &b.h}
+	return &b.m
+}
+
+// fill sets b.h to the histogram of per-slot counts and a sum in
+// nanoseconds, with exemplars by classic bucket (may be nil), reusing b's
+// memory. It runs for every series on every scrape: the buckets are built
+// in one pass over the slots, which are already in bucket order.
+func (b *histogramBlock) fill(layout *histogram.Layout, slots []uint64, sumNs uint64, ex map[float64]Exemplar) {
+	b.schema, b.zeroThreshold, b.zeroCount = layout.Schema, layout.ZeroThreshold(), slots[0]
+	b.count = 0
 	for _, c := range slots {
 		b.count += c
 	}
@@ -75,6 +86,7 @@ func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots 
 	}
 	b.h.Bucket = b.bucketPtrs[:len(cums)]
 	// Slot k > 0 is native bucket FirstIndex()+k; slot 0 is the zero bucket.
+	b.spanPtrs = [len(b.spanPtrs)]*dto.BucketSpan{}
 	b.h.PositiveSpan, b.h.PositiveDelta = b.spansAndDeltas(layout.FirstIndex()+1, slots[1:])
 	if len(b.h.PositiveSpan) == 0 && slots[0] == 0 {
 		// A native histogram with no buckets needs a span to be told apart
@@ -82,8 +94,6 @@ func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots 
 		b.h.PositiveSpan = b.newSpan(0)
 	}
 	attachExemplars(&b.h, ex)
-	b.m = nativeAndClassic{desc: desc, labels: prometheus.MakeLabelPairs(desc, labelValues), h: &b.h}
-	return &b.m
 }
 
 func (m *nativeAndClassic) Desc() *prometheus.Desc { return m.desc }
@@ -111,9 +121,12 @@ func (b *histogramBlock) spansAndDeltas(first int, counts []uint64) ([]*dto.Buck
 	if lo < 0 {
 		return nil, nil
 	}
+	if cap(b.deltas) < hi-lo+1 {
+		b.deltas = make([]int64, 0, hi-lo+1) // gaps filled with zeros at most
+	}
 	var (
 		spans  []*dto.BucketSpan
-		deltas = make([]int64, 0, hi-lo+1)
+		deltas = b.deltas[:0]
 		prev   int64
 		next   int // index after the last bucket written
 	)
@@ -141,6 +154,7 @@ func (b *histogramBlock) spansAndDeltas(first int, counts []uint64) ([]*dto.Buck
 		*spans[len(spans)-1].Length++
 		next = i + 1
 	}
+	b.deltas = deltas
 	return spans, deltas
 }
 

@@ -3,6 +3,7 @@ package metrics
 import (
 	"bytes"
 	"errors"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -12,6 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
+	prototextpb "google.golang.org/protobuf/encoding/prototext"
+	"google.golang.org/protobuf/proto"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/histogram"
@@ -57,7 +60,7 @@ func names(nr uint32) string { return sysprobe.Name("amd64", nr) }
 
 func TestSyscallCollector(t *testing.T) {
 	f := newFake(t)
-	c := &collectorAdapter{NewSyscallCollector(f, names, nil)}
+	g := gathered(NewSyscallCollector(f, names, nil))
 	want := `
 # HELP ktel_syscall_errors_dropped_total Failed syscalls not counted in ktel_syscall_errors_total because its kernel map was full.
 # TYPE ktel_syscall_errors_dropped_total counter
@@ -76,10 +79,10 @@ ktel_spans_dropped_total{probe="syscall",reason="ringbuf_full"} 0
 # HELP ktel_syscall_latency_seconds Time from syscall entry to exit, per syscall.
 # TYPE ktel_syscall_latency_seconds histogram
 ` + classicLines("read", map[int]int{-20: 1, -18: 3, -8: 4}, 4, 0.0020065) + "\n"
-	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+	if err := testutil.GatherAndCompare(g, strings.NewReader(want)); err != nil {
 		t.Error(err)
 	}
-	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+	if problems, err := testutil.GatherAndLint(g); err != nil || len(problems) > 0 {
 		t.Errorf("lint: %v %v", err, problems)
 	}
 }
@@ -103,24 +106,15 @@ func classicLines(syscall string, cum map[int]int, count int, sum float64) strin
 
 func TestSyscallNativeHistogram(t *testing.T) {
 	f := newFake(t)
-	ch := make(chan prometheus.Metric, 16)
-	if err := NewSyscallCollector(f, names, nil).Update(ch); err != nil {
+	mfs, done, err := NewSyscallCollector(f, names, nil).Families()
+	if err != nil {
 		t.Fatal(err)
 	}
-	close(ch)
-	var h *dto.Histogram
-	for m := range ch {
-		var d dto.Metric
-		if err := m.Write(&d); err != nil {
-			t.Fatal(err)
-		}
-		if d.Histogram != nil {
-			h = d.Histogram
-		}
+	defer done()
+	if len(mfs) != 1 || len(mfs[0].Metric) != 1 {
+		t.Fatalf("families %v", mfs)
 	}
-	if h == nil {
-		t.Fatal("no histogram")
-	}
+	h := mfs[0].Metric[0].Histogram
 	if h.GetSchema() != 3 || h.GetZeroThreshold() != 1.0/(1<<25) {
 		t.Errorf("schema %d zero threshold %g", h.GetSchema(), h.GetZeroThreshold())
 	}
@@ -216,13 +210,19 @@ ktel_scrape_collector_success{collector="syscall"} 0
 // Rapid scrapes share one map read.
 func TestExporterSharesReads(t *testing.T) {
 	f := newFake(t)
-	e := NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}, discard())
+	cs := map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(e)
+	reg.MustRegister(NewExporter(cs, discard()))
+	g := NewGatherer(reg, cs)
 	for range 5 {
-		if _, err := reg.Gather(); err != nil {
+		mfs, done, err := g.Gather()
+		if err != nil {
 			t.Fatal(err)
 		}
+		if !slices.ContainsFunc(mfs, func(mf *dto.MetricFamily) bool { return mf.GetName() == SyscallLatency }) {
+			t.Fatalf("no %s", SyscallLatency)
+		}
+		done()
 	}
 	if n := f.reads.Load(); n != 1 {
 		t.Errorf("%d map reads for 5 rapid scrapes, want 1", n)
@@ -236,9 +236,7 @@ func TestSyscallExemplars(t *testing.T) {
 	ex := NewExemplars()
 	ex.Observe(SyscallLatency, []string{"read"}, Exemplar{Value: 0.002, TraceID: "0af7651916cd43dd8448eb211c80319c",
 		SpanID: "b7ad6b7169203331", Time: time.Unix(1700000000, 0)})
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(&collectorAdapter{NewSyscallCollector(f, names, ex)})
-	mfs, err := reg.Gather()
+	mfs, err := gathered(NewSyscallCollector(f, names, ex)).Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,3 +257,83 @@ func TestSyscallExemplars(t *testing.T) {
 		t.Errorf("OpenMetrics output lacks\n%s\nin\n%s", want, buf.String())
 	}
 }
+
+// registryLatencyFamily is the syscall latency family of s as the registry
+// builds it from one const histogram per syscall: what Families must give.
+func registryLatencyFamily(t *testing.T, l *histogram.Layout, s *sysprobe.Snapshot, ex *Exemplars) *dto.MetricFamily {
+	t.Helper()
+	desc := prometheus.NewDesc(SyscallLatency, "Time from syscall entry to exit, per syscall.", []string{"syscall"}, nil)
+	var ms constCollector
+	for nr, h := range s.Latency {
+		ms = append(ms, newLatencyHistogram(desc, l, h.Slots, h.SumNs, ex.Lookup(SyscallLatency, []string{names(nr)}), names(nr)))
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(ms)
+	mfs, err := reg.Gather()
+	if err != nil || len(mfs) != 1 {
+		t.Fatalf("registry: %v %v", mfs, err)
+	}
+	return mfs[0]
+}
+
+// Families refills the messages of a finished scrape for the next one, and
+// gives each scrape in progress its own: a scrape's families do not change
+// until it is done with them, and always equal what client_golang's
+// registry builds from the same snapshot.
+func TestSyscallFamiliesReused(t *testing.T) {
+	f := syntheticSyscalls()
+	ex := NewExemplars()
+	c := NewSyscallCollector(f, names, ex)
+	c.snap = NewCached(f.Snapshot, 0) // a new read for every scrape
+
+	// next changes every count, adds a syscall, and records an exemplar.
+	step := uint32(0)
+	next := func() {
+		step++
+		snap := &sysprobe.Snapshot{Latency: map[uint32]sysprobe.Hist{}}
+		for nr, h := range f.snap.Latency {
+			slots := slices.Clone(h.Slots)
+			for k := range slots {
+				slots[k] = slots[k]*3 + uint64(k)%5
+			}
+			slots[len(slots)-1-int(nr+step)] += 7 // a new bucket: another span
+			snap.Latency[nr] = sysprobe.Hist{Slots: slots, SumNs: h.SumNs + 1e6}
+		}
+		snap.Latency[200+step] = sysprobe.Hist{Slots: make([]uint64, f.layout.Slots())} // no buckets
+		f.snap = snap
+		ex.Observe(SyscallLatency, []string{names(step)}, Exemplar{Value: 0.0001 * float64(step), TraceID: "0af7651916cd43dd8448eb211c80319c",
+			SpanID: "b7ad6b7169203331", Time: time.Unix(1700000000+int64(step), 0)})
+	}
+	gather := func() (*dto.MetricFamily, *dto.MetricFamily, func()) {
+		t.Helper()
+		want := registryLatencyFamily(t, f.layout, f.snap, ex)
+		mfs, done, err := c.Families()
+		if err != nil || len(mfs) != 1 {
+			t.Fatalf("Families: %v %v", mfs, err)
+		}
+		if !proto.Equal(mfs[0], want) {
+			t.Fatalf("step %d: family differs from the registry's:\n%s", step, firstDifference(prototext(mfs[0]), prototext(want)))
+		}
+		return mfs[0], want, done
+	}
+
+	first, firstWant, doneFirst := gather()
+	next()
+	second, _, doneSecond := gather() // while the first scrape is in progress
+	if second == first {
+		t.Fatal("two scrapes in progress share a family")
+	}
+	if !proto.Equal(first, firstWant) {
+		t.Error("a scrape's family changed before it was done with it")
+	}
+	doneFirst()
+	next()
+	third, _, doneThird := gather()
+	if third != first {
+		t.Error("the family of a finished scrape was not reused")
+	}
+	doneSecond()
+	doneThird()
+}
+
+func prototext(m proto.Message) string { return prototextpb.MarshalOptions{Multiline: true}.Format(m) }

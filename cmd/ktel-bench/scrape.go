@@ -457,15 +457,15 @@ func (f *fakeSyscalls) Layout() *histogram.Layout             { return f.layout 
 func syntheticScrape(w io.Writer, log *slog.Logger, sum *summary) {
 	const nr, errnos = 400, 24 // 400 histograms + 9,600 error counters
 	reg, _ := metrics.NewRegistry("bench", "bench", "bench")
-	ex := metrics.NewExporter(map[string]metrics.Collector{
+	cs := map[string]metrics.Collector{
 		"syscall": metrics.NewSyscallCollector(newFakeSyscalls(nr, errnos), sysprobe.NativeName, nil),
-	}, log)
-	reg.MustRegister(ex)
-	srv := httptest.NewServer(metrics.Handler(reg, metrics.HandlerOpts{Log: log, Registry: reg, MaxRequestsInFlight: 10}))
+	}
+	reg.MustRegister(metrics.NewExporter(cs, log))
+	srv := httptest.NewServer(metrics.Handler(metrics.NewGatherer(reg, cs), metrics.HandlerOpts{Log: log, Registry: reg, MaxRequestsInFlight: 10}))
 	defer srv.Close()
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
 
-	fmt.Fprintf(w, "\nsynthetic /metrics: the daemon's exporter in-process (metrics.NewExporter and metrics.Handler, as the daemon configures them) over a fake syscall source: %d histograms + %d error counters = %d series; 15 scrapes per format, then 5 x 10 in parallel\n\n", nr, nr*errnos, nr+nr*errnos)
+	fmt.Fprintf(w, "\nsynthetic /metrics: the daemon's exporter in-process (metrics.NewExporter, NewGatherer and Handler, as the daemon configures them) over a fake syscall source: %d histograms + %d error counters = %d series; 15 scrapes per format, then 5 x 10 in parallel\n\n", nr, nr*errnos, nr+nr*errnos)
 	var text, proto, par []float64
 	var textKiB, protoKiB float64
 	for range 15 {

@@ -32,6 +32,7 @@ type Daemon struct {
 	cfg     *config.Config
 	log     *slog.Logger
 	reg     *prometheus.Registry
+	metrics prometheus.TransactionalGatherer // reg and the collectors' own families
 	probes  map[string]loaded
 	stats   io.Closer         // keeps kernel.bpf_stats_enabled on; nil if off
 	tracing *tracing.Pipeline // nil unless an OTLP endpoint is configured
@@ -107,6 +108,7 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		d.Close()
 		return nil, fmt.Errorf("register exporter: %w", err)
 	}
+	d.metrics = metrics.NewGatherer(reg, collectors)
 	return d, nil
 }
 
@@ -167,7 +169,7 @@ func (d *Daemon) Running() int { return len(d.probes) }
 // Handler serves /metrics, /healthz and a landing page.
 func (d *Daemon) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", metrics.Handler(d.reg, metrics.HandlerOpts{
+	mux.Handle("/metrics", metrics.Handler(d.metrics, metrics.HandlerOpts{
 		Log:      d.log,
 		Registry: d.reg,
 		// Beyond this many concurrent scrapes, answer 503 at once.

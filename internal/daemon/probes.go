@@ -84,7 +84,7 @@ var starters = map[string]starter{
 
 type syscallProbe struct {
 	*sysprobe.Probe
-	metrics.Collector
+	*metrics.SyscallCollector // a FamilyCollector
 }
 
 func (syscallProbe) decoder() tracing.Decoder { return tracing.SyscallDecoder(sysprobe.NativeName) }
