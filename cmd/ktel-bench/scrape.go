@@ -177,9 +177,9 @@ type footprint struct {
 }
 
 // scrapesPerFormat is the number of single scrapes of each format, each
-// reading the maps: the median of a handful moved by a millisecond from run
-// to run on this machine.
-const scrapesPerFormat = 10
+// reading the maps: the median of 10 still moved by a millisecond from run
+// to run on this machine (about a third of a scrape).
+const scrapesPerFormat = 20
 
 // daemonFootprint runs the daemon with extra environment through idle,
 // load and scrapes.
