@@ -46,7 +46,7 @@ func runScrapeBench(w io.Writer, log *slog.Logger, sum *summary, o options) {
 	}
 	defer cleanupBin()
 
-	fmt.Fprintf(w, "\ndaemon footprint and /metrics (%s): idle %s, then %s of load (syscalls of ~20 kinds with and without errors, pipe ping-pong, loopback TCP connects), then scrapes; scrapes are 1.1 s apart so that each reads the maps (ktel shares one read among scrapes within 1 s)\n\n", bin, o.idle, o.busy)
+	fmt.Fprintf(w, "\ndaemon footprint and /metrics (%s): idle %s, then %s of load (syscalls of ~20 kinds with and without errors, pipe ping-pong, loopback TCP connects), then scrapes; scrapes are 1.1 s apart so that each reads the maps (ktel shares one read among scrapes within 1 s); steal: the share of the machine's CPU time the hypervisor took during the single scrapes (/proc/stat)\n\n", bin, o.idle, o.busy)
 
 	envAll, cleanupAll, err := allProbesEnv()
 	if err != nil {
@@ -63,19 +63,19 @@ func runScrapeBench(w io.Writer, log *slog.Logger, sum *summary, o options) {
 		runs = append(runs, run{"all probes (netdev in a private netns, lb on an empty cgroup)", envAll})
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "daemon\tRSS idle MiB\tRSS after load MiB\tpeak RSS MiB\tCPU idle %%\tCPU under load %%\tscrape text ms\tscrape proto ms\t10 parallel ms (median/max)\tCPU ms/scrape\ttext KiB\tproto KiB\t\n")
+	fmt.Fprintf(tw, "daemon\tRSS idle MiB\tRSS after load MiB\tpeak RSS MiB\tCPU idle %%\tCPU under load %%\tscrape text ms\tscrape proto ms\t10 parallel ms (median/max)\tCPU ms/scrape\ttext KiB\tproto KiB\tsteal %%\t\n")
 	for i, r := range runs {
 		f, err := daemonFootprint(bin, r.env, o)
 		if err != nil {
-			fmt.Fprintf(tw, "%s\t%v\t\t\t\t\t\t\t\t\t\t\t\n", r.name, err)
+			fmt.Fprintf(tw, "%s\t%v\t\t\t\t\t\t\t\t\t\t\t\t\n", r.name, err)
 			continue
 		}
-		fmt.Fprintf(tw, "%s\t%.1f\t%.1f\t%.1f\t%.3f\t%.2f\t%.2f [%.2f..%.2f]\t%.2f\t%.2f/%.2f\t%.2f\t%.1f\t%.1f\t\n", r.name,
+		fmt.Fprintf(tw, "%s\t%.1f\t%.1f\t%.1f\t%.3f\t%.2f\t%.2f [%.2f..%.2f]\t%.2f\t%.2f/%.2f\t%.2f\t%.1f\t%.1f\t%.1f\t\n", r.name,
 			f.rssIdle, f.rssLoad, f.rssPeak, f.cpuIdle, f.cpuLoad,
 			median(f.text), minOf(f.text), maxOf(f.text), median(f.proto), median(f.parallel), maxOf(f.parallel),
-			f.cpuPerScrape, f.textKiB, f.protoKiB)
+			f.cpuPerScrape, f.textKiB, f.protoKiB, f.steal)
 		if i == 0 {
-			sum.add("scrape", "/metrics latency, default probes, text", f.text, "ms", "<= 5 ms", atMost(5), fmt.Sprintf("%.0f KiB, after %s of load", f.textKiB, o.busy))
+			sum.add("scrape", "/metrics latency, default probes, text", f.text, "ms", "<= 5 ms", atMost(5), fmt.Sprintf("%.0f KiB, after %s of load; %.1f %% of CPU time stolen by the hypervisor during the scrapes", f.textKiB, o.busy, f.steal))
 			sum.add("scrape", "/metrics latency, default probes, protobuf", f.proto, "ms", "<= 5 ms", atMost(5), fmt.Sprintf("%.0f KiB", f.protoKiB))
 			sum.add("scrape", "/metrics latency, default probes, 10 in parallel", f.parallel, "ms", "", nil, "")
 			sum.add("footprint", "idle CPU, default probes", []float64{f.cpuIdle}, "% of a core", "<= 0.5%", atMost(0.5), "no scrapes, over "+o.idle.String())
@@ -174,6 +174,7 @@ type footprint struct {
 	text, proto, parallel     []float64
 	cpuPerScrape              float64 // ms
 	textKiB, protoKiB         float64
+	steal                     float64 // % of the machine's CPU time taken by the hypervisor during the single scrapes
 }
 
 // scrapesPerFormat is the number of single scrapes of each format, each
@@ -230,6 +231,7 @@ func daemonFootprint(bin string, extra []string, o options) (*footprint, error) 
 
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
 	c0 = cpuNs(pid)
+	s0 := readCPUTimes()
 	n := 0
 	for i := range 2 * scrapesPerFormat {
 		time.Sleep(1100 * time.Millisecond)
@@ -249,6 +251,7 @@ func daemonFootprint(bin string, extra []string, o options) (*footprint, error) 
 		}
 	}
 	f.cpuPerScrape = float64(cpuNs(pid)-c0) / 1e6 / float64(n)
+	f.steal = readCPUTimes().stealSince(s0)
 	for range 3 {
 		time.Sleep(1100 * time.Millisecond)
 		ds, err := parallelScrapes(client, base+"/metrics", acceptProto, 10)
@@ -338,6 +341,36 @@ func cpuNs(pid int) int64 {
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	return (ut + st) * 1e7 // USER_HZ is 100
+}
+
+// cpuTimes are the machine's CPU times of /proc/stat, in clock ticks.
+type cpuTimes struct{ total, steal uint64 }
+
+func readCPUTimes() cpuTimes {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return cpuTimes{}
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line) // cpu user nice system idle iowait irq softirq steal guest guest_nice
+	var t cpuTimes
+	for i, v := range f[1:min(len(f), 9)] {
+		n, _ := strconv.ParseUint(v, 10, 64)
+		t.total += n
+		if i == 7 {
+			t.steal = n
+		}
+	}
+	return t
+}
+
+// stealSince is the share of CPU time the hypervisor took since t0 (%):
+// time this VM's vCPUs were runnable but not running.
+func (t cpuTimes) stealSince(t0 cpuTimes) float64 {
+	if t.total <= t0.total {
+		return 0
+	}
+	return 100 * float64(t.steal-t0.steal) / float64(t.total-t0.total)
 }
 
 // rssMiB reads a Vm* field of /proc/pid/status.
