@@ -3,8 +3,14 @@ package metrics
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -337,3 +343,76 @@ func TestSyscallFamiliesReused(t *testing.T) {
 }
 
 func prototext(m proto.Message) string { return prototextpb.MarshalOptions{Multiline: true}.Format(m) }
+
+// countingSyscalls returns a new snapshot on every read: the k-th has every
+// slot of its 50 syscalls at k.
+type countingSyscalls struct {
+	layout *histogram.Layout
+	k      atomic.Uint64
+}
+
+func (c *countingSyscalls) Snapshot() (*sysprobe.Snapshot, error) {
+	k := c.k.Add(1)
+	s := &sysprobe.Snapshot{Latency: map[uint32]sysprobe.Hist{}}
+	for nr := range uint32(50) {
+		slots := make([]uint64, c.layout.Slots())
+		for i := 100; i < 140; i++ {
+			slots[i] = k
+		}
+		s.Latency[nr] = sysprobe.Hist{Slots: slots, SumNs: k}
+	}
+	return s, nil
+}
+func (c *countingSyscalls) Layout() *histogram.Layout { return c.layout }
+
+// Concurrent scrapes, each of a new snapshot, never see another scrape's
+// values: every histogram of a response has the same count.
+func TestSyscallFamiliesConcurrentScrapes(t *testing.T) {
+	l, err := histogram.NewLayout(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := &countingSyscalls{layout: l}
+	c := NewSyscallCollector(src, names, nil)
+	c.snap = NewCached(src.Snapshot, 0)
+	cs := map[string]Collector{"syscall": c}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(NewExporter(cs, discard()))
+	srv := httptest.NewServer(Handler(NewGatherer(reg, cs), HandlerOpts{}))
+	defer srv.Close()
+
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() {
+			for range 20 {
+				resp, err := http.Get(srv.URL + "/metrics?name[]=" + SyscallLatency)
+				if err != nil {
+					errs <- err
+					return
+				}
+				b, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err != nil {
+					errs <- err
+					return
+				}
+				counts := map[string]bool{}
+				for line := range strings.Lines(string(b)) {
+					if strings.HasPrefix(line, SyscallLatency+"_count") {
+						counts[strings.Fields(line)[1]] = true
+					}
+				}
+				if len(counts) != 1 {
+					errs <- fmt.Errorf("one scrape, counts of several snapshots: %v", slices.Sorted(maps.Keys(counts)))
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
