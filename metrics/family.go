@@ -22,7 +22,8 @@ import (
 type FamilyCollector interface {
 	Collector
 	// Families returns the families the collector builds itself, valid
-	// until done is called. They must not be among those Update sends.
+	// until done is called (done may be nil), and an error for those it
+	// could not build. They must not be among those Update sends.
 	Families() (mfs []*dto.MetricFamily, done func(), err error)
 }
 
@@ -55,11 +56,12 @@ func (g *Gatherer) Gather() ([]*dto.MetricFamily, func(), error) {
 	var dones []func()
 	for _, fc := range g.families {
 		fams, done, ferr := fc.Families()
+		if done != nil {
+			dones = append(dones, done)
+		}
 		if ferr != nil {
 			err = errors.Join(err, ferr)
-			continue
 		}
-		dones = append(dones, done)
 		mfs = append(mfs, fams...)
 	}
 	done := func() {
@@ -70,7 +72,8 @@ func (g *Gatherer) Gather() ([]*dto.MetricFamily, func(), error) {
 	slices.SortStableFunc(mfs, func(a, b *dto.MetricFamily) int { return strings.Compare(a.GetName(), b.GetName()) })
 	for i := 1; i < len(mfs); i++ {
 		if mfs[i].GetName() == mfs[i-1].GetName() {
-			// A programming error: the registry would have refused it.
+			// A programming error (a family built both ways): the
+			// registry's is kept, it comes first in the stable sort.
 			err = errors.Join(err, fmt.Errorf("metric family %s gathered twice", mfs[i].GetName()))
 			mfs = slices.Delete(mfs, i, i+1)
 			i--

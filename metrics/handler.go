@@ -79,7 +79,9 @@ func Handler(g prometheus.TransactionalGatherer, opts HandlerOpts) http.Handler 
 			return
 		}
 		defer release()
-		defer done()
+		if done != nil {
+			defer done()
+		}
 		if err != nil {
 			log.Error("error gathering metrics", "err", err)
 			errCnt.WithLabelValues("gathering").Inc()
@@ -148,7 +150,9 @@ func gather(g prometheus.TransactionalGatherer, timeout time.Duration, release f
 	case <-t.C:
 		go func() {
 			r := <-res
-			r.done()
+			if r.done != nil {
+				r.done()
+			}
 			release()
 		}()
 		return nil, nil, false, nil

@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"fmt"
 	"slices"
 	"strconv"
 	"strings"
@@ -96,12 +97,17 @@ func (c *SyscallCollector) Update(ch chan<- prometheus.Metric) error {
 }
 
 // Families returns ktel_syscall_latency_seconds, a histogram per syscall
-// seen, sorted by syscall name as the registry sorts series. A failed map
-// read returns no family and no error: Update, which reads first, reports
-// it (ktel_scrape_collector_success).
+// seen, sorted by syscall name as the registry sorts series. It reads the
+// snapshot Update read within the same second (Cached); when that read
+// failed, it tries once more, and a failure leaves the family out of the
+// scrape with an error, which the handler logs and counts (cause
+// "gathering").
 func (c *SyscallCollector) Families() ([]*dto.MetricFamily, func(), error) {
 	s, err := c.snap.Get()
-	if err != nil || len(s.Latency) == 0 {
+	if err != nil {
+		return nil, func() {}, fmt.Errorf("%s: %w", SyscallLatency, err)
+	}
+	if len(s.Latency) == 0 {
 		return nil, func() {}, nil
 	}
 	f := c.latency.get()

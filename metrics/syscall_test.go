@@ -202,7 +202,8 @@ func TestSpansAndDeltas(t *testing.T) {
 func TestExporterReportsFailure(t *testing.T) {
 	f := newFake(t)
 	f.err = errors.New("map gone")
-	e := NewExporter(map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}, discard())
+	cs := map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}
+	e := NewExporter(cs, discard())
 	want := `
 # HELP ktel_scrape_collector_success Whether a collector succeeded during this scrape (1) or not (0).
 # TYPE ktel_scrape_collector_success gauge
@@ -210,6 +211,18 @@ ktel_scrape_collector_success{collector="syscall"} 0
 `
 	if err := testutil.CollectAndCompare(e, strings.NewReader(want), "ktel_scrape_collector_success"); err != nil {
 		t.Error(err)
+	}
+	// The histograms, built after the registry's collectors, are missing:
+	// that is a gathering error, served with what was gathered.
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(e)
+	mfs, done, err := NewGatherer(reg, cs).Gather()
+	done()
+	if err == nil || !strings.Contains(err.Error(), SyscallLatency+": map gone") {
+		t.Errorf("gathering error %v, want one about %s", err, SyscallLatency)
+	}
+	if len(mfs) == 0 || slices.ContainsFunc(mfs, func(mf *dto.MetricFamily) bool { return mf.GetName() == SyscallLatency }) {
+		t.Errorf("families %v: want the others, not %s", len(mfs), SyscallLatency)
 	}
 }
 
