@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -46,7 +47,7 @@ func runScrapeBench(w io.Writer, log *slog.Logger, sum *summary, o options) {
 	}
 	defer cleanupBin()
 
-	fmt.Fprintf(w, "\ndaemon footprint and /metrics (%s): idle %s, then %s of load (syscalls of ~20 kinds with and without errors, pipe ping-pong, loopback TCP connects), then scrapes; scrapes are 1.1 s apart so that each reads the maps (ktel shares one read among scrapes within 1 s); steal: the share of the machine's CPU time the hypervisor took during the single scrapes (/proc/stat)\n\n", bin, o.idle, o.busy)
+	fmt.Fprintf(w, "\ndaemon footprint and /metrics (%s): idle %s, then %s of load (syscalls of ~20 kinds with and without errors, pipe ping-pong, loopback TCP connects), then scrapes; scrapes are 1.1 s apart so that each reads the maps (ktel shares one read among scrapes within 1 s); steal: the share of both vCPUs' time the hypervisor took over the single scrapes, the 1.1 s between them included (/proc/stat)\n\n", bin, o.idle, o.busy)
 
 	envAll, cleanupAll, err := allProbesEnv()
 	if err != nil {
@@ -75,7 +76,7 @@ func runScrapeBench(w io.Writer, log *slog.Logger, sum *summary, o options) {
 			median(f.text), minOf(f.text), maxOf(f.text), median(f.proto), median(f.parallel), maxOf(f.parallel),
 			f.cpuPerScrape, f.textKiB, f.protoKiB, f.steal)
 		if i == 0 {
-			sum.add("scrape", "/metrics latency, default probes, text", f.text, "ms", "<= 5 ms", atMost(5), fmt.Sprintf("%.0f KiB, after %s of load; %.1f %% of CPU time stolen by the hypervisor during the scrapes", f.textKiB, o.busy, f.steal))
+			sum.add("scrape", "/metrics latency, default probes, text", f.text, "ms", "<= 5 ms", atMost(5), fmt.Sprintf("%.0f KiB, after %s of load; %.1f %% of the vCPUs' time stolen by the hypervisor over the scrapes", f.textKiB, o.busy, f.steal))
 			sum.add("scrape", "/metrics latency, default probes, protobuf", f.proto, "ms", "<= 5 ms", atMost(5), fmt.Sprintf("%.0f KiB", f.protoKiB))
 			sum.add("scrape", "/metrics latency, default probes, 10 in parallel", f.parallel, "ms", "", nil, "")
 			sum.add("footprint", "idle CPU, default probes", []float64{f.cpuIdle}, "% of a core", "<= 0.5%", atMost(0.5), "no scrapes, over "+o.idle.String())
@@ -174,7 +175,7 @@ type footprint struct {
 	text, proto, parallel     []float64
 	cpuPerScrape              float64 // ms
 	textKiB, protoKiB         float64
-	steal                     float64 // % of the machine's CPU time taken by the hypervisor during the single scrapes
+	steal                     float64 // % of the vCPUs' time the hypervisor took over the single scrapes, sleeps between them included
 }
 
 // scrapesPerFormat is the number of single scrapes of each format, each
@@ -353,6 +354,9 @@ func readCPUTimes() cpuTimes {
 	}
 	line, _, _ := strings.Cut(string(b), "\n")
 	f := strings.Fields(line) // cpu user nice system idle iowait irq softirq steal guest guest_nice
+	if len(f) < 9 || f[0] != "cpu" {
+		return cpuTimes{}
+	}
 	var t cpuTimes
 	for i, v := range f[1:min(len(f), 9)] {
 		n, _ := strconv.ParseUint(v, 10, 64)
@@ -364,11 +368,12 @@ func readCPUTimes() cpuTimes {
 	return t
 }
 
-// stealSince is the share of CPU time the hypervisor took since t0 (%):
-// time this VM's vCPUs were runnable but not running.
+// stealSince is the share of all vCPUs' time the hypervisor took since
+// t0 (%): time they were runnable but not running. NaN if either read
+// failed.
 func (t cpuTimes) stealSince(t0 cpuTimes) float64 {
-	if t.total <= t0.total {
-		return 0
+	if t0.total == 0 || t.total <= t0.total {
+		return math.NaN()
 	}
 	return 100 * float64(t.steal-t0.steal) / float64(t.total-t0.total)
 }
