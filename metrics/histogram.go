@@ -37,7 +37,6 @@ var classicBoundPtrs = func() []*float64 {
 // so that building it is one allocation rather than forty, and rebuilding
 // it none (fill).
 type histogramBlock struct {
-	m                  nativeAndClassic
 	h                  dto.Histogram
 	count, zeroCount   uint64
 	sum, zeroThreshold float64
@@ -55,10 +54,13 @@ type histogramBlock struct {
 // newLatencyHistogram builds the metric for per-slot counts and a sum in
 // nanoseconds, with exemplars by classic bucket (may be nil).
 func newLatencyHistogram(desc *prometheus.Desc, layout *histogram.Layout, slots []uint64, sumNs uint64, ex map[float64]Exemplar, labelValues ...string) prometheus.Metric {
-	b := new(histogramBlock)
-	b.fill(layout, slots, sumNs, ex)
-	b.m = nativeAndClassic{desc: desc, labels: prometheus.MakeLabelPairs(desc, labelValues), h: &b.h}
-	return &b.m
+	m := new(struct {
+		nativeAndClassic
+		b histogramBlock
+	})
+	m.b.fill(layout, slots, sumNs, ex)
+	m.nativeAndClassic = nativeAndClassic{desc: desc, labels: prometheus.MakeLabelPairs(desc, labelValues), h: &m.b.h}
+	return &m.nativeAndClassic
 }
 
 // fill sets b.h to the histogram of per-slot counts and a sum in

@@ -47,6 +47,8 @@ type latencyFamily struct {
 	series map[uint32]*latencySeries
 }
 
+// latencySeries is one syscall's series; its metric points to its label
+// and histogram for good, fill rewrites the histogram.
 type latencySeries struct {
 	m     dto.Metric
 	label dto.LabelPair
@@ -121,11 +123,10 @@ func (c *SyscallCollector) Families() ([]*dto.MetricFamily, func(), error) {
 		if ser == nil {
 			ser = &latencySeries{name: c.name(nr)}
 			ser.label = dto.LabelPair{Name: syscallLabel, Value: &ser.name}
+			ser.m = dto.Metric{Label: []*dto.LabelPair{&ser.label}, Histogram: &ser.hist.h}
 			f.series[nr] = ser
 		}
 		ser.hist.fill(c.layout, h.Slots, h.SumNs, c.exemplars.Lookup(SyscallLatency, []string{ser.name}))
-		ser.m = dto.Metric{Label: ser.m.Label[:0], Histogram: &ser.hist.h}
-		ser.m.Label = append(ser.m.Label, &ser.label)
 		f.mf.Metric = append(f.mf.Metric, &ser.m)
 	}
 	slices.SortFunc(f.mf.Metric, func(a, b *dto.Metric) int {
