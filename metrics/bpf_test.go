@@ -16,18 +16,11 @@ import (
 // value sizes that are not multiples of eight.
 func TestCountKeys(t *testing.T) {
 	testenv.Privileged(t)
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		t.Fatal(err)
-	}
+	ncpu := testenv.PossibleCPUs(t)
 	for _, typ := range []ebpf.MapType{ebpf.Hash, ebpf.PerCPUHash, ebpf.LRUHash, ebpf.LRUCPUHash} {
 		for _, n := range []int{0, 1, countBatch + 77, 4096} {
 			t.Run(fmt.Sprintf("%s/%d", typ, n), func(t *testing.T) {
-				m, err := ebpf.NewMap(&ebpf.MapSpec{Type: typ, KeySize: 6, ValueSize: 12, MaxEntries: 4096})
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer m.Close()
+				m := testenv.NewMap(t, &ebpf.MapSpec{Type: typ, KeySize: 6, ValueSize: 12, MaxEntries: 4096})
 				var val any = make([]byte, 12)
 				if typ == ebpf.PerCPUHash || typ == ebpf.LRUCPUHash {
 					val = make([][12]byte, ncpu)

@@ -479,15 +479,8 @@ func TestManyServices(t *testing.T) {
 // batch or several.
 func TestReadPerCPU(t *testing.T) {
 	testenv.Privileged(t)
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: 3000})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	ncpu := testenv.PossibleCPUs(t)
+	m := testenv.NewMap(t, &ebpf.MapSpec{Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: 3000})
 	for i := range uint32(3000) {
 		per := make([]uint64, ncpu)
 		for c := range per {

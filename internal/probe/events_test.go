@@ -13,15 +13,8 @@ import (
 // iterator computes.
 func TestSumPerCPUHash(t *testing.T) {
 	testenv.Privileged(t)
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.PerCPUHash, KeySize: 8, ValueSize: 8, MaxEntries: 3000})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	ncpu := testenv.PossibleCPUs(t)
+	m := testenv.NewMap(t, &ebpf.MapSpec{Type: ebpf.PerCPUHash, KeySize: 8, ValueSize: 8, MaxEntries: 3000})
 	for k := range uint64(2500) {
 		vals := make([]uint64, ncpu)
 		for c := range vals {

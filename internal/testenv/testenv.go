@@ -67,6 +67,28 @@ func Sleep(tb testing.TB, d time.Duration) {
 	}
 }
 
+// PossibleCPUs is the number of possible CPUs: how many values a per-CPU
+// map holds per key.
+func PossibleCPUs(tb testing.TB) int {
+	tb.Helper()
+	n, err := ebpf.PossibleCPU()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return n
+}
+
+// NewMap creates a map from spec, closed when tb ends.
+func NewMap(tb testing.TB, spec *ebpf.MapSpec) *ebpf.Map {
+	tb.Helper()
+	m, err := ebpf.NewMap(spec)
+	if err != nil {
+		tb.Fatalf("create %s map: %v", spec.Type, err)
+	}
+	tb.Cleanup(func() { m.Close() })
+	return m
+}
+
 // RecursionMisses is the number of runs of progs the kernel skipped
 // because a program was already running on the CPU (exported as
 // ktel_bpf_program_recursion_misses_total).
