@@ -20,9 +20,6 @@ type nativeAndClassic struct {
 	h      *dto.Histogram
 }
 
-// classicBuckets is the number of classic buckets.
-const classicBuckets = histogram.ClassicMaxExp - histogram.ClassicMinExp + 1
-
 // classicBoundPtrs are the classic bucket upper bounds, shared read-only by
 // every histogram built here.
 var classicBoundPtrs = func() []*float64 {
@@ -41,9 +38,9 @@ type histogramBlock struct {
 	count, zeroCount   uint64
 	sum, zeroThreshold float64
 	schema             int32
-	cums               [classicBuckets]uint64
-	buckets            [classicBuckets]dto.Bucket
-	bucketPtrs         [classicBuckets]*dto.Bucket
+	cums               [histogram.ClassicBuckets]uint64
+	buckets            [histogram.ClassicBuckets]dto.Bucket
+	bucketPtrs         [histogram.ClassicBuckets]*dto.Bucket
 	spans              [2]dto.BucketSpan // most histograms need one or two
 	spanOffsets        [2]int32
 	spanLengths        [2]uint32

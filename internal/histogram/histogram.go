@@ -31,6 +31,8 @@ const (
 	// bounds 2^-20 s (about 1 µs) to 2^4 s (16 s), one per power of two.
 	ClassicMinExp = -20
 	ClassicMaxExp = 4
+	// ClassicBuckets is the number of classic buckets, +Inf aside.
+	ClassicBuckets = ClassicMaxExp - ClassicMinExp + 1
 )
 
 // Layout describes the kernel slots for one schema.
@@ -125,7 +127,7 @@ func withinBound(n uint64, i, per int) bool {
 
 // ClassicBounds are the classic bucket upper bounds in seconds.
 func ClassicBounds() []float64 {
-	b := make([]float64, 0, ClassicMaxExp-ClassicMinExp+1)
+	b := make([]float64, 0, ClassicBuckets)
 	for e := ClassicMinExp; e <= ClassicMaxExp; e++ {
 		b = append(b, math.Ldexp(1, e))
 	}
@@ -137,7 +139,7 @@ func ClassicBounds() []float64 {
 // classic bound is a power of two and so a native bound of any schema: the
 // derivation is exact.
 func (l *Layout) Classic(slots []uint64) []uint64 {
-	return l.ClassicInto(make([]uint64, 0, ClassicMaxExp-ClassicMinExp+1), slots)
+	return l.ClassicInto(make([]uint64, 0, ClassicBuckets), slots)
 }
 
 // ClassicInto is Classic appending to out.
