@@ -44,46 +44,46 @@ var Probes = []Probe{
 	{Name: "lb", Default: false, Help: "socket-level service load balancer (needs KTEL_LB_SERVICES_FILE)"},
 }
 
-// Config is the daemon's configuration. Tags: envconfig (variable name
-// after the prefix), default, values (the accepted values, as shown in
-// errors and help) and desc.
+// Config is the daemon's configuration. Tags: envconfig (the variable's
+// full name), default, values (the accepted values, as shown in errors and
+// help) and desc.
 type Config struct {
-	ListenAddress    string `envconfig:"LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
-	WebConfigFile    string `envconfig:"WEB_CONFIG_FILE" default:"" values:"path to a Prometheus web configuration file, or empty" desc:"TLS and basic authentication for the HTTP server, in the exporter-toolkit format (tls_server_config, basic_auth_users). Empty: plain HTTP."`
-	MaxScrapes       int    `envconfig:"MAX_CONCURRENT_SCRAPES" default:"10" values:"integer >= 1" desc:"Scrapes served at once; more get HTTP 503 at once rather than queueing."`
-	Probes           string `envconfig:"PROBES" default:"syscall,runqlat,tcpretrans" values:"comma-separated probe names: syscall,runqlat,tcpretrans,netdev,lb" desc:"Probes to load. The default is every probe that needs no further input, plus netdev when KTEL_INTERFACES is set and lb when KTEL_LB_SERVICES_FILE is."`
-	LogLevel         string `envconfig:"LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
-	LogFormat        string `envconfig:"LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
-	HistogramSchema  int    `envconfig:"HISTOGRAM_SCHEMA" default:"3" values:"0..4" desc:"Native-histogram schema of latency histograms: 2^schema buckets per power of two; at 3 a bucket spans 9.05%, so a value is known to within 4.4% of its bucket's middle and an interpolated quantile to within a bucket. Higher costs kernel memory: about 1.1 MiB per CPU at 3, 2.2 at 4."`
-	KeepCapabilities string `envconfig:"KEEP_CAPABILITIES" default:"auto" values:"auto|all|comma-separated capabilities (CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,...)" desc:"Capabilities kept once the probes are attached; the others are dropped from every thread. auto: what the running probes still need (netdev attaches to new interfaces, lb creates maps on reload)."`
-	BPFStats         bool   `envconfig:"BPF_STATS" default:"false" values:"true|false" desc:"Enable kernel BPF run-time statistics (kernel.bpf_stats_enabled) and export run time and run count per program. Costs two clock reads per program run, for every BPF program on the host, while ktel runs."`
-	SyscallHook      string `envconfig:"SYSCALL_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the syscall probe attaches. auto picks the cheapest that loads on this kernel."`
-	RunqlatHook      string `envconfig:"RUNQLAT_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the runqlat probe attaches. auto picks the cheapest that loads on this kernel."`
-	RunqlatPerCPU    bool   `envconfig:"RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs."`
+	ListenAddress    string `envconfig:"KTEL_LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
+	WebConfigFile    string `envconfig:"KTEL_WEB_CONFIG_FILE" default:"" values:"path to a Prometheus web configuration file, or empty" desc:"TLS and basic authentication for the HTTP server, in the exporter-toolkit format (tls_server_config, basic_auth_users). Empty: plain HTTP."`
+	MaxScrapes       int    `envconfig:"KTEL_MAX_CONCURRENT_SCRAPES" default:"10" values:"integer >= 1" desc:"Scrapes served at once; more get HTTP 503 at once rather than queueing."`
+	Probes           string `envconfig:"KTEL_PROBES" default:"syscall,runqlat,tcpretrans" values:"comma-separated probe names: syscall,runqlat,tcpretrans,netdev,lb" desc:"Probes to load. The default is every probe that needs no further input, plus netdev when KTEL_INTERFACES is set and lb when KTEL_LB_SERVICES_FILE is."`
+	LogLevel         string `envconfig:"KTEL_LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
+	LogFormat        string `envconfig:"KTEL_LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
+	HistogramSchema  int    `envconfig:"KTEL_HISTOGRAM_SCHEMA" default:"3" values:"0..4" desc:"Native-histogram schema of latency histograms: 2^schema buckets per power of two; at 3 a bucket spans 9.05%, so a value is known to within 4.4% of its bucket's middle and an interpolated quantile to within a bucket. Higher costs kernel memory: about 1.1 MiB per CPU at 3, 2.2 at 4."`
+	KeepCapabilities string `envconfig:"KTEL_KEEP_CAPABILITIES" default:"auto" values:"auto|all|comma-separated capabilities (CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,...)" desc:"Capabilities kept once the probes are attached; the others are dropped from every thread. auto: what the running probes still need (netdev attaches to new interfaces, lb creates maps on reload)."`
+	BPFStats         bool   `envconfig:"KTEL_BPF_STATS" default:"false" values:"true|false" desc:"Enable kernel BPF run-time statistics (kernel.bpf_stats_enabled) and export run time and run count per program. Costs two clock reads per program run, for every BPF program on the host, while ktel runs."`
+	SyscallHook      string `envconfig:"KTEL_SYSCALL_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the syscall probe attaches. auto picks the cheapest that loads on this kernel."`
+	RunqlatHook      string `envconfig:"KTEL_RUNQLAT_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the runqlat probe attaches. auto picks the cheapest that loads on this kernel."`
+	RunqlatPerCPU    bool   `envconfig:"KTEL_RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs."`
 
-	TCPRetransPeers    bool `envconfig:"TCPRETRANS_PEERS" default:"false" values:"true|false" desc:"Break ktel_tcp_retransmits_total down by remote address:port (label peer), capped by KTEL_TCPRETRANS_MAX_PEERS."`
-	TCPRetransMaxPeers int  `envconfig:"TCPRETRANS_MAX_PEERS" default:"100" values:"0..4096" desc:"Distinct peer label values; retransmits to further peers are counted as peer=\"other\" and in ktel_label_overflow_total."`
+	TCPRetransPeers    bool `envconfig:"KTEL_TCPRETRANS_PEERS" default:"false" values:"true|false" desc:"Break ktel_tcp_retransmits_total down by remote address:port (label peer), capped by KTEL_TCPRETRANS_MAX_PEERS."`
+	TCPRetransMaxPeers int  `envconfig:"KTEL_TCPRETRANS_MAX_PEERS" default:"100" values:"0..4096" desc:"Distinct peer label values; retransmits to further peers are counted as peer=\"other\" and in ktel_label_overflow_total."`
 
-	Interfaces          string `envconfig:"INTERFACES" default:"" values:"comma-separated names or globs (eth0,veth*,lxc*)" desc:"Interfaces the netdev probe counts; ones that appear later are attached, removed ones forgotten. Empty: netdev is not started."`
-	NetdevHook          string `envconfig:"NETDEV_HOOK" default:"tc" values:"tc|xdp" desc:"Where netdev counts ingress (egress is always TC)."`
-	NetdevTCMode        string `envconfig:"NETDEV_TC_MODE" default:"auto" values:"auto|tcx|clsact" desc:"auto: tcx links (6.6+), else a clsact qdisc with a direct-action cls_bpf filter."`
-	NetdevMaxInterfaces int    `envconfig:"NETDEV_MAX_INTERFACES" default:"256" values:"1..65536" desc:"Interface slots (and so the most interface label values); further matching interfaces are not attached, and are logged and counted."`
-	NetdevPacketSizes   bool   `envconfig:"NETDEV_PACKET_SIZES" default:"false" values:"true|false" desc:"Export ktel_net_packet_size_bytes (a few ns more per packet)."`
-	NetdevNetNS         string `envconfig:"NETDEV_NETNS" default:"" values:"path to a network namespace file, or empty" desc:"Network namespace whose interfaces netdev watches; empty: ktel's own."`
+	Interfaces          string `envconfig:"KTEL_INTERFACES" default:"" values:"comma-separated names or globs (eth0,veth*,lxc*)" desc:"Interfaces the netdev probe counts; ones that appear later are attached, removed ones forgotten. Empty: netdev is not started."`
+	NetdevHook          string `envconfig:"KTEL_NETDEV_HOOK" default:"tc" values:"tc|xdp" desc:"Where netdev counts ingress (egress is always TC)."`
+	NetdevTCMode        string `envconfig:"KTEL_NETDEV_TC_MODE" default:"auto" values:"auto|tcx|clsact" desc:"auto: tcx links (6.6+), else a clsact qdisc with a direct-action cls_bpf filter."`
+	NetdevMaxInterfaces int    `envconfig:"KTEL_NETDEV_MAX_INTERFACES" default:"256" values:"1..65536" desc:"Interface slots (and so the most interface label values); further matching interfaces are not attached, and are logged and counted."`
+	NetdevPacketSizes   bool   `envconfig:"KTEL_NETDEV_PACKET_SIZES" default:"false" values:"true|false" desc:"Export ktel_net_packet_size_bytes (a few ns more per packet)."`
+	NetdevNetNS         string `envconfig:"KTEL_NETDEV_NETNS" default:"" values:"path to a network namespace file, or empty" desc:"Network namespace whose interfaces netdev watches; empty: ktel's own."`
 
-	LBServicesFile    string `envconfig:"LB_SERVICES_FILE" default:"" values:"path to a YAML or JSON services file, or empty" desc:"Services the lb probe balances; reloaded when it changes and on SIGHUP. Empty: lb is not started."`
-	LBCgroup          string `envconfig:"LB_CGROUP" default:"" values:"cgroup v2 directory, or empty" desc:"Cgroup whose processes are load balanced. Empty: the root of the cgroup v2 hierarchy (from /proc/self/mountinfo)."`
-	LBAlgorithm       string `envconfig:"LB_ALGORITHM" default:"random" values:"random|maglev" desc:"How backends are chosen. maglev keeps a UDP socket on its backend when other backends change."`
-	LBMaglevTableSize int    `envconfig:"LB_MAGLEV_TABLE_SIZE" default:"1021" values:"251|509|1021|2039|4093|8191|16381|32749|65521" desc:"Entries per Maglev table (at least 100 per backend is good); 4 bytes each, per service."`
-	LBMaxServices     int    `envconfig:"LB_MAX_SERVICES" default:"16384" values:"1..16777216" desc:"Capacity of the services map; a file with more services is rejected."`
-	LBMaxBackends     int    `envconfig:"LB_MAX_BACKENDS" default:"65536" values:"1..16777216" desc:"Backend slots over all services, and per-backend counters."`
-	LBMaxSockets      int    `envconfig:"LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map)."`
+	LBServicesFile    string `envconfig:"KTEL_LB_SERVICES_FILE" default:"" values:"path to a YAML or JSON services file, or empty" desc:"Services the lb probe balances; reloaded when it changes and on SIGHUP. Empty: lb is not started."`
+	LBCgroup          string `envconfig:"KTEL_LB_CGROUP" default:"" values:"cgroup v2 directory, or empty" desc:"Cgroup whose processes are load balanced. Empty: the root of the cgroup v2 hierarchy (from /proc/self/mountinfo)."`
+	LBAlgorithm       string `envconfig:"KTEL_LB_ALGORITHM" default:"random" values:"random|maglev" desc:"How backends are chosen. maglev keeps a UDP socket on its backend when other backends change."`
+	LBMaglevTableSize int    `envconfig:"KTEL_LB_MAGLEV_TABLE_SIZE" default:"1021" values:"251|509|1021|2039|4093|8191|16381|32749|65521" desc:"Entries per Maglev table (at least 100 per backend is good); 4 bytes each, per service."`
+	LBMaxServices     int    `envconfig:"KTEL_LB_MAX_SERVICES" default:"16384" values:"1..16777216" desc:"Capacity of the services map; a file with more services is rejected."`
+	LBMaxBackends     int    `envconfig:"KTEL_LB_MAX_BACKENDS" default:"65536" values:"1..16777216" desc:"Backend slots over all services, and per-backend counters."`
+	LBMaxSockets      int    `envconfig:"KTEL_LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map)."`
 
-	SyscallSpanThreshold time.Duration `envconfig:"SYSCALL_SPAN_THRESHOLD" default:"100ms" values:"duration >= 0 (0 disables)" desc:"With tracing on (an OTLP endpoint in OTEL_EXPORTER_OTLP_ENDPOINT), syscalls at least this slow become spans."`
-	TCPRetransSpans      bool          `envconfig:"TCPRETRANS_SPANS" default:"false" values:"true|false" desc:"With tracing on, every TCP retransmit becomes a span (with both ends of the connection), within KTEL_SPAN_RATE_LIMIT."`
-	RunqlatSpanThreshold time.Duration `envconfig:"RUNQLAT_SPAN_THRESHOLD" default:"50ms" values:"duration >= 0 (0 disables)" desc:"With tracing on, run-queue waits at least this long become spans."`
-	SpanRateLimit        int           `envconfig:"SPAN_RATE_LIMIT" default:"1000" values:"integer >= 0 (0: no limit)" desc:"Most spans per second and probe, enforced in the kernel by a per-CPU token bucket; the excess is counted in ktel_spans_dropped_total{reason=\"rate_limited\"}."`
-	SpanQueueSize        int           `envconfig:"SPAN_QUEUE_SIZE" default:"4096" values:"integer >= 1" desc:"Spans waiting for export; when the OTLP endpoint is slow or down, more are dropped and counted (reason queue_full)."`
+	SyscallSpanThreshold time.Duration `envconfig:"KTEL_SYSCALL_SPAN_THRESHOLD" default:"100ms" values:"duration >= 0 (0 disables)" desc:"With tracing on (an OTLP endpoint in OTEL_EXPORTER_OTLP_ENDPOINT), syscalls at least this slow become spans."`
+	TCPRetransSpans      bool          `envconfig:"KTEL_TCPRETRANS_SPANS" default:"false" values:"true|false" desc:"With tracing on, every TCP retransmit becomes a span (with both ends of the connection), within KTEL_SPAN_RATE_LIMIT."`
+	RunqlatSpanThreshold time.Duration `envconfig:"KTEL_RUNQLAT_SPAN_THRESHOLD" default:"50ms" values:"duration >= 0 (0 disables)" desc:"With tracing on, run-queue waits at least this long become spans."`
+	SpanRateLimit        int           `envconfig:"KTEL_SPAN_RATE_LIMIT" default:"1000" values:"integer >= 0 (0: no limit)" desc:"Most spans per second and probe, enforced in the kernel by a per-CPU token bucket; the excess is counted in ktel_spans_dropped_total{reason=\"rate_limited\"}."`
+	SpanQueueSize        int           `envconfig:"KTEL_SPAN_QUEUE_SIZE" default:"4096" values:"integer >= 1" desc:"Spans waiting for export; when the OTLP endpoint is slow or down, more are dropped and counted (reason queue_full)."`
 }
 
 // Error is an invalid variable. Its message names the variable, the value
@@ -105,13 +105,17 @@ func (e *Error) Error() string {
 // invalid variables are reported, joined. Every error is an *Error.
 func Load() (*Config, error) {
 	var c Config
-	if err := envconfig.Process(Prefix, &c); err != nil {
+	// Full names and no prefix: with a prefix, envconfig also reads the
+	// unprefixed name (LOG_LEVEL for KTEL_LOG_LEVEL) when the prefixed one
+	// is unset, so a container's unrelated PROBES or INTERFACES would
+	// configure ktel.
+	if err := envconfig.Process("", &c); err != nil {
 		return nil, parseError(err)
 	}
 	// Probes that need input start when it is given, unless KTEL_PROBES
 	// says exactly which probes to run.
 	if _, set := os.LookupEnv(Prefix + "_PROBES"); !set {
-		if strings.TrimSpace(c.Interfaces) != "" {
+		if strings.Trim(c.Interfaces, " ,") != "" {
 			c.Probes += ",netdev"
 		}
 		if c.LBServicesFile != "" {
@@ -171,7 +175,7 @@ func (c *Config) KeepCaps() (set caps.Set, auto bool, err error) {
 	case "all":
 		return ^caps.Set(0), false, nil
 	case "":
-		return 0, false, nil
+		return 0, false, errors.New("empty: name auto, all or the capabilities to keep")
 	default:
 		for _, name := range strings.Split(v, ",") {
 			cp, err := caps.Parse(name)
@@ -235,7 +239,10 @@ func (c *Config) Validate() error {
 		bad("NETDEV_MAX_INTERFACES", strconv.Itoa(c.NetdevMaxInterfaces), "out of range")
 	}
 
-	if c.LBServicesFile != "" {
+	enabled := c.EnabledProbes()
+	// The services file is read only when lb runs: a file left named in
+	// the environment of a node that does not balance does not stop ktel.
+	if c.LBServicesFile != "" && slices.Contains(enabled, "lb") {
 		if data, err := os.ReadFile(c.LBServicesFile); err != nil {
 			bad("LB_SERVICES_FILE", c.LBServicesFile, err.Error())
 		} else if svcs, err := lbctl.Parse(c.LBServicesFile, data); err != nil {
@@ -271,11 +278,10 @@ func (c *Config) Validate() error {
 		}
 	}
 
-	enabled := c.EnabledProbes()
 	if len(enabled) == 0 {
 		bad("PROBES", c.Probes, "no probe named")
 	}
-	if slices.Contains(enabled, "netdev") && strings.TrimSpace(c.Interfaces) == "" {
+	if ifaces, err := netdev.ParseInterfaces(c.Interfaces); err == nil && len(ifaces) == 0 && slices.Contains(enabled, "netdev") {
 		bad("INTERFACES", c.Interfaces, "the netdev probe is enabled but no interface is named")
 	}
 	if slices.Contains(enabled, "lb") && c.LBServicesFile == "" {

@@ -65,6 +65,7 @@ func TestValidation(t *testing.T) {
 		{"KTEL_KEEP_CAPABILITIES", "all", true},
 		{"KTEL_KEEP_CAPABILITIES", "CAP_BPF,net_admin", true},
 		{"KTEL_KEEP_CAPABILITIES", "CAP_FLY", false},
+		{"KTEL_KEEP_CAPABILITIES", "", false},
 		{"KTEL_MAX_CONCURRENT_SCRAPES", "1", true},
 		{"KTEL_MAX_CONCURRENT_SCRAPES", "0", false},
 		{"KTEL_PROBES", "syscall", true},
@@ -178,6 +179,9 @@ func TestInputEnablesProbes(t *testing.T) {
 		{map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml"}, "syscall,runqlat,tcpretrans,lb"},
 		{map[string]string{"KTEL_INTERFACES": "veth*", "KTEL_PROBES": "syscall"}, "syscall"},
 		{map[string]string{"KTEL_INTERFACES": "veth*", "KTEL_PROBES": "netdev"}, "netdev"},
+		{map[string]string{"KTEL_INTERFACES": " , "}, "syscall,runqlat,tcpretrans"},
+		// A services file is not read when lb does not run.
+		{map[string]string{"KTEL_LB_SERVICES_FILE": "/nonexistent.yaml", "KTEL_PROBES": "syscall"}, "syscall"},
 	} {
 		setenv(t, tc.env)
 		c, err := Load()
@@ -192,8 +196,13 @@ func TestInputEnablesProbes(t *testing.T) {
 
 // Enabling a probe without its input names the missing variable.
 func TestProbeWithoutInput(t *testing.T) {
-	for probe, missing := range map[string]string{"netdev": "KTEL_INTERFACES", "lb": "KTEL_LB_SERVICES_FILE"} {
-		setenv(t, map[string]string{"KTEL_PROBES": probe})
+	for _, tc := range []struct{ probe, missing, value string }{
+		{"netdev", "KTEL_INTERFACES", ""},
+		{"netdev", "KTEL_INTERFACES", " , "},
+		{"lb", "KTEL_LB_SERVICES_FILE", ""},
+	} {
+		probe, missing := tc.probe, tc.missing
+		setenv(t, map[string]string{"KTEL_PROBES": probe, missing: tc.value})
 		_, err := Load()
 		var ce *Error
 		if !errors.As(err, &ce) || ce.Var != missing {
@@ -216,6 +225,19 @@ func TestServicesOverCapacity(t *testing.T) {
 	}
 }
 
+// Only KTEL_* names are read: envconfig, given a prefix, would also read
+// LOG_LEVEL for KTEL_LOG_LEVEL.
+func TestUnprefixedIgnored(t *testing.T) {
+	setenv(t, map[string]string{"LOG_LEVEL": "loud", "PROBES": "nosuch", "INTERFACES": "eth0", "MAX_CONCURRENT_SCRAPES": "0"})
+	c, err := Load()
+	if err != nil {
+		t.Fatalf("unprefixed variables were read: %v", err)
+	}
+	if c.LogLevel != "info" || c.MaxScrapes != 10 || c.Interfaces != "" || c.Probes != "syscall,runqlat,tcpretrans" {
+		t.Errorf("unprefixed variables changed the configuration: %+v", *c)
+	}
+}
+
 func TestAllErrorsReported(t *testing.T) {
 	setenv(t, map[string]string{"KTEL_LOG_LEVEL": "loud", "KTEL_LOG_FORMAT": "xml"})
 	_, err := Load()
@@ -228,7 +250,7 @@ func TestAllErrorsReported(t *testing.T) {
 // agree with the probe list.
 func TestFieldsDocumented(t *testing.T) {
 	for _, f := range Fields() {
-		if f.Var == Prefix+"_" || f.Values == "" || f.Desc == "" {
+		if !strings.HasPrefix(f.Var, Prefix+"_") || f.Var == Prefix+"_" || f.Values == "" || f.Desc == "" {
 			t.Errorf("%s lacks envconfig, values or desc tags", f.Var)
 		}
 	}

@@ -23,7 +23,7 @@ func Fields() []Field {
 	for i := range t.NumField() {
 		tag := t.Field(i).Tag
 		out = append(out, Field{
-			Var:     Prefix + "_" + tag.Get("envconfig"),
+			Var:     tag.Get("envconfig"),
 			Default: tag.Get("default"),
 			Values:  tag.Get("values"),
 			Desc:    tag.Get("desc"),
