@@ -82,6 +82,19 @@ func (s Set) Has(c Cap) bool {
 	return (c == BPF || c == Perfmon) && s&(1<<SysAdmin) != 0
 }
 
+// WithStandIns returns s plus CAP_SYS_ADMIN when s names CAP_BPF or
+// CAP_PERFMON, held lacks it and held has CAP_SYS_ADMIN, which the kernel
+// accepts in their place (before 5.8, or where a runtime grants only
+// CAP_SYS_ADMIN). Keeping s alone would then drop what stands in for them.
+func (s Set) WithStandIns(held Set) Set {
+	for _, c := range []Cap{BPF, Perfmon} {
+		if s&Of(c) != 0 && held&Of(c) == 0 && held&Of(SysAdmin) != 0 {
+			return s | Of(SysAdmin)
+		}
+	}
+	return s
+}
+
 // Missing returns the capabilities of need that s lacks.
 func (s Set) Missing(need []Cap) []Cap {
 	var out []Cap

@@ -28,3 +28,22 @@ func TestHasSysAdminImplies(t *testing.T) {
 		t.Errorf("Missing = %v", m)
 	}
 }
+
+func TestWithStandIns(t *testing.T) {
+	keep := Of(BPF, Perfmon, NetAdmin)
+	for _, tc := range []struct {
+		held, want Set
+	}{
+		{Of(BPF, Perfmon, NetAdmin, SysAdmin), keep},       // CAP_BPF held: CAP_SYS_ADMIN goes
+		{Of(SysAdmin, NetAdmin), keep | Of(SysAdmin)},      // only CAP_SYS_ADMIN stands in
+		{Of(BPF, SysAdmin, NetAdmin), keep | Of(SysAdmin)}, // for CAP_PERFMON
+		{Of(NetAdmin), keep},                               // nothing to stand in
+	} {
+		if got := keep.WithStandIns(tc.held); got != tc.want {
+			t.Errorf("keep %v held %v: %v, want %v", keep, tc.held, got, tc.want)
+		}
+	}
+	if got := Of(NetAdmin).WithStandIns(Of(SysAdmin, NetAdmin)); got != Of(NetAdmin) {
+		t.Errorf("CAP_SYS_ADMIN kept for a set without CAP_BPF or CAP_PERFMON: %v", got)
+	}
+}
