@@ -163,6 +163,9 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 }
 
 // Close detaches the programs and releases every map.
+// Detach detaches the programs; the maps stay readable until Close.
+func (p *Probe) Detach() error { return p.objs.Detach() }
+
 func (p *Probe) Close() error { return p.objs.Close() }
 
 // Events is the ring buffer of outlier syscalls (see DecodeEvent).

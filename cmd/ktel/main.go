@@ -76,26 +76,45 @@ func serve(cfg *config.Config, log *slog.Logger) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	d, err := daemon.New(cfg, log)
+	// Before loading: a SIGHUP while the probes load (seconds) would
+	// otherwise kill ktel with probes half attached. It is handled once
+	// they are.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	ln, err := daemon.Listen(cfg)
 	if err != nil {
 		log.Error("start", "err", err)
 		return exitFailed
 	}
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+	d, err := daemon.New(cfg, log)
+	if err != nil {
+		ln.Close()
+		log.Error("start", "err", err)
+		return exitFailed
+	}
+	served, reloads := make(chan struct{}), make(chan struct{})
 	go func() {
-		for range hup {
-			log.Info("SIGHUP: reloading")
-			d.Reload()
+		defer close(reloads)
+		for {
+			select {
+			case <-hup:
+				log.Info("SIGHUP: reloading")
+				d.Reload()
+			case <-served:
+				return
+			}
 		}
 	}()
 
 	status := exitOK
-	if err := d.Serve(ctx); err != nil {
+	if err := d.Serve(ctx, ln); err != nil {
 		log.Error("http server", "err", err)
 		status = exitFailed
 	}
+	close(served)
+	<-reloads // no reload runs during or after Close
 	if err := d.Close(); err != nil {
 		log.Error("close probes", "err", err)
 		status = exitFailed

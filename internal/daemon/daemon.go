@@ -13,10 +13,12 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/exporter-toolkit/web"
 
 	"github.com/ktel-dev/ktel/internal/caps"
@@ -36,6 +38,38 @@ type Daemon struct {
 	probes  map[string]loaded
 	stats   io.Closer         // keeps kernel.bpf_stats_enabled on; nil if off
 	tracing *tracing.Pipeline // nil unless an OTLP endpoint is configured
+
+	// mu serialises Reload and Close: a SIGHUP may arrive while ktel stops.
+	mu sync.Mutex
+	// gate keeps scrapes off the maps once Close has begun, and Close off
+	// them until the scrapes reading them are done.
+	gate *gatherGate
+}
+
+// gatherGate is a TransactionalGatherer that refuses to gather once closed
+// and whose close waits for the gathers in progress. The families a gather
+// returned are Go memory: encoding them after close is safe.
+type gatherGate struct {
+	mu     sync.RWMutex
+	closed bool
+	g      prometheus.TransactionalGatherer
+}
+
+var errClosing = errors.New("ktel is shutting down")
+
+func (g *gatherGate) Gather() ([]*dto.MetricFamily, func(), error) {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	if g.closed {
+		return nil, func() {}, errClosing
+	}
+	return g.g.Gather()
+}
+
+func (g *gatherGate) close() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
 }
 
 // New loads every enabled probe. A probe that cannot load is logged and
@@ -108,7 +142,8 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		d.Close()
 		return nil, fmt.Errorf("register exporter: %w", err)
 	}
-	d.metrics = metrics.NewGatherer(reg, collectors)
+	d.gate = &gatherGate{g: metrics.NewGatherer(reg, collectors)}
+	d.metrics = d.gate
 	return d, nil
 }
 
@@ -123,6 +158,9 @@ func (d *Daemon) dropCapabilities() {
 	if auto {
 		for name := range d.probes {
 			keep |= caps.Of(needs[name].keep...)
+		}
+		if held, err := caps.Effective(); err == nil {
+			keep = keep.WithStandIns(held)
 		}
 	}
 	if err := caps.Drop(keep); err != nil {
@@ -202,14 +240,27 @@ const landing = `<!doctype html>
 // beyond it to send the error.
 const scrapeTimeout = 20 * time.Second
 
-// Serve serves HTTP on the configured address until ctx is done, then
-// shuts the server down gracefully. With KTEL_WEB_CONFIG_FILE, TLS and
-// basic authentication apply to every path.
-func (d *Daemon) Serve(ctx context.Context) error {
-	ln, err := net.Listen("tcp", d.cfg.ListenAddress)
+// Listen opens the configured address. ktel listens before it loads
+// anything: an address in use fails at once, and a privileged port is
+// bound before the capabilities are dropped.
+func Listen(cfg *config.Config) (net.Listener, error) {
+	ln, err := net.Listen("tcp", cfg.ListenAddress)
 	if err != nil {
-		return fmt.Errorf("listen on %s (KTEL_LISTEN_ADDRESS): %w", d.cfg.ListenAddress, err)
+		return nil, fmt.Errorf("listen on %s (KTEL_LISTEN_ADDRESS): %w", cfg.ListenAddress, err)
 	}
+	return ln, nil
+}
+
+// shutdownTimeout bounds the wait for requests in progress at shutdown;
+// with tracing's 5 s to export, ktel stops within a Kubernetes pod's
+// default grace period of 30 s (15 s in ktel's manifests).
+const shutdownTimeout = 5 * time.Second
+
+// Serve serves HTTP on ln until ctx is done, then shuts the server down
+// gracefully: requests in progress get shutdownTimeout to finish, and are
+// cut after. With KTEL_WEB_CONFIG_FILE, TLS and basic authentication apply
+// to every path.
+func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	srv := &http.Server{
 		Handler:           d.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -228,15 +279,23 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		return fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
 	}
-	shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	shutdown, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
-	return srv.Shutdown(shutdown)
+	if err := srv.Shutdown(shutdown); err != nil {
+		// A scrape still running is no reason to fail a requested stop;
+		// Close waits for gathers that still read the maps.
+		d.log.Warn("closing HTTP connections still busy at shutdown", "after", shutdownTimeout, "err", err)
+		srv.Close()
+	}
+	return nil
 }
 
 // Reload asks every probe with external configuration (the lb services
 // file) to read it again; on SIGHUP. A probe logs and counts its own
 // failures and keeps its previous configuration.
 func (d *Daemon) Reload() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	for name, p := range d.probes {
 		if r, ok := p.(interface{ Reload() error }); ok {
 			if err := r.Reload(); err != nil {
@@ -246,11 +305,26 @@ func (d *Daemon) Reload() {
 	}
 }
 
-// Close stops tracing (exporting what is queued, for up to 5 s), then
-// detaches every probe and releases its maps.
+// Close stops scrapes from reading the maps (waiting for those that are),
+// detaches the probes that emit events, stops tracing once it has read
+// what the ring buffers hold (exporting what is queued, for up to 5 s),
+// then detaches every other probe and releases the maps. It is idempotent.
 func (d *Daemon) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gate != nil {
+		d.gate.close()
+	}
 	var errs []error
 	if d.tracing != nil {
+		// Detached first, so that no event comes after the last read.
+		for name, p := range d.probes {
+			if dp, ok := p.(detacher); ok {
+				if err := dp.Detach(); err != nil {
+					errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
+				}
+			}
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		errs = append(errs, d.tracing.Close(ctx))
 		cancel()
@@ -264,6 +338,7 @@ func (d *Daemon) Close() error {
 	d.probes = nil
 	if d.stats != nil {
 		errs = append(errs, d.stats.Close())
+		d.stats = nil
 	}
 	return errors.Join(errs...)
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime/debug"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -27,6 +28,10 @@ type loaded interface {
 	metrics.BPFObjects
 	io.Closer
 }
+
+// detacher is a loaded probe that can detach its programs before its maps
+// are released.
+type detacher interface{ Detach() error }
 
 // eventSource is a loaded probe that emits outlier events.
 type eventSource interface {
@@ -191,7 +196,14 @@ func startLB(e env) (loaded, error) {
 
 // start loads one probe, first checking that ktel holds the capabilities
 // it needs, so that a missing one is named rather than reported as EPERM.
-func start(starters map[string]starter, name string, e env) (loaded, error) {
+// A panic while loading (a program object that does not match its
+// loader, say) fails this probe only.
+func start(starters map[string]starter, name string, e env) (l loaded, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			l, err = nil, fmt.Errorf("loading panicked: %v\n%s", r, debug.Stack())
+		}
+	}()
 	s, ok := starters[name]
 	if !ok {
 		return nil, fmt.Errorf("no probe %q", name)

@@ -77,7 +77,11 @@ func serve(t *testing.T, webConfig string, maxScrapes int) (*Daemon, string) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
+	ln, err := Listen(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- d.Serve(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {

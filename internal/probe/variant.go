@@ -255,27 +255,43 @@ func LoadVariant(spec *ebpf.CollectionSpec, v Variant, maps ...string) (*Loaded,
 	return l, nil
 }
 
+// Detach detaches the links, in reverse order of attach, and keeps the
+// programs and maps: what the programs wrote stays readable until Close.
+// It is safe on a nil Loaded, and idempotent.
+func (l *Loaded) Detach() error {
+	if l == nil {
+		return nil
+	}
+	var cs []interface{ Close() error }
+	for _, lk := range slices.Backward(l.Links) {
+		cs = append(cs, lk)
+	}
+	l.Links = nil
+	return CloseAll(cs...)
+}
+
 // Close detaches the links and closes programs and maps. It is safe on a
 // nil or partly built Loaded, and idempotent.
 func (l *Loaded) Close() error {
 	if l == nil {
 		return nil
 	}
-	var cs []interface{ Close() error }
 	// Detach in reverse order of attach: a variant attaches the programs
 	// that clean up before those that leave state for them.
-	for _, lk := range slices.Backward(l.Links) {
-		cs = append(cs, lk)
-	}
+	cs := []interface{ Close() error }{closerFunc(l.Detach)}
 	for _, p := range l.Programs {
 		cs = append(cs, p)
 	}
 	for _, m := range l.Maps {
 		cs = append(cs, m)
 	}
-	l.Links, l.Programs, l.Maps = nil, nil, nil
+	l.Programs, l.Maps = nil, nil
 	return CloseAll(cs...)
 }
+
+type closerFunc func() error
+
+func (f closerFunc) Close() error { return f() }
 
 // LoadHistogramProbe is Load for probes with latency histograms: it builds
 // the slot layout of schema, and returns the first of the variants (those
