@@ -12,9 +12,12 @@
 
 /* Events lasting at least this long become spans; ~0 disables them. */
 volatile const __u64 ktel_span_threshold_ns = ~0ULL;
-/* Credit, in ns, one event costs on one CPU: 1e9 * CPUs / rate. 0: no limit. */
+/* Credit, in ns, one event costs on one CPU: 1e9 * online CPUs / rate, so
+ * that the CPUs together send at most rate events per second. 0: no limit. */
 volatile const __u64 ktel_span_cost_ns = 0;
-/* Most credit a CPU can save up: how large a burst it may send. */
+/* Most credit a CPU can save up: how large a burst it may send. User space
+ * sets it to a second, or to one event's cost where that is more (a rate
+ * below the number of CPUs), so that every CPU can send. */
 volatile const __u64 ktel_span_burst_ns = 1000000000ULL;
 /* The reader is woken only once this many bytes are pending; it also polls,
  * so that records below the mark wait at most one poll interval. */
@@ -64,7 +67,11 @@ static __always_inline void ktel_span_drop(__u32 reason)
 		(*v)++;
 }
 
-/* ktel_span_allow takes one event's credit from this CPU's bucket. */
+/* ktel_span_allow takes one event's credit from this CPU's bucket; now is
+ * the current time (bpf_ktime_get_ns), never an event's own timestamp. A now
+ * before the bucket's last (a program that read the clock, then was
+ * interrupted by one that used the bucket) earns no credit, and does not
+ * move last back. */
 static __always_inline int ktel_span_allow(__u64 now)
 {
 	struct ktel_token_bucket *b;
@@ -76,10 +83,13 @@ static __always_inline int ktel_span_allow(__u64 now)
 	b = bpf_map_lookup_elem(&ktel_span_limiter, &zero);
 	if (!b)
 		return 0;
-	credit = b->credit + (now - b->last);
-	if (credit > ktel_span_burst_ns || now < b->last)
+	credit = b->credit;
+	if (now > b->last) {
+		credit += now - b->last;
+		b->last = now;
+	}
+	if (credit > ktel_span_burst_ns)
 		credit = ktel_span_burst_ns;
-	b->last = now;
 	if (credit < ktel_span_cost_ns) {
 		b->credit = credit;
 		ktel_span_drop(KTEL_SPAN_RATE_LIMITED);

@@ -97,12 +97,14 @@ static __always_inline void count_drop(__u32 reason)
 		(*v)++;
 }
 
-static __always_inline void emit_event(__u64 start, __u64 end, __u32 pid, __u32 tid, const char *comm,
+/* emit_event records a wait from start to end for a span; now is the
+ * current time, for the rate limiter. */
+static __always_inline void emit_event(__u64 now, __u64 start, __u64 end, __u32 pid, __u32 tid, const char *comm,
 				       struct task_struct *task)
 {
 	struct runqlat_event *e;
 
-	if (!ktel_span_allow(end))
+	if (!ktel_span_allow(now))
 		return;
 	e = ktel_span_reserve(sizeof(*e));
 	if (!e)
@@ -134,7 +136,7 @@ static __always_inline void record(__u64 start, __u32 pid, __u32 tid, const char
 	if (hist)
 		ktel_hist_add(hist, now - start);
 	if (ktel_span_wanted(now - start))
-		emit_event(start, now, pid, tid, comm, task);
+		emit_event(now, start, now, pid, tid, comm, task);
 }
 
 /* Kernels before 5.14 call the state field "state". */
@@ -246,7 +248,7 @@ int BPF_PROG(sched_switch_btf_info, bool preempt, struct task_struct *prev, stru
 	ran = on_cpu_for(prev);
 	if (ran + wait > now)
 		ran = 0;
-	emit_event(now - ran - wait, now - ran, prev->tgid, prev->pid, prev->comm, prev);
+	emit_event(now, now - ran - wait, now - ran, prev->tgid, prev->pid, prev->comm, prev);
 	return 0;
 }
 

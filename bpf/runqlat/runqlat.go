@@ -74,7 +74,7 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if err := probe.SetHistogram(spec, layout, "runqueue_latency"); err != nil {
 		return nil, err
 	}
-	if err := spans.Apply(spec, ncpu); err != nil {
+	if err := spans.Apply(spec); err != nil {
 		return nil, err
 	}
 	startMap := "runqlat_start_task"

@@ -184,6 +184,36 @@ func TestContention(t *testing.T) {
 	}
 }
 
+// A storm of outliers (every wait, at a threshold of 1 ns) is capped at the
+// configured rate in every variant, whichever timestamps its events carry.
+func TestRateLimit(t *testing.T) {
+	testenv.Privileged(t)
+	testenv.Tracefs(t)
+	const rate = 100
+	for _, v := range Variants {
+		t.Run(v.String(), func(t *testing.T) {
+			p, rd := loadWithEvents(t, Options{Schema: 3, Variant: &v, Spans: probe.SpanOptions{Threshold: 1, Rate: rate}})
+			start := time.Now()
+			contend(t, 0, 2, 700*time.Millisecond)
+			got := len(events(t, rd))
+			elapsed := time.Since(start)
+			s, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The buckets start full: a second's worth on top of the rate.
+			limit := int(rate*elapsed.Seconds()) + rate + rate/10
+			t.Logf("%d events in %v, %d rate limited", got, elapsed, s.SpanDrops.RateLimited)
+			if got > limit || got < rate/2 {
+				t.Errorf("%d events in %v at %d/s, want %d..%d", got, elapsed, rate, rate/2, limit)
+			}
+			if s.SpanDrops.RateLimited == 0 {
+				t.Error("no event counted as rate limited")
+			}
+		})
+	}
+}
+
 func TestStructSizes(t *testing.T) {
 	spec, err := loadRunqlat()
 	if err != nil {

@@ -92,6 +92,37 @@ func TestRateLimit(t *testing.T) {
 	}
 }
 
+// A rate below the number of CPUs still lets events through: a CPU's share
+// of an event costs more than a second, and its bucket must hold it.
+func TestRateBelowCPUs(t *testing.T) {
+	testenv.Privileged(t)
+	online, err := probe.OnlineCPUs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if online < 2 {
+		t.Fatal("needs 2 CPUs") // CI machines have them
+	}
+	p, rd := loadWithEvents(t, Options{Schema: 3, Spans: probe.SpanOptions{Threshold: 1, Rate: 1}})
+	start := time.Now()
+	for time.Since(start) < 300*time.Millisecond {
+		for range 1000 {
+			unix.Getpid()
+		}
+	}
+	got := len(testenv.Records(t, rd, 200*time.Millisecond, DecodeEvent))
+	s, err := p.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each CPU starts with one event's credit, and earns the next after
+	// online seconds.
+	t.Logf("%d events in %v, %d rate limited", got, time.Since(start), s.SpanDrops.RateLimited)
+	if got < 1 || got > online {
+		t.Errorf("%d events at 1/s over %d CPUs in under a second, want 1..%d", got, online, online)
+	}
+}
+
 func FuzzDecodeEvent(f *testing.F) {
 	f.Add(make([]byte, EventSize))
 	f.Add([]byte{1, 2, 3})

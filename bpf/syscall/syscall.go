@@ -112,7 +112,7 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 		return nil, err
 	}
 	spec.Maps["syscall_latency"].MaxEntries = uint32(ncpu * MaxSyscalls)
-	if err := spans.Apply(spec, ncpu); err != nil {
+	if err := spans.Apply(spec); err != nil {
 		return nil, err
 	}
 	startMap := "syscall_start_task"

@@ -203,11 +203,7 @@ func load(opts Options, v probe.Variant, peerEntries uint32) (*Probe, error) {
 	if err := spec.Variables["track_peers"].Set(track); err != nil {
 		return nil, fmt.Errorf("set track_peers: %w", err)
 	}
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		return nil, fmt.Errorf("possible CPUs: %w", err)
-	}
-	if err := opts.Spans.Apply(spec, ncpu); err != nil {
+	if err := opts.Spans.Apply(spec); err != nil {
 		return nil, err
 	}
 	objs, err := probe.LoadVariant(spec, v, "tcp_retransmits", "tcp_rtx_peers", "ktel_events", "ktel_span_drops")

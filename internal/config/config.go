@@ -82,7 +82,7 @@ type Config struct {
 	SyscallSpanThreshold time.Duration `envconfig:"KTEL_SYSCALL_SPAN_THRESHOLD" default:"100ms" values:"duration >= 0 (0 disables)" desc:"With tracing on (an OTLP endpoint in OTEL_EXPORTER_OTLP_ENDPOINT), syscalls at least this slow become spans."`
 	TCPRetransSpans      bool          `envconfig:"KTEL_TCPRETRANS_SPANS" default:"false" values:"true|false" desc:"With tracing on, every TCP retransmit becomes a span (with both ends of the connection), within KTEL_SPAN_RATE_LIMIT."`
 	RunqlatSpanThreshold time.Duration `envconfig:"KTEL_RUNQLAT_SPAN_THRESHOLD" default:"50ms" values:"duration >= 0 (0 disables)" desc:"With tracing on, run-queue waits at least this long become spans."`
-	SpanRateLimit        int           `envconfig:"KTEL_SPAN_RATE_LIMIT" default:"1000" values:"integer >= 0 (0: no limit)" desc:"Most spans per second and probe, enforced in the kernel by a per-CPU token bucket; the excess is counted in ktel_spans_dropped_total{reason=\"rate_limited\"}."`
+	SpanRateLimit        int           `envconfig:"KTEL_SPAN_RATE_LIMIT" default:"1000" values:"integer >= 0 (0: no limit)" desc:"Most spans per second and probe, enforced in the kernel by per-CPU token buckets: each CPU online at start gets an even share and may save up a second of it (at least one span). The excess is counted in ktel_spans_dropped_total{reason=\"rate_limited\"}."`
 	SpanQueueSize        int           `envconfig:"KTEL_SPAN_QUEUE_SIZE" default:"4096" values:"integer >= 1" desc:"Spans waiting for export; when the OTLP endpoint is slow or down, more are dropped and counted (reason queue_full)."`
 }
 

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -17,7 +19,9 @@ type SpanOptions struct {
 	Threshold time.Duration
 	// Always emits every event, whatever its duration (retransmits).
 	Always bool
-	// Rate bounds events per second over all CPUs; 0 means no limit.
+	// Rate bounds events per second over all CPUs; 0 means no limit. Each
+	// CPU online at load gets an even share (its own token bucket, which
+	// costs no lock on the hot path), and may save up a second's worth.
 	Rate int
 	// RingSize is the ring buffer size in bytes, a power-of-two multiple of
 	// the page size; 0 means 256 KiB.
@@ -29,7 +33,7 @@ func (o SpanOptions) Enabled() bool { return o.Always || o.Threshold > 0 }
 
 // Apply writes the options into spec's read-only data and sizes its ring
 // buffer.
-func (o SpanOptions) Apply(spec *ebpf.CollectionSpec, ncpu int) error {
+func (o SpanOptions) Apply(spec *ebpf.CollectionSpec) error {
 	page := os.Getpagesize()
 	ring := uint32(page)
 	threshold := ^uint64(0)
@@ -46,9 +50,18 @@ func (o SpanOptions) Apply(spec *ebpf.CollectionSpec, ncpu int) error {
 			threshold = 0
 		}
 	}
-	var cost uint64
+	// Shares of the CPUs that run: a host may have many more possible
+	// CPUs than online ones (hot-plug slots), which never send.
+	cost, burst := uint64(0), uint64(time.Second.Nanoseconds())
 	if o.Rate > 0 {
-		cost = uint64(time.Second.Nanoseconds()) * uint64(ncpu) / uint64(o.Rate)
+		online, err := OnlineCPUs()
+		if err != nil {
+			return err
+		}
+		cost = burst * uint64(online) / uint64(o.Rate)
+		// A rate below the number of CPUs: a CPU's event costs more than
+		// a second; its bucket must hold one, or it would never send.
+		burst = max(burst, cost)
 	}
 	m, ok := spec.Maps["ktel_events"]
 	if !ok {
@@ -58,11 +71,16 @@ func (o SpanOptions) Apply(spec *ebpf.CollectionSpec, ncpu int) error {
 	for name, v := range map[string]uint64{
 		"ktel_span_threshold_ns": threshold,
 		"ktel_span_cost_ns":      cost,
+		"ktel_span_burst_ns":     burst,
 		// A wakeup per quarter of the ring bounds latency under load; the
 		// reader polls for the rest.
 		"ktel_span_wakeup_bytes": uint64(ring / 4),
 	} {
-		if err := spec.Variables[name].Set(v); err != nil {
+		vs, ok := spec.Variables[name]
+		if !ok {
+			return fmt.Errorf("no variable %s", name)
+		}
+		if err := vs.Set(v); err != nil {
 			return fmt.Errorf("set %s: %w", name, err)
 		}
 	}
@@ -194,4 +212,39 @@ func sumPerCPUHashIter[K comparable](m *ebpf.Map) (map[K]uint64, error) {
 		return nil, err
 	}
 	return out, nil
+}
+
+// OnlineCPUs counts the CPUs online now, from
+// /sys/devices/system/cpu/online ("0-3,6").
+func OnlineCPUs() (int, error) {
+	const file = "/sys/devices/system/cpu/online"
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return 0, fmt.Errorf("online CPUs: %w", err)
+	}
+	n, err := countCPUList(string(bytes.TrimSpace(b)))
+	if err != nil {
+		return 0, fmt.Errorf("online CPUs: %s: %w", file, err)
+	}
+	return n, nil
+}
+
+// countCPUList counts the CPUs of a kernel CPU list ("0-3,6").
+func countCPUList(s string) (int, error) {
+	n := 0
+	for r := range strings.SplitSeq(s, ",") {
+		lo, hi, isRange := strings.Cut(r, "-")
+		a, err := strconv.Atoi(lo)
+		if err != nil {
+			return 0, fmt.Errorf("bad CPU list %q", s)
+		}
+		b := a
+		if isRange {
+			if b, err = strconv.Atoi(hi); err != nil || b < a {
+				return 0, fmt.Errorf("bad CPU list %q", s)
+			}
+		}
+		n += b - a + 1
+	}
+	return n, nil
 }

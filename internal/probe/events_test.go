@@ -39,3 +39,19 @@ func TestSumPerCPUHash(t *testing.T) {
 		t.Errorf("key 7: sum %d", s)
 	}
 }
+
+func TestCountCPUList(t *testing.T) {
+	for in, want := range map[string]int{"0": 1, "0-3": 4, "0-3,6": 5, "0,2,4-5": 4} {
+		if n, err := countCPUList(in); err != nil || n != want {
+			t.Errorf("countCPUList(%q) = %d, %v; want %d", in, n, err, want)
+		}
+	}
+	for _, in := range []string{"", "a", "3-1", "0-", "0,,1"} {
+		if n, err := countCPUList(in); err == nil {
+			t.Errorf("countCPUList(%q) = %d, want an error", in, n)
+		}
+	}
+	if n, err := OnlineCPUs(); err != nil || n < 1 {
+		t.Errorf("OnlineCPUs() = %d, %v", n, err)
+	}
+}
