@@ -27,16 +27,21 @@ const (
 
 type counters struct{ exported, queueFull, exportFailed atomic.Uint64 }
 
-// exporter is a span processor with a bounded queue, exporting in batches
-// from one goroutine. Unlike the SDK's batch processor it counts, per
-// probe, every span it could not queue or export.
+// exporter queues ended spans in a bounded queue and exports them in
+// batches from one goroutine. Unlike the SDK's batch processor it counts,
+// per probe, every span it could not queue or export, and tells the caller
+// whether a span was queued.
 type exporter struct {
 	exp      sdktrace.SpanExporter
 	log      *slog.Logger
 	queue    chan sdktrace.ReadOnlySpan
 	batch    int
 	interval time.Duration
-	timeout  time.Duration
+	// Exports run under ctx, which Shutdown cancels when its own deadline
+	// passes; their timeout is the OTLP exporter's own
+	// (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default).
+	ctx           context.Context
+	cancelExports context.CancelFunc
 
 	mu     sync.Mutex
 	counts map[string]*counters // by instrumentation scope = probe
@@ -49,10 +54,11 @@ func newExporter(exp sdktrace.SpanExporter, queueSize, batch int, interval time.
 	e := &exporter{
 		exp: exp, log: log,
 		queue: make(chan sdktrace.ReadOnlySpan, queueSize),
-		batch: batch, interval: interval, timeout: 10 * time.Second,
+		batch: batch, interval: interval,
 		counts: map[string]*counters{},
 		stop:   make(chan struct{}), done: make(chan struct{}),
 	}
+	e.ctx, e.cancelExports = context.WithCancel(context.Background())
 	go e.run()
 	return e
 }
@@ -79,15 +85,14 @@ func (e *exporter) Counts() map[string]metrics.SpanCounts {
 	return out
 }
 
-// OnStart is part of sdktrace.SpanProcessor.
-func (e *exporter) OnStart(context.Context, sdktrace.ReadWriteSpan) {}
-
-// OnEnd queues the span, or counts it as dropped if the queue is full.
-func (e *exporter) OnEnd(s sdktrace.ReadOnlySpan) {
+// enqueue queues the span, or counts it as dropped if the queue is full.
+func (e *exporter) enqueue(s sdktrace.ReadOnlySpan) bool {
 	select {
 	case e.queue <- s:
+		return true
 	default:
 		e.counter(s.InstrumentationScope().Name).queueFull.Add(1)
+		return false
 	}
 }
 
@@ -126,9 +131,7 @@ func (e *exporter) export(buf []sdktrace.ReadOnlySpan) []sdktrace.ReadOnlySpan {
 	if len(buf) == 0 {
 		return buf
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), e.timeout)
-	err := e.exp.ExportSpans(ctx, buf)
-	cancel()
+	err := e.exp.ExportSpans(e.ctx, buf)
 	for _, s := range buf {
 		c := e.counter(s.InstrumentationScope().Name)
 		if err != nil {
@@ -144,26 +147,24 @@ func (e *exporter) export(buf []sdktrace.ReadOnlySpan) []sdktrace.ReadOnlySpan {
 	return buf[:0]
 }
 
-// Shutdown exports what is queued and shuts the exporter down.
+// Shutdown exports what is queued and shuts the exporter down. Once ctx
+// is done, it still shuts the exporter down (closing its connections),
+// and the export in progress ends with ctx's error.
 func (e *exporter) Shutdown(ctx context.Context) error {
 	select {
 	case <-e.stop:
 		return nil
 	default:
 	}
+	context.AfterFunc(ctx, e.cancelExports)
 	close(e.stop)
+	var errs []error
 	select {
 	case <-e.done:
 	case <-ctx.Done():
-		return fmt.Errorf("flush spans: %w", ctx.Err())
+		errs = append(errs, fmt.Errorf("flush spans: %w", ctx.Err()))
 	}
-	return e.exp.Shutdown(ctx)
+	return errors.Join(append(errs, e.exp.Shutdown(ctx))...)
 }
-
-// ForceFlush is part of sdktrace.SpanProcessor; spans are exported on the
-// exporter's own schedule.
-func (e *exporter) ForceFlush(context.Context) error { return nil }
-
-var _ sdktrace.SpanProcessor = (*exporter)(nil)
 
 var errDisabled = errors.New("tracing disabled: no OTLP endpoint configured")

@@ -25,10 +25,21 @@ import (
 )
 
 // Enabled reports whether the environment configures an OTLP endpoint for
-// traces; tracing is off otherwise. getenv is os.Getenv outside tests.
+// traces, and does not disable them: OTEL_SDK_DISABLED=true, or an
+// OTEL_TRACES_EXPORTER list without "otlp" (the only exporter ktel has;
+// "none" included). getenv is os.Getenv outside tests.
 func Enabled(getenv func(string) string) bool {
-	if strings.EqualFold(getenv("OTEL_SDK_DISABLED"), "true") || getenv("OTEL_TRACES_EXPORTER") == "none" {
+	if strings.EqualFold(getenv("OTEL_SDK_DISABLED"), "true") {
 		return false
+	}
+	if list := getenv("OTEL_TRACES_EXPORTER"); list != "" {
+		otlp := false
+		for e := range strings.SplitSeq(list, ",") {
+			otlp = otlp || strings.TrimSpace(e) == "otlp"
+		}
+		if !otlp {
+			return false
+		}
 	}
 	return getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != ""
 }
@@ -36,9 +47,11 @@ func Enabled(getenv func(string) string) bool {
 // Protocol is the OTLP protocol the environment asks for: "grpc" or
 // "http/protobuf" (the specification's default).
 func Protocol(getenv func(string) string) (string, error) {
-	p := getenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+	name := "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+	p := getenv(name)
 	if p == "" {
-		p = getenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+		name = "OTEL_EXPORTER_OTLP_PROTOCOL"
+		p = getenv(name)
 	}
 	switch p {
 	case "", "http/protobuf":
@@ -46,7 +59,7 @@ func Protocol(getenv func(string) string) (string, error) {
 	case "grpc":
 		return "grpc", nil
 	}
-	return "", fmt.Errorf("invalid OTEL_EXPORTER_OTLP_PROTOCOL %q; accepted values: grpc, http/protobuf", p)
+	return "", fmt.Errorf("invalid %s %q; accepted values: grpc, http/protobuf", name, p)
 }
 
 // Options configure the pipeline.
@@ -120,9 +133,12 @@ func newPipeline(exp sdktrace.SpanExporter, res *resource.Resource, opts Options
 	}
 	e := newExporter(exp, opts.QueueSize, opts.Batch, opts.Interval, log)
 	p := &Pipeline{
-		log:       log,
-		exporter:  e,
-		provider:  sdktrace.NewTracerProvider(sdktrace.WithResource(res), sdktrace.WithSpanProcessor(e)),
+		log:      log,
+		exporter: e,
+		// No span processor: emit hands each ended span to the exporter,
+		// so that it knows whether the span was queued before pointing an
+		// exemplar at it. The provider applies OTEL_TRACES_SAMPLER.
+		provider:  sdktrace.NewTracerProvider(sdktrace.WithResource(res)),
 		clock:     NewClock(10 * time.Second),
 		exemplars: ex,
 	}
@@ -212,12 +228,17 @@ func (p *Pipeline) emit(tracer trace.Tracer, s Span) {
 	_, span := tracer.Start(p.ctx, s.Name, trace.WithTimestamp(start), trace.WithAttributes(s.Attrs...),
 		trace.WithSpanKind(trace.SpanKindInternal), trace.WithNewRoot())
 	span.End(trace.WithTimestamp(end))
-	if s.Metric != "" {
-		sc := span.SpanContext()
-		p.exemplars.Observe(s.Metric, s.LabelValues, metrics.Exemplar{
-			Value: end.Sub(start).Seconds(), TraceID: sc.TraceID().String(), SpanID: sc.SpanID().String(), Time: end,
-		})
+	// A span the sampler left out is neither recorded nor exported, and
+	// one the queue had no room for is counted as dropped: no exemplar
+	// points at either.
+	ro, ok := span.(sdktrace.ReadOnlySpan)
+	if !ok || !ro.SpanContext().IsSampled() || !p.exporter.enqueue(ro) || s.Metric == "" {
+		return
 	}
+	sc := ro.SpanContext()
+	p.exemplars.Observe(s.Metric, s.LabelValues, metrics.Exemplar{
+		Value: float64(s.EndNs-s.StartNs) / 1e9, TraceID: sc.TraceID().String(), SpanID: sc.SpanID().String(), Time: end,
+	})
 }
 
 // Counts are the per-probe export counters.
@@ -232,6 +253,6 @@ func (p *Pipeline) Close(ctx context.Context) error {
 	for _, rd := range p.readers {
 		errs = append(errs, rd.Close())
 	}
-	errs = append(errs, p.provider.Shutdown(ctx))
+	errs = append(errs, p.exporter.Shutdown(ctx), p.provider.Shutdown(ctx))
 	return errors.Join(errs...)
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -51,6 +52,8 @@ func TestEnabledAndProtocol(t *testing.T) {
 		{map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "x", "OTEL_SDK_DISABLED": "true"}, false, "http/protobuf"},
 		{map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "x", "OTEL_TRACES_EXPORTER": "none"}, false, "http/protobuf"},
 		{map[string]string{"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}, false, "http/protobuf"},
+		{map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "x", "OTEL_TRACES_EXPORTER": "console"}, false, "http/protobuf"},
+		{map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "x", "OTEL_TRACES_EXPORTER": "console, otlp"}, true, "http/protobuf"},
 	} {
 		if got := Enabled(env(tc.env)); got != tc.enabled {
 			t.Errorf("Enabled(%v) = %v", tc.env, got)
@@ -61,6 +64,9 @@ func TestEnabledAndProtocol(t *testing.T) {
 	}
 	if _, err := Protocol(env(map[string]string{"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})); err == nil {
 		t.Error("http/json accepted")
+	}
+	if _, err := Protocol(env(map[string]string{"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"})); err == nil || !strings.Contains(err.Error(), "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
+		t.Errorf("error does not name the variable set: %v", err)
 	}
 }
 
@@ -184,4 +190,45 @@ func TestExemplarFromSpan(t *testing.T) {
 	if !ok || len(e.TraceID) != 32 || len(e.SpanID) != 16 || e.Value < 0.29 || e.Value > 0.31 {
 		t.Errorf("exemplars %+v", got)
 	}
+}
+
+// No exemplar points at a span that is not exported: one the sampler
+// leaves out, or one the full queue drops.
+func TestNoExemplarWithoutSpan(t *testing.T) {
+	read := Span{Name: "syscall read", StartNs: 0, EndNs: 3e8, Metric: metrics.SyscallLatency, LabelValues: []string{"read"}}
+	write := read
+	write.LabelValues = []string{"write"}
+
+	t.Run("unsampled", func(t *testing.T) {
+		t.Setenv("OTEL_TRACES_SAMPLER", "always_off")
+		ex, f := metrics.NewExemplars(), &fakeExporter{}
+		p := newPipeline(f, resource.Empty(), Options{}, ex, discard())
+		p.emit(p.provider.Tracer("syscall"), read)
+		if err := p.Close(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if got := ex.Lookup(metrics.SyscallLatency, []string{"read"}); len(got) != 0 || f.got != 0 {
+			t.Errorf("%d spans exported, exemplars %+v; want none", f.got, got)
+		}
+	})
+	t.Run("queue full", func(t *testing.T) {
+		ex, f := metrics.NewExemplars(), &fakeExporter{block: make(chan struct{})}
+		p := newPipeline(f, resource.Empty(), Options{QueueSize: 1, Batch: 1, Interval: time.Hour}, ex, discard())
+		tr := p.provider.Tracer("syscall")
+		for range 10 { // one in flight, one queued, the rest dropped
+			p.emit(tr, read)
+		}
+		p.emit(tr, write)
+		if c := p.Counts()["syscall"]; c.QueueFull < 9 {
+			t.Fatalf("counts %+v, want the queue full", c)
+		}
+		if got := ex.Lookup(metrics.SyscallLatency, []string{"write"}); len(got) != 0 {
+			t.Errorf("exemplar of a dropped span: %+v", got)
+		}
+		if got := ex.Lookup(metrics.SyscallLatency, []string{"read"}); len(got) != 1 {
+			t.Errorf("exemplars of queued spans: %+v, want one", got)
+		}
+		close(f.block)
+		p.Close(context.Background())
+	})
 }
