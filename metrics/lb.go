@@ -41,7 +41,7 @@ func NewLBCollector(src LBSource) Collector {
 		backConns: prometheus.NewDesc("ktel_lb_backend_connections_total",
 			"Connects and unconnected UDP datagrams sent to a service and rewritten to this backend.", []string{"service", "backend"}, nil),
 		noBackend: prometheus.NewDesc("ktel_lb_no_backend_total",
-			"Connects and datagrams refused (ECONNREFUSED) because the service had no backend.", []string{"service"}, nil),
+			"Connects and datagrams refused (ECONNREFUSED; EPERM before Linux 5.18) because the service had no backend.", []string{"service"}, nil),
 		services: prometheus.NewDesc("ktel_lb_services",
 			"Services in the applied services file.", nil, nil),
 		backends: prometheus.NewDesc("ktel_lb_backends",

@@ -61,7 +61,7 @@ ktel_lb_config_reloads_total{result="success"} 3
 ktel_lb_datapath_errors_total{reason="maglev"} 0
 ktel_lb_datapath_errors_total{reason="reverse"} 0
 ktel_lb_datapath_errors_total{reason="slot"} 2
-# HELP ktel_lb_no_backend_total Connects and datagrams refused (ECONNREFUSED) because the service had no backend.
+# HELP ktel_lb_no_backend_total Connects and datagrams refused (ECONNREFUSED; EPERM before Linux 5.18) because the service had no backend.
 # TYPE ktel_lb_no_backend_total counter
 ktel_lb_no_backend_total{service="empty"} 4
 ktel_lb_no_backend_total{service="web"} 0

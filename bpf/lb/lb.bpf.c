@@ -97,8 +97,10 @@ enum drop_reason {
  * that does not fit (a failed reload) and keeps the previous one. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	/* No prealloc: a replaced element is freed only after an RCU grace
-	 * period, so a program holding the old value reads it whole. */
+	/* No prealloc: memory for the services present only. A replaced
+	 * element may be reused at once (since 5.19/6.1 hash maps recycle
+	 * elements through a per-CPU cache), so translate copies the value
+	 * in one read and uses only the copy. */
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1);
 	__type(key, struct svc_key);
@@ -240,25 +242,27 @@ enum verdict {
 static __always_inline enum verdict translate(void *ctx, const struct svc_key *k, bool sticky,
 					      struct backend *out)
 {
-	struct svc_val *sv = bpf_map_lookup_elem(&lb_services, k);
+	struct svc_val *found = bpf_map_lookup_elem(&lb_services, k), sv;
 	struct svc_stats *st;
 	struct backend *b;
 	__u64 cookie, *bc;
 	__u32 id;
 
-	if (!sv)
+	if (!found)
 		return PASS;
-	id = sv->id;
+	/* One copy, read once: id, base, count and flags of one version. */
+	__builtin_memcpy(&sv, found, sizeof(sv));
+	id = sv.id;
 	st = bpf_map_lookup_elem(&lb_service_stats, &id);
 	if (st)
 		st->connections++;
-	if (sv->count == 0) {
+	if (sv.count == 0) {
 		if (st)
 			st->no_backend++;
 		return REFUSE;
 	}
 	cookie = bpf_get_socket_cookie(ctx);
-	b = pick(sv, cookie, sticky);
+	b = pick(&sv, cookie, sticky);
 	if (!b)
 		return PASS;
 	__builtin_memcpy(out, b, sizeof(*out));

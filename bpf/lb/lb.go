@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"time"
 	"unsafe"
 
@@ -110,9 +111,15 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 	if opts.ServicesFile == "" {
 		return nil, errors.New("no services file given")
 	}
+	// A reload writes a changed service's backends into fresh slots (and
+	// a changed VIP's entry) before it frees the old ones, so that no
+	// connect sees half a service: the slots and the services map hold
+	// twice the limits, and any file within them can replace any other.
+	// Counters and service indexes are kept for backends and services
+	// that stay, and come from the retired ones after a second.
 	lim := ctl.Limits{
 		MaxServices: opts.MaxServices,
-		MaxSlots:    opts.MaxBackends,
+		MaxSlots:    2 * opts.MaxBackends,
 		MaxCounters: opts.MaxBackends,
 		Algorithm:   ctl.Algorithm(opts.Algorithm),
 		MaglevSize:  opts.MaglevSize,
@@ -154,15 +161,15 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 	if err := spec.Variables["maglev_size"].Set(uint32(opts.MaglevSize)); err != nil {
 		return nil, fmt.Errorf("set maglev_size: %w", err)
 	}
-	spec.Maps["lb_services"].MaxEntries = uint32(opts.MaxServices)
+	spec.Maps["lb_services"].MaxEntries = uint32(2 * opts.MaxServices)
 	spec.Maps["lb_service_stats"].MaxEntries = uint32(opts.MaxServices)
-	spec.Maps["lb_backends"].MaxEntries = uint32(opts.MaxBackends)
+	spec.Maps["lb_backends"].MaxEntries = uint32(lim.MaxSlots)
 	spec.Maps["lb_backend_stats"].MaxEntries = uint32(opts.MaxBackends)
 	spec.Maps["lb_reverse"].MaxEntries = uint32(opts.MaxSockets)
 	mg := spec.Maps["lb_maglev"]
 	mg.InnerMap.MaxEntries = uint32(opts.MaglevSize)
 	if lim.Algorithm == ctl.AlgMaglev {
-		mg.MaxEntries = uint32(opts.MaxBackends) // keyed by range base
+		mg.MaxEntries = uint32(lim.MaxSlots) // keyed by range base
 	}
 
 	coll, err := ebpf.NewCollection(spec)
@@ -255,7 +262,9 @@ func (p *Probe) Close() error {
 	if p.mgr != nil {
 		cs = append(cs, p.mgr)
 	}
-	for _, l := range p.links {
+	// In reverse order of attach: connect stops being rewritten before
+	// getpeername and recvmsg stop showing the VIP.
+	for _, l := range slices.Backward(p.links) {
 		cs = append(cs, l)
 	}
 	for _, prog := range p.progs {

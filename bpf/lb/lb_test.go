@@ -322,6 +322,47 @@ func TestReload(t *testing.T) {
 	}
 }
 
+// A file within the limits replaces another within them: the backends of
+// a changed service go to fresh slots, and a changed VIP gets its entry,
+// before the old ones are freed, so the maps have room for both.
+func TestReloadAtCapacity(t *testing.T) {
+	testenv.Privileged(t)
+	sb := newSandbox(t)
+	for _, b := range []string{"127.0.0.2:8080", "127.0.0.3:8080", "127.0.0.4:8080", "127.0.0.5:8080"} {
+		sb.serveTCP(t, b)
+	}
+	file := filepath.Join(t.TempDir(), "services.yaml")
+	svc := func(vip string, backends ...string) string {
+		var b strings.Builder
+		b.WriteString("services:\n  - name: web\n    vip: " + vip + "\n    port: 80\n    backends:\n")
+		for _, a := range backends {
+			b.WriteString("      - {address: " + a + ", port: 8080}\n")
+		}
+		return b.String()
+	}
+	writeFile(t, file, svc("10.96.0.10", "127.0.0.2", "127.0.0.3", "127.0.0.4"))
+	for _, alg := range []string{"random", "maglev"} {
+		t.Run(alg, func(t *testing.T) {
+			writeFile(t, file, svc("10.96.0.10", "127.0.0.2", "127.0.0.3", "127.0.0.4"))
+			p := load(t, Options{Cgroup: sb.cg, ServicesFile: file, MaxServices: 1, MaxBackends: 4, Algorithm: alg})
+			p.mgr.Close() // only explicit reloads from here
+			for _, step := range []struct{ vip, last string }{
+				{"10.96.0.10", "127.0.0.5"}, // one backend replaced: 3 new slots while 3 are in use
+				{"10.96.0.11", "127.0.0.5"}, // the VIP changed: two entries for a moment
+			} {
+				writeFile(t, file, svc(step.vip, "127.0.0.2", "127.0.0.3", step.last))
+				if err := p.Reload(); err != nil {
+					t.Fatalf("reload to %s with %s: %v", step.vip, step.last, err)
+				}
+				r := sb.run(t, clientSpec{mode: "tcp", addr: step.vip + ":80", n: 20, inCgroup: true})
+				if r.OK != 20 {
+					t.Errorf("%s after the reload: %d ok, errors %v", step.vip, r.OK, r.Errors)
+				}
+			}
+		})
+	}
+}
+
 // Maglev mode: connects reach backends; after a backend is removed the
 // remaining ones keep serving.
 func TestMaglev(t *testing.T) {

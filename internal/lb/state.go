@@ -142,8 +142,8 @@ func (l Limits) Validate() error {
 	if l.MaxServices < 1 || l.MaxServices > 1<<24 {
 		errs = append(errs, fmt.Errorf("max services %d: want 1..%d", l.MaxServices, 1<<24))
 	}
-	if l.MaxSlots < 1 || l.MaxSlots > 1<<24 {
-		errs = append(errs, fmt.Errorf("max backends %d: want 1..%d", l.MaxSlots, 1<<24))
+	if l.MaxSlots < 1 || l.MaxSlots > 1<<25 {
+		errs = append(errs, fmt.Errorf("max backend slots %d: want 1..%d", l.MaxSlots, 1<<25))
 	}
 	if l.MaxCounters < 1 || l.MaxCounters > 1<<24 {
 		errs = append(errs, fmt.Errorf("max backend counters %d: want 1..%d", l.MaxCounters, 1<<24))
@@ -171,7 +171,10 @@ func (s *State) layout(svc Service, counters []uint32) ([]Slot, []uint32, error)
 			slots[i] = Slot{Addr: b.Addr, Counter: counters[i]}
 		}
 		table, err := Maglev(svc.Backends, s.lim.MaglevSize)
-		return slots, table, err
+		if err != nil {
+			return nil, nil, fmt.Errorf("service %s (line %d): %w (KTEL_LB_MAGLEV_TABLE_SIZE)", svc.Name, svc.Line, err)
+		}
+		return slots, table, nil
 	}
 	g := uint32(0)
 	for _, b := range svc.Backends {
