@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol deploy-tools deploy-check reliability soak vet deps tools clean
+.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol deploy-tools deploy-check reliability soak vet tools clean
 
 all: build
 
