@@ -16,7 +16,8 @@ type Clock struct {
 
 	mu       sync.Mutex
 	offset   int64 // wall ns - monotonic ns
-	measured time.Time
+	measured int64 // monotonic ns of the measurement; 0: never
+	wallAt   int64 // wall ns of the measurement
 	// Reads of both clocks, replaceable in tests.
 	mono func() int64
 	wall func() int64
@@ -51,14 +52,24 @@ func (c *Clock) measure() int64 {
 	return best
 }
 
-// Wall converts a CLOCK_MONOTONIC timestamp in ns to wall time.
+// Wall converts a CLOCK_MONOTONIC timestamp in ns to wall time. The
+// offset is measured again once refresh has passed by either clock: the
+// monotonic clock stops during a suspend, the wall clock does not, so a
+// resume is noticed at the first conversion after it.
 func (c *Clock) Wall(monoNs uint64) time.Time {
 	c.mu.Lock()
-	if c.measured.IsZero() || time.Since(c.measured) > c.refresh {
+	if m, w := c.mono(), c.wall(); c.measured == 0 || m-c.measured > int64(c.refresh) || abs(w-c.wallAt) > int64(c.refresh) {
 		c.offset = c.measure()
-		c.measured = time.Now()
+		c.measured, c.wallAt = c.mono(), c.wall()
 	}
 	off := c.offset
 	c.mu.Unlock()
 	return time.Unix(0, int64(monoNs)+off)
+}
+
+func abs(x int64) int64 {
+	if x < 0 {
+		return -x
+	}
+	return x
 }

@@ -27,10 +27,17 @@ func TestClock(t *testing.T) {
 	c.mono = func() int64 { mono += 10; return mono } // each read advances 10 ns
 	c.wall = func() int64 { return 1_700_000_000_000_000_000 }
 	got := c.Wall(2_000_000_000)
-	// Wall was read between monos m1 and m1+10: offset = wall - (m1+5).
-	want := time.Unix(0, 1_700_000_000_000_000_000+(2_000_000_000-1_000_000_015))
+	// After one read of each clock to decide, wall was read between monos
+	// m1 and m1+10: offset = wall - (m1+5).
+	want := time.Unix(0, 1_700_000_000_000_000_000+(2_000_000_000-1_000_000_025))
 	if !got.Equal(want) {
 		t.Errorf("Wall = %v, want %v", got, want)
+	}
+	// A suspend: the monotonic clock stood still while the wall clock went
+	// on for two hours; the next conversion measures again.
+	c.wall = func() int64 { return 1_700_000_000_000_000_000 + int64(2*time.Hour) }
+	if got := c.Wall(2_000_000_000); got.Sub(want.Add(2*time.Hour)).Abs() > time.Microsecond {
+		t.Errorf("after a suspend: Wall = %v, want %v", got, want.Add(2*time.Hour))
 	}
 	// Real clocks: a timestamp taken now converts to now.
 	c = NewClock(time.Hour)
