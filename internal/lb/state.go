@@ -113,6 +113,17 @@ type State struct {
 	svcIDs   *idAlloc
 	counters *idAlloc
 	retired  []retired
+	// orphans are removed services whose entries a failed delete left in
+	// the services map: still balanced, so what they point to is kept.
+	// Every apply deletes them again, and retires what they held once
+	// they are gone (or once a new service's entry replaced theirs).
+	orphans []orphan
+}
+
+// orphan is a removed service still in the services map.
+type orphan struct {
+	key Key
+	r   retired
 }
 
 // NewState returns an empty State over dp.
@@ -384,11 +395,27 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 			leak[name] = true
 		}
 	}
+	var orphans []orphan
+	for _, o := range s.orphans {
+		if newKeys[o.key] {
+			// The write above replaced its entry.
+			o.r.at = now
+			toRetire = append(toRetire, o.r)
+			continue
+		}
+		del = append(del, o.key)
+		orphans = append(orphans, o)
+	}
 	sort.Slice(del, func(i, j int) bool { return del[i].VIP.String() < del[j].VIP.String() })
 	var delErr error
 	if len(del) > 0 {
 		if delErr = s.dp.DeleteServices(del); delErr == nil {
 			clear(leak)
+			for _, o := range orphans {
+				o.r.at = now
+				toRetire = append(toRetire, o.r)
+			}
+			orphans = nil
 		}
 	}
 	for name, old := range s.live {
@@ -406,7 +433,9 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 			r.base, r.count, r.maglev = old.base, old.count, old.maglev
 		}
 		if leak[name] {
-			// Its entry may still be in the map: keep what it points to.
+			// Its entry may still be in the map: keep what it points to
+			// until a later apply deletes it.
+			orphans = append(orphans, orphan{key: old.svc.Key(), r: r})
 			continue
 		}
 		if r.freeID || len(r.counters) > 0 || r.count > 0 {
@@ -414,6 +443,7 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 		}
 	}
 	s.retired = append(s.retired, toRetire...)
+	s.orphans = orphans
 	s.live = next
 	a := Applied{Written: len(entries), Deleted: len(del), Slots: len(slotIdx)}
 	if delErr != nil {

@@ -295,6 +295,44 @@ func TestApplyWriteFailure(t *testing.T) {
 	}
 }
 
+// A removed service whose delete failed keeps what it points to, and the
+// next apply deletes it again and then frees it.
+func TestApplyDeleteRetried(t *testing.T) {
+	s, f, now := newTestState(t, Limits{MaxServices: 4, MaxSlots: 4, MaxCounters: 8})
+	a, b := svc("a", "10.96.0.1:80", "10.0.0.1:80"), svc("b", "10.96.0.2:80", "10.0.0.2:80")
+	if _, err := s.Apply([]Service{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	f.failOn = "DeleteServices"
+	if _, err := s.Apply([]Service{a}); err == nil {
+		t.Fatal("failed delete not reported")
+	}
+	if s.svcIDs.inUse() != 2 || s.counters.inUse() != 2 || len(f.services) != 2 {
+		t.Fatalf("after the failed delete: %d ids, %d counters, %d services; want b's kept", s.svcIDs.inUse(), s.counters.inUse(), len(f.services))
+	}
+	f.failOn = ""
+	if _, err := s.Apply([]Service{a}); err != nil {
+		t.Fatal(err)
+	}
+	if len(f.services) != 1 || f.backendsOf("10.96.0.2:80") != nil {
+		t.Errorf("b still in the services map: %v", f.services)
+	}
+	// b's index and counter are retired: free after the quarantine.
+	if err := s.release(); err != nil {
+		t.Fatal(err)
+	}
+	if s.svcIDs.inUse() != 2 {
+		t.Errorf("b's index freed before its quarantine")
+	}
+	*now = now.Add(DefaultQuarantine)
+	if err := s.release(); err != nil {
+		t.Fatal(err)
+	}
+	if s.svcIDs.inUse() != 1 || s.counters.inUse() != 1 || s.slots.available() != 3 {
+		t.Errorf("after the quarantine: %d ids, %d counters, %d free slots; want b's freed", s.svcIDs.inUse(), s.counters.inUse(), s.slots.available())
+	}
+}
+
 func TestApplyWeightsAndMaglev(t *testing.T) {
 	s, f, _ := newTestState(t, Limits{MaxServices: 4, MaxSlots: 64, MaxCounters: 64})
 	w := svc("w", "10.96.0.1:80", "10.0.0.1:80", "10.0.0.2:80")
