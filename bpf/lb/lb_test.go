@@ -244,6 +244,17 @@ func TestDatapath(t *testing.T) {
 
 // Backends change while a client connects continuously: no connect fails,
 // the new backend gets traffic, and an invalid file changes nothing.
+// webService is a services file of one TCP service, web, at vip:80, with
+// backends at port 8080.
+func webService(vip string, backends ...string) string {
+	var b strings.Builder
+	b.WriteString("services:\n  - name: web\n    vip: " + vip + "\n    port: 80\n    backends:\n")
+	for _, a := range backends {
+		b.WriteString("      - {address: " + a + ", port: 8080}\n")
+	}
+	return b.String()
+}
+
 func TestReload(t *testing.T) {
 	testenv.Privileged(t)
 	sb := newSandbox(t)
@@ -251,14 +262,7 @@ func TestReload(t *testing.T) {
 		sb.serveTCP(t, b)
 	}
 	file := filepath.Join(t.TempDir(), "services.yaml")
-	svc := func(backends ...string) string {
-		var b strings.Builder
-		b.WriteString("services:\n  - name: web\n    vip: 10.96.0.10\n    port: 80\n    backends:\n")
-		for _, a := range backends {
-			b.WriteString("      - {address: " + a + ", port: 8080}\n")
-		}
-		return b.String()
-	}
+	svc := func(backends ...string) string { return webService("10.96.0.10", backends...) }
 	writeFile(t, file, svc("127.0.0.2", "127.0.0.3"))
 	p := load(t, Options{Cgroup: sb.cg, ServicesFile: file})
 
@@ -332,14 +336,7 @@ func TestReloadAtCapacity(t *testing.T) {
 		sb.serveTCP(t, b)
 	}
 	file := filepath.Join(t.TempDir(), "services.yaml")
-	svc := func(vip string, backends ...string) string {
-		var b strings.Builder
-		b.WriteString("services:\n  - name: web\n    vip: " + vip + "\n    port: 80\n    backends:\n")
-		for _, a := range backends {
-			b.WriteString("      - {address: " + a + ", port: 8080}\n")
-		}
-		return b.String()
-	}
+	svc := webService
 	writeFile(t, file, svc("10.96.0.10", "127.0.0.2", "127.0.0.3", "127.0.0.4"))
 	for _, alg := range []string{"random", "maglev"} {
 		t.Run(alg, func(t *testing.T) {
