@@ -15,7 +15,10 @@
  *                starts there (consistent mode only).
  * and by the programs:
  *   lb_reverse   (socket cookie, backend) -> VIP, for getpeername/recvmsg.
- *   lb_service_stats, lb_backend_stats, lb_drops: per-CPU counters.
+ *   lb_service_stats, lb_backend_stats, lb_drops: per-CPU counters,
+ *                added to atomically: cgroup hooks run with migration,
+ *                not preemption, disabled, so two connects may interleave
+ *                on one CPU.
  *
  * Updates are atomic per service: user space writes the backends (and
  * Maglev table) of a new configuration into fresh slots, then replaces the
@@ -164,7 +167,7 @@ static __always_inline void count_drop(__u32 reason)
 	__u64 *v = bpf_map_lookup_elem(&lb_drops, &reason);
 
 	if (v)
-		(*v)++;
+		__sync_fetch_and_add(v, 1);
 }
 
 /* mix64 is the murmur3 finalizer: a socket cookie is a counter, its low
@@ -255,10 +258,10 @@ static __always_inline enum verdict translate(void *ctx, const struct svc_key *k
 	id = sv.id;
 	st = bpf_map_lookup_elem(&lb_service_stats, &id);
 	if (st)
-		st->connections++;
+		__sync_fetch_and_add(&st->connections, 1);
 	if (sv.count == 0) {
 		if (st)
-			st->no_backend++;
+			__sync_fetch_and_add(&st->no_backend, 1);
 		return REFUSE;
 	}
 	cookie = bpf_get_socket_cookie(ctx);
@@ -269,7 +272,7 @@ static __always_inline enum verdict translate(void *ctx, const struct svc_key *k
 	id = b->counter;
 	bc = bpf_map_lookup_elem(&lb_backend_stats, &id);
 	if (bc)
-		(*bc)++;
+		__sync_fetch_and_add(bc, 1);
 	remember(cookie, b, k);
 	return REWRITE;
 }
