@@ -44,7 +44,7 @@ func NewNetdevCollector(src NetdevSource) Collector {
 		overflow: prometheus.NewDesc("ktel_net_interfaces_overflow_total",
 			"Matching interfaces not attached because every interface slot was in use.", nil, nil),
 		missed: prometheus.NewDesc("ktel_net_packets_missed_total",
-			"Packets seen on an interface that had no slot (only while an interface is being removed).", nil, nil),
+			"Packets seen on an interface that held no slot: while it was being detached, or through a clsact filter left by a killed ktel.", nil, nil),
 	}
 }
 

@@ -53,7 +53,7 @@ ktel_net_bytes_total{cpu="1",direction="ingress",interface="eth0",protocol="ipv6
 # HELP ktel_net_interfaces_overflow_total Matching interfaces not attached because every interface slot was in use.
 # TYPE ktel_net_interfaces_overflow_total counter
 ktel_net_interfaces_overflow_total 3
-# HELP ktel_net_packets_missed_total Packets seen on an interface that had no slot (only while an interface is being removed).
+# HELP ktel_net_packets_missed_total Packets seen on an interface that held no slot: while it was being detached, or through a clsact filter left by a killed ktel.
 # TYPE ktel_net_packets_missed_total counter
 ktel_net_packets_missed_total 1
 `

@@ -164,20 +164,30 @@ func (w *watcher) resync() error {
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
 		return fmt.Errorf("list links: %w", err)
 	}
+	// An interrupted dump may lack links that exist: only a complete one
+	// proves an interface gone. Removals go first, so that their slots
+	// serve the links the dump adds.
+	complete := err == nil
 	present := map[int]bool{}
 	for _, l := range links {
 		present[l.Attrs().Index] = true
+	}
+	if complete {
+		for idx, a := range w.attached {
+			if !present[idx] {
+				w.detach(a, true)
+			}
+		}
+		for idx := range w.waiting {
+			if !present[idx] {
+				delete(w.waiting, idx)
+			}
+		}
+	} else {
+		w.log.Warn("link list still interrupted after retries; removed interfaces are forgotten at their next event or list")
+	}
+	for _, l := range links {
 		w.consider(l)
-	}
-	for idx, a := range w.attached {
-		if !present[idx] {
-			w.detach(a, true)
-		}
-	}
-	for idx := range w.waiting {
-		if !present[idx] {
-			delete(w.waiting, idx)
-		}
 	}
 	w.fillFreedSlots()
 	return nil

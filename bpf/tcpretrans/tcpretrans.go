@@ -332,7 +332,9 @@ func decodePeerKey(k tcpretransPeerKey) PeerKey {
 	if Family(k.Family) == IPv4 {
 		addr = netip.AddrFrom4([4]byte(k.Addr[:4]))
 	} else {
-		addr = netip.AddrFrom16(k.Addr)
+		// A dual-stack socket's IPv4 peer (::ffff:a.b.c.d) is shown, as in
+		// spans, as a.b.c.d: one host, one peer value.
+		addr = netip.AddrFrom16(k.Addr).Unmap()
 	}
 	return PeerKey{
 		Key:  Key{Family: Family(k.Family), State: k.State, Kind: Kind(k.Kind)},

@@ -62,7 +62,7 @@ type Config struct {
 	RunqlatPerCPU    bool   `envconfig:"KTEL_RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs."`
 
 	TCPRetransPeers    bool `envconfig:"KTEL_TCPRETRANS_PEERS" default:"false" values:"true|false" desc:"Break ktel_tcp_retransmits_total down by remote address:port (label peer), capped by KTEL_TCPRETRANS_MAX_PEERS."`
-	TCPRetransMaxPeers int  `envconfig:"KTEL_TCPRETRANS_MAX_PEERS" default:"100" values:"0..4096" desc:"Distinct peer label values; retransmits to further peers are counted as peer=\"other\" and in ktel_label_overflow_total."`
+	TCPRetransMaxPeers int  `envconfig:"KTEL_TCPRETRANS_MAX_PEERS" default:"100" values:"1..4096" desc:"Distinct peer label values; retransmits to further peers are counted as peer=\"other\" and in ktel_label_overflow_total."`
 
 	Interfaces          string `envconfig:"KTEL_INTERFACES" default:"" values:"comma-separated names or globs (eth0,veth*,lxc*)" desc:"Interfaces the netdev probe counts; ones that appear later are attached, removed ones forgotten. Empty: netdev is not started."`
 	NetdevHook          string `envconfig:"KTEL_NETDEV_HOOK" default:"tc" values:"tc|xdp" desc:"Where netdev counts ingress (egress is always TC)."`
@@ -223,7 +223,7 @@ func (c *Config) Validate() error {
 		bad("MAX_CONCURRENT_SCRAPES", strconv.Itoa(c.MaxScrapes), "below 1")
 	}
 
-	if c.TCPRetransMaxPeers < 0 || c.TCPRetransMaxPeers > tcpretrans.PeerLimit {
+	if c.TCPRetransMaxPeers < 1 || c.TCPRetransMaxPeers > tcpretrans.PeerLimit {
 		bad("TCPRETRANS_MAX_PEERS", strconv.Itoa(c.TCPRetransMaxPeers), "out of range")
 	}
 	if _, err := netdev.ParseInterfaces(c.Interfaces); err != nil && c.Interfaces != "" {
