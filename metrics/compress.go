@@ -3,6 +3,7 @@ package metrics
 import (
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"github.com/klauspost/compress/gzip"
@@ -26,7 +27,8 @@ func gzipped(h http.Handler) http.Handler {
 }
 
 // acceptsGzip reports whether an Accept-Encoding header lists gzip with a
-// non-zero quality.
+// non-zero quality (RFC 9110: the q parameter's name is case-insensitive,
+// and it may follow others).
 func acceptsGzip(values []string) bool {
 	for _, v := range values {
 		for c := range strings.SplitSeq(v, ",") {
@@ -34,8 +36,14 @@ func acceptsGzip(values []string) bool {
 			if !strings.EqualFold(strings.TrimSpace(coding), "gzip") {
 				continue
 			}
-			q, ok := strings.CutPrefix(strings.ReplaceAll(params, " ", ""), "q=")
-			return !ok || strings.Trim(q, "0.") != ""
+			for p := range strings.SplitSeq(params, ";") {
+				name, value, _ := strings.Cut(strings.TrimSpace(p), "=")
+				if strings.EqualFold(strings.TrimSpace(name), "q") {
+					q, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+					return err == nil && q > 0
+				}
+			}
+			return true
 		}
 	}
 	return false

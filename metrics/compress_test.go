@@ -23,6 +23,9 @@ func TestAcceptsGzip(t *testing.T) {
 		"x-gzip-but-not":          false,
 		"zstd,gzip":               true,
 		"br;q=1, gzip ; q=0.001 ": true,
+		"gzip;Q=0":                false,
+		"gzip;foo=1;q=0":          false,
+		"gzip;foo=1":              true,
 	} {
 		if got := acceptsGzip([]string{v}); got != want {
 			t.Errorf("%q: %v, want %v", v, got, want)

@@ -61,6 +61,7 @@ func encoderRegistry(t *testing.T) *prometheus.Registry {
 		{[]string{"write", "ünïcödé"}, []uint64{1_000_000, 5, 0, 0, 12_345_678_901}, 1e9, map[float64]Exemplar{
 			histogram.ClassicBounds()[10]: {Value: 0.000123, TraceID: "0af7651916cd43dd8448eb211c80319c", SpanID: "b7ad6b7169203331", Time: at},
 			histogram.ClassicBounds()[20]: {Value: 1, TraceID: "0af7651916cd43dd8448eb211c80319d", SpanID: "b7ad6b7169203332", Time: at.Add(time.Second)},
+			math.Inf(1):                   {Value: 30, TraceID: "0af7651916cd43dd8448eb211c80319e", SpanID: "b7ad6b7169203333", Time: at.Add(2 * time.Second)},
 		}},
 		{[]string{"empty", ""}, nil, 0, nil},
 		{[]string{"one", "x"}, []uint64{1}, 1e9, nil},
@@ -124,6 +125,8 @@ func TestHandlerMatchesPromhttp(t *testing.T) {
 	ex := NewExemplars()
 	ex.Observe(SyscallLatency, []string{names(3)}, Exemplar{Value: 0.002, TraceID: "0af7651916cd43dd8448eb211c80319c",
 		SpanID: "b7ad6b7169203331", Time: time.Unix(1700000000, 0)})
+	ex.Observe(SyscallLatency, []string{names(3)}, Exemplar{Value: 30, TraceID: "1af7651916cd43dd8448eb211c80319c",
+		SpanID: "c7ad6b7169203331", Time: time.Unix(1700000001, 0)})
 	sc := NewSyscallCollector(f, names, ex)
 	reg.MustRegister(&collectorAdapter{sc})
 	g := NewGatherer(reg, map[string]Collector{"syscall": sc})

@@ -30,6 +30,8 @@ var classicBoundPtrs = func() []*float64 {
 	return out
 }()
 
+var infBound = proto.Float64(math.Inf(1))
+
 // histogramBlock holds everything one histogram points to but its labels,
 // so that building it is one allocation rather than forty, and rebuilding
 // it none (fill).
@@ -40,8 +42,9 @@ type histogramBlock struct {
 	schema             int32
 	cums               [histogram.ClassicBuckets]uint64
 	buckets            [histogram.ClassicBuckets]dto.Bucket
-	bucketPtrs         [histogram.ClassicBuckets]*dto.Bucket
-	spans              [2]dto.BucketSpan // most histograms need one or two
+	bucketPtrs         [histogram.ClassicBuckets + 1]*dto.Bucket // and +Inf
+	inf                dto.Bucket                                // explicit only to carry an exemplar
+	spans              [2]dto.BucketSpan                         // most histograms need one or two
 	spanOffsets        [2]int32
 	spanLengths        [2]uint32
 	spanPtrs           [2]*dto.BucketSpan
@@ -84,6 +87,13 @@ func (b *histogramBlock) fill(layout *histogram.Layout, slots []uint64, sumNs ui
 		b.bucketPtrs[i] = &b.buckets[i]
 	}
 	b.h.Bucket = b.bucketPtrs[:len(cums)]
+	if _, ok := ex[math.Inf(1)]; ok {
+		// An outlier above the last bound: client_golang, too, adds an
+		// explicit +Inf bucket for its exemplar, or text formats would
+		// have no line to put it on.
+		b.inf = dto.Bucket{UpperBound: infBound, CumulativeCount: &b.count}
+		b.h.Bucket = append(b.h.Bucket, &b.inf)
+	}
 	// Slot k > 0 is native bucket FirstIndex()+k; slot 0 is the zero bucket.
 	b.spanPtrs = [len(b.spanPtrs)]*dto.BucketSpan{}
 	b.h.PositiveSpan, b.h.PositiveDelta = b.spansAndDeltas(layout.FirstIndex()+1, slots[1:])

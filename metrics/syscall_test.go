@@ -8,6 +8,7 @@ import (
 	"maps"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -255,6 +256,9 @@ func TestSyscallExemplars(t *testing.T) {
 	ex := NewExemplars()
 	ex.Observe(SyscallLatency, []string{"read"}, Exemplar{Value: 0.002, TraceID: "0af7651916cd43dd8448eb211c80319c",
 		SpanID: "b7ad6b7169203331", Time: time.Unix(1700000000, 0)})
+	// Above the last classic bound (a futex wait of 30 s): on +Inf.
+	ex.Observe(SyscallLatency, []string{"read"}, Exemplar{Value: 30, TraceID: "1af7651916cd43dd8448eb211c80319c",
+		SpanID: "c7ad6b7169203331", Time: time.Unix(1700000001, 0)})
 	mfs, err := gathered(NewSyscallCollector(f, names, ex)).Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -266,14 +270,18 @@ func TestSyscallExemplars(t *testing.T) {
 			if err := enc.Encode(mf); err != nil {
 				t.Fatal(err)
 			}
-			if n := len(mf.Metric[0].Histogram.Exemplars); n != 1 {
-				t.Errorf("%d native exemplars, want 1", n)
+			if n := len(mf.Metric[0].Histogram.Exemplars); n != 2 {
+				t.Errorf("%d native exemplars, want 2", n)
 			}
 		}
 	}
 	want := `ktel_syscall_latency_seconds_bucket{syscall="read",le="0.00390625"} 4 # {trace_id="0af7651916cd43dd8448eb211c80319c",span_id="b7ad6b7169203331"} 0.002 1.7e+09`
 	if !strings.Contains(buf.String(), want) {
 		t.Errorf("OpenMetrics output lacks\n%s\nin\n%s", want, buf.String())
+	}
+	inf := regexp.MustCompile(`ktel_syscall_latency_seconds_bucket\{syscall="read",le="\+Inf"\} \d+ # \{trace_id="1af7651916cd43dd8448eb211c80319c",span_id="c7ad6b7169203331"\} 30\.0 1\.700000001e\+09`)
+	if !inf.MatchString(buf.String()) || strings.Count(buf.String(), `syscall="read",le="+Inf"`) != 1 {
+		t.Errorf("OpenMetrics output lacks one +Inf bucket with the 30 s exemplar:\n%s", buf.String())
 	}
 }
 
