@@ -228,12 +228,21 @@ static __always_inline void finish(struct start *s, long ret)
 	record(s->nr, ts, bpf_ktime_get_ns(), ret);
 }
 
+/* The syscalls that never return (exit, exit_group), numbered by user
+ * space for the architecture. A thread ends in one: the hash variant, whose
+ * entries outlive their threads, does not keep a start for them (the LRU
+ * would fill with dead threads' starts and evict live ones, and a new
+ * thread reusing the tid would inherit one). Task storage goes with its
+ * task and needs no such care. */
+volatile const __u32 syscall_nr_exit = ~0U;
+volatile const __u32 syscall_nr_exit_group = ~0U;
+
 static __always_inline int enter_hash(long id)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct start s = {};
 
-	if (id < 0 || id >= MAX_SYSCALLS)
+	if (id < 0 || id >= MAX_SYSCALLS || id == syscall_nr_exit || id == syscall_nr_exit_group)
 		return 0;
 	enter(&s, id);
 	bpf_map_update_elem(&syscall_start_hash, &tid, &s, BPF_ANY);

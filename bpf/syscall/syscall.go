@@ -12,6 +12,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/ktel-dev/ktel/internal/histogram"
 	"github.com/ktel-dev/ktel/internal/probe"
@@ -118,6 +119,15 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	startMap := "syscall_start_task"
 	if v.Storage == probe.StorageHash {
 		startMap = "syscall_start_hash"
+	}
+	for name, nr := range map[string]uint32{"syscall_nr_exit": unix.SYS_EXIT, "syscall_nr_exit_group": unix.SYS_EXIT_GROUP} {
+		vs, ok := spec.Variables[name]
+		if !ok {
+			return nil, fmt.Errorf("no variable %s", name)
+		}
+		if err := vs.Set(nr); err != nil {
+			return nil, fmt.Errorf("set %s: %w", name, err)
+		}
 	}
 	seen, ok := spec.Variables["syscall_seen"]
 	if !ok || seen.SectionName != ".bss" || seen.Size() != MaxSyscalls {

@@ -76,6 +76,8 @@ const (
 	syscallVarKtelSpanCostNs       = "ktel_span_cost_ns"
 	syscallVarKtelSpanThresholdNs  = "ktel_span_threshold_ns"
 	syscallVarKtelSpanWakeupBytes  = "ktel_span_wakeup_bytes"
+	syscallVarSyscallNrExit        = "syscall_nr_exit"
+	syscallVarSyscallNrExitGroup   = "syscall_nr_exit_group"
 	syscallVarSyscallSeen          = "syscall_seen"
 	syscallVarUnusedSyscallEvent   = "unused_syscall_event"
 )
@@ -162,6 +164,8 @@ type syscallVariableSpecs struct {
 	KtelSpanCostNs      *ebpf.VariableSpec `ebpf:"ktel_span_cost_ns"`
 	KtelSpanThresholdNs *ebpf.VariableSpec `ebpf:"ktel_span_threshold_ns"`
 	KtelSpanWakeupBytes *ebpf.VariableSpec `ebpf:"ktel_span_wakeup_bytes"`
+	SyscallNrExit       *ebpf.VariableSpec `ebpf:"syscall_nr_exit"`
+	SyscallNrExitGroup  *ebpf.VariableSpec `ebpf:"syscall_nr_exit_group"`
 	SyscallSeen         *ebpf.VariableSpec `ebpf:"syscall_seen"`
 	UnusedSyscallEvent  *ebpf.VariableSpec `ebpf:"unused_syscall_event"`
 }
@@ -221,6 +225,8 @@ type syscallVariables struct {
 	KtelSpanCostNs      *ebpf.Variable `ebpf:"ktel_span_cost_ns"`
 	KtelSpanThresholdNs *ebpf.Variable `ebpf:"ktel_span_threshold_ns"`
 	KtelSpanWakeupBytes *ebpf.Variable `ebpf:"ktel_span_wakeup_bytes"`
+	SyscallNrExit       *ebpf.Variable `ebpf:"syscall_nr_exit"`
+	SyscallNrExitGroup  *ebpf.Variable `ebpf:"syscall_nr_exit_group"`
 	SyscallSeen         *ebpf.Variable `ebpf:"syscall_seen"`
 	UnusedSyscallEvent  *ebpf.Variable `ebpf:"unused_syscall_event"`
 }

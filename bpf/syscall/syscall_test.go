@@ -1,9 +1,13 @@
 package syscall
 
 import (
+	"errors"
+	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math"
+	"os"
 	"runtime"
 	"slices"
 	"testing"
@@ -271,5 +275,67 @@ func TestSeenSyscalls(t *testing.T) {
 	}
 	if all == 0 || len(snap.Latency) != all {
 		t.Errorf("%d syscalls in the snapshot, %d with counts", len(snap.Latency), all)
+	}
+}
+
+// Threads that end (in exit, a syscall that never returns) leave no start
+// behind in the hash variants, whose entries outlive their threads.
+func TestExitedThreadsLeaveNoStart(t *testing.T) {
+	testenv.Privileged(t)
+	testenv.Tracefs(t)
+	for _, v := range Variants {
+		if v.Storage != probe.StorageHash {
+			continue
+		}
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v}, discard())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			const n = 20
+			tids := make(chan uint32, n)
+			for range n {
+				go func() {
+					// A goroutine that ends locked to its thread takes the
+					// thread with it: the thread calls exit.
+					runtime.LockOSThread()
+					tids <- uint32(unix.Gettid())
+				}()
+			}
+			ours := map[uint32]bool{}
+			for range n {
+				ours[<-tids] = true
+			}
+			// The threads that are gone (the runtime may keep one).
+			gone := map[uint32]bool{}
+			for deadline := time.Now().Add(time.Second); len(gone) < n && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+				for tid := range ours {
+					if _, err := os.Stat(fmt.Sprintf("/proc/self/task/%d", tid)); errors.Is(err, fs.ErrNotExist) {
+						gone[tid] = true
+					}
+				}
+			}
+			if len(gone) < n/2 {
+				t.Fatalf("only %d of %d threads exited", len(gone), n)
+			}
+			var (
+				tid   uint32
+				start syscallStart
+				left  []string
+			)
+			it := p.start.Iterate()
+			for it.Next(&tid, &start) {
+				if gone[tid] {
+					left = append(left, fmt.Sprintf("%d in %s", tid, NativeName(start.Nr)))
+				}
+			}
+			if err := it.Err(); err != nil {
+				t.Fatal(err)
+			}
+			if len(left) > 0 {
+				t.Errorf("starts of %d of %d exited threads left in the map: %v", len(left), len(gone), left)
+			}
+		})
 	}
 }
