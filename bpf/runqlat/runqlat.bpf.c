@@ -254,7 +254,17 @@ int BPF_PROG(sched_switch_btf_info, bool preempt, struct task_struct *prev, stru
 
 /* --- task storage (tp_btf) --- */
 
-static __always_inline void enqueue_task(struct task_struct *t)
+/*
+ * The start-keeping variants below follow one rule. A task switched out
+ * while runnable (preempted, or yielding) is queued from then: its start
+ * is set. A wakeup sets it only if it has none: a task preempted after it
+ * announced a sleep (state set, schedule() not yet reached) can be woken
+ * while it waits on the run queue, and its wait began at the preemption.
+ * A task switched out to sleep, or dead, has its start cleared: a wakeup
+ * that found it still running (it then did not sleep) would otherwise
+ * leave a start for its next wakeup, or for good once it exits.
+ */
+static __always_inline void enqueue_task(struct task_struct *t, bool keep)
 {
 	__u64 *ts;
 
@@ -265,20 +275,22 @@ static __always_inline void enqueue_task(struct task_struct *t)
 		count_drop(DROP_START_FULL);
 		return;
 	}
+	if (keep && *ts)
+		return;
 	*ts = bpf_ktime_get_ns();
 }
 
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(sched_wakeup_btf_task, struct task_struct *p)
 {
-	enqueue_task(p);
+	enqueue_task(p, true);
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(sched_wakeup_new_btf_task, struct task_struct *p)
 {
-	enqueue_task(p);
+	enqueue_task(p, true);
 	return 0;
 }
 
@@ -287,8 +299,13 @@ int BPF_PROG(sched_switch_btf_task, bool preempt, struct task_struct *prev, stru
 {
 	__u64 *ts, start;
 
-	if (preempt || task_state_btf(prev) == TASK_RUNNING)
-		enqueue_task(prev);
+	if (preempt || task_state_btf(prev) == TASK_RUNNING) {
+		enqueue_task(prev, false);
+	} else if (prev->pid) {
+		ts = bpf_task_storage_get(&runqlat_start_task, prev, 0, 0);
+		if (ts)
+			*ts = 0;
+	}
 	if (!next->pid)
 		return 0;
 	ts = bpf_task_storage_get(&runqlat_start_task, next, 0, 0);
@@ -302,15 +319,28 @@ int BPF_PROG(sched_switch_btf_task, bool preempt, struct task_struct *prev, stru
 
 /* --- hash keyed by pid (tp_btf, raw_tp, tracepoint) --- */
 
-static __always_inline void enqueue_pid(__u32 pid)
+/* enqueue_pid sets pid's start (BPF_ANY), or only if it has none
+ * (BPF_NOEXIST: a wakeup). */
+static __always_inline void enqueue_pid(__u32 pid, __u64 flags)
 {
 	__u64 ts;
+	long err;
 
 	if (!pid)
 		return;
 	ts = bpf_ktime_get_ns();
-	if (bpf_map_update_elem(&runqlat_start_hash, &pid, &ts, BPF_ANY))
+	err = bpf_map_update_elem(&runqlat_start_hash, &pid, &ts, flags);
+	if (err && err != -17 /* EEXIST: a wakeup of a queued task */)
 		count_drop(DROP_START_FULL);
+}
+
+/* switch_out_pid applies the rule above to prev at a switch. */
+static __always_inline void switch_out_pid(__u32 pid, bool runnable)
+{
+	if (runnable)
+		enqueue_pid(pid, BPF_ANY);
+	else if (pid)
+		bpf_map_delete_elem(&runqlat_start_hash, &pid);
 }
 
 static __always_inline void switch_in_pid(__u32 pid, __u32 tgid, const char *comm, struct task_struct *task)
@@ -329,22 +359,21 @@ static __always_inline void switch_in_pid(__u32 pid, __u32 tgid, const char *com
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(sched_wakeup_btf_hash, struct task_struct *p)
 {
-	enqueue_pid(p->pid);
+	enqueue_pid(p->pid, BPF_NOEXIST);
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(sched_wakeup_new_btf_hash, struct task_struct *p)
 {
-	enqueue_pid(p->pid);
+	enqueue_pid(p->pid, BPF_NOEXIST);
 	return 0;
 }
 
 SEC("tp_btf/sched_switch")
 int BPF_PROG(sched_switch_btf_hash, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
-	if (preempt || task_state_btf(prev) == TASK_RUNNING)
-		enqueue_pid(prev->pid);
+	switch_out_pid(prev->pid, preempt || task_state_btf(prev) == TASK_RUNNING);
 	switch_in_pid(next->pid, next->tgid, next->comm, next);
 	return 0;
 }
@@ -352,22 +381,21 @@ int BPF_PROG(sched_switch_btf_hash, bool preempt, struct task_struct *prev, stru
 SEC("raw_tp/sched_wakeup")
 int BPF_PROG(sched_wakeup_raw_hash, struct task_struct *p)
 {
-	enqueue_pid(BPF_CORE_READ(p, pid));
+	enqueue_pid(BPF_CORE_READ(p, pid), BPF_NOEXIST);
 	return 0;
 }
 
 SEC("raw_tp/sched_wakeup_new")
 int BPF_PROG(sched_wakeup_new_raw_hash, struct task_struct *p)
 {
-	enqueue_pid(BPF_CORE_READ(p, pid));
+	enqueue_pid(BPF_CORE_READ(p, pid), BPF_NOEXIST);
 	return 0;
 }
 
 SEC("raw_tp/sched_switch")
 int BPF_PROG(sched_switch_raw_hash, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
-	if (preempt || task_state(prev) == TASK_RUNNING)
-		enqueue_pid(BPF_CORE_READ(prev, pid));
+	switch_out_pid(BPF_CORE_READ(prev, pid), preempt || task_state(prev) == TASK_RUNNING);
 	switch_in_pid(BPF_CORE_READ(next, pid), BPF_CORE_READ(next, tgid), next->comm, next);
 	return 0;
 }
@@ -375,14 +403,14 @@ int BPF_PROG(sched_switch_raw_hash, bool preempt, struct task_struct *prev, stru
 SEC("tracepoint/sched/sched_wakeup")
 int sched_wakeup_tp_hash(struct trace_event_raw_sched_wakeup_template *ctx)
 {
-	enqueue_pid(ctx->pid);
+	enqueue_pid(ctx->pid, BPF_NOEXIST);
 	return 0;
 }
 
 SEC("tracepoint/sched/sched_wakeup_new")
 int sched_wakeup_new_tp_hash(struct trace_event_raw_sched_wakeup_template *ctx)
 {
-	enqueue_pid(ctx->pid);
+	enqueue_pid(ctx->pid, BPF_NOEXIST);
 	return 0;
 }
 
@@ -391,8 +419,7 @@ int sched_switch_tp_hash(struct trace_event_raw_sched_switch *ctx)
 {
 	long state = ctx->prev_state;
 
-	if (state == TASK_RUNNING || (state & TASK_REPORT_MAX))
-		enqueue_pid(ctx->prev_pid);
+	switch_out_pid(ctx->prev_pid, state == TASK_RUNNING || (state & TASK_REPORT_MAX));
 	switch_in_pid(ctx->next_pid, 0, ctx->next_comm, NULL);
 	return 0;
 }

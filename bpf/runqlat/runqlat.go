@@ -19,7 +19,8 @@ import (
 
 func programs(suffix string) []probe.Program {
 	// Attachment order does not matter: a start without a matching
-	// switch-in is overwritten, a switch-in without a start is ignored.
+	// switch-in is cleared when the task next sleeps (or replaced when it
+	// is next preempted), a switch-in without a start is ignored.
 	return []probe.Program{
 		{Name: "sched_switch_" + suffix, Group: "sched", Tracepoint: "sched_switch"},
 		{Name: "sched_wakeup_" + suffix, Group: "sched", Tracepoint: "sched_wakeup"},
