@@ -3,6 +3,7 @@ package probe
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"testing"
 
@@ -54,6 +55,36 @@ func TestCause(t *testing.T) {
 	} {
 		if got := Cause(err); !strings.HasPrefix(got, want) || (want == "" && got != "") {
 			t.Errorf("Cause(%v) = %q, want %q...", err, got, want)
+		}
+	}
+}
+
+// A preferred variant that fails for another reason than the kernel's
+// lack of support is a warning even when a later one loads; one the
+// kernel does not support is not.
+func TestFirstLoadingWarns(t *testing.T) {
+	vs := []Variant{{Hook: HookBTF, Storage: StorageTask}, {Hook: HookBTF, Storage: StorageHash}, {Hook: HookRaw, Storage: StorageHash}}
+	for _, tc := range []struct {
+		first error
+		warn  bool
+	}{
+		{fmt.Errorf("load programs: %w", ErrUnsupported), false},
+		{errors.New("load programs: program too large"), true},
+	} {
+		var logs strings.Builder
+		log := slog.New(slog.NewTextHandler(&logs, nil))
+		n := 0
+		_, v, err := FirstLoading(vs, log, func(v Variant) (int, error) {
+			if n++; n == 1 {
+				return 0, tc.first
+			}
+			return n, nil
+		})
+		if err != nil || v.String() != vs[1].String() {
+			t.Fatalf("%v: loaded %v, %v; want the second variant", tc.first, v, err)
+		}
+		if got := strings.Contains(logs.String(), "level=WARN"); got != tc.warn {
+			t.Errorf("%v: warning logged %v, want %v:\n%s", tc.first, got, tc.warn, logs.String())
 		}
 	}
 }

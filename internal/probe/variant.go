@@ -80,7 +80,10 @@ func Candidates(variants []Variant, hook Hook, forced *Variant) ([]Variant, erro
 }
 
 // FirstLoading calls load for each candidate in turn and returns the first
-// success. When none loads, the errors are combined (see Combine).
+// success. When none loads, the errors are combined (see Combine). A
+// preferred variant that failed for a reason other than the kernel's lack
+// of support (a verifier refusal, say) is logged as a warning, with the
+// verifier's log, even when a later one loads: the fallback may hide a bug.
 func FirstLoading[T any](candidates []Variant, log *slog.Logger, load func(Variant) (T, error)) (T, Variant, error) {
 	var errs []error
 	for _, v := range candidates {
@@ -89,7 +92,16 @@ func FirstLoading[T any](candidates []Variant, log *slog.Logger, load func(Varia
 			log.Debug("variant loaded", "variant", v.String())
 			return p, v, nil
 		}
-		log.Debug("variant failed", "variant", v.String(), "err", err)
+		if Unsupported(err) {
+			log.Debug("variant unsupported", "variant", v.String(), "err", err)
+		} else {
+			attrs := []any{"variant", v.String(), "err", err}
+			var ve *ebpf.VerifierError
+			if errors.As(err, &ve) {
+				attrs = append(attrs, "verifier_log", fmt.Sprintf("%+v", ve))
+			}
+			log.Warn("variant failed; trying the next", attrs...)
+		}
 		errs = append(errs, fmt.Errorf("%s: %w", v, err))
 	}
 	var zero T
