@@ -107,6 +107,8 @@ func vethPairIndex(t *testing.T, nsA, a, nsB, b string, net int, static bool, ip
 		sh(t, "ip", "-n", nsA, "neigh", "replace", eb.addr.String(), "lladdr", eb.mac, "dev", a, "nud", "permanent")
 		sh(t, "ip", "-n", nsB, "neigh", "replace", ea.addr.String(), "lladdr", ea.mac, "dev", b, "nud", "permanent")
 	}
+	testenv.WaitUp(t, nsA, a)
+	testenv.WaitUp(t, nsB, b)
 	return ea, eb
 }
 

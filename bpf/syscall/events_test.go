@@ -53,8 +53,10 @@ func TestOutlierEvents(t *testing.T) {
 			t.Errorf("event %+v, want clock_nanosleep by pid %d (syscall.test)", e, os.Getpid())
 		}
 	}
-	if d < 120*time.Millisecond || d > slept {
-		t.Errorf("events last %v in all, want 120ms <= d <= %v", d, slept)
+	// The sleep ends at an absolute deadline 120 ms after a clock read
+	// made just before the syscall: a little less than 120 ms inside it.
+	if d < 115*time.Millisecond || d > slept {
+		t.Errorf("events last %v in all, want 115ms <= d <= %v", d, slept)
 	}
 }
 
@@ -152,7 +154,7 @@ func TestSwitchedOut(t *testing.T) {
 		}
 	}
 	if len(cpus) < 2 {
-		t.Skip("needs two CPUs") // CI machines have them; a skip fails there
+		t.Fatal("needs two CPUs") // CI machines have them
 	}
 	pin := func(tid, cpu int) {
 		var s unix.CPUSet

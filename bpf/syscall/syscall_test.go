@@ -154,9 +154,12 @@ func TestLatency(t *testing.T) {
 			if c := sum(sleeps); c < n {
 				t.Errorf("clock_nanosleep count rose by %d, want >= %d", c, n)
 			}
+			// A sleep overshoots by timer slack and wakeup latency, more
+			// on a VM whose host steals time: the next two slots (9 % wide
+			// each) are allowed; a slot computed wrong is octaves off.
 			want := l.Slot(uint64(2 * time.Millisecond))
-			if k := medianSlot(sleeps); k != want && k != want+1 {
-				t.Errorf("clock_nanosleep median in slot %d (<= %d ns), want %d (<= %d ns) or the next",
+			if k := medianSlot(sleeps); k < want || k > want+2 {
+				t.Errorf("clock_nanosleep median in slot %d (<= %d ns), want %d (<= %d ns) or one of the next two",
 					k, l.Bounds[min(k, len(l.Bounds)-1)], want, l.Bounds[want])
 			}
 
@@ -196,8 +199,8 @@ func TestSchemas(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Buckets are 4.4% wide at schema 4: a sleep's usual overshoot
-		// (timer slack, wakeup) can cross two. The median bucket must
-		// overlap [2 ms, 2.3 ms].
+		// (timer slack, wakeup, a host stealing time) can cross several.
+		// The median bucket must overlap [2 ms, 2.6 ms].
 		sleeps := delta(before, after, unix.SYS_CLOCK_NANOSLEEP)
 		l := p.Layout()
 		k := medianSlot(sleeps)
@@ -208,7 +211,7 @@ func TestSchemas(t *testing.T) {
 		if k < len(l.Bounds) {
 			upper = l.Bounds[k]
 		}
-		if upper < uint64(2*time.Millisecond) || lower > uint64(2300*time.Microsecond) {
+		if upper < uint64(2*time.Millisecond) || lower > uint64(2600*time.Microsecond) {
 			t.Errorf("schema %d: median slot %d covers (%d, %d] ns, not near 2 ms", schema, k, lower, upper)
 		}
 	}

@@ -13,7 +13,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/ktel-dev/ktel/internal/testenv"
 	"golang.org/x/sys/unix"
@@ -80,31 +79,9 @@ func newPair(t *testing.T, extra int) *pair {
 	}
 	run(t, "ip", "-n", p.client, "link", "set", "vc", "up")
 	run(t, "ip", "-n", p.server, "link", "set", "vs", "up")
-	waitUp(t, p.client, "vc")
-	waitUp(t, p.server, "vs")
+	testenv.WaitUp(t, p.client, "vc")
+	testenv.WaitUp(t, p.server, "vs")
 	return p
-}
-
-// waitUp waits until dev is operationally up. The kernel attaches the
-// device's real queueing discipline at the same time, from its link watch
-// work; until then packets go to a discipline that drops them silently,
-// which would cost a first SYN its answer and the test a second.
-func waitUp(t *testing.T, ns, dev string) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		out, err := exec.Command("ip", "-n", ns, "-o", "link", "show", "dev", dev).CombinedOutput()
-		if err != nil {
-			t.Fatalf("ip link show %s: %v: %s", dev, err, out)
-		}
-		if strings.Contains(string(out), " state UP ") {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s in %s not up: %s", dev, ns, out)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // addrArgs are the arguments of ip addr add for a on dev: IPv6 addresses

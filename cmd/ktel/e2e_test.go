@@ -40,7 +40,7 @@ import (
 // hanging it.
 const (
 	stopTimeout    = testenv.StopTimeout // from the signal until the process is reaped
-	releaseTimeout = 5 * time.Second     // until the kernel has freed what ktel held
+	releaseTimeout = 10 * time.Second    // until the kernel has freed what ktel held
 	pollInterval   = 25 * time.Millisecond
 )
 
@@ -197,9 +197,27 @@ func mapName(id ebpf.MapID) (string, error) {
 	return info.Name, nil
 }
 
-// added returns what is in b and not in a.
+// added returns what is in b and not in a, but systemd's: it loads cgroup
+// programs (sd_devices, sd_fw_ingress, ...) and their maps whenever it
+// starts a sandboxed service, which a fresh CI machine may do meanwhile.
 func added(a, b kernelObjects) kernelObjects {
-	return kernelObjects{progs: diff(a.progs, b.progs), maps: diff(a.maps, b.maps), links: diff(a.links, b.links)}
+	o := kernelObjects{progs: diff(a.progs, b.progs), maps: diff(a.maps, b.maps), links: diff(a.links, b.links)}
+	for id, name := range o.progs {
+		if strings.HasPrefix(name, "sd_") {
+			delete(o.progs, id)
+			for l, prog := range o.links {
+				if prog == id {
+					delete(o.links, l)
+				}
+			}
+		}
+	}
+	for id, name := range o.maps {
+		if strings.HasPrefix(name, "sd_") {
+			delete(o.maps, id)
+		}
+	}
+	return o
 }
 
 // remaining returns what of ours is still in now.

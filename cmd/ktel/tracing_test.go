@@ -272,6 +272,8 @@ func TestRetransmitSpan(t *testing.T) {
 	for _, a := range [][2]string{{client, "kte2e0"}, {server, "kte2e1"}, {client, "lo"}, {server, "lo"}} {
 		ip(t, "-n", a[0], "link", "set", a[1], "up")
 	}
+	testenv.WaitUp(t, client, "kte2e0")
+	testenv.WaitUp(t, server, "kte2e1")
 	if out, err := exec.Command("ip", "netns", "exec", server, "iptables", "-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP").CombinedOutput(); err != nil {
 		t.Fatalf("iptables: %v\n%s", err, out)
 	}

@@ -149,35 +149,46 @@ basic_auth_users:
 	}
 }
 
-// blocking holds every Collect until released.
-type blocking struct{ release chan struct{} }
+// blocking holds every Collect until released, and says when one began.
+type blocking struct{ entered, release chan struct{} }
 
 func (b blocking) Describe(chan<- *prometheus.Desc) {}
-func (b blocking) Collect(chan<- prometheus.Metric) { <-b.release }
+func (b blocking) Collect(chan<- prometheus.Metric) {
+	b.entered <- struct{}{}
+	<-b.release
+}
 
 func TestScrapeConcurrencyCap(t *testing.T) {
 	d, addr := serve(t, "", 2)
-	b := blocking{release: make(chan struct{})}
+	b := blocking{entered: make(chan struct{}, 3), release: make(chan struct{})}
 	d.reg.MustRegister(b)
 	url := "http://" + addr + "/metrics"
-	waitUp(t, http.DefaultClient, "http://"+addr+"/healthz")
+	c := &http.Client{Timeout: 30 * time.Second}
+	waitUp(t, c, "http://"+addr+"/healthz")
 
 	var wg sync.WaitGroup
 	for range 2 { // these two hold the slots
 		wg.Go(func() {
-			if resp, err := http.Get(url); err == nil {
+			if resp, err := c.Get(url); err == nil {
 				resp.Body.Close()
 			}
 		})
 	}
-	time.Sleep(200 * time.Millisecond)
-	resp, err := http.Get(url)
+	for range 2 { // both are gathering
+		select {
+		case <-b.entered:
+		case <-time.After(10 * time.Second):
+			close(b.release)
+			t.Fatal("the first two scrapes never reached the collector")
+		}
+	}
+	resp, err := c.Get(url)
+	close(b.release)
+	wg.Wait()
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	close(b.release)
-	wg.Wait()
 	if resp.StatusCode != http.StatusServiceUnavailable {
 		t.Errorf("third concurrent scrape: status %d, want 503", resp.StatusCode)
 	}

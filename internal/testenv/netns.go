@@ -2,7 +2,11 @@ package testenv
 
 import (
 	"fmt"
+	"os/exec"
 	"runtime"
+	"strings"
+	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,4 +43,27 @@ func InNetns[T any](name string, f func() (T, error)) (T, error) {
 	}()
 	r := <-ch
 	return r.v, r.err
+}
+
+// WaitUp waits until dev in namespace ns is operationally up. The kernel
+// attaches the device's real queueing discipline at the same time, from
+// its link watch work; until then packets go to a discipline that drops
+// them silently, which would cost a first packet (a SYN, an ARP request)
+// its answer.
+func WaitUp(tb testing.TB, ns, dev string) {
+	tb.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		out, err := exec.Command("ip", "-n", ns, "-o", "link", "show", "dev", dev).CombinedOutput()
+		if err != nil {
+			tb.Fatalf("ip link show %s: %v: %s", dev, err, out)
+		}
+		if strings.Contains(string(out), " state UP ") {
+			return
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("%s in %s not up: %s", dev, ns, out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	lbctl "github.com/ktel-dev/ktel/internal/lb"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -264,7 +265,11 @@ func TestNetdevInterfaceSlots(t *testing.T) {
 func TestLBServicesCap(t *testing.T) {
 	testenv.Privileged(t)
 	bin := binary(t)
-	cg := filepath.Join("/sys/fs/cgroup/unified", fmt.Sprintf("ktel-rel-%d", os.Getpid()))
+	root, err := lbctl.CgroupV2Root()
+	if err != nil {
+		t.Fatalf("cgroup v2 root: %v", err)
+	}
+	cg := filepath.Join(root, fmt.Sprintf("ktel-rel-%d", os.Getpid()))
 	if err := os.Mkdir(cg, 0o755); err != nil {
 		t.Fatalf("create cgroup: %v", err)
 	}
