@@ -294,7 +294,7 @@ func (s *syncBuf) String() string {
 
 type workload struct {
 	dir          string
-	backend      net.Listener // lb backend
+	sb           *sandbox     // lb's and netdev's; nil without either
 	spans        atomic.Int64 // OTLP export requests received
 	otlpURL      string
 	ktelStderr   syncBuf
@@ -302,10 +302,12 @@ type workload struct {
 	retransmitTo string // address whose SYNs are dropped (full accept queue)
 }
 
-// lbVIP is the load balancer's test service; lbEmptyVIP has no backend.
+// lbVIP is the load balancer's test service, with lbBackend (in the
+// sandbox); lbEmptyVIP has no backend.
 const (
 	lbVIP      = "198.18.0.10:80"
 	lbEmptyVIP = "198.18.0.11:80"
+	lbBackend  = "127.0.0.1:8080"
 )
 
 func startWorkload(ctx context.Context, t *testing.T, have []string) *workload {
@@ -374,15 +376,17 @@ func startWorkload(ctx context.Context, t *testing.T, have []string) *workload {
 		}()
 	}
 
-	// lb: a service with a backend (a listener here) and one without;
-	// netdev counts the loopback traffic of all of the above.
-	if slices.Contains(have, "lb") {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
+	// lb and netdev, in a sandbox: a network namespace with only loopback
+	// and no route out (a connect lb failed to rewrite fails with "network
+	// unreachable" instead of leaving the machine), and a child cgroup
+	// that only the client process joins; lb is attached to that cgroup,
+	// never the root. A service with a backend (a listener on the
+	// sandbox's loopback) and one without; netdev counts the sandbox's
+	// loopback.
+	if slices.Contains(have, "lb") || slices.Contains(have, "netdev") {
+		w.sb = newSandbox(t)
+		ln := w.sb.listen(t, lbBackend)
 		t.Cleanup(func() { ln.Close() })
-		w.backend = ln
 		go func() {
 			for {
 				c, err := ln.Accept()
@@ -392,25 +396,16 @@ func startWorkload(ctx context.Context, t *testing.T, have []string) *workload {
 				c.Close()
 			}
 		}()
-		port := ln.Addr().(*net.TCPAddr).Port
 		host, vport, _ := net.SplitHostPort(lbVIP)
 		ehost, eport, _ := net.SplitHostPort(lbEmptyVIP)
+		bhost, bport, _ := net.SplitHostPort(lbBackend)
 		w.lbServices = filepath.Join(w.dir, "services.yaml")
-		svc := fmt.Sprintf("services:\n  - name: web\n    vip: %s\n    port: %s\n    backends:\n      - {address: 127.0.0.1, port: %d}\n  - name: empty\n    vip: %s\n    port: %s\n    backends: []\n",
-			host, vport, port, ehost, eport)
+		svc := fmt.Sprintf("services:\n  - name: web\n    vip: %s\n    port: %s\n    backends:\n      - {address: %s, port: %s}\n  - name: empty\n    vip: %s\n    port: %s\n    backends: []\n",
+			host, vport, bhost, bport, ehost, eport)
 		if err := os.WriteFile(w.lbServices, []byte(svc), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		go func() {
-			for ctx.Err() == nil {
-				for _, vip := range []string{lbVIP, lbEmptyVIP} {
-					if c, err := net.DialTimeout("tcp", vip, 200*time.Millisecond); err == nil {
-						c.Close()
-					}
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
-		}()
+		w.sb.startClient(t, lbVIP, lbEmptyVIP)
 	}
 	return w
 }
@@ -448,10 +443,10 @@ func startKtel(t *testing.T, have []string, w *workload) string {
 		env = append(env, "KTEL_TCPRETRANS_PEERS=true")
 	}
 	if slices.Contains(have, "netdev") {
-		env = append(env, "KTEL_INTERFACES=lo")
+		env = append(env, "KTEL_INTERFACES=lo", "KTEL_NETDEV_NETNS="+testenv.NetnsPath(w.sb.ns))
 	}
 	if slices.Contains(have, "lb") {
-		env = append(env, "KTEL_LB_SERVICES_FILE="+w.lbServices)
+		env = append(env, "KTEL_LB_SERVICES_FILE="+w.lbServices, "KTEL_LB_CGROUP="+w.sb.cg)
 	}
 	cmd := exec.Command(binary(t))
 	cmd.Env = env
