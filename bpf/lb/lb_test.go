@@ -496,7 +496,9 @@ func TestManyServices(t *testing.T) {
 	took := time.Since(start)
 	apply := snapshot(t, p).LastApply
 	t.Logf("reload changing all %d services: %v, of which writing the maps %v", n, took, apply)
-	if apply > time.Second {
+	// ~60 ms here (logged); the bound catches an apply gone per-key
+	// (seconds), not a slow machine.
+	if apply > 5*time.Second {
 		t.Errorf("applying %d services took %v", n, apply)
 	}
 	last := manyServices(n, 9000)[n-1].VIP.String()

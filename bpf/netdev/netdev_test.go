@@ -376,8 +376,10 @@ func TestHotplug(t *testing.T) {
 	a, b := fmt.Sprintf("kh%dx", pid), fmt.Sprintf("kp%dx", pid)
 	start := time.Now()
 	ea, eb := vethPair(t, nsA, a, nsB, b, 30, false, false) // ARP this time
-	if !waitFor(time.Second, func() bool { return slices.Contains(p.Interfaces(), a) }) {
-		t.Fatalf("%s not attached within a second of its creation", a)
+	// Milliseconds, usually (logged below); a loaded CI machine gets
+	// seconds before this fails.
+	if !waitFor(5*time.Second, func() bool { return slices.Contains(p.Interfaces(), a) }) {
+		t.Fatalf("%s not attached within 5 s of its creation", a)
 	}
 	t.Logf("attached %v after creation began", time.Since(start))
 	sendUDP(t, ea, eb, n, size, 1)
@@ -395,8 +397,8 @@ func TestHotplug(t *testing.T) {
 	}
 
 	sh(t, "ip", "-n", nsA, "link", "del", a)
-	if !waitFor(time.Second, func() bool { return len(p.Interfaces()) == 0 }) {
-		t.Fatalf("%s still attached a second after its removal", a)
+	if !waitFor(5*time.Second, func() bool { return len(p.Interfaces()) == 0 }) {
+		t.Fatalf("%s still attached 5 s after its removal", a)
 	}
 	if s := snapshot(t, p); len(s.Interfaces) != 0 {
 		t.Errorf("%d interfaces in snapshot after removal", len(s.Interfaces))
@@ -425,7 +427,7 @@ func TestOverflow(t *testing.T) {
 	}
 	defer p.Close()
 	vethPair(t, nsA, a2, nsB, "kp"+a2[2:], 41, true, false)
-	if !waitFor(time.Second, func() bool { return snapshot(t, p).Overflow == 1 }) {
+	if !waitFor(5*time.Second, func() bool { return snapshot(t, p).Overflow == 1 }) {
 		t.Fatalf("overflow %d, want 1", snapshot(t, p).Overflow)
 	}
 	if got := p.Interfaces(); !slices.Equal(got, []string{a1}) {
@@ -433,7 +435,7 @@ func TestOverflow(t *testing.T) {
 	}
 	// A freed slot goes to the waiting interface.
 	sh(t, "ip", "-n", nsA, "link", "del", a1)
-	if !waitFor(time.Second, func() bool { return slices.Equal(p.Interfaces(), []string{a2}) }) {
+	if !waitFor(5*time.Second, func() bool { return slices.Equal(p.Interfaces(), []string{a2}) }) {
 		t.Fatalf("attached %q, want %s once %s left", p.Interfaces(), a2, a1)
 	}
 	if s := snapshot(t, p); s.Overflow != 1 {
