@@ -715,8 +715,17 @@ func TestStaleFilter(t *testing.T) {
 		}
 		return h.FilterAdd(ourFilter(idx, netlink.HANDLE_MIN_INGRESS, stale.FD()))
 	})
-	staleInfo, _ := stale.Info()
-	staleID, _ := staleInfo.ID()
+	staleInfo, err := stale.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	staleID, ok := staleInfo.ID()
+	if !ok {
+		t.Fatal("the stale program has no id")
+	}
+	if out := tcShow(t, nsA, a, "filter", "ingress"); !strings.Contains(out, fmt.Sprintf("id %d ", staleID)) {
+		t.Fatalf("the stale filter is not shown as id %d:\n%s", staleID, out)
+	}
 	for _, tc := range []TCMode{TCX, TCClsact} {
 		p, err := Load(Options{Interfaces: []string{a}, NetNS: nsPath(nsA), TC: tc}, testLog(t))
 		if err != nil {
@@ -726,7 +735,9 @@ func TestStaleFilter(t *testing.T) {
 		if strings.Contains(out, fmt.Sprintf("id %d ", staleID)) {
 			t.Errorf("%s: stale filter still there:\n%s", tc, out)
 		}
-		p.Close()
+		if err := p.Close(); err != nil {
+			t.Errorf("%s: close: %v", tc, err)
+		}
 		if out := tcShow(t, nsA, a, "filter", "ingress"); strings.Contains(out, filterName) {
 			t.Errorf("%s: filter left after Close:\n%s", tc, out)
 		}
