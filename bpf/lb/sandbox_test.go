@@ -19,16 +19,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ktel-dev/ktel/internal/testenv"
 	"golang.org/x/sys/unix"
-
-	ctl "github.com/ktel-dev/ktel/internal/lb"
 )
 
-// A sandbox is a network namespace with only loopback up and no route out,
-// so that a connect the load balancer failed to rewrite fails with
-// ENETUNREACH instead of leaving the machine, and a child cgroup of the
-// cgroup v2 root that only the test's client processes join. Both are
-// removed when the test ends, whatever its result.
+// A sandbox is a testenv.Sandbox with the helpers of these tests.
 type sandbox struct {
 	ns string // name under /run/netns
 	cg string // cgroup directory
@@ -38,41 +33,8 @@ var sandboxes atomic.Int32
 
 func newSandbox(t *testing.T) *sandbox {
 	t.Helper()
-	name := fmt.Sprintf("ktel-lbtest-%d-%d", os.Getpid(), sandboxes.Add(1))
-	sb := &sandbox{ns: name}
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
-		}
-	})
-	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		t.Fatalf("lo up in %s: %v: %s", name, err, out)
-	}
-
-	root, err := ctl.CgroupV2Root()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sb.cg = filepath.Join(root, name)
-	if err := os.Mkdir(sb.cg, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		// Clients are killed by their own cleanups (registered later, so
-		// run earlier); give the kernel a moment to empty the cgroup.
-		var err error
-		for range 50 {
-			if err = os.Remove(sb.cg); err == nil || errors.Is(err, os.ErrNotExist) {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		t.Errorf("remove cgroup %s: %v", sb.cg, err)
-	})
-	return sb
+	s := testenv.NewSandbox(t, fmt.Sprintf("ktel-lbtest-%d-%d", os.Getpid(), sandboxes.Add(1)))
+	return &sandbox{ns: s.NS, cg: s.Cgroup}
 }
 
 // inNS runs f on an OS thread that has joined the sandbox's namespace.

@@ -1,14 +1,19 @@
 package testenv
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	lbctl "github.com/ktel-dev/ktel/internal/lb"
 )
 
 // NetnsPath is where `ip netns add NAME` puts a namespace's file.
@@ -66,4 +71,53 @@ func WaitUp(tb testing.TB, ns, dev string) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// Sandbox is where load-balancer tests send traffic: a network namespace
+// with only loopback up and no route out, so that a connect the load
+// balancer failed to rewrite fails with ENETUNREACH instead of leaving the
+// machine, and a child cgroup of the cgroup v2 root that only the test's
+// client processes join (lb is attached there, never to the root). Both
+// are removed when the test ends, whatever its result.
+type Sandbox struct {
+	NS     string // name under /run/netns
+	Cgroup string // cgroup directory
+}
+
+// NewSandbox makes a sandbox named name (namespace and cgroup).
+func NewSandbox(tb testing.TB, name string) *Sandbox {
+	tb.Helper()
+	sb := &Sandbox{NS: name}
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		tb.Fatalf("ip netns add %s: %v: %s", name, err, out)
+	}
+	tb.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+			tb.Errorf("ip netns del %s: %v: %s", name, err, out)
+		}
+	})
+	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		tb.Fatalf("lo up in %s: %v: %s", name, err, out)
+	}
+	root, err := lbctl.CgroupV2Root()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	sb.Cgroup = filepath.Join(root, name)
+	if err := os.Mkdir(sb.Cgroup, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		// Clients are killed by their own cleanups (registered later, so
+		// run earlier); the kernel empties the cgroup a moment after.
+		var err error
+		for range 50 {
+			if err = os.Remove(sb.Cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		tb.Errorf("remove cgroup %s: %v", sb.Cgroup, err)
+	})
+	return sb
 }

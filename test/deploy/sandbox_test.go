@@ -1,7 +1,6 @@
 package deploy
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -12,15 +11,11 @@ import (
 	"testing"
 	"time"
 
-	lbctl "github.com/ktel-dev/ktel/internal/lb"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
-// A sandbox is a network namespace with only loopback up and no route
-// out, and a child cgroup of the cgroup v2 root that only the sandbox's
-// client process joins: lb is attached to that cgroup, and a connect it
-// failed to rewrite fails with ENETUNREACH instead of leaving the
-// machine. Both are removed when the test ends.
+// A sandbox is a testenv.Sandbox: lb is attached to its cgroup, which only
+// its client process joins, and its namespace has no route out.
 type sandbox struct {
 	ns string // name under /run/netns
 	cg string // cgroup directory
@@ -28,40 +23,8 @@ type sandbox struct {
 
 func newSandbox(t *testing.T) *sandbox {
 	t.Helper()
-	name := fmt.Sprintf("ktel-deploytest-%d", os.Getpid())
-	sb := &sandbox{ns: name}
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
-		}
-	})
-	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		t.Fatalf("lo up in %s: %v: %s", name, err, out)
-	}
-	root, err := lbctl.CgroupV2Root()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sb.cg = filepath.Join(root, name)
-	if err := os.Mkdir(sb.cg, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		// The client is killed by its own cleanup (registered later, so
-		// run earlier); the kernel empties the cgroup a moment after.
-		var err error
-		for range 50 {
-			if err = os.Remove(sb.cg); err == nil || errors.Is(err, os.ErrNotExist) {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		t.Errorf("remove cgroup %s: %v", sb.cg, err)
-	})
-	return sb
+	s := testenv.NewSandbox(t, fmt.Sprintf("ktel-deploytest-%d", os.Getpid()))
+	return &sandbox{ns: s.NS, cg: s.Cgroup}
 }
 
 // listen opens a TCP listener on addr in the sandbox.
