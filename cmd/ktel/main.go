@@ -15,7 +15,6 @@ import (
 
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/daemon"
-	"github.com/ktel-dev/ktel/internal/testenv"
 	"github.com/ktel-dev/ktel/internal/version"
 )
 
@@ -55,7 +54,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	log := newLogger(cfg, stderr)
-	for _, name := range config.Unknown(os.Environ(), testenv.PrivilegedEnv) {
+	for _, name := range config.Unknown(os.Environ(), config.PrivilegedTestsVar) {
 		log.Warn("ignoring unknown variable; see ktel --help", "variable", name)
 	}
 	if err := rlimit.RemoveMemlock(); err != nil {

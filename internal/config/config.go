@@ -27,6 +27,10 @@ import (
 // Prefix of every variable.
 const Prefix = "KTEL"
 
+// PrivilegedTestsVar enables ktel's privileged tests (internal/testenv). It
+// is not ktel's setting, but it is set where ktel's tests start ktel.
+const PrivilegedTestsVar = "KTEL_PRIVILEGED_TESTS"
+
 // Probe names a probe and whether it runs by default. A probe that needs
 // input (a list of interfaces, say) is off by default.
 type Probe struct {

@@ -11,11 +11,12 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"github.com/ktel-dev/ktel/internal/config"
 	"golang.org/x/sys/unix"
 )
 
 // PrivilegedEnv is the variable that enables privileged tests.
-const PrivilegedEnv = "KTEL_PRIVILEGED_TESTS"
+const PrivilegedEnv = config.PrivilegedTestsVar
 
 // Enabled reports whether privileged tests were requested.
 func Enabled() bool { return os.Getenv(PrivilegedEnv) == "1" }
