@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
 // setenv sets vars for the test and unsets every other KTEL_* variable, so
@@ -236,6 +238,16 @@ func TestUnprefixedIgnored(t *testing.T) {
 	}
 	if c.LogLevel != "info" || c.MaxScrapes != 10 || c.Interfaces != "" || c.Probes != "syscall,runqlat,tcpretrans" {
 		t.Errorf("unprefixed variables changed the configuration: %+v", *c)
+	}
+}
+
+// ktel ignores the variable that enables its privileged tests.
+func TestPrivilegedTestsVar(t *testing.T) {
+	if PrivilegedTestsVar != testenv.PrivilegedEnv {
+		t.Errorf("config.PrivilegedTestsVar %q, testenv.PrivilegedEnv %q", PrivilegedTestsVar, testenv.PrivilegedEnv)
+	}
+	if u := Unknown([]string{PrivilegedTestsVar + "=1"}, PrivilegedTestsVar); len(u) != 0 {
+		t.Errorf("Unknown reports %v", u)
 	}
 }
 

@@ -11,12 +11,13 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
-	"github.com/ktel-dev/ktel/internal/config"
 	"golang.org/x/sys/unix"
 )
 
-// PrivilegedEnv is the variable that enables privileged tests.
-const PrivilegedEnv = config.PrivilegedTestsVar
+// PrivilegedEnv is the variable that enables privileged tests; ktel knows
+// it as config.PrivilegedTestsVar (testenv cannot import config: probe
+// packages that config imports use testenv in their own tests).
+const PrivilegedEnv = "KTEL_PRIVILEGED_TESTS"
 
 // Enabled reports whether privileged tests were requested.
 func Enabled() bool { return os.Getenv(PrivilegedEnv) == "1" }
