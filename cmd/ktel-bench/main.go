@@ -52,7 +52,7 @@ type options struct {
 
 func main() {
 	var o options
-	flag.IntVar(&o.rounds, "rounds", 7, "interleaved rounds per configuration")
+	flag.IntVar(&o.rounds, "rounds", 11, "interleaved rounds per configuration")
 	flag.IntVar(&o.calls, "calls", 300000, "syscalls per measurement")
 	flag.IntVar(&o.trips, "trips", 50000, "pipe round trips per measurement")
 	flag.IntVar(&o.cpu, "cpu", 0, "CPU to pin the measuring threads to")
