@@ -103,6 +103,15 @@ type Probe struct {
 	links []link.Link
 }
 
+// replaceRoom is how many times the limits the slot maps and the services
+// map hold. A reload writes a changed service's backends into fresh slots
+// (and a changed VIP's entry) before it frees the old ones, so that no
+// connect sees half a service: with room for two files, any file within
+// the limits can replace any other. Counters and service indexes are kept
+// for backends and services that stay, and come from the retired ones
+// after a second.
+const replaceRoom = 2
+
 // Load checks opts, loads the programs, applies the services file and
 // attaches to the cgroup, then watches the file. An invalid services file
 // fails Load.
@@ -111,15 +120,9 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 	if opts.ServicesFile == "" {
 		return nil, errors.New("no services file given")
 	}
-	// A reload writes a changed service's backends into fresh slots (and
-	// a changed VIP's entry) before it frees the old ones, so that no
-	// connect sees half a service: the slots and the services map hold
-	// twice the limits, and any file within them can replace any other.
-	// Counters and service indexes are kept for backends and services
-	// that stay, and come from the retired ones after a second.
 	lim := ctl.Limits{
 		MaxServices: opts.MaxServices,
-		MaxSlots:    2 * opts.MaxBackends,
+		MaxSlots:    replaceRoom * opts.MaxBackends,
 		MaxCounters: opts.MaxBackends,
 		Algorithm:   ctl.Algorithm(opts.Algorithm),
 		MaglevSize:  opts.MaglevSize,
@@ -155,13 +158,13 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 		refuse = "EPERM"
 		log.Warn("kernel lacks bpf_set_retval for cgroup sock_addr programs (5.18+): connects to services without backends fail with EPERM, not ECONNREFUSED")
 	}
-	if err := spec.Variables["has_set_retval"].Set(boolByte(setRetval)); err != nil {
-		return nil, fmt.Errorf("set has_set_retval: %w", err)
+	if err := probe.SetVar(spec, "has_set_retval", boolByte(setRetval)); err != nil {
+		return nil, err
 	}
-	if err := spec.Variables["maglev_size"].Set(uint32(opts.MaglevSize)); err != nil {
-		return nil, fmt.Errorf("set maglev_size: %w", err)
+	if err := probe.SetVar(spec, "maglev_size", uint32(opts.MaglevSize)); err != nil {
+		return nil, err
 	}
-	spec.Maps["lb_services"].MaxEntries = uint32(2 * opts.MaxServices)
+	spec.Maps["lb_services"].MaxEntries = uint32(replaceRoom * opts.MaxServices)
 	spec.Maps["lb_service_stats"].MaxEntries = uint32(opts.MaxServices)
 	spec.Maps["lb_backends"].MaxEntries = uint32(lim.MaxSlots)
 	spec.Maps["lb_backend_stats"].MaxEntries = uint32(opts.MaxBackends)

@@ -18,6 +18,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/ktel-dev/ktel/internal/probe"
 	"golang.org/x/sys/unix"
 )
 
@@ -315,8 +316,8 @@ func (p *Probe) load() error {
 	if n := spec.Maps[netdevMapNetdevSlots].MaxEntries; n != directIfindex {
 		return fmt.Errorf("netdev_slots has %d entries, want %d", n, directIfindex)
 	}
-	if err := spec.Variables[netdevVarNetdevSizes].Set(boolByte(p.sizes)); err != nil {
-		return fmt.Errorf("set netdev_sizes: %w", err)
+	if err := probe.SetVar(spec, netdevVarNetdevSizes, boolByte(p.sizes)); err != nil {
+		return err
 	}
 	if p.hook != HookXDP {
 		delete(spec.Programs, netdevProgNetdevXdpIngress)

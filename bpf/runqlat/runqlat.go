@@ -116,10 +116,10 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 	return nil
 }
 
-// Close detaches the programs and releases every map.
 // Detach detaches the programs; the maps stay readable until Close.
 func (p *Probe) Detach() error { return p.objs.Detach() }
 
+// Close detaches the programs and releases every map.
 func (p *Probe) Close() error { return p.objs.Close() }
 
 // Events is the ring buffer of long waits (see DecodeEvent).

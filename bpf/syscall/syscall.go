@@ -121,12 +121,8 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 		startMap = "syscall_start_hash"
 	}
 	for name, nr := range map[string]uint32{"syscall_nr_exit": unix.SYS_EXIT, "syscall_nr_exit_group": unix.SYS_EXIT_GROUP} {
-		vs, ok := spec.Variables[name]
-		if !ok {
-			return nil, fmt.Errorf("no variable %s", name)
-		}
-		if err := vs.Set(nr); err != nil {
-			return nil, fmt.Errorf("set %s: %w", name, err)
+		if err := probe.SetVar(spec, name, nr); err != nil {
+			return nil, err
 		}
 	}
 	seen, ok := spec.Variables["syscall_seen"]
@@ -172,10 +168,10 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 	return m
 }
 
-// Close detaches the programs and releases every map.
 // Detach detaches the programs; the maps stay readable until Close.
 func (p *Probe) Detach() error { return p.objs.Detach() }
 
+// Close detaches the programs and releases every map.
 func (p *Probe) Close() error { return p.objs.Close() }
 
 // Events is the ring buffer of outlier syscalls (see DecodeEvent).

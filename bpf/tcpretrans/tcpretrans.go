@@ -200,8 +200,8 @@ func load(opts Options, v probe.Variant, peerEntries uint32) (*Probe, error) {
 		// so that it costs nothing.
 		spec.Maps["tcp_rtx_peers"].MaxEntries = peerEntries
 	}
-	if err := spec.Variables["track_peers"].Set(track); err != nil {
-		return nil, fmt.Errorf("set track_peers: %w", err)
+	if err := probe.SetVar(spec, "track_peers", track); err != nil {
+		return nil, err
 	}
 	if err := opts.Spans.Apply(spec); err != nil {
 		return nil, err
@@ -232,10 +232,10 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{"tcp_rtx_peers": p.peer}
 }
 
-// Close detaches the programs and releases every map.
 // Detach detaches the programs; the maps stay readable until Close.
 func (p *Probe) Detach() error { return p.objs.Detach() }
 
+// Close detaches the programs and releases every map.
 func (p *Probe) Close() error { return p.objs.Close() }
 
 // Key identifies retransmits of one kind by sockets of one family in one

@@ -34,15 +34,15 @@ type Daemon struct {
 	cfg     *config.Config
 	log     *slog.Logger
 	reg     *prometheus.Registry
-	metrics prometheus.TransactionalGatherer // reg and the collectors' own families
 	probes  map[string]loaded
 	stats   io.Closer         // keeps kernel.bpf_stats_enabled on; nil if off
 	tracing *tracing.Pipeline // nil unless an OTLP endpoint is configured
 
 	// mu serialises Reload and Close: a SIGHUP may arrive while ktel stops.
 	mu sync.Mutex
-	// gate keeps scrapes off the maps once Close has begun, and Close off
-	// them until the scrapes reading them are done.
+	// gate gathers reg and the collectors' own families for scrapes; it
+	// keeps them off the maps once Close has begun, and Close off them
+	// until the scrapes reading them are done.
 	gate *gatherGate
 }
 
@@ -143,7 +143,6 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		return nil, fmt.Errorf("register exporter: %w", err)
 	}
 	d.gate = &gatherGate{g: metrics.NewGatherer(reg, collectors)}
-	d.metrics = d.gate
 	return d, nil
 }
 
@@ -177,11 +176,7 @@ const bpfStatsRunTime = 0
 // logLoadError logs why a probe did not load, with the verifier's full log
 // when the verifier refused a program.
 func logLoadError(log *slog.Logger, err error) {
-	attrs := []any{"err", err}
-	var ve *ebpf.VerifierError
-	if errors.As(err, &ve) {
-		attrs = append(attrs, "verifier_log", fmt.Sprintf("%+v", ve))
-	}
+	attrs := probe.ErrAttrs(err)
 	if probe.Unsupported(err) {
 		log.Warn("probe unsupported on this kernel", attrs...)
 	} else {
@@ -207,7 +202,7 @@ func (d *Daemon) Running() int { return len(d.probes) }
 // Handler serves /metrics, /healthz and a landing page.
 func (d *Daemon) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", metrics.Handler(d.metrics, metrics.HandlerOpts{
+	mux.Handle("/metrics", metrics.Handler(d.gate, metrics.HandlerOpts{
 		Log:      d.log,
 		Registry: d.reg,
 		// Beyond this many concurrent scrapes, answer 503 at once.

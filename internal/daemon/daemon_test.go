@@ -111,7 +111,7 @@ func TestCheckVerdicts(t *testing.T) {
 func TestHandlerPages(t *testing.T) {
 	d := &Daemon{log: slog.New(slog.NewTextHandler(io.Discard, nil)), cfg: testConfig("", false)}
 	d.reg, _ = metrics.NewRegistry(version.Info())
-	d.metrics = metrics.NewGatherer(d.reg, nil)
+	d.gate = &gatherGate{g: metrics.NewGatherer(d.reg, nil)}
 	for path, want := range map[string]int{"/": 200, "/healthz": 200, "/metrics": 200, "/nope": 404} {
 		rec := httptest.NewRecorder()
 		d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", path, nil))

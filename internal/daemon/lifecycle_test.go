@@ -73,7 +73,7 @@ func TestCloseWaitsForScrape(t *testing.T) {
 	d := fakeDaemon(t, p)
 	gathered := make(chan error, 1)
 	go func() {
-		_, done, err := d.metrics.Gather()
+		_, done, err := d.gate.Gather()
 		done()
 		gathered <- err
 	}()
@@ -95,7 +95,7 @@ func TestCloseWaitsForScrape(t *testing.T) {
 	if !p.closed.Load() {
 		t.Error("probe not closed")
 	}
-	if _, done, err := d.metrics.Gather(); !errors.Is(err, errClosing) {
+	if _, done, err := d.gate.Gather(); !errors.Is(err, errClosing) {
 		t.Errorf("scrape after Close: %v, want %v", err, errClosing)
 	} else {
 		done()

@@ -76,12 +76,8 @@ func (o SpanOptions) Apply(spec *ebpf.CollectionSpec) error {
 		// reader polls for the rest.
 		"ktel_span_wakeup_bytes": uint64(ring / 4),
 	} {
-		vs, ok := spec.Variables[name]
-		if !ok {
-			return fmt.Errorf("no variable %s", name)
-		}
-		if err := vs.Set(v); err != nil {
-			return fmt.Errorf("set %s: %w", name, err)
+		if err := SetVar(spec, name, v); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -79,6 +79,17 @@ func Candidates(variants []Variant, hook Hook, forced *Variant) ([]Variant, erro
 	return out, nil
 }
 
+// ErrAttrs are the log attributes of a load error: err, and the
+// verifier's full log when the verifier refused a program.
+func ErrAttrs(err error) []any {
+	attrs := []any{"err", err}
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		attrs = append(attrs, "verifier_log", fmt.Sprintf("%+v", ve))
+	}
+	return attrs
+}
+
 // FirstLoading calls load for each candidate in turn and returns the first
 // success. When none loads, the errors are combined (see Combine). A
 // preferred variant that failed for a reason other than the kernel's lack
@@ -95,12 +106,7 @@ func FirstLoading[T any](candidates []Variant, log *slog.Logger, load func(Varia
 		if Unsupported(err) {
 			log.Debug("variant unsupported", "variant", v.String(), "err", err)
 		} else {
-			attrs := []any{"variant", v.String(), "err", err}
-			var ve *ebpf.VerifierError
-			if errors.As(err, &ve) {
-				attrs = append(attrs, "verifier_log", fmt.Sprintf("%+v", ve))
-			}
-			log.Warn("variant failed; trying the next", attrs...)
+			log.Warn("variant failed; trying the next", append([]any{"variant", v.String()}, ErrAttrs(err)...)...)
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", v, err))
 	}
@@ -164,15 +170,28 @@ func attach(h Hook, p Program, prog *ebpf.Program) (link.Link, error) {
 	return l, nil
 }
 
+// SetVar sets variable name of spec (read-only data, or .data) to v, with
+// an error naming it when the object has no such variable.
+func SetVar(spec *ebpf.CollectionSpec, name string, v any) error {
+	vs, ok := spec.Variables[name]
+	if !ok {
+		return fmt.Errorf("no variable %s", name)
+	}
+	if err := vs.Set(v); err != nil {
+		return fmt.Errorf("set %s: %w", name, err)
+	}
+	return nil
+}
+
 // SetHistogram writes the slot bounds of layout into the program's
 // read-only data (ktel_bounds, ktel_slots in ktel_hist.h) and sizes the
 // histogram map's values: the slots, then the sum.
 func SetHistogram(spec *ebpf.CollectionSpec, layout *histogram.Layout, histMap string) error {
-	if err := spec.Variables["ktel_bounds"].Set(layout.KernelTable()); err != nil {
-		return fmt.Errorf("set ktel_bounds: %w", err)
+	if err := SetVar(spec, "ktel_bounds", layout.KernelTable()); err != nil {
+		return err
 	}
-	if err := spec.Variables["ktel_slots"].Set(uint32(layout.Slots())); err != nil {
-		return fmt.Errorf("set ktel_slots: %w", err)
+	if err := SetVar(spec, "ktel_slots", uint32(layout.Slots())); err != nil {
+		return err
 	}
 	m, ok := spec.Maps[histMap]
 	if !ok {
@@ -288,9 +307,11 @@ func (l *Loaded) Close() error {
 	if l == nil {
 		return nil
 	}
-	// Detach in reverse order of attach: a variant attaches the programs
-	// that clean up before those that leave state for them.
-	cs := []interface{ Close() error }{closerFunc(l.Detach)}
+	// Links first, in reverse order of attach (Detach): a variant
+	// attaches the programs that clean up before those that leave state
+	// for them.
+	detached := l.Detach()
+	var cs []interface{ Close() error }
 	for _, p := range l.Programs {
 		cs = append(cs, p)
 	}
@@ -298,12 +319,8 @@ func (l *Loaded) Close() error {
 		cs = append(cs, m)
 	}
 	l.Programs, l.Maps = nil, nil
-	return CloseAll(cs...)
+	return errors.Join(detached, CloseAll(cs...))
 }
-
-type closerFunc func() error
-
-func (f closerFunc) Close() error { return f() }
 
 // LoadHistogramProbe is Load for probes with latency histograms: it builds
 // the slot layout of schema, and returns the first of the variants (those
