@@ -60,7 +60,7 @@ func (c *Clock) Wall(monoNs uint64) time.Time {
 	c.mu.Lock()
 	if m, w := c.mono(), c.wall(); c.measured == 0 || m-c.measured > int64(c.refresh) || abs(w-c.wallAt) > int64(c.refresh) {
 		c.offset = c.measure()
-		c.measured, c.wallAt = c.mono(), c.wall()
+		c.measured, c.wallAt = m, w
 	}
 	off := c.offset
 	c.mu.Unlock()
