@@ -144,7 +144,7 @@ func TestDatapath(t *testing.T) {
 	sb.serveUDP(t, "127.0.0.6:5353")
 	file := filepath.Join(t.TempDir(), "services.yaml")
 	writeFile(t, file, tcpServices)
-	p := load(t, Options{Cgroup: sb.cg, ServicesFile: file})
+	p := load(t, Options{Cgroup: sb.Cgroup, ServicesFile: file})
 
 	t.Run("tcp", func(t *testing.T) {
 		const n = 1000
@@ -264,7 +264,7 @@ func TestReload(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "services.yaml")
 	svc := func(backends ...string) string { return webService("10.96.0.10", backends...) }
 	writeFile(t, file, svc("127.0.0.2", "127.0.0.3"))
-	p := load(t, Options{Cgroup: sb.cg, ServicesFile: file})
+	p := load(t, Options{Cgroup: sb.Cgroup, ServicesFile: file})
 
 	c := sb.start(t, clientSpec{mode: "tcp", addr: "10.96.0.10:80", n: 200000, inCgroup: true, untilEOF: true})
 	waitFor := func(what string, cond func(*Snapshot) bool) {
@@ -341,7 +341,7 @@ func TestReloadAtCapacity(t *testing.T) {
 	for _, alg := range []string{"random", "maglev"} {
 		t.Run(alg, func(t *testing.T) {
 			writeFile(t, file, svc("10.96.0.10", "127.0.0.2", "127.0.0.3", "127.0.0.4"))
-			p := load(t, Options{Cgroup: sb.cg, ServicesFile: file, MaxServices: 1, MaxBackends: 4, Algorithm: alg})
+			p := load(t, Options{Cgroup: sb.Cgroup, ServicesFile: file, MaxServices: 1, MaxBackends: 4, Algorithm: alg})
 			p.mgr.Close() // only explicit reloads from here
 			for _, step := range []struct{ vip, last string }{
 				{"10.96.0.10", "127.0.0.5"}, // one backend replaced: 3 new slots while 3 are in use
@@ -373,7 +373,7 @@ func TestMaglev(t *testing.T) {
 	sb.serveUDP(t, "[::1]:5354")
 	file := filepath.Join(t.TempDir(), "services.yaml")
 	writeFile(t, file, tcpServices)
-	p := load(t, Options{Cgroup: sb.cg, ServicesFile: file, Algorithm: "maglev", MaglevSize: 251})
+	p := load(t, Options{Cgroup: sb.Cgroup, ServicesFile: file, Algorithm: "maglev", MaglevSize: 251})
 	// IPv6 through Maglev tables, TCP and UDP.
 	for _, c := range []clientSpec{
 		{mode: "tcp", addr: "[fd00::10]:80", n: 20, inCgroup: true},
@@ -413,7 +413,7 @@ func TestRefuseWithoutSetRetval(t *testing.T) {
 	sb := newSandbox(t)
 	file := filepath.Join(t.TempDir(), "services.yaml")
 	writeFile(t, file, tcpServices)
-	p := load(t, Options{Cgroup: sb.cg, ServicesFile: file, noSetRetval: true})
+	p := load(t, Options{Cgroup: sb.Cgroup, ServicesFile: file, noSetRetval: true})
 	if p.RefuseErrno() != "EPERM" {
 		t.Fatalf("RefuseErrno %s", p.RefuseErrno())
 	}
@@ -484,7 +484,7 @@ func TestManyServices(t *testing.T) {
 	}
 	write(8000)
 	start := time.Now()
-	p := load(t, Options{Cgroup: sb.cg, ServicesFile: file})
+	p := load(t, Options{Cgroup: sb.Cgroup, ServicesFile: file})
 	t.Logf("load with %d services: %v", n, time.Since(start))
 	p.mgr.Close() // only explicit reloads from here
 

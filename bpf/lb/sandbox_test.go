@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -24,17 +23,14 @@ import (
 )
 
 // A sandbox is a testenv.Sandbox with the helpers of these tests.
-type sandbox struct {
-	ns string // name under /run/netns
-	cg string // cgroup directory
-}
+type sandbox struct{ *testenv.Sandbox }
 
 var sandboxes atomic.Int32
 
 func newSandbox(t *testing.T) *sandbox {
 	t.Helper()
 	s := testenv.NewSandbox(t, fmt.Sprintf("ktel-lbtest-%d-%d", os.Getpid(), sandboxes.Add(1)))
-	return &sandbox{ns: s.NS, cg: s.Cgroup}
+	return &sandbox{s}
 }
 
 // inNS runs f on an OS thread that has joined the sandbox's namespace.
@@ -51,7 +47,7 @@ func (sb *sandbox) inNS(t *testing.T, f func() error) {
 			return
 		}
 		defer orig.Close()
-		target, err := os.Open("/run/netns/" + sb.ns)
+		target, err := os.Open(testenv.NetnsPath(sb.NS))
 		if err != nil {
 			errc <- err
 			return
@@ -144,8 +140,8 @@ type client struct {
 
 func (sb *sandbox) start(t *testing.T, spec clientSpec) *client {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", sb.ns, os.Args[0], "-test.run=^TestHelperProcess$", "-test.count=1")
-	cmd.Env = append(os.Environ(),
+	cmd := sb.HelperCommand(t, "TestHelperProcess", spec.inCgroup)
+	cmd.Env = append(cmd.Env,
 		"LBTEST_MODE="+spec.mode,
 		"LBTEST_ADDR="+spec.addr,
 		"LBTEST_N="+strconv.Itoa(spec.n),
@@ -154,17 +150,6 @@ func (sb *sandbox) start(t *testing.T, spec clientSpec) *client {
 		// interrupted and retried.
 		"GODEBUG=asyncpreemptoff=1",
 	)
-	if spec.inCgroup {
-		// `ip netns exec` mounts a fresh /sys, hiding the cgroup file
-		// system: the client gets cgroup.procs as file descriptor 3.
-		procs, err := os.OpenFile(filepath.Join(sb.cg, "cgroup.procs"), os.O_WRONLY, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer procs.Close()
-		cmd.ExtraFiles = []*os.File{procs}
-		cmd.Env = append(cmd.Env, "LBTEST_CGROUP=3")
-	}
 	if spec.untilEOF {
 		cmd.Env = append(cmd.Env, "LBTEST_UNTIL_EOF=1")
 	}
@@ -220,14 +205,10 @@ func TestHelperProcess(t *testing.T) {
 	if mode == "" {
 		return
 	}
-	if os.Getenv("LBTEST_CGROUP") == "3" {
-		// "0" moves the writing process, all its threads, before any
-		// socket exists.
-		procs := os.NewFile(3, "cgroup.procs")
-		if _, err := procs.Write([]byte("0")); err != nil {
-			fmt.Fprintln(os.Stderr, "join cgroup:", err)
-			os.Exit(3)
-		}
+	// Before any socket exists.
+	if err := testenv.JoinSandboxCgroup(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(3)
 	}
 	vip, err := netip.ParseAddrPort(os.Getenv("LBTEST_ADDR"))
 	if err != nil {

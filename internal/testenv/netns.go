@@ -121,3 +121,43 @@ func NewSandbox(tb testing.TB, name string) *Sandbox {
 	})
 	return sb
 }
+
+// cgroupFDEnv tells a helper process that HelperCommand started that its
+// file descriptor 3 is the sandbox's cgroup.procs.
+const cgroupFDEnv = "TESTENV_SANDBOX_CGROUP_FD"
+
+// HelperCommand returns a command that runs the helper test named test of
+// the calling test binary inside the sandbox's namespace. With inCgroup,
+// the helper joins the sandbox's cgroup when it calls JoinSandboxCgroup,
+// before it opens any socket: `ip netns exec` mounts a fresh /sys, hiding
+// the cgroup file system, so the helper gets cgroup.procs as file
+// descriptor 3 (open until tb ends).
+func (s *Sandbox) HelperCommand(tb testing.TB, test string, inCgroup bool) *exec.Cmd {
+	tb.Helper()
+	cmd := exec.Command("ip", "netns", "exec", s.NS, os.Args[0], "-test.run=^"+test+"$", "-test.count=1")
+	cmd.Env = os.Environ()
+	if inCgroup {
+		procs, err := os.OpenFile(filepath.Join(s.Cgroup, "cgroup.procs"), os.O_WRONLY, 0)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { procs.Close() })
+		cmd.ExtraFiles = []*os.File{procs}
+		cmd.Env = append(cmd.Env, cgroupFDEnv+"=3")
+	}
+	return cmd
+}
+
+// JoinSandboxCgroup moves the calling helper process, all its threads,
+// into its sandbox's cgroup, if HelperCommand started it with inCgroup; it
+// does nothing otherwise.
+func JoinSandboxCgroup() error {
+	if os.Getenv(cgroupFDEnv) != "3" {
+		return nil
+	}
+	// "0" moves the writing process.
+	if _, err := os.NewFile(3, "cgroup.procs").Write([]byte("0")); err != nil {
+		return fmt.Errorf("join sandbox cgroup: %w", err)
+	}
+	return nil
+}

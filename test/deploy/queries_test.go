@@ -443,10 +443,10 @@ func startKtel(t *testing.T, have []string, w *workload) string {
 		env = append(env, "KTEL_TCPRETRANS_PEERS=true")
 	}
 	if slices.Contains(have, "netdev") {
-		env = append(env, "KTEL_INTERFACES=lo", "KTEL_NETDEV_NETNS="+testenv.NetnsPath(w.sb.ns))
+		env = append(env, "KTEL_INTERFACES=lo", "KTEL_NETDEV_NETNS="+testenv.NetnsPath(w.sb.NS))
 	}
 	if slices.Contains(have, "lb") {
-		env = append(env, "KTEL_LB_SERVICES_FILE="+w.lbServices, "KTEL_LB_CGROUP="+w.sb.cg)
+		env = append(env, "KTEL_LB_SERVICES_FILE="+w.lbServices, "KTEL_LB_CGROUP="+w.sb.Cgroup)
 	}
 	cmd := exec.Command(binary(t))
 	cmd.Env = env

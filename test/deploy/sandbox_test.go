@@ -5,8 +5,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -16,21 +14,18 @@ import (
 
 // A sandbox is a testenv.Sandbox: lb is attached to its cgroup, which only
 // its client process joins, and its namespace has no route out.
-type sandbox struct {
-	ns string // name under /run/netns
-	cg string // cgroup directory
-}
+type sandbox struct{ *testenv.Sandbox }
 
 func newSandbox(t *testing.T) *sandbox {
 	t.Helper()
 	s := testenv.NewSandbox(t, fmt.Sprintf("ktel-deploytest-%d", os.Getpid()))
-	return &sandbox{ns: s.NS, cg: s.Cgroup}
+	return &sandbox{s}
 }
 
 // listen opens a TCP listener on addr in the sandbox.
 func (sb *sandbox) listen(t *testing.T, addr string) net.Listener {
 	t.Helper()
-	ln, err := testenv.InNetns(sb.ns, func() (net.Listener, error) { return net.Listen("tcp", addr) })
+	ln, err := testenv.InNetns(sb.NS, func() (net.Listener, error) { return net.Listen("tcp", addr) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,16 +43,8 @@ const (
 // of vips in turn every 20 ms until the test ends.
 func (sb *sandbox) startClient(t *testing.T, vips ...string) {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", sb.ns, os.Args[0], "-test.run=^TestHelperLBClient$", "-test.count=1")
-	cmd.Env = append(os.Environ(), "DEPLOYTEST_LB_VIPS="+strings.Join(vips, ","))
-	// `ip netns exec` mounts a fresh /sys, hiding the cgroup file system:
-	// the client gets cgroup.procs as file descriptor 3.
-	procs, err := os.OpenFile(filepath.Join(sb.cg, "cgroup.procs"), os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer procs.Close()
-	cmd.ExtraFiles = []*os.File{procs}
+	cmd := sb.HelperCommand(t, "TestHelperLBClient", true)
+	cmd.Env = append(cmd.Env, "DEPLOYTEST_LB_VIPS="+strings.Join(vips, ","))
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -86,9 +73,9 @@ func TestHelperLBClient(t *testing.T) {
 	if vips == "" {
 		return
 	}
-	// "0" moves this process, all its threads, before any socket exists.
-	if _, err := os.NewFile(3, "cgroup.procs").Write([]byte("0")); err != nil {
-		fmt.Fprintln(os.Stderr, "join cgroup:", err)
+	// Before any socket exists.
+	if err := testenv.JoinSandboxCgroup(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(3)
 	}
 	stop := make(chan struct{})
