@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, testing and benchmarking ktel needs on Debian 12:
-# clang-19 (pinned BPF compiler), kernel UAPI headers (syscall tables),
+# clang-19 (pinned BPF compiler), libbpf-dev (bpf_helpers.h and the other
+# libbpf headers the BPF programs include), kernel UAPI headers (syscall tables),
 # bpftool, Prometheus (promtool and the server, for end-to-end tests),
 # iptables and iproute2 (network-namespace tests), util-linux (setpriv) and
 # systemd (systemd-analyze verify of the unit). The benchmarks install
@@ -8,7 +9,7 @@
 # when everything is present.
 set -euo pipefail
 
-packages=(clang-19 llvm-19 bpftool prometheus iptables iproute2 curl util-linux
+packages=(clang-19 llvm-19 libbpf-dev bpftool prometheus iptables iproute2 curl util-linux
 	systemd linux-libc-dev linux-libc-dev-arm64-cross)
 
 missing=()

@@ -5,8 +5,8 @@
  * probes use, against which `make bench` compares the probes.
  */
 #include "vmlinux.h"
-#include "bpf_helpers.h"
-#include "bpf_tracing.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 

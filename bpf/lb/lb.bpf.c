@@ -27,7 +27,7 @@
  * have finished.
  */
 #include "vmlinux.h"
-#include "bpf_helpers.h"
+#include <bpf/bpf_helpers.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 

@@ -18,7 +18,7 @@
  * BenchmarkPrograms in bench_test.go; keep it that way.
  */
 #include "vmlinux.h"
-#include "bpf_helpers.h"
+#include <bpf/bpf_helpers.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 

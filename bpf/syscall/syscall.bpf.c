@@ -15,9 +15,9 @@
  *   tracepoint classic tracepoint, start time in a hash.
  */
 #include "vmlinux.h"
-#include "bpf_helpers.h"
-#include "bpf_tracing.h"
-#include "bpf_core_read.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
 #include "ktel_hist.h"
 #include "ktel_events.h"
 

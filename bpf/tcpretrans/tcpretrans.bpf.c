@@ -10,9 +10,9 @@
  *   tracepoint  classic tracepoints tcp/tcp_retransmit_{skb,synack}.
  */
 #include "vmlinux.h"
-#include "bpf_helpers.h"
-#include "bpf_tracing.h"
-#include "bpf_core_read.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
 #include "ktel_events.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
