@@ -48,7 +48,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 
-	cfg, err := config.Load()
+	cfg, err := config.Load(daemon.Probes())
 	if err != nil {
 		fmt.Fprintf(stderr, "ktel: configuration error:\n%v\n", err)
 		return exitUsage
@@ -146,7 +146,7 @@ before anything is loaded.
 `)
 	config.Usage(w)
 	fmt.Fprintln(w, "\nProbes:")
-	for _, p := range config.Probes {
+	for _, p := range daemon.Probes() {
 		def := ""
 		if p.Default {
 			def = " (default)"

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/ktel-dev/ktel/internal/config"
+	"github.com/ktel-dev/ktel/internal/daemon"
 )
 
 // runBounded calls run and fails the test if it does not return promptly:
@@ -40,7 +41,7 @@ func TestRunHelp(t *testing.T) {
 					t.Errorf("help does not mention %s", f.Var)
 				}
 			}
-			for _, p := range config.Probes {
+			for _, p := range daemon.Probes() {
 				if !strings.Contains(stdout, p.Name) {
 					t.Errorf("help does not mention probe %s", p.Name)
 				}

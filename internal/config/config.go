@@ -1,6 +1,9 @@
 // Package config is ktel's configuration: the KTEL_* environment variables,
-// their defaults and meaning, and their validation in one place. The same
-// struct tags produce `ktel --help` and the README's reference table.
+// their defaults and meaning, and their validation, which is one pass over
+// the generic variables and the Validate of each probe registered (in
+// internal/daemon), so that this package needs none of the probes' code.
+// The same struct tags produce `ktel --help` and the README's reference
+// table.
 package config
 
 import (
@@ -17,11 +20,9 @@ import (
 	"github.com/kelseyhightower/envconfig"
 	"golang.org/x/sys/unix"
 
-	"github.com/ktel-dev/ktel/bpf/netdev"
-	"github.com/ktel-dev/ktel/bpf/tcpretrans"
-	"github.com/ktel-dev/ktel/internal/caps"
-	lbctl "github.com/ktel-dev/ktel/internal/lb"
 	"github.com/prometheus/exporter-toolkit/web"
+
+	"github.com/ktel-dev/ktel/internal/caps"
 )
 
 // Prefix of every variable.
@@ -31,21 +32,22 @@ const Prefix = "KTEL"
 // is not ktel's setting, but it is set where ktel's tests start ktel.
 const PrivilegedTestsVar = "KTEL_PRIVILEGED_TESTS"
 
-// Probe names a probe and whether it runs by default. A probe that needs
-// input (a list of interfaces, say) is off by default.
+// Probe is what the configuration knows of a probe; the probes register
+// themselves, with these fields, in internal/daemon, so that this package
+// needs none of their code. A probe that needs input (a list of
+// interfaces, say) is off by default.
 type Probe struct {
 	Name    string
 	Default bool
 	Help    string
-}
-
-// Probes are every probe ktel has, in the order they start.
-var Probes = []Probe{
-	{Name: "syscall", Default: true, Help: "per-syscall latency histograms and error counts"},
-	{Name: "runqlat", Default: true, Help: "run-queue (scheduler) delay histogram"},
-	{Name: "tcpretrans", Default: true, Help: "TCP retransmits by family, state and kind (optionally by peer)"},
-	{Name: "netdev", Default: false, Help: "per-interface packet and byte counters (needs KTEL_INTERFACES)"},
-	{Name: "lb", Default: false, Help: "socket-level service load balancer (needs KTEL_LB_SERVICES_FILE)"},
+	// Input, if set, reports whether the input the probe needs is given:
+	// the probe then starts unless KTEL_PROBES is set.
+	Input func(c *Config) bool
+	// Validate, if set, checks the probe's own variables and returns one
+	// error (from Invalid) per invalid variable. It runs whether the probe
+	// is enabled or not, so that a typo is reported before it matters;
+	// enabled says whether the probe is in KTEL_PROBES.
+	Validate func(c *Config, enabled bool) []error
 }
 
 // Config is the daemon's configuration. Tags: envconfig (the variable's
@@ -104,10 +106,18 @@ func (e *Error) Error() string {
 	return msg + "; accepted values: " + e.Accepted
 }
 
+// Invalid is the error for variable name (KTEL_...) with value, naming the
+// values the variable accepts; reason may be empty.
+func Invalid(name, value, reason string) *Error {
+	f, _ := fieldByVar(name)
+	return &Error{Var: name, Value: value, Accepted: f.Values, Reason: reason}
+}
+
 // Load reads the KTEL_* variables from the environment and validates every
-// value. A value that does not parse is reported alone; otherwise all
-// invalid variables are reported, joined. Every error is an *Error.
-func Load() (*Config, error) {
+// value, those of probes with their own Validate. A value that does not
+// parse is reported alone; otherwise all invalid variables are reported,
+// joined. Every error is an *Error.
+func Load(probes []Probe) (*Config, error) {
 	var c Config
 	// Full names and no prefix: with a prefix, envconfig also reads the
 	// unprefixed name (LOG_LEVEL for KTEL_LOG_LEVEL) when the prefixed one
@@ -119,14 +129,13 @@ func Load() (*Config, error) {
 	// Probes that need input start when it is given, unless KTEL_PROBES
 	// says exactly which probes to run.
 	if _, set := os.LookupEnv(Prefix + "_PROBES"); !set {
-		if strings.Trim(c.Interfaces, " ,") != "" {
-			c.Probes += ",netdev"
-		}
-		if c.LBServicesFile != "" {
-			c.Probes += ",lb"
+		for _, p := range probes {
+			if !p.Default && p.Input != nil && p.Input(&c) {
+				c.Probes += "," + p.Name
+			}
 		}
 	}
-	if err := c.Validate(); err != nil {
+	if err := c.Validate(probes); err != nil {
 		return nil, err
 	}
 	return &c, nil
@@ -199,12 +208,12 @@ func (c *Config) SlogLevel() slog.Level {
 	return l
 }
 
-// Validate checks every value and returns all problems, joined.
-func (c *Config) Validate() error {
+// Validate checks every value, those of probes with their Validate, and
+// returns all problems, joined.
+func (c *Config) Validate(probes []Probe) error {
 	var errs []error
 	bad := func(name, value, reason string) {
-		f, _ := fieldByVar(Prefix + "_" + name)
-		errs = append(errs, &Error{Var: f.Var, Value: value, Accepted: f.Values, Reason: reason})
+		errs = append(errs, Invalid(Prefix+"_"+name, value, reason))
 	}
 
 	if host, port, err := net.SplitHostPort(c.ListenAddress); err != nil {
@@ -227,89 +236,29 @@ func (c *Config) Validate() error {
 		bad("MAX_CONCURRENT_SCRAPES", strconv.Itoa(c.MaxScrapes), "below 1")
 	}
 
-	if c.TCPRetransMaxPeers < 1 || c.TCPRetransMaxPeers > tcpretrans.PeerLimit {
-		bad("TCPRETRANS_MAX_PEERS", strconv.Itoa(c.TCPRetransMaxPeers), "out of range")
-	}
-	if _, err := netdev.ParseInterfaces(c.Interfaces); err != nil && c.Interfaces != "" {
-		bad("INTERFACES", c.Interfaces, err.Error())
-	}
-	if !oneOf(c.NetdevHook, "tc", "xdp") {
-		bad("NETDEV_HOOK", c.NetdevHook, "")
-	}
-	if !oneOf(c.NetdevTCMode, "auto", "tcx", "clsact") {
-		bad("NETDEV_TC_MODE", c.NetdevTCMode, "")
-	}
-	if c.NetdevMaxInterfaces < 1 || c.NetdevMaxInterfaces > 65536 {
-		bad("NETDEV_MAX_INTERFACES", strconv.Itoa(c.NetdevMaxInterfaces), "out of range")
-	}
-
 	enabled := c.EnabledProbes()
-	// The services file is read only when lb runs: a file left named in
-	// the environment of a node that does not balance does not stop ktel.
-	if c.LBServicesFile != "" && slices.Contains(enabled, "lb") {
-		if data, err := os.ReadFile(c.LBServicesFile); err != nil {
-			bad("LB_SERVICES_FILE", c.LBServicesFile, err.Error())
-		} else if svcs, err := lbctl.Parse(c.LBServicesFile, data); err != nil {
-			bad("LB_SERVICES_FILE", c.LBServicesFile, err.Error())
-		} else {
-			backends := 0
-			for _, s := range svcs {
-				backends += len(s.Backends)
-			}
-			if len(svcs) > c.LBMaxServices {
-				bad("LB_SERVICES_FILE", c.LBServicesFile, fmt.Sprintf("%d services, more than KTEL_LB_MAX_SERVICES=%d", len(svcs), c.LBMaxServices))
-			}
-			if backends > c.LBMaxBackends {
-				bad("LB_SERVICES_FILE", c.LBServicesFile, fmt.Sprintf("%d backends, more than KTEL_LB_MAX_BACKENDS=%d", backends, c.LBMaxBackends))
-			}
-		}
-	}
-	if c.LBCgroup != "" && !isFS(c.LBCgroup, unix.CGROUP2_SUPER_MAGIC) {
-		bad("LB_CGROUP", c.LBCgroup, "not a directory of a cgroup v2 hierarchy")
-	}
-	if c.NetdevNetNS != "" && !isFS(c.NetdevNetNS, unix.NSFS_MAGIC) {
-		bad("NETDEV_NETNS", c.NetdevNetNS, "not a network namespace file (such as /var/run/netns/NAME)")
-	}
-	if !oneOf(c.LBAlgorithm, "random", "maglev") {
-		bad("LB_ALGORITHM", c.LBAlgorithm, "")
-	}
-	if !slices.Contains(lbctl.MaglevSizes, c.LBMaglevTableSize) {
-		bad("LB_MAGLEV_TABLE_SIZE", strconv.Itoa(c.LBMaglevTableSize), "not one of the primes")
-	}
-	for name, v := range map[string]int{"LB_MAX_SERVICES": c.LBMaxServices, "LB_MAX_BACKENDS": c.LBMaxBackends, "LB_MAX_SOCKETS": c.LBMaxSockets} {
-		if v < 1 || v > 1<<24 {
-			bad(name, strconv.Itoa(v), "out of range")
-		}
-	}
-
 	if len(enabled) == 0 {
 		bad("PROBES", c.Probes, "no probe named")
 	}
-	if ifaces, err := netdev.ParseInterfaces(c.Interfaces); err == nil && len(ifaces) == 0 && slices.Contains(enabled, "netdev") {
-		bad("INTERFACES", c.Interfaces, "the netdev probe is enabled but no interface is named")
-	}
-	if slices.Contains(enabled, "lb") && c.LBServicesFile == "" {
-		bad("LB_SERVICES_FILE", c.LBServicesFile, "the lb probe is enabled but no services file is named")
-	}
 	for _, p := range enabled {
-		if !slices.ContainsFunc(Probes, func(q Probe) bool { return q.Name == p }) {
+		if !slices.ContainsFunc(probes, func(q Probe) bool { return q.Name == p }) {
 			bad("PROBES", c.Probes, fmt.Sprintf("unknown probe %q", p))
 		}
 	}
+	for _, p := range probes {
+		if p.Validate != nil {
+			errs = append(errs, p.Validate(c, slices.Contains(enabled, p.Name))...)
+		}
+	}
 
-	if !oneOf(c.LogLevel, "debug", "info", "warn", "error") {
+	if !OneOf(c.LogLevel, "debug", "info", "warn", "error") {
 		bad("LOG_LEVEL", c.LogLevel, "")
 	}
-	if !oneOf(c.LogFormat, "text", "json") {
+	if !OneOf(c.LogFormat, "text", "json") {
 		bad("LOG_FORMAT", c.LogFormat, "")
 	}
 	if c.HistogramSchema < 0 || c.HistogramSchema > 4 {
 		bad("HISTOGRAM_SCHEMA", strconv.Itoa(c.HistogramSchema), "out of range")
-	}
-	for name, d := range map[string]time.Duration{"SYSCALL_SPAN_THRESHOLD": c.SyscallSpanThreshold, "RUNQLAT_SPAN_THRESHOLD": c.RunqlatSpanThreshold} {
-		if d < 0 {
-			bad(name, d.String(), "negative")
-		}
 	}
 	if c.SpanRateLimit < 0 {
 		bad("SPAN_RATE_LIMIT", strconv.Itoa(c.SpanRateLimit), "negative")
@@ -317,18 +266,15 @@ func (c *Config) Validate() error {
 	if c.SpanQueueSize < 1 {
 		bad("SPAN_QUEUE_SIZE", strconv.Itoa(c.SpanQueueSize), "below 1")
 	}
-	for name, hook := range map[string]string{"SYSCALL_HOOK": c.SyscallHook, "RUNQLAT_HOOK": c.RunqlatHook} {
-		if !oneOf(hook, "auto", "tp_btf", "raw_tp", "tracepoint") {
-			bad(name, hook, "")
-		}
-	}
 	return errors.Join(errs...)
 }
 
-func oneOf(v string, accepted ...string) bool { return slices.Contains(accepted, v) }
+// OneOf reports whether v is one of accepted.
+func OneOf(v string, accepted ...string) bool { return slices.Contains(accepted, v) }
 
-// isFS reports whether path is on a filesystem of the given magic number.
-func isFS(path string, magic int64) bool {
+// IsFS reports whether path is on a filesystem of the given magic number
+// (unix.CGROUP2_SUPER_MAGIC, say).
+func IsFS(path string, magic int64) bool {
 	var st unix.Statfs_t
 	return unix.Statfs(path, &st) == nil && int64(st.Type) == magic
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"os"
+	"os/exec"
 	"regexp"
 	"slices"
 	"strings"
@@ -12,6 +13,20 @@ import (
 
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
+
+// testProbes stand for the probes internal/daemon registers: the default
+// ones by name, and one that needs input and validates it.
+var testProbes = []Probe{
+	{Name: "syscall", Default: true}, {Name: "runqlat", Default: true}, {Name: "tcpretrans", Default: true},
+	{Name: "netdev",
+		Input: func(c *Config) bool { return c.Interfaces != "" },
+		Validate: func(c *Config, enabled bool) []error {
+			if enabled && c.Interfaces == "" {
+				return []error{Invalid("KTEL_INTERFACES", c.Interfaces, "needed")}
+			}
+			return nil
+		}},
+}
 
 // setenv sets vars for the test and unsets every other KTEL_* variable, so
 // the defaults apply.
@@ -32,7 +47,7 @@ func setenv(t *testing.T, vars map[string]string) {
 
 func TestDefaults(t *testing.T) {
 	setenv(t, nil)
-	c, err := Load()
+	c, err := Load(testProbes)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,20 +107,12 @@ func TestValidation(t *testing.T) {
 		{"KTEL_BPF_STATS", "false", true},
 		{"KTEL_BPF_STATS", "1", true},
 		{"KTEL_BPF_STATS", "maybe", false},
-		{"KTEL_SYSCALL_HOOK", "tp_btf", true},
-		{"KTEL_SYSCALL_HOOK", "raw_tp", true},
-		{"KTEL_SYSCALL_HOOK", "tracepoint", true},
-		{"KTEL_SYSCALL_HOOK", "kprobe", false},
 		{"KTEL_PROBES", "runqlat", true},
 		{"KTEL_PROBES", "runqlat,syscall", true},
-		{"KTEL_RUNQLAT_HOOK", "auto", true},
-		{"KTEL_RUNQLAT_HOOK", "raw_tp", true},
-		{"KTEL_RUNQLAT_HOOK", "fentry", false},
 		{"KTEL_RUNQLAT_PER_CPU", "true", true},
 		{"KTEL_RUNQLAT_PER_CPU", "yes", false},
 		{"KTEL_SYSCALL_SPAN_THRESHOLD", "250ms", true},
 		{"KTEL_SYSCALL_SPAN_THRESHOLD", "0", true},
-		{"KTEL_SYSCALL_SPAN_THRESHOLD", "-1s", false},
 		{"KTEL_SYSCALL_SPAN_THRESHOLD", "100", false},
 		{"KTEL_RUNQLAT_SPAN_THRESHOLD", "2ms", true},
 		{"KTEL_RUNQLAT_SPAN_THRESHOLD", "soon", false},
@@ -118,40 +125,12 @@ func TestValidation(t *testing.T) {
 		{"KTEL_TCPRETRANS_SPANS", "all", false},
 		{"KTEL_TCPRETRANS_PEERS", "true", true},
 		{"KTEL_TCPRETRANS_PEERS", "peers", false},
-		{"KTEL_TCPRETRANS_MAX_PEERS", "1", true},
-		{"KTEL_TCPRETRANS_MAX_PEERS", "0", false},
-		{"KTEL_TCPRETRANS_MAX_PEERS", "4096", true},
-		{"KTEL_TCPRETRANS_MAX_PEERS", "4097", false},
-		{"KTEL_TCPRETRANS_MAX_PEERS", "-1", false},
-		{"KTEL_INTERFACES", "eth0,veth*", true},
-		{"KTEL_INTERFACES", "eth[", false},
-		{"KTEL_NETDEV_HOOK", "xdp", true},
-		{"KTEL_NETDEV_HOOK", "kprobe", false},
-		{"KTEL_NETDEV_TC_MODE", "clsact", true},
-		{"KTEL_NETDEV_TC_MODE", "tc", false},
-		{"KTEL_NETDEV_MAX_INTERFACES", "65536", true},
-		{"KTEL_NETDEV_MAX_INTERFACES", "0", false},
 		{"KTEL_NETDEV_PACKET_SIZES", "true", true},
 		{"KTEL_NETDEV_PACKET_SIZES", "big", false},
-		{"KTEL_LB_SERVICES_FILE", "testdata/services-ok.yaml", true},
-		{"KTEL_LB_SERVICES_FILE", "testdata/services-bad.yaml", false},
-		{"KTEL_LB_SERVICES_FILE", "/nonexistent.yaml", false},
-		{"KTEL_LB_CGROUP", "/tmp", false},
-		{"KTEL_LB_CGROUP", "/nonexistent", false},
-		{"KTEL_NETDEV_NETNS", "/tmp", false},
-		{"KTEL_NETDEV_NETNS", "/proc/self/ns/net", true},
-		{"KTEL_LB_ALGORITHM", "maglev", true},
-		{"KTEL_LB_ALGORITHM", "roundrobin", false},
-		{"KTEL_LB_MAGLEV_TABLE_SIZE", "251", true},
-		{"KTEL_LB_MAGLEV_TABLE_SIZE", "1000", false},
-		{"KTEL_LB_MAX_SERVICES", "1", true},
-		{"KTEL_LB_MAX_SERVICES", "0", false},
-		{"KTEL_LB_MAX_BACKENDS", "16777217", false},
-		{"KTEL_LB_MAX_SOCKETS", "many", false},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
 			setenv(t, map[string]string{tc.name: tc.value})
-			_, err := Load()
+			_, err := Load(testProbes)
 			if tc.ok {
 				if err != nil {
 					t.Fatalf("rejected: %v", err)
@@ -171,68 +150,11 @@ func TestValidation(t *testing.T) {
 	}
 }
 
-// Probes that need input start when it is given, unless KTEL_PROBES names
-// the probes exactly.
-func TestInputEnablesProbes(t *testing.T) {
-	for _, tc := range []struct {
-		env  map[string]string
-		want string
-	}{
-		{map[string]string{"KTEL_INTERFACES": "veth*"}, "syscall,runqlat,tcpretrans,netdev"},
-		{map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml"}, "syscall,runqlat,tcpretrans,lb"},
-		{map[string]string{"KTEL_INTERFACES": "veth*", "KTEL_PROBES": "syscall"}, "syscall"},
-		{map[string]string{"KTEL_INTERFACES": "veth*", "KTEL_PROBES": "netdev"}, "netdev"},
-		{map[string]string{"KTEL_INTERFACES": " , "}, "syscall,runqlat,tcpretrans"},
-		// A services file is not read when lb does not run.
-		{map[string]string{"KTEL_LB_SERVICES_FILE": "/nonexistent.yaml", "KTEL_PROBES": "syscall"}, "syscall"},
-	} {
-		setenv(t, tc.env)
-		c, err := Load()
-		if err != nil {
-			t.Fatalf("%v: %v", tc.env, err)
-		}
-		if got := strings.Join(c.EnabledProbes(), ","); got != tc.want {
-			t.Errorf("%v: probes %q, want %q", tc.env, got, tc.want)
-		}
-	}
-}
-
-// Enabling a probe without its input names the missing variable.
-func TestProbeWithoutInput(t *testing.T) {
-	for _, tc := range []struct{ probe, missing, value string }{
-		{"netdev", "KTEL_INTERFACES", ""},
-		{"netdev", "KTEL_INTERFACES", " , "},
-		{"lb", "KTEL_LB_SERVICES_FILE", ""},
-	} {
-		probe, missing := tc.probe, tc.missing
-		setenv(t, map[string]string{"KTEL_PROBES": probe, missing: tc.value})
-		_, err := Load()
-		var ce *Error
-		if !errors.As(err, &ce) || ce.Var != missing {
-			t.Errorf("KTEL_PROBES=%s: %v, want an error naming %s", probe, err, missing)
-		}
-	}
-}
-
-// A services file that does not fit the maps is refused before loading.
-func TestServicesOverCapacity(t *testing.T) {
-	setenv(t, map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml", "KTEL_LB_MAX_SERVICES": "1"})
-	if _, err := Load(); err != nil {
-		t.Fatalf("one service with a capacity of one: %v", err)
-	}
-	setenv(t, map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-two.yaml", "KTEL_LB_MAX_SERVICES": "1"})
-	_, err := Load()
-	var ce *Error
-	if !errors.As(err, &ce) || ce.Var != "KTEL_LB_SERVICES_FILE" || !strings.Contains(err.Error(), "KTEL_LB_MAX_SERVICES=1") {
-		t.Errorf("two services with a capacity of one: %v", err)
-	}
-}
-
 // Only KTEL_* names are read: envconfig, given a prefix, would also read
 // LOG_LEVEL for KTEL_LOG_LEVEL.
 func TestUnprefixedIgnored(t *testing.T) {
 	setenv(t, map[string]string{"LOG_LEVEL": "loud", "PROBES": "nosuch", "INTERFACES": "eth0", "MAX_CONCURRENT_SCRAPES": "0"})
-	c, err := Load()
+	c, err := Load(testProbes)
 	if err != nil {
 		t.Fatalf("unprefixed variables were read: %v", err)
 	}
@@ -253,33 +175,19 @@ func TestPrivilegedTestsVar(t *testing.T) {
 
 func TestAllErrorsReported(t *testing.T) {
 	setenv(t, map[string]string{"KTEL_LOG_LEVEL": "loud", "KTEL_LOG_FORMAT": "xml"})
-	_, err := Load()
+	_, err := Load(testProbes)
 	if err == nil || !strings.Contains(err.Error(), "KTEL_LOG_LEVEL") || !strings.Contains(err.Error(), "KTEL_LOG_FORMAT") {
 		t.Fatalf("want both variables named, got %v", err)
 	}
 }
 
-// Every field is documented, and the documented defaults and probe names
-// agree with the probe list.
+// Every field is documented (internal/daemon checks that KTEL_PROBES
+// agrees with the registered probes).
 func TestFieldsDocumented(t *testing.T) {
 	for _, f := range Fields() {
 		if !strings.HasPrefix(f.Var, Prefix+"_") || f.Var == Prefix+"_" || f.Values == "" || f.Desc == "" {
 			t.Errorf("%s lacks envconfig, values or desc tags", f.Var)
 		}
-	}
-	var defaults, all []string
-	for _, p := range Probes {
-		all = append(all, p.Name)
-		if p.Default {
-			defaults = append(defaults, p.Name)
-		}
-	}
-	f, _ := fieldByVar("KTEL_PROBES")
-	if f.Default != strings.Join(defaults, ",") {
-		t.Errorf("KTEL_PROBES default %q, want the default probes %q", f.Default, strings.Join(defaults, ","))
-	}
-	if !strings.HasSuffix(f.Values, strings.Join(all, ",")) {
-		t.Errorf("KTEL_PROBES values %q do not list %q", f.Values, strings.Join(all, ","))
 	}
 }
 
@@ -312,5 +220,45 @@ func TestUnknown(t *testing.T) {
 	got := Unknown([]string{"KTEL_PROBE=syscall", "KTEL_PROBES=syscall", "PATH=/bin", "KTEL_PRIVILEGED_TESTS=1"}, "KTEL_PRIVILEGED_TESTS")
 	if len(got) != 1 || got[0] != "KTEL_PROBE" {
 		t.Errorf("Unknown = %v, want [KTEL_PROBE]", got)
+	}
+}
+
+// A probe's input enables it unless KTEL_PROBES is set, and its Validate
+// runs, knowing whether it is enabled, whether it is or not.
+func TestProbeHooks(t *testing.T) {
+	setenv(t, map[string]string{"KTEL_INTERFACES": "veth*"})
+	c, err := Load(testProbes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Probes != "syscall,runqlat,tcpretrans,netdev" {
+		t.Errorf("KTEL_PROBES %q, want netdev enabled by its input", c.Probes)
+	}
+	setenv(t, map[string]string{"KTEL_PROBES": "netdev"})
+	_, err = Load(testProbes)
+	var ce *Error
+	if !errors.As(err, &ce) || ce.Var != "KTEL_INTERFACES" || ce.Accepted == "" {
+		t.Errorf("netdev without input: %v, want an error naming KTEL_INTERFACES and its values", err)
+	}
+	setenv(t, map[string]string{"KTEL_PROBES": "syscall"})
+	if _, err := Load(testProbes); err != nil {
+		t.Errorf("netdev disabled, without input: %v", err)
+	}
+}
+
+// The configuration needs none of the probes' code: validating the
+// environment must not load BPF objects (nor pull in their packages).
+func TestNoProbeImports(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs go list")
+	}
+	out, err := exec.Command("go", "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	for _, pkg := range strings.Fields(string(out)) {
+		if strings.HasPrefix(pkg, "github.com/ktel-dev/ktel/bpf/") || pkg == "github.com/ktel-dev/ktel/internal/lb" || pkg == "github.com/ktel-dev/ktel/internal/probe" {
+			t.Errorf("internal/config depends on %s", pkg)
+		}
 	}
 }

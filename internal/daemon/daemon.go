@@ -1,4 +1,5 @@
-// Package daemon wires ktel together: it loads the configured probes,
+// Package daemon wires ktel together: from the probe registry
+// (registry.go) it loads the configured probes,
 // exports them through one registry, serves HTTP, and on shutdown detaches
 // and closes everything it put into the kernel.
 package daemon
@@ -78,7 +79,7 @@ func (g *gatherGate) close() {
 // Once the probes are attached, it drops the capabilities they no longer
 // need.
 func New(cfg *config.Config, log *slog.Logger) (*Daemon, error) {
-	d, err := newDaemon(cfg, log, starters)
+	d, err := newDaemon(cfg, log, starters())
 	if err != nil {
 		return nil, err
 	}
@@ -122,7 +123,9 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		d.probes[name] = p
 		self.ProbeUp.WithLabelValues(name).Set(1)
 		if es, ok := p.(eventSource); ok && d.tracing != nil {
-			if err := d.tracing.Add(name, es.Events(), es.decoder()); err != nil {
+			if r, _ := lookup(name); r.decoder == nil {
+				plog.Error("events without a decoder; no spans from this probe")
+			} else if err := d.tracing.Add(name, es.Events(), r.decoder); err != nil {
 				plog.Error("cannot read outlier events; no spans from this probe", "err", err)
 			}
 		}
@@ -156,7 +159,8 @@ func (d *Daemon) dropCapabilities() {
 	}
 	if auto {
 		for name := range d.probes {
-			keep |= caps.Of(needs[name].keep...)
+			r, _ := lookup(name)
+			keep |= caps.Of(r.keep...)
 		}
 		if held, err := caps.Effective(); err == nil {
 			keep = keep.WithStandIns(held)
@@ -341,7 +345,7 @@ func (d *Daemon) Close() error {
 // Check loads and attaches every enabled probe in turn, writes one verdict
 // per probe and detaches it again. It reports whether all loaded.
 func Check(cfg *config.Config, log *slog.Logger, w io.Writer) bool {
-	return check(cfg, log, w, starters)
+	return check(cfg, log, w, starters())
 }
 
 func check(cfg *config.Config, log *slog.Logger, w io.Writer, starters map[string]starter) bool {

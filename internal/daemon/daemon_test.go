@@ -37,7 +37,7 @@ func TestFailedProbeIsolated(t *testing.T) {
 	var logs bytes.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 	s := map[string]starter{
-		"syscall":     starters["syscall"],
+		"syscall":     starters()["syscall"],
 		"unsupported": failing(fmt.Errorf("attach: %w", probe.ErrUnsupported)),
 		"broken":      failing(fmt.Errorf("load programs: boom")),
 	}
@@ -89,7 +89,7 @@ func TestCheckVerdicts(t *testing.T) {
 	var out bytes.Buffer
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	s := map[string]starter{
-		"syscall":     starters["syscall"],
+		"syscall":     starters()["syscall"],
 		"unsupported": failing(fmt.Errorf("attach: %w", probe.ErrUnsupported)),
 		"broken":      failing(fmt.Errorf("boom")),
 	}

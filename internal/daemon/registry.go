@@ -1,0 +1,376 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/ktel-dev/ktel/bpf/lb"
+	"github.com/ktel-dev/ktel/bpf/netdev"
+	"github.com/ktel-dev/ktel/bpf/runqlat"
+	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/bpf/tcpretrans"
+	"github.com/ktel-dev/ktel/internal/caps"
+	"github.com/ktel-dev/ktel/internal/config"
+	lbctl "github.com/ktel-dev/ktel/internal/lb"
+	"github.com/ktel-dev/ktel/internal/probe"
+	"github.com/ktel-dev/ktel/metrics"
+	"github.com/ktel-dev/ktel/tracing"
+)
+
+// loaded is a probe in the kernel together with its collector.
+type loaded interface {
+	metrics.Collector
+	metrics.BPFObjects
+	io.Closer
+}
+
+// detacher is a loaded probe that can detach its programs before its maps
+// are released.
+type detacher interface{ Detach() error }
+
+// eventSource is a loaded probe that emits outlier events.
+type eventSource interface{ Events() *ebpf.Map }
+
+// env is what starters get: the configuration, a logger scoped to the
+// probe, the exemplar store, and whether spans are exported at all.
+type env struct {
+	cfg       *config.Config
+	log       *slog.Logger
+	exemplars *metrics.Exemplars
+	spans     bool
+}
+
+// spanOptions enables outlier events above threshold when spans are on.
+func (e env) spanOptions(threshold time.Duration) probe.SpanOptions {
+	if !e.spans || threshold <= 0 {
+		return probe.SpanOptions{}
+	}
+	return probe.SpanOptions{Threshold: threshold, Rate: e.cfg.SpanRateLimit}
+}
+
+// starter loads and attaches one probe.
+type starter func(env) (loaded, error)
+
+// ErrMissingCapability marks a probe ktel lacks the privileges to load.
+var ErrMissingCapability = errors.New("missing capability")
+
+// registration is everything ktel knows of one probe, in one place, as
+// node_exporter registers its collectors: its name, default and help, the
+// validation of its own variables (config.Probe), the capabilities it
+// needs, how it starts (load, attach, collector), and how its outlier
+// events become spans. Adding a probe is a folder under bpf/, a collector
+// in metrics/ and an entry in registry.
+type registration struct {
+	config.Probe
+	// load are the capabilities the probe needs to load and attach
+	// (measured with setpriv: tracing programs need CAP_PERFMON, netdev's
+	// packet parsing too, attaching to interfaces and cgroups
+	// CAP_NET_ADMIN); keep what it still needs once running.
+	load, keep []caps.Cap
+	start      starter
+	decoder    tracing.Decoder // of its events; nil if it has none
+}
+
+// registry lists every probe, in the order they start.
+var registry = []registration{
+	{
+		Probe: config.Probe{Name: "syscall", Default: true, Help: "per-syscall latency histograms and error counts",
+			Validate: func(c *config.Config, _ bool) []error {
+				return append(validHook("KTEL_SYSCALL_HOOK", c.SyscallHook), validThreshold("KTEL_SYSCALL_SPAN_THRESHOLD", c.SyscallSpanThreshold)...)
+			}},
+		load:    []caps.Cap{caps.BPF, caps.Perfmon},
+		start:   startSyscall,
+		decoder: tracing.SyscallDecoder(sysprobe.NativeName),
+	},
+	{
+		Probe: config.Probe{Name: "runqlat", Default: true, Help: "run-queue (scheduler) delay histogram",
+			Validate: func(c *config.Config, _ bool) []error {
+				return append(validHook("KTEL_RUNQLAT_HOOK", c.RunqlatHook), validThreshold("KTEL_RUNQLAT_SPAN_THRESHOLD", c.RunqlatSpanThreshold)...)
+			}},
+		load:    []caps.Cap{caps.BPF, caps.Perfmon},
+		start:   startRunqlat,
+		decoder: tracing.RunqlatDecoder,
+	},
+	{
+		Probe: config.Probe{Name: "tcpretrans", Default: true, Help: "TCP retransmits by family, state and kind (optionally by peer)",
+			Validate: validTCPRetrans},
+		load:    []caps.Cap{caps.BPF, caps.Perfmon},
+		start:   startTCPRetrans,
+		decoder: tracing.TCPRetransDecoder,
+	},
+	{
+		Probe: config.Probe{Name: "netdev", Default: false, Help: "per-interface packet and byte counters (needs KTEL_INTERFACES)",
+			Input:    func(c *config.Config) bool { return strings.Trim(c.Interfaces, " ,") != "" },
+			Validate: validNetdev},
+		load: []caps.Cap{caps.BPF, caps.Perfmon, caps.NetAdmin},
+		// Interfaces that appear later are attached, and clsact filters
+		// removed on exit.
+		keep:  []caps.Cap{caps.BPF, caps.Perfmon, caps.NetAdmin},
+		start: startNetdev,
+	},
+	{
+		Probe: config.Probe{Name: "lb", Default: false, Help: "socket-level service load balancer (needs KTEL_LB_SERVICES_FILE)",
+			Input:    func(c *config.Config) bool { return c.LBServicesFile != "" },
+			Validate: validLB},
+		load:  []caps.Cap{caps.BPF, caps.NetAdmin},
+		keep:  []caps.Cap{caps.BPF}, // a reload creates Maglev tables (maps)
+		start: startLB,
+	},
+}
+
+// Probes are the registered probes as the configuration sees them, for
+// config.Load and ktel --help.
+func Probes() []config.Probe {
+	out := make([]config.Probe, len(registry))
+	for i, r := range registry {
+		out[i] = r.Probe
+	}
+	return out
+}
+
+// lookup returns the registration of probe name.
+func lookup(name string) (registration, bool) {
+	i := slices.IndexFunc(registry, func(r registration) bool { return r.Name == name })
+	if i < 0 {
+		return registration{}, false
+	}
+	return registry[i], true
+}
+
+// starters returns the start function of every registered probe by name;
+// tests replace some.
+func starters() map[string]starter {
+	m := map[string]starter{}
+	for _, r := range registry {
+		m[r.Name] = r.start
+	}
+	return m
+}
+
+func validHook(name, hook string) []error {
+	if !config.OneOf(hook, string(probe.HookAuto), string(probe.HookBTF), string(probe.HookRaw), string(probe.HookTracepoint)) {
+		return []error{config.Invalid(name, hook, "")}
+	}
+	return nil
+}
+
+func validThreshold(name string, d time.Duration) []error {
+	if d < 0 {
+		return []error{config.Invalid(name, d.String(), "negative")}
+	}
+	return nil
+}
+
+func validTCPRetrans(c *config.Config, _ bool) []error {
+	if c.TCPRetransMaxPeers < 1 || c.TCPRetransMaxPeers > tcpretrans.PeerLimit {
+		return []error{config.Invalid("KTEL_TCPRETRANS_MAX_PEERS", strconv.Itoa(c.TCPRetransMaxPeers), "out of range")}
+	}
+	return nil
+}
+
+func validNetdev(c *config.Config, enabled bool) []error {
+	var errs []error
+	bad := func(name, value, reason string) { errs = append(errs, config.Invalid(name, value, reason)) }
+	ifaces, err := netdev.ParseInterfaces(c.Interfaces)
+	switch {
+	case err != nil && c.Interfaces != "":
+		bad("KTEL_INTERFACES", c.Interfaces, err.Error())
+	case err == nil && len(ifaces) == 0 && enabled:
+		bad("KTEL_INTERFACES", c.Interfaces, "the netdev probe is enabled but no interface is named")
+	}
+	if !config.OneOf(c.NetdevHook, "tc", "xdp") {
+		bad("KTEL_NETDEV_HOOK", c.NetdevHook, "")
+	}
+	if !config.OneOf(c.NetdevTCMode, "auto", "tcx", "clsact") {
+		bad("KTEL_NETDEV_TC_MODE", c.NetdevTCMode, "")
+	}
+	if c.NetdevMaxInterfaces < 1 || c.NetdevMaxInterfaces > 65536 {
+		bad("KTEL_NETDEV_MAX_INTERFACES", strconv.Itoa(c.NetdevMaxInterfaces), "out of range")
+	}
+	if c.NetdevNetNS != "" && !config.IsFS(c.NetdevNetNS, unix.NSFS_MAGIC) {
+		bad("KTEL_NETDEV_NETNS", c.NetdevNetNS, "not a network namespace file (such as /var/run/netns/NAME)")
+	}
+	return errs
+}
+
+func validLB(c *config.Config, enabled bool) []error {
+	var errs []error
+	bad := func(name, value, reason string) { errs = append(errs, config.Invalid(name, value, reason)) }
+	// The services file is read only when lb runs: a file left named in
+	// the environment of a node that does not balance does not stop ktel.
+	switch {
+	case enabled && c.LBServicesFile == "":
+		bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, "the lb probe is enabled but no services file is named")
+	case enabled:
+		if data, err := os.ReadFile(c.LBServicesFile); err != nil {
+			bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, err.Error())
+		} else if svcs, err := lbctl.Parse(c.LBServicesFile, data); err != nil {
+			bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, err.Error())
+		} else {
+			backends := 0
+			for _, s := range svcs {
+				backends += len(s.Backends)
+			}
+			if len(svcs) > c.LBMaxServices {
+				bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, fmt.Sprintf("%d services, more than KTEL_LB_MAX_SERVICES=%d", len(svcs), c.LBMaxServices))
+			}
+			if backends > c.LBMaxBackends {
+				bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, fmt.Sprintf("%d backends, more than KTEL_LB_MAX_BACKENDS=%d", backends, c.LBMaxBackends))
+			}
+		}
+	}
+	if c.LBCgroup != "" && !config.IsFS(c.LBCgroup, unix.CGROUP2_SUPER_MAGIC) {
+		bad("KTEL_LB_CGROUP", c.LBCgroup, "not a directory of a cgroup v2 hierarchy")
+	}
+	if !config.OneOf(c.LBAlgorithm, "random", "maglev") {
+		bad("KTEL_LB_ALGORITHM", c.LBAlgorithm, "")
+	}
+	if !slices.Contains(lbctl.MaglevSizes, c.LBMaglevTableSize) {
+		bad("KTEL_LB_MAGLEV_TABLE_SIZE", strconv.Itoa(c.LBMaglevTableSize), "not one of the primes")
+	}
+	for name, v := range map[string]int{"KTEL_LB_MAX_SERVICES": c.LBMaxServices, "KTEL_LB_MAX_BACKENDS": c.LBMaxBackends, "KTEL_LB_MAX_SOCKETS": c.LBMaxSockets} {
+		if v < 1 || v > 1<<24 {
+			bad(name, strconv.Itoa(v), "out of range")
+		}
+	}
+	return errs
+}
+
+type syscallProbe struct {
+	*sysprobe.Probe
+	*metrics.SyscallCollector // a FamilyCollector
+}
+
+func startSyscall(e env) (loaded, error) {
+	p, err := sysprobe.Load(sysprobe.Options{
+		Schema: e.cfg.HistogramSchema,
+		Hook:   probe.Hook(e.cfg.SyscallHook),
+		Spans:  e.spanOptions(e.cfg.SyscallSpanThreshold),
+	}, e.log)
+	if err != nil {
+		return nil, err
+	}
+	e.log.Info("probe attached", "variant", p.Variant().String())
+	return syscallProbe{p, metrics.NewSyscallCollector(p, sysprobe.NativeName, e.exemplars)}, nil
+}
+
+type runqlatProbe struct {
+	*runqlat.Probe
+	metrics.Collector
+}
+
+func startRunqlat(e env) (loaded, error) {
+	p, err := runqlat.Load(runqlat.Options{
+		Schema: e.cfg.HistogramSchema,
+		Hook:   probe.Hook(e.cfg.RunqlatHook),
+		Spans:  e.spanOptions(e.cfg.RunqlatSpanThreshold),
+	}, e.log)
+	if err != nil {
+		return nil, err
+	}
+	e.log.Info("probe attached", "variant", p.Variant().String())
+	return runqlatProbe{p, metrics.NewRunqlatCollector(p, e.cfg.RunqlatPerCPU, e.exemplars)}, nil
+}
+
+type tcpretransProbe struct {
+	*tcpretrans.Probe
+	metrics.Collector
+}
+
+func startTCPRetrans(e env) (loaded, error) {
+	var spans probe.SpanOptions
+	if e.spans && e.cfg.TCPRetransSpans {
+		spans = probe.SpanOptions{Always: true, Rate: e.cfg.SpanRateLimit}
+	}
+	p, err := tcpretrans.Load(tcpretrans.Options{Peers: e.cfg.TCPRetransPeers, MaxPeers: e.cfg.TCPRetransMaxPeers, Spans: spans}, e.log)
+	if err != nil {
+		return nil, err
+	}
+	e.log.Info("probe attached", "variant", p.Variant().String())
+	return tcpretransProbe{p, metrics.NewTCPRetransCollector(p, e.cfg.TCPRetransPeers, e.cfg.TCPRetransMaxPeers)}, nil
+}
+
+type netdevProbe struct {
+	*netdev.Probe
+	metrics.Collector
+}
+
+func startNetdev(e env) (loaded, error) {
+	ifaces, err := netdev.ParseInterfaces(e.cfg.Interfaces)
+	if err != nil {
+		return nil, err
+	}
+	p, err := netdev.Load(netdev.Options{
+		Interfaces:    ifaces,
+		Hook:          netdev.Hook(e.cfg.NetdevHook),
+		TC:            netdev.TCMode(e.cfg.NetdevTCMode),
+		MaxInterfaces: e.cfg.NetdevMaxInterfaces,
+		PacketSizes:   e.cfg.NetdevPacketSizes,
+		NetNS:         e.cfg.NetdevNetNS,
+	}, e.log)
+	if err != nil {
+		return nil, err
+	}
+	e.log.Info("probe attached", "interfaces", p.Interfaces())
+	return netdevProbe{p, metrics.NewNetdevCollector(p)}, nil
+}
+
+type lbProbe struct {
+	*lb.Probe
+	metrics.Collector
+}
+
+func startLB(e env) (loaded, error) {
+	p, err := lb.Load(lb.Options{
+		Cgroup:       e.cfg.LBCgroup,
+		ServicesFile: e.cfg.LBServicesFile,
+		MaxServices:  e.cfg.LBMaxServices,
+		MaxBackends:  e.cfg.LBMaxBackends,
+		MaxSockets:   e.cfg.LBMaxSockets,
+		Algorithm:    e.cfg.LBAlgorithm,
+		MaglevSize:   e.cfg.LBMaglevTableSize,
+	}, e.log)
+	if err != nil {
+		return nil, err
+	}
+	e.log.Info("probe attached", "cgroup", p.Cgroup(), "no_backend_errno", p.RefuseErrno())
+	return lbProbe{p, metrics.NewLBCollector(p)}, nil
+}
+
+// start loads one probe, first checking that ktel holds the capabilities
+// it needs, so that a missing one is named rather than reported as EPERM.
+// A panic while loading (a program object that does not match its
+// loader, say) fails this probe only.
+func start(starters map[string]starter, name string, e env) (l loaded, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			l, err = nil, fmt.Errorf("loading panicked: %v\n%s", r, debug.Stack())
+		}
+	}()
+	s, ok := starters[name]
+	if !ok {
+		return nil, fmt.Errorf("no probe %q", name)
+	}
+	r, _ := lookup(name)
+	need := slices.Clone(r.load)
+	if name == "netdev" && e.cfg.NetdevNetNS != "" {
+		need = append(need, caps.SysAdmin) // setns
+	}
+	if held, err := caps.Effective(); err == nil {
+		if missing := held.Missing(need); len(missing) > 0 {
+			return nil, fmt.Errorf("%w: probe %s needs %s; ktel has %s", ErrMissingCapability, name, caps.Of(missing...), held)
+		}
+	}
+	return s(e)
+}

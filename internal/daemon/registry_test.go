@@ -1,0 +1,185 @@
+package daemon
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/ktel-dev/ktel/internal/config"
+)
+
+// setenv sets vars for the test and unsets every other KTEL_* variable, so
+// the defaults apply.
+func setenv(t *testing.T, vars map[string]string) {
+	t.Helper()
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(name, config.Prefix+"_") {
+			val := os.Getenv(name)
+			os.Unsetenv(name)
+			t.Cleanup(func() { os.Setenv(name, val) })
+		}
+	}
+	for k, v := range vars {
+		t.Setenv(k, v)
+	}
+}
+
+func field(name string) config.Field {
+	for _, f := range config.Fields() {
+		if f.Var == name {
+			return f
+		}
+	}
+	return config.Field{Var: name}
+}
+
+// Each probe's variables are validated by its registration, with errors
+// naming the variable and its accepted values.
+func TestProbeValidation(t *testing.T) {
+	for _, tc := range []struct {
+		name, value string
+		ok          bool
+	}{
+		{"KTEL_SYSCALL_HOOK", "tp_btf", true},
+		{"KTEL_SYSCALL_HOOK", "raw_tp", true},
+		{"KTEL_SYSCALL_HOOK", "tracepoint", true},
+		{"KTEL_SYSCALL_HOOK", "kprobe", false},
+		{"KTEL_RUNQLAT_HOOK", "auto", true},
+		{"KTEL_RUNQLAT_HOOK", "raw_tp", true},
+		{"KTEL_RUNQLAT_HOOK", "fentry", false},
+		{"KTEL_SYSCALL_SPAN_THRESHOLD", "-1s", false},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "1", true},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "0", false},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "4096", true},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "4097", false},
+		{"KTEL_TCPRETRANS_MAX_PEERS", "-1", false},
+		{"KTEL_INTERFACES", "eth0,veth*", true},
+		{"KTEL_INTERFACES", "eth[", false},
+		{"KTEL_NETDEV_HOOK", "xdp", true},
+		{"KTEL_NETDEV_HOOK", "kprobe", false},
+		{"KTEL_NETDEV_TC_MODE", "clsact", true},
+		{"KTEL_NETDEV_TC_MODE", "tc", false},
+		{"KTEL_NETDEV_MAX_INTERFACES", "65536", true},
+		{"KTEL_NETDEV_MAX_INTERFACES", "0", false},
+		{"KTEL_LB_SERVICES_FILE", "testdata/services-ok.yaml", true},
+		{"KTEL_LB_SERVICES_FILE", "testdata/services-bad.yaml", false},
+		{"KTEL_LB_SERVICES_FILE", "/nonexistent.yaml", false},
+		{"KTEL_LB_CGROUP", "/tmp", false},
+		{"KTEL_LB_CGROUP", "/nonexistent", false},
+		{"KTEL_NETDEV_NETNS", "/tmp", false},
+		{"KTEL_NETDEV_NETNS", "/proc/self/ns/net", true},
+		{"KTEL_LB_ALGORITHM", "maglev", true},
+		{"KTEL_LB_ALGORITHM", "roundrobin", false},
+		{"KTEL_LB_MAGLEV_TABLE_SIZE", "251", true},
+		{"KTEL_LB_MAGLEV_TABLE_SIZE", "1000", false},
+		{"KTEL_LB_MAX_SERVICES", "1", true},
+		{"KTEL_LB_MAX_SERVICES", "0", false},
+		{"KTEL_LB_MAX_BACKENDS", "16777217", false},
+		{"KTEL_LB_MAX_SOCKETS", "many", false},
+	} {
+		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
+			setenv(t, map[string]string{tc.name: tc.value})
+			_, err := config.Load(Probes())
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("rejected: %v", err)
+				}
+				return
+			}
+			var ce *config.Error
+			if !errors.As(err, &ce) {
+				t.Fatalf("got %v, want *config.Error", err)
+			}
+			f := field(tc.name)
+			msg := err.Error()
+			if ce.Var != tc.name || !strings.Contains(msg, tc.name) || !strings.Contains(msg, f.Values) {
+				t.Errorf("message %q does not name %s and its values %q", msg, tc.name, f.Values)
+			}
+		})
+	}
+}
+
+// Probes that need input start when it is given, unless KTEL_PROBES names
+// the probes exactly.
+func TestInputEnablesProbes(t *testing.T) {
+	for _, tc := range []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{"KTEL_INTERFACES": "veth*"}, "syscall,runqlat,tcpretrans,netdev"},
+		{map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml"}, "syscall,runqlat,tcpretrans,lb"},
+		{map[string]string{"KTEL_INTERFACES": "veth*", "KTEL_PROBES": "syscall"}, "syscall"},
+		{map[string]string{"KTEL_INTERFACES": "veth*", "KTEL_PROBES": "netdev"}, "netdev"},
+		{map[string]string{"KTEL_INTERFACES": " , "}, "syscall,runqlat,tcpretrans"},
+		// A services file is not read when lb does not run.
+		{map[string]string{"KTEL_LB_SERVICES_FILE": "/nonexistent.yaml", "KTEL_PROBES": "syscall"}, "syscall"},
+	} {
+		setenv(t, tc.env)
+		c, err := config.Load(Probes())
+		if err != nil {
+			t.Fatalf("%v: %v", tc.env, err)
+		}
+		if got := strings.Join(c.EnabledProbes(), ","); got != tc.want {
+			t.Errorf("%v: probes %q, want %q", tc.env, got, tc.want)
+		}
+	}
+}
+
+// Enabling a probe without its input names the missing variable.
+func TestProbeWithoutInput(t *testing.T) {
+	for _, tc := range []struct{ probe, missing, value string }{
+		{"netdev", "KTEL_INTERFACES", ""},
+		{"netdev", "KTEL_INTERFACES", " , "},
+		{"lb", "KTEL_LB_SERVICES_FILE", ""},
+	} {
+		probe, missing := tc.probe, tc.missing
+		setenv(t, map[string]string{"KTEL_PROBES": probe, missing: tc.value})
+		_, err := config.Load(Probes())
+		var ce *config.Error
+		if !errors.As(err, &ce) || ce.Var != missing {
+			t.Errorf("KTEL_PROBES=%s: %v, want an error naming %s", probe, err, missing)
+		}
+	}
+}
+
+// A services file that does not fit the maps is refused before loading.
+func TestServicesOverCapacity(t *testing.T) {
+	setenv(t, map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml", "KTEL_LB_MAX_SERVICES": "1"})
+	if _, err := config.Load(Probes()); err != nil {
+		t.Fatalf("one service with a capacity of one: %v", err)
+	}
+	setenv(t, map[string]string{"KTEL_LB_SERVICES_FILE": "testdata/services-two.yaml", "KTEL_LB_MAX_SERVICES": "1"})
+	_, err := config.Load(Probes())
+	var ce *config.Error
+	if !errors.As(err, &ce) || ce.Var != "KTEL_LB_SERVICES_FILE" || !strings.Contains(err.Error(), "KTEL_LB_MAX_SERVICES=1") {
+		t.Errorf("two services with a capacity of one: %v", err)
+	}
+}
+
+// The documented defaults and probe names of KTEL_PROBES agree with the
+// registry, and every probe registered can start.
+func TestRegistry(t *testing.T) {
+	var defaults, all []string
+	for _, p := range Probes() {
+		all = append(all, p.Name)
+		if p.Default {
+			defaults = append(defaults, p.Name)
+		}
+		r, ok := lookup(p.Name)
+		if !ok || r.start == nil || len(r.load) == 0 || p.Help == "" {
+			t.Errorf("probe %s: registration %+v lacks start, capabilities or help", p.Name, r)
+		}
+	}
+	f := field("KTEL_PROBES")
+	if f.Default != strings.Join(defaults, ",") {
+		t.Errorf("KTEL_PROBES default %q, want the default probes %q", f.Default, strings.Join(defaults, ","))
+	}
+	if !strings.HasSuffix(f.Values, strings.Join(all, ",")) {
+		t.Errorf("KTEL_PROBES values %q do not list %q", f.Values, strings.Join(all, ","))
+	}
+	if _, ok := lookup("nosuch"); ok {
+		t.Error("lookup found an unregistered probe")
+	}
+}
