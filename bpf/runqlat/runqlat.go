@@ -29,7 +29,9 @@ func programs(suffix string) []probe.Program {
 }
 
 // Variants in order of preference, cheapest first as measured by
-// `make bench`.
+// `make bench`. Every supported kernel picks a tp_btf one: sched_info on
+// 5.14+, task storage on 5.11-5.13, a hash on 5.8-5.10. raw_tp and
+// tracepoint run only when forced (KTEL_RUNQLAT_HOOK).
 var Variants = []probe.Variant{
 	{Hook: probe.HookBTF, Storage: probe.StorageSchedInfo, Programs: []probe.Program{
 		{Name: "sched_switch_btf_info", Group: "sched", Tracepoint: "sched_switch"}}},

@@ -9,10 +9,10 @@
  *              - in a per-CPU slot, moved to task storage (5.11+) when its
  *                thread is switched out inside the syscall (the "cpu"
  *                variant, below);
- *              - in task storage;
- *              - where task storage is missing, in a hash.
- *   raw_tp     raw tracepoint (4.17+), start time in task storage or a hash.
- *   tracepoint classic tracepoint, start time in a hash.
+ *              - where task storage is missing (5.8-5.10), in a hash.
+ *   raw_tp     raw tracepoint (4.17+), start time in a hash; only when
+ *              forced (KTEL_SYSCALL_HOOK=raw_tp).
+ *   tracepoint classic tracepoint, start time in a hash; only when forced.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -262,20 +262,6 @@ static __always_inline int exit_hash(long ret)
 	return 0;
 }
 
-/* The start in the current task's storage (created on entry). */
-static __always_inline int enter_task(long id)
-{
-	struct start *s;
-
-	if (id < 0 || id >= MAX_SYSCALLS)
-		return 0;
-	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0,
-				 BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (s)
-		enter(s, id);
-	return 0;
-}
-
 static __always_inline int exit_task(long ret)
 {
 	struct start *s;
@@ -284,18 +270,6 @@ static __always_inline int exit_task(long ret)
 	if (s)
 		finish(s, ret);
 	return 0;
-}
-
-SEC("tp_btf/sys_enter")
-int BPF_PROG(sys_enter_btf_task, struct pt_regs *regs, long id)
-{
-	return enter_task(id);
-}
-
-SEC("tp_btf/sys_exit")
-int BPF_PROG(sys_exit_btf_task, struct pt_regs *regs, long ret)
-{
-	return exit_task(ret);
 }
 
 /* --- per-CPU slot, spilled to task storage on switch-out (tp_btf) --- */
@@ -365,18 +339,6 @@ SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit_btf_hash, struct pt_regs *regs, long ret)
 {
 	return exit_hash(ret);
-}
-
-SEC("raw_tp/sys_enter")
-int BPF_PROG(sys_enter_raw_task, struct pt_regs *regs, long id)
-{
-	return enter_task(id);
-}
-
-SEC("raw_tp/sys_exit")
-int BPF_PROG(sys_exit_raw_task, struct pt_regs *regs, long ret)
-{
-	return exit_task(ret);
 }
 
 SEC("raw_tp/sys_enter")

@@ -47,11 +47,13 @@ func cpuVariant() []probe.Program {
 }
 
 // Variants in order of preference: cheapest first, as measured by
-// `make bench` (see README, "Overhead").
+// `make bench` (see README, "Overhead"). Every supported kernel picks a
+// tp_btf one: the cpu variant where tracing programs have task storage
+// (5.11+), the hash one before (5.8-5.10). raw_tp and tracepoint run only
+// when forced (KTEL_SYSCALL_HOOK), and keep their start in a hash so that
+// they run on every supported kernel.
 var Variants = []probe.Variant{
 	{Hook: probe.HookBTF, Storage: probe.StorageCPU, Programs: cpuVariant()},
-	{Hook: probe.HookBTF, Storage: probe.StorageTask, Programs: pair("sys_enter_btf_task", "sys_exit_btf_task")},
-	{Hook: probe.HookRaw, Storage: probe.StorageTask, Programs: pair("sys_enter_raw_task", "sys_exit_raw_task")},
 	{Hook: probe.HookBTF, Storage: probe.StorageHash, Programs: pair("sys_enter_btf_hash", "sys_exit_btf_hash")},
 	{Hook: probe.HookRaw, Storage: probe.StorageHash, Programs: pair("sys_enter_raw_hash", "sys_exit_raw_hash")},
 	{Hook: probe.HookTracepoint, Storage: probe.StorageHash, Programs: pair("sys_enter_tp_hash", "sys_exit_tp_hash")},

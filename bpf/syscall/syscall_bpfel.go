@@ -59,15 +59,11 @@ const (
 	syscallMapSyscallStartTask     = "syscall_start_task"
 	syscallProgSysEnterBtfCpu      = "sys_enter_btf_cpu"
 	syscallProgSysEnterBtfHash     = "sys_enter_btf_hash"
-	syscallProgSysEnterBtfTask     = "sys_enter_btf_task"
 	syscallProgSysEnterRawHash     = "sys_enter_raw_hash"
-	syscallProgSysEnterRawTask     = "sys_enter_raw_task"
 	syscallProgSysEnterTpHash      = "sys_enter_tp_hash"
 	syscallProgSysExitBtfCpu       = "sys_exit_btf_cpu"
 	syscallProgSysExitBtfHash      = "sys_exit_btf_hash"
-	syscallProgSysExitBtfTask      = "sys_exit_btf_task"
 	syscallProgSysExitRawHash      = "sys_exit_raw_hash"
-	syscallProgSysExitRawTask      = "sys_exit_raw_task"
 	syscallProgSysExitTpHash       = "sys_exit_tp_hash"
 	syscallProgSyscallSwitchBtfCpu = "syscall_switch_btf_cpu"
 	syscallVarKtelBounds           = "ktel_bounds"
@@ -126,15 +122,11 @@ type syscallSpecs struct {
 type syscallProgramSpecs struct {
 	SysEnterBtfCpu      *ebpf.ProgramSpec `ebpf:"sys_enter_btf_cpu"`
 	SysEnterBtfHash     *ebpf.ProgramSpec `ebpf:"sys_enter_btf_hash"`
-	SysEnterBtfTask     *ebpf.ProgramSpec `ebpf:"sys_enter_btf_task"`
 	SysEnterRawHash     *ebpf.ProgramSpec `ebpf:"sys_enter_raw_hash"`
-	SysEnterRawTask     *ebpf.ProgramSpec `ebpf:"sys_enter_raw_task"`
 	SysEnterTpHash      *ebpf.ProgramSpec `ebpf:"sys_enter_tp_hash"`
 	SysExitBtfCpu       *ebpf.ProgramSpec `ebpf:"sys_exit_btf_cpu"`
 	SysExitBtfHash      *ebpf.ProgramSpec `ebpf:"sys_exit_btf_hash"`
-	SysExitBtfTask      *ebpf.ProgramSpec `ebpf:"sys_exit_btf_task"`
 	SysExitRawHash      *ebpf.ProgramSpec `ebpf:"sys_exit_raw_hash"`
-	SysExitRawTask      *ebpf.ProgramSpec `ebpf:"sys_exit_raw_task"`
 	SysExitTpHash       *ebpf.ProgramSpec `ebpf:"sys_exit_tp_hash"`
 	SyscallSwitchBtfCpu *ebpf.ProgramSpec `ebpf:"syscall_switch_btf_cpu"`
 }
@@ -237,15 +229,11 @@ type syscallVariables struct {
 type syscallPrograms struct {
 	SysEnterBtfCpu      *ebpf.Program `ebpf:"sys_enter_btf_cpu"`
 	SysEnterBtfHash     *ebpf.Program `ebpf:"sys_enter_btf_hash"`
-	SysEnterBtfTask     *ebpf.Program `ebpf:"sys_enter_btf_task"`
 	SysEnterRawHash     *ebpf.Program `ebpf:"sys_enter_raw_hash"`
-	SysEnterRawTask     *ebpf.Program `ebpf:"sys_enter_raw_task"`
 	SysEnterTpHash      *ebpf.Program `ebpf:"sys_enter_tp_hash"`
 	SysExitBtfCpu       *ebpf.Program `ebpf:"sys_exit_btf_cpu"`
 	SysExitBtfHash      *ebpf.Program `ebpf:"sys_exit_btf_hash"`
-	SysExitBtfTask      *ebpf.Program `ebpf:"sys_exit_btf_task"`
 	SysExitRawHash      *ebpf.Program `ebpf:"sys_exit_raw_hash"`
-	SysExitRawTask      *ebpf.Program `ebpf:"sys_exit_raw_task"`
 	SysExitTpHash       *ebpf.Program `ebpf:"sys_exit_tp_hash"`
 	SyscallSwitchBtfCpu *ebpf.Program `ebpf:"syscall_switch_btf_cpu"`
 }
@@ -254,15 +242,11 @@ func (p *syscallPrograms) Close() error {
 	return _SyscallClose(
 		p.SysEnterBtfCpu,
 		p.SysEnterBtfHash,
-		p.SysEnterBtfTask,
 		p.SysEnterRawHash,
-		p.SysEnterRawTask,
 		p.SysEnterTpHash,
 		p.SysExitBtfCpu,
 		p.SysExitBtfHash,
-		p.SysExitBtfTask,
 		p.SysExitRawHash,
-		p.SysExitRawTask,
 		p.SysExitTpHash,
 		p.SyscallSwitchBtfCpu,
 	)

@@ -5,9 +5,9 @@
  * data), counted in segments exactly as the kernel's TcpRetransSegs counts
  * them, and, when user space asks for it, by peer.
  *
- * Two hook flavours share the same logic; user space loads one pair:
- *   tp_btf      BTF-enabled raw tracepoints (5.5+), no tracefs needed.
- *   tracepoint  classic tracepoints tcp/tcp_retransmit_{skb,synack}.
+ * BTF-enabled raw tracepoints (5.5+; ktel needs 5.8 with BTF), which need
+ * no tracefs: every supported kernel loads them, so there is no other
+ * flavour.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -259,34 +259,4 @@ SEC("tp_btf/tcp_retransmit_synack")
 int BPF_PROG(rtx_synack_btf, const struct sock *sk, const struct request_sock *req)
 {
 	return retransmit_synack(req);
-}
-
-/* The leading fields of the classic records, unchanged since the
- * tracepoints appeared (4.15, 4.16); the structs' names have not been
- * (tcp_retransmit_skb shared trace_event_raw_tcp_event_sk_skb until err was
- * added), hence these fixed layouts rather than CO-RE. */
-struct retransmit_skb_record {
-	__u64 common;
-	const struct sk_buff *skbaddr;
-	const struct sock *skaddr;
-};
-
-struct retransmit_synack_record {
-	__u64 common;
-	const struct sock *skaddr;
-	const struct request_sock *req;
-};
-
-SEC("tracepoint/tcp/tcp_retransmit_skb")
-int rtx_skb_tp(struct retransmit_skb_record *ctx)
-{
-	if (tracepoint_has_err() && ((struct trace_event_raw_tcp_retransmit_skb *)ctx)->err != 0)
-		return 0;
-	return retransmit_skb(ctx->skaddr, ctx->skbaddr);
-}
-
-SEC("tracepoint/tcp/tcp_retransmit_synack")
-int rtx_synack_tp(struct retransmit_synack_record *ctx)
-{
-	return retransmit_synack(ctx->req);
 }

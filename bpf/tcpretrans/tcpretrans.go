@@ -109,11 +109,10 @@ func programs(skb, synack string) []probe.Program {
 	}
 }
 
-// Variants in order of preference: tp_btf needs neither tracefs nor a
-// trace record to be built.
+// Variants: tp_btf only, which every supported kernel (5.8+ with BTF)
+// attaches, with neither tracefs nor a trace record to build.
 var Variants = []probe.Variant{
 	{Hook: probe.HookBTF, Programs: programs("rtx_skb_btf", "rtx_synack_btf")},
-	{Hook: probe.HookTracepoint, Programs: programs("rtx_skb_tp", "rtx_synack_tp")},
 }
 
 const (

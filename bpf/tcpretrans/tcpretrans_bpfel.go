@@ -55,9 +55,7 @@ const (
 	tcpretransMapTcpRetransmits        = "tcp_retransmits"
 	tcpretransMapTcpRtxPeers           = "tcp_rtx_peers"
 	tcpretransProgRtxSkbBtf            = "rtx_skb_btf"
-	tcpretransProgRtxSkbTp             = "rtx_skb_tp"
 	tcpretransProgRtxSynackBtf         = "rtx_synack_btf"
-	tcpretransProgRtxSynackTp          = "rtx_synack_tp"
 	tcpretransVarKtelSpanBurstNs       = "ktel_span_burst_ns"
 	tcpretransVarKtelSpanCostNs        = "ktel_span_cost_ns"
 	tcpretransVarKtelSpanThresholdNs   = "ktel_span_threshold_ns"
@@ -109,9 +107,7 @@ type tcpretransSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcpretransProgramSpecs struct {
 	RtxSkbBtf    *ebpf.ProgramSpec `ebpf:"rtx_skb_btf"`
-	RtxSkbTp     *ebpf.ProgramSpec `ebpf:"rtx_skb_tp"`
 	RtxSynackBtf *ebpf.ProgramSpec `ebpf:"rtx_synack_btf"`
-	RtxSynackTp  *ebpf.ProgramSpec `ebpf:"rtx_synack_tp"`
 }
 
 // tcpretransMapSpecs contains maps before they are loaded into the kernel.
@@ -191,17 +187,13 @@ type tcpretransVariables struct {
 // It can be passed to loadTcpretransObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcpretransPrograms struct {
 	RtxSkbBtf    *ebpf.Program `ebpf:"rtx_skb_btf"`
-	RtxSkbTp     *ebpf.Program `ebpf:"rtx_skb_tp"`
 	RtxSynackBtf *ebpf.Program `ebpf:"rtx_synack_btf"`
-	RtxSynackTp  *ebpf.Program `ebpf:"rtx_synack_tp"`
 }
 
 func (p *tcpretransPrograms) Close() error {
 	return _TcpretransClose(
 		p.RtxSkbBtf,
-		p.RtxSkbTp,
 		p.RtxSynackBtf,
-		p.RtxSynackTp,
 	)
 }
 

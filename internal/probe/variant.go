@@ -61,15 +61,20 @@ func (v Variant) String() string {
 }
 
 // Candidates returns forced alone if it is set (tests, benchmarks), and
-// otherwise the variants using hook, all of them for HookAuto or "", in
-// their order of preference.
+// otherwise the variants using hook, in their order of preference. HookAuto
+// or "" is HookBTF: every kernel ktel supports (5.8+ with BTF) has
+// BTF-enabled tracepoints, so the raw_tp and classic-tracepoint variants,
+// dearer, run only when a hook forces them.
 func Candidates(variants []Variant, hook Hook, forced *Variant) ([]Variant, error) {
 	if forced != nil {
 		return []Variant{*forced}, nil
 	}
+	if hook == "" || hook == HookAuto {
+		hook = HookBTF
+	}
 	var out []Variant
 	for _, v := range variants {
-		if hook == "" || hook == HookAuto || hook == v.Hook {
+		if v.Hook == hook {
 			out = append(out, v)
 		}
 	}
