@@ -50,15 +50,27 @@ type Options struct {
 	Spans probe.SpanOptions
 }
 
+// maps are the maps a scrape or the span reader uses, whatever the variant.
+type maps struct {
+	Latency   *ebpf.Map `ebpf:"runqueue_latency"`
+	Drops     *ebpf.Map `ebpf:"runqlat_drops"`
+	Events    *ebpf.Map `ebpf:"ktel_events"`
+	SpanDrops *ebpf.Map `ebpf:"ktel_span_drops"`
+}
+
+// hashMaps is the start map of the hash variants, whose fill is watched.
+type hashMaps struct {
+	StartHash *ebpf.Map `ebpf:"runqlat_start_hash"`
+}
+
 // Probe is the loaded and attached run-queue delay probe.
 type Probe struct {
 	layout  *histogram.Layout
 	variant probe.Variant
 	ncpu    int
 	objs    *probe.Loaded
-
-	latency, drops, start *ebpf.Map
-	events, spanDrops     *ebpf.Map
+	maps    maps
+	hash    hashMaps // with a hash variant
 }
 
 // Load loads and attaches the probe with the first variant that loads.
@@ -74,31 +86,30 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
 	}
-	if err := probe.SetHistogram(spec, layout, "runqueue_latency"); err != nil {
+	var specs runqlatSpecs
+	if err := spec.Assign(&specs); err != nil {
+		return nil, fmt.Errorf("load spec: %w", err)
+	}
+	if err := probe.SetHistogram(spec, layout, specs.RunqueueLatency); err != nil {
 		return nil, err
 	}
 	if err := spans.Apply(spec); err != nil {
 		return nil, err
 	}
-	startMap := "runqlat_start_task"
+	p := &Probe{layout: layout, variant: v, ncpu: ncpu}
+	to := []any{&p.maps}
 	switch v.Storage {
 	case probe.StorageHash:
-		startMap = "runqlat_start_hash"
+		to = append(to, &p.hash)
 	case probe.StorageSchedInfo:
-		startMap = "runqlat_delay_task"
 		if err := schedInfoAlways(); err != nil {
 			return nil, err
 		}
 	}
-	objs, err := probe.LoadVariant(spec, v, "runqueue_latency", "runqlat_drops", startMap, "ktel_events", "ktel_span_drops")
-	if err != nil {
+	if p.objs, err = probe.LoadVariant(spec, v, to...); err != nil {
 		return nil, err
 	}
-	return &Probe{
-		layout: layout, variant: v, ncpu: ncpu, objs: objs,
-		latency: objs.Maps["runqueue_latency"], drops: objs.Maps["runqlat_drops"], start: objs.Maps[startMap],
-		events: objs.Maps["ktel_events"], spanDrops: objs.Maps["ktel_span_drops"],
-	}, nil
+	return p, nil
 }
 
 // Variant is the variant in use.
@@ -112,8 +123,8 @@ func (p *Probe) Programs() map[string]*ebpf.Program { return p.objs.Programs }
 
 // BoundedMaps are the hash maps whose fill is worth watching.
 func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
-	if p.variant.Storage == probe.StorageHash {
-		return map[string]*ebpf.Map{"runqlat_start_hash": p.start}
+	if p.hash.StartHash != nil {
+		return map[string]*ebpf.Map{"runqlat_start_hash": p.hash.StartHash}
 	}
 	return nil
 }
@@ -125,7 +136,7 @@ func (p *Probe) Detach() error { return p.objs.Detach() }
 func (p *Probe) Close() error { return p.objs.Close() }
 
 // Events is the ring buffer of long waits (see DecodeEvent).
-func (p *Probe) Events() *ebpf.Map { return p.events }
+func (p *Probe) Events() *ebpf.Map { return p.maps.Events }
 
 // Event is one long run-queue wait. Times are CLOCK_MONOTONIC nanoseconds.
 type Event struct {
@@ -175,7 +186,7 @@ type Snapshot struct {
 
 // Snapshot reads the per-CPU histograms.
 func (p *Probe) Snapshot() (*Snapshot, error) {
-	buf, err := p.latency.LookupBytes(uint32(0))
+	buf, err := p.maps.Latency.LookupBytes(uint32(0))
 	if err != nil {
 		return nil, fmt.Errorf("read runqueue_latency: %w", err)
 	}
@@ -184,13 +195,13 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.PerCPU[cpu] = Hist{Slots: slots, SumNs: sum}
 	})
 	var drops []uint64
-	if err := p.drops.Lookup(uint32(0), &drops); err != nil {
+	if err := p.maps.Drops.Lookup(uint32(0), &drops); err != nil {
 		return nil, fmt.Errorf("read runqlat_drops: %w", err)
 	}
 	for _, d := range drops {
 		s.Dropped += d
 	}
-	if s.SpanDrops, err = probe.ReadSpanDrops(p.spanDrops); err != nil {
+	if s.SpanDrops, err = probe.ReadSpanDrops(p.maps.SpanDrops); err != nil {
 		return nil, err
 	}
 	return s, nil

@@ -71,19 +71,31 @@ type Options struct {
 	Spans probe.SpanOptions
 }
 
+// maps are the maps a scrape or the span reader uses, whatever the variant.
+type maps struct {
+	Latency   *ebpf.Map `ebpf:"syscall_latency"`
+	Errors    *ebpf.Map `ebpf:"syscall_errors"`
+	Drops     *ebpf.Map `ebpf:"syscall_drops"`
+	Events    *ebpf.Map `ebpf:"ktel_events"`
+	SpanDrops *ebpf.Map `ebpf:"ktel_span_drops"`
+	Bss       *ebpf.Map `ebpf:".bss"` // holds syscall_seen
+}
+
+// hashMaps is the start map of the hash variants, whose fill is watched.
+type hashMaps struct {
+	StartHash *ebpf.Map `ebpf:"syscall_start_hash"`
+}
+
 // Probe is the loaded and attached syscall-latency probe.
 type Probe struct {
 	layout  *histogram.Layout
 	variant probe.Variant
 	ncpu    int
 	objs    *probe.Loaded
+	maps    maps
+	hash    hashMaps // with a hash variant
 
-	errs, drops       *ebpf.Map
-	start             *ebpf.Map // the start map in use, for fill reporting
-	events, spanDrops *ebpf.Map
-
-	bss     *ebpf.Map // holds syscall_seen at seenOff
-	seenOff int
+	seenOff int // of syscall_seen in .bss
 
 	// hists is syscall_latency mapped into memory: the histogram of
 	// syscall nr on CPU c at offset (c*MaxSyscalls+nr)*valueSize.
@@ -111,45 +123,43 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
 	}
-	if err := probe.SetHistogram(spec, layout, "syscall_latency"); err != nil {
+	var specs syscallSpecs
+	if err := spec.Assign(&specs); err != nil {
+		return nil, fmt.Errorf("load spec: %w", err)
+	}
+	if err := probe.SetHistogram(spec, layout, specs.SyscallLatency); err != nil {
 		return nil, err
 	}
-	spec.Maps["syscall_latency"].MaxEntries = uint32(ncpu * MaxSyscalls)
+	specs.SyscallLatency.MaxEntries = uint32(ncpu * MaxSyscalls)
 	if err := spans.Apply(spec); err != nil {
 		return nil, err
 	}
-	startMap := "syscall_start_task"
-	if v.Storage == probe.StorageHash {
-		startMap = "syscall_start_hash"
+	if err := specs.SyscallNrExit.Set(uint32(unix.SYS_EXIT)); err != nil {
+		return nil, fmt.Errorf("set syscall_nr_exit: %w", err)
 	}
-	for name, nr := range map[string]uint32{"syscall_nr_exit": unix.SYS_EXIT, "syscall_nr_exit_group": unix.SYS_EXIT_GROUP} {
-		if err := probe.SetVar(spec, name, nr); err != nil {
-			return nil, err
-		}
+	if err := specs.SyscallNrExitGroup.Set(uint32(unix.SYS_EXIT_GROUP)); err != nil {
+		return nil, fmt.Errorf("set syscall_nr_exit_group: %w", err)
 	}
-	seen, ok := spec.Variables["syscall_seen"]
-	if !ok || seen.SectionName != ".bss" || seen.Size() != MaxSyscalls {
+	seen := specs.SyscallSeen
+	if seen.SectionName != ".bss" || seen.Size() != MaxSyscalls {
 		return nil, fmt.Errorf("syscall_seen: not a %d-byte variable in .bss", MaxSyscalls)
 	}
 	bssSize := spec.Maps[".bss"].ValueSize
-	objs, err := probe.LoadVariant(spec, v, "syscall_latency", "syscall_errors", "syscall_drops", startMap, "ktel_events", "ktel_span_drops", ".bss")
-	if err != nil {
+	p := &Probe{layout: layout, variant: v, ncpu: ncpu, bssBuf: make([]byte, bssSize), seenOff: int(seen.Offset)}
+	to := []any{&p.maps}
+	if v.Storage == probe.StorageHash {
+		to = append(to, &p.hash)
+	}
+	if p.objs, err = probe.LoadVariant(spec, v, to...); err != nil {
 		return nil, err
 	}
-	latency := objs.Maps["syscall_latency"]
-	hists, err := latency.Memory()
-	if err != nil {
-		objs.Close()
+	if p.hists, err = p.maps.Latency.Memory(); err != nil {
+		p.objs.Close()
 		return nil, fmt.Errorf("map syscall_latency into memory: %w", err)
 	}
-	valueSize := probe.HistValueSize(layout)
-	return &Probe{
-		layout: layout, variant: v, ncpu: ncpu, objs: objs,
-		errs: objs.Maps["syscall_errors"], drops: objs.Maps["syscall_drops"],
-		start: objs.Maps[startMap], events: objs.Maps["ktel_events"], spanDrops: objs.Maps["ktel_span_drops"],
-		bss: objs.Maps[".bss"], bssBuf: make([]byte, bssSize), seenOff: int(seen.Offset),
-		hists: hists, valueSize: valueSize, buf: make([]byte, ncpu*valueSize),
-	}, nil
+	p.valueSize = probe.HistValueSize(layout)
+	p.buf = make([]byte, ncpu*p.valueSize)
+	return p, nil
 }
 
 // Variant is the variant in use.
@@ -163,9 +173,9 @@ func (p *Probe) Programs() map[string]*ebpf.Program { return p.objs.Programs }
 
 // BoundedMaps are the hash maps whose fill is worth watching.
 func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
-	m := map[string]*ebpf.Map{"syscall_errors": p.errs}
-	if p.variant.Storage == probe.StorageHash {
-		m["syscall_start_hash"] = p.start
+	m := map[string]*ebpf.Map{"syscall_errors": p.maps.Errors}
+	if p.hash.StartHash != nil {
+		m["syscall_start_hash"] = p.hash.StartHash
 	}
 	return m
 }
@@ -177,7 +187,7 @@ func (p *Probe) Detach() error { return p.objs.Detach() }
 func (p *Probe) Close() error { return p.objs.Close() }
 
 // Events is the ring buffer of outlier syscalls (see DecodeEvent).
-func (p *Probe) Events() *ebpf.Map { return p.events }
+func (p *Probe) Events() *ebpf.Map { return p.maps.Events }
 
 // Hist is one syscall's histogram summed over CPUs.
 type Hist struct {
@@ -225,7 +235,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	defer p.readMu.Unlock()
 	// Only the syscalls seen: most never are, and each histogram is
 	// CPUs x slots counters.
-	if err := p.bss.Lookup(uint32(0), p.bssBuf); err != nil {
+	if err := p.maps.Bss.Lookup(uint32(0), p.bssBuf); err != nil {
 		return nil, fmt.Errorf("read syscall_seen: %w", err)
 	}
 	seen := p.bssBuf[p.seenOff : p.seenOff+MaxSyscalls]
@@ -241,7 +251,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.Latency[uint32(nr)] = h
 	}
 
-	errs, err := probe.SumPerCPUHash[syscallErrorsKey](p.errs, int(p.errs.MaxEntries()))
+	errs, err := probe.SumPerCPUHash[syscallErrorsKey](p.maps.Errors, int(p.maps.Errors.MaxEntries()))
 	if err != nil {
 		return nil, fmt.Errorf("read syscall_errors: %w", err)
 	}
@@ -249,12 +259,12 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.Errors[ErrorKey{Nr: k.Nr, Errno: k.Err}] = n
 	}
 
-	drops, err := probe.SumPerCPUArray(p.drops, dropReasons)
+	drops, err := probe.SumPerCPUArray(p.maps.Drops, dropReasons)
 	if err != nil {
 		return nil, fmt.Errorf("read syscall_drops: %w", err)
 	}
 	s.ErrorsDropped, s.StartsDropped = drops[dropErrorsFull], drops[dropStartFull]
-	spanDrops, err := probe.ReadSpanDrops(p.spanDrops)
+	spanDrops, err := probe.ReadSpanDrops(p.maps.SpanDrops)
 	if err != nil {
 		return nil, err
 	}

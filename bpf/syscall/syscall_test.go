@@ -257,7 +257,7 @@ func TestSeenSyscalls(t *testing.T) {
 	for nr := range uint32(MaxSyscalls) {
 		var buf []byte
 		for cpu := range uint32(p.ncpu) {
-			v, err := p.objs.Maps["syscall_latency"].LookupBytes(cpu*MaxSyscalls + nr)
+			v, err := p.maps.Latency.LookupBytes(cpu*MaxSyscalls + nr)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -327,7 +327,7 @@ func TestExitedThreadsLeaveNoStart(t *testing.T) {
 				start syscallStart
 				left  []string
 			)
-			it := p.start.Iterate()
+			it := p.hash.StartHash.Iterate()
 			for it.Next(&tid, &start) {
 				if gone[tid] {
 					left = append(left, fmt.Sprintf("%d in %s", tid, NativeName(start.Nr)))

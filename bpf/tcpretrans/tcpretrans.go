@@ -149,16 +149,20 @@ func PeerMapEntries(maxPeers int) uint32 {
 	return uint32(max(4096, 16*maxPeers))
 }
 
+// maps are the maps a scrape or the span reader uses.
+type maps struct {
+	Counts    *ebpf.Map `ebpf:"tcp_retransmits"`
+	Peers     *ebpf.Map `ebpf:"tcp_rtx_peers"`
+	Events    *ebpf.Map `ebpf:"ktel_events"`
+	SpanDrops *ebpf.Map `ebpf:"ktel_span_drops"`
+}
+
 // Probe is the loaded and attached TCP retransmit probe.
 type Probe struct {
 	variant probe.Variant
 	peers   bool
 	objs    *probe.Loaded
-
-	counts    *ebpf.Map // tcp_retransmits
-	peer      *ebpf.Map // tcp_rtx_peers
-	events    *ebpf.Map
-	spanDrops *ebpf.Map
+	maps    maps
 }
 
 // Load loads and attaches the probe, trying variants in order of preference
@@ -192,28 +196,28 @@ func load(opts Options, v probe.Variant, peerEntries uint32) (*Probe, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
 	}
+	var specs tcpretransSpecs
+	if err := spec.Assign(&specs); err != nil {
+		return nil, fmt.Errorf("load spec: %w", err)
+	}
 	var track uint32
 	if opts.Peers {
 		track = 1
 		// Without peers the map keeps the single key it is declared with,
 		// so that it costs nothing.
-		spec.Maps["tcp_rtx_peers"].MaxEntries = peerEntries
+		specs.TcpRtxPeers.MaxEntries = peerEntries
 	}
-	if err := probe.SetVar(spec, "track_peers", track); err != nil {
-		return nil, err
+	if err := specs.TrackPeers.Set(track); err != nil {
+		return nil, fmt.Errorf("set track_peers: %w", err)
 	}
 	if err := opts.Spans.Apply(spec); err != nil {
 		return nil, err
 	}
-	objs, err := probe.LoadVariant(spec, v, "tcp_retransmits", "tcp_rtx_peers", "ktel_events", "ktel_span_drops")
-	if err != nil {
+	p := &Probe{variant: v, peers: opts.Peers}
+	if p.objs, err = probe.LoadVariant(spec, v, &p.maps); err != nil {
 		return nil, err
 	}
-	return &Probe{
-		variant: v, peers: opts.Peers, objs: objs,
-		counts: objs.Maps["tcp_retransmits"], peer: objs.Maps["tcp_rtx_peers"],
-		events: objs.Maps["ktel_events"], spanDrops: objs.Maps["ktel_span_drops"],
-	}, nil
+	return p, nil
 }
 
 // Variant is the variant in use.
@@ -228,7 +232,7 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 	if !p.peers {
 		return map[string]*ebpf.Map{}
 	}
-	return map[string]*ebpf.Map{"tcp_rtx_peers": p.peer}
+	return map[string]*ebpf.Map{"tcp_rtx_peers": p.maps.Peers}
 }
 
 // Detach detaches the programs; the maps stay readable until Close.
@@ -272,7 +276,7 @@ type Snapshot struct {
 // read is not atomic across keys.
 func (p *Probe) Snapshot() (*Snapshot, error) {
 	s := &Snapshot{Retransmits: make(map[Key]uint64)}
-	drops, err := probe.ReadSpanDrops(p.spanDrops)
+	drops, err := probe.ReadSpanDrops(p.maps.SpanDrops)
 	if err != nil {
 		return nil, err
 	}
@@ -281,7 +285,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.Peers = make(map[PeerKey]uint64)
 	}
 
-	counts, err := probe.SumPerCPUArray(p.counts, numFamilies*numStates*numKinds)
+	counts, err := probe.SumPerCPUArray(p.maps.Counts, numFamilies*numStates*numKinds)
 	if err != nil {
 		return nil, fmt.Errorf("read tcp_retransmits: %w", err)
 	}
@@ -301,7 +305,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		return s, nil
 	}
 
-	peers, err := probe.SumPerCPUHash[tcpretransPeerKey](p.peer, int(p.peer.MaxEntries()))
+	peers, err := probe.SumPerCPUHash[tcpretransPeerKey](p.maps.Peers, int(p.maps.Peers.MaxEntries()))
 	if err != nil {
 		return nil, fmt.Errorf("read tcp_rtx_peers: %w", err)
 	}
@@ -345,7 +349,7 @@ func decodePeerKey(k tcpretransPeerKey) PeerKey {
 const peerKeySize = unsafe.Sizeof(tcpretransPeerKey{})
 
 // Events is the ring buffer of retransmits for spans (see DecodeEvent).
-func (p *Probe) Events() *ebpf.Map { return p.events }
+func (p *Probe) Events() *ebpf.Map { return p.maps.Events }
 
 // Event is one retransmit, for a span.
 type Event struct {

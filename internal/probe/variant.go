@@ -1,16 +1,11 @@
 package probe
 
 import (
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-
-	"github.com/ktel-dev/ktel/internal/histogram"
 )
 
 // Hook is how a variant's programs attach to their tracepoints.
@@ -84,17 +79,6 @@ func Candidates(variants []Variant, hook Hook, forced *Variant) ([]Variant, erro
 	return out, nil
 }
 
-// ErrAttrs are the log attributes of a load error: err, and the
-// verifier's full log when the verifier refused a program.
-func ErrAttrs(err error) []any {
-	attrs := []any{"err", err}
-	var ve *ebpf.VerifierError
-	if errors.As(err, &ve) {
-		attrs = append(attrs, "verifier_log", fmt.Sprintf("%+v", ve))
-	}
-	return attrs
-}
-
 // FirstLoading calls load for each candidate in turn and returns the first
 // success. When none loads, the errors are combined (see Combine). A
 // preferred variant that failed for a reason other than the kernel's lack
@@ -117,21 +101,6 @@ func FirstLoading[T any](candidates []Variant, log *slog.Logger, load func(Varia
 	}
 	var zero T
 	return zero, Variant{}, Combine(errs)
-}
-
-// Prune removes from spec every program that is not the variant's, so that
-// only the maps this variant uses are created: a kernel without task
-// storage can still run a hash variant.
-func (v Variant) Prune(spec *ebpf.CollectionSpec) {
-	keep := map[string]bool{}
-	for _, p := range v.Programs {
-		keep[p.Name] = true
-	}
-	for name := range spec.Programs {
-		if !keep[name] {
-			delete(spec.Programs, name)
-		}
-	}
 }
 
 // Attach attaches the variant's programs from progs, in the variant's
@@ -173,178 +142,4 @@ func attach(h Hook, p Program, prog *ebpf.Program) (link.Link, error) {
 		return nil, fmt.Errorf("attach %s %s: %w", h, p.Tracepoint, err)
 	}
 	return l, nil
-}
-
-// SetVar sets variable name of spec (read-only data, or .data) to v, with
-// an error naming it when the object has no such variable.
-func SetVar(spec *ebpf.CollectionSpec, name string, v any) error {
-	vs, ok := spec.Variables[name]
-	if !ok {
-		return fmt.Errorf("no variable %s", name)
-	}
-	if err := vs.Set(v); err != nil {
-		return fmt.Errorf("set %s: %w", name, err)
-	}
-	return nil
-}
-
-// SetHistogram writes the slot bounds of layout into the program's
-// read-only data (ktel_bounds, ktel_slots in ktel_hist.h) and sizes the
-// histogram map's values: the slots, then the sum.
-func SetHistogram(spec *ebpf.CollectionSpec, layout *histogram.Layout, histMap string) error {
-	if err := SetVar(spec, "ktel_bounds", layout.KernelTable()); err != nil {
-		return err
-	}
-	if err := SetVar(spec, "ktel_slots", uint32(layout.Slots())); err != nil {
-		return err
-	}
-	m, ok := spec.Maps[histMap]
-	if !ok {
-		return fmt.Errorf("no map %s", histMap)
-	}
-	m.ValueSize = uint32(HistValueSize(layout))
-	return nil
-}
-
-// HistValueSize is the size of one histogram value in bytes.
-func HistValueSize(layout *histogram.Layout) int { return 8 * (layout.Slots() + 1) }
-
-// SumHist reads the histogram value of one key from a per-CPU map read
-// with LookupBytes: per CPU, the slots then the sum. perCPU receives each
-// CPU's copy (nil to skip); the total is returned.
-func SumHist(buf []byte, ncpu int, layout *histogram.Layout, perCPU func(cpu int, slots []uint64, sumNs uint64)) (slots []uint64, sumNs uint64) {
-	n := layout.Slots()
-	size := HistValueSize(layout)
-	stride := (size + 7) &^ 7
-	slots = make([]uint64, n)
-	for cpu := range ncpu {
-		v := buf[cpu*stride : cpu*stride+size]
-		var mine []uint64 // only when the caller wants each CPU's copy
-		if perCPU != nil {
-			mine = make([]uint64, n)
-		}
-		for k := range n {
-			c := nativeEndian.Uint64(v[8*k:])
-			slots[k] += c
-			if mine != nil {
-				mine[k] = c
-			}
-		}
-		s := nativeEndian.Uint64(v[8*n:])
-		sumNs += s
-		if perCPU != nil {
-			perCPU(cpu, mine, s)
-		}
-	}
-	return slots, sumNs
-}
-
-// CloseAll closes each of cs, collecting errors; nil interfaces are
-// skipped (ebpf.Map and ebpf.Program also accept nil receivers), so it
-// suits a partly constructed probe.
-func CloseAll(cs ...interface{ Close() error }) error {
-	var errs []error
-	for _, c := range cs {
-		if c != nil {
-			errs = append(errs, c.Close())
-		}
-	}
-	return errors.Join(errs...)
-}
-
-var nativeEndian = binary.NativeEndian
-
-// Loaded is what loading a variant leaves: the maps asked for, the
-// variant's programs, and their links.
-type Loaded struct {
-	Maps     map[string]*ebpf.Map
-	Programs map[string]*ebpf.Program
-	Links    []link.Link
-}
-
-// LoadVariant prunes spec to variant v, loads it, keeps the named maps and
-// v's programs (the rest of the collection is closed), and attaches the
-// programs. On error nothing stays loaded.
-func LoadVariant(spec *ebpf.CollectionSpec, v Variant, maps ...string) (*Loaded, error) {
-	v.Prune(spec)
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		return nil, fmt.Errorf("load programs: %w", err)
-	}
-	defer coll.Close() // closes only what was not detached below
-	l := &Loaded{Maps: map[string]*ebpf.Map{}, Programs: map[string]*ebpf.Program{}}
-	for _, name := range maps {
-		m := coll.DetachMap(name)
-		if m == nil {
-			l.Close()
-			return nil, fmt.Errorf("no map %s in the collection", name)
-		}
-		l.Maps[name] = m
-	}
-	for _, p := range v.Programs {
-		l.Programs[p.Name] = coll.DetachProgram(p.Name)
-	}
-	if l.Links, err = v.Attach(l.Programs); err != nil {
-		l.Close()
-		return nil, err
-	}
-	return l, nil
-}
-
-// Detach detaches the links, in reverse order of attach, and keeps the
-// programs and maps: what the programs wrote stays readable until Close.
-// It is safe on a nil Loaded, and idempotent.
-func (l *Loaded) Detach() error {
-	if l == nil {
-		return nil
-	}
-	var cs []interface{ Close() error }
-	for _, lk := range slices.Backward(l.Links) {
-		cs = append(cs, lk)
-	}
-	l.Links = nil
-	return CloseAll(cs...)
-}
-
-// Close detaches the links and closes programs and maps. It is safe on a
-// nil or partly built Loaded, and idempotent.
-func (l *Loaded) Close() error {
-	if l == nil {
-		return nil
-	}
-	// Links first, in reverse order of attach (Detach): a variant
-	// attaches the programs that clean up before those that leave state
-	// for them.
-	detached := l.Detach()
-	var cs []interface{ Close() error }
-	for _, p := range l.Programs {
-		cs = append(cs, p)
-	}
-	for _, m := range l.Maps {
-		cs = append(cs, m)
-	}
-	l.Programs, l.Maps = nil, nil
-	return errors.Join(detached, CloseAll(cs...))
-}
-
-// LoadHistogramProbe is Load for probes with latency histograms: it builds
-// the slot layout of schema, and returns the first of the variants (those
-// using hook, or forced) that load builds and attaches.
-func LoadHistogramProbe[T any](schema int, variants []Variant, hook Hook, forced *Variant, log *slog.Logger,
-	load func(layout *histogram.Layout, v Variant, ncpu int) (T, error)) (T, error) {
-	var zero T
-	layout, err := histogram.NewLayout(schema)
-	if err != nil {
-		return zero, err
-	}
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		return zero, fmt.Errorf("possible CPUs: %w", err)
-	}
-	candidates, err := Candidates(variants, hook, forced)
-	if err != nil {
-		return zero, err
-	}
-	p, _, err := FirstLoading(candidates, log, func(v Variant) (T, error) { return load(layout, v, ncpu) })
-	return p, err
 }

@@ -1,5 +1,3 @@
-// Package probe holds what every probe shares: the sentinel for "this
-// kernel cannot run it" and the classification of load errors.
 package probe
 
 import (
@@ -96,4 +94,15 @@ func Cause(err error) string {
 		return "permission denied (capabilities?)"
 	}
 	return ""
+}
+
+// ErrAttrs are the log attributes of a load error: err, and the
+// verifier's full log when the verifier refused a program.
+func ErrAttrs(err error) []any {
+	attrs := []any{"err", err}
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		attrs = append(attrs, "verifier_log", fmt.Sprintf("%+v", ve))
+	}
+	return attrs
 }
