@@ -80,15 +80,16 @@ func (o *Options) defaults() {
 var hooks = []struct {
 	name   string
 	attach ebpf.AttachType
+	prog   func(*lbPrograms) *ebpf.Program
 }{
-	{"lb_getpeername4", ebpf.AttachCgroupInet4GetPeername},
-	{"lb_recvmsg4", ebpf.AttachCGroupUDP4Recvmsg},
-	{"lb_getpeername6", ebpf.AttachCgroupInet6GetPeername},
-	{"lb_recvmsg6", ebpf.AttachCGroupUDP6Recvmsg},
-	{"lb_connect4", ebpf.AttachCGroupInet4Connect},
-	{"lb_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
-	{"lb_connect6", ebpf.AttachCGroupInet6Connect},
-	{"lb_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
+	{lbProgLbGetpeername4, ebpf.AttachCgroupInet4GetPeername, func(p *lbPrograms) *ebpf.Program { return p.LbGetpeername4 }},
+	{lbProgLbRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, func(p *lbPrograms) *ebpf.Program { return p.LbRecvmsg4 }},
+	{lbProgLbGetpeername6, ebpf.AttachCgroupInet6GetPeername, func(p *lbPrograms) *ebpf.Program { return p.LbGetpeername6 }},
+	{lbProgLbRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, func(p *lbPrograms) *ebpf.Program { return p.LbRecvmsg6 }},
+	{lbProgLbConnect4, ebpf.AttachCGroupInet4Connect, func(p *lbPrograms) *ebpf.Program { return p.LbConnect4 }},
+	{lbProgLbSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, func(p *lbPrograms) *ebpf.Program { return p.LbSendmsg4 }},
+	{lbProgLbConnect6, ebpf.AttachCGroupInet6Connect, func(p *lbPrograms) *ebpf.Program { return p.LbConnect6 }},
+	{lbProgLbSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, func(p *lbPrograms) *ebpf.Program { return p.LbSendmsg6 }},
 }
 
 // Probe is the loaded and attached load balancer.
@@ -158,28 +159,34 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 		refuse = "EPERM"
 		log.Warn("kernel lacks bpf_set_retval for cgroup sock_addr programs (5.18+): connects to services without backends fail with EPERM, not ECONNREFUSED")
 	}
-	if err := probe.SetVar(spec, "has_set_retval", boolByte(setRetval)); err != nil {
-		return nil, err
+	var specs lbSpecs
+	if err := spec.Assign(&specs); err != nil {
+		return nil, fmt.Errorf("load spec: %w", err)
 	}
-	if err := probe.SetVar(spec, "maglev_size", uint32(opts.MaglevSize)); err != nil {
-		return nil, err
+	if err := specs.HasSetRetval.Set(boolByte(setRetval)); err != nil {
+		return nil, fmt.Errorf("set has_set_retval: %w", err)
 	}
-	spec.Maps["lb_services"].MaxEntries = uint32(replaceRoom * opts.MaxServices)
-	spec.Maps["lb_service_stats"].MaxEntries = uint32(opts.MaxServices)
-	spec.Maps["lb_backends"].MaxEntries = uint32(lim.MaxSlots)
-	spec.Maps["lb_backend_stats"].MaxEntries = uint32(opts.MaxBackends)
-	spec.Maps["lb_reverse"].MaxEntries = uint32(opts.MaxSockets)
-	mg := spec.Maps["lb_maglev"]
+	if err := specs.MaglevSize.Set(uint32(opts.MaglevSize)); err != nil {
+		return nil, fmt.Errorf("set maglev_size: %w", err)
+	}
+	specs.LbServices.MaxEntries = uint32(replaceRoom * opts.MaxServices)
+	specs.LbServiceStats.MaxEntries = uint32(opts.MaxServices)
+	specs.LbBackends.MaxEntries = uint32(lim.MaxSlots)
+	specs.LbBackendStats.MaxEntries = uint32(opts.MaxBackends)
+	specs.LbReverse.MaxEntries = uint32(opts.MaxSockets)
+	mg := specs.LbMaglev
 	mg.InnerMap.MaxEntries = uint32(opts.MaglevSize)
 	if lim.Algorithm == ctl.AlgMaglev {
 		mg.MaxEntries = uint32(lim.MaxSlots) // keyed by range base
 	}
 
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
+	var objs struct {
+		lbMaps
+		lbPrograms
+	}
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
 		return nil, fmt.Errorf("load programs: %w", err)
 	}
-	defer coll.Close() // closes only what was not detached below
 
 	p := &Probe{
 		cgroup: opts.Cgroup,
@@ -188,14 +195,14 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 		progs:  map[string]*ebpf.Program{},
 		maps: &maps{
 			ncpu:         ncpu,
-			services:     coll.DetachMap("lb_services"),
-			backends:     coll.DetachMap("lb_backends"),
-			maglev:       coll.DetachMap("lb_maglev"),
+			services:     objs.LbServices,
+			backends:     objs.LbBackends,
+			maglev:       objs.LbMaglev,
 			maglevInner:  mg.InnerMap.Copy(),
-			reverse:      coll.DetachMap("lb_reverse"),
-			serviceStats: coll.DetachMap("lb_service_stats"),
-			backendStats: coll.DetachMap("lb_backend_stats"),
-			drops:        coll.DetachMap("lb_drops"),
+			reverse:      objs.LbReverse,
+			serviceStats: objs.LbServiceStats,
+			backendStats: objs.LbBackendStats,
+			drops:        objs.LbDrops,
 		},
 	}
 	defer func() {
@@ -204,7 +211,7 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 		}
 	}()
 	for _, h := range hooks {
-		p.progs[h.name] = coll.DetachProgram(h.name)
+		p.progs[h.name] = h.prog(&objs.lbPrograms)
 	}
 
 	state, err := ctl.NewState(p.maps, lim)

@@ -18,7 +18,6 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
-	"github.com/ktel-dev/ktel/internal/probe"
 	"golang.org/x/sys/unix"
 )
 
@@ -311,31 +310,64 @@ func (p *Probe) load() error {
 	if err != nil {
 		return fmt.Errorf("load spec: %w", err)
 	}
-	spec.Maps[netdevMapNetdevCounters].MaxEntries = uint32(p.slots) + 1 // and slot 0
-	spec.Maps[netdevMapNetdevIfaces].MaxEntries = uint32(p.slots)
-	if n := spec.Maps[netdevMapNetdevSlots].MaxEntries; n != directIfindex {
+	var specs netdevSpecs
+	if err := spec.Assign(&specs); err != nil {
+		return fmt.Errorf("load spec: %w", err)
+	}
+	specs.NetdevCounters.MaxEntries = uint32(p.slots) + 1 // and slot 0
+	specs.NetdevIfaces.MaxEntries = uint32(p.slots)
+	if n := specs.NetdevSlots.MaxEntries; n != directIfindex {
 		return fmt.Errorf("netdev_slots has %d entries, want %d", n, directIfindex)
 	}
-	if err := probe.SetVar(spec, netdevVarNetdevSizes, boolByte(p.sizes)); err != nil {
-		return err
+	if err := specs.NetdevSizes.Set(boolByte(p.sizes)); err != nil {
+		return fmt.Errorf("set netdev_sizes: %w", err)
 	}
-	if p.hook != HookXDP {
-		delete(spec.Programs, netdevProgNetdevXdpIngress)
+	// The TC programs always (egress is always TC), XDP's only for
+	// KTEL_NETDEV_HOOK=xdp.
+	var (
+		maps netdevMaps
+		tc   tcPrograms
+		xdp  xdpPrograms
+	)
+	if p.hook == HookXDP {
+		err = spec.LoadAndAssign(&struct {
+			*netdevMaps
+			*tcPrograms
+			*xdpPrograms
+		}{&maps, &tc, &xdp}, nil)
+	} else {
+		err = spec.LoadAndAssign(&struct {
+			*netdevMaps
+			*tcPrograms
+		}{&maps, &tc}, nil)
 	}
-	coll, err := ebpf.NewCollection(spec)
 	if err != nil {
 		return fmt.Errorf("load programs: %w", err)
 	}
-	defer coll.Close() // closes only what was not detached below
-	p.counters = coll.DetachMap(netdevMapNetdevCounters)
-	p.slotMap = coll.DetachMap(netdevMapNetdevSlots)
-	p.ifaces = coll.DetachMap(netdevMapNetdevIfaces)
-	p.progs = map[string]*ebpf.Program{}
-	for name := range spec.Programs {
-		p.progs[name] = coll.DetachProgram(name)
+	p.counters, p.slotMap, p.ifaces = maps.NetdevCounters, maps.NetdevSlots, maps.NetdevIfaces
+	p.progs = map[string]*ebpf.Program{
+		netdevProgNetdevTcEgress: tc.TcEgress, netdevProgNetdevTcEgressL3: tc.TcEgressL3,
+		netdevProgNetdevTcIngress: tc.TcIngress, netdevProgNetdevTcIngressL3: tc.TcIngressL3,
+	}
+	if xdp.XdpIngress != nil {
+		p.progs[netdevProgNetdevXdpIngress] = xdp.XdpIngress
 	}
 	return nil
 }
+
+// tcPrograms and xdpPrograms split the generated netdevPrograms by hook,
+// so that XDP's is loaded only when it is used.
+type (
+	tcPrograms struct {
+		TcEgress    *ebpf.Program `ebpf:"netdev_tc_egress"`
+		TcEgressL3  *ebpf.Program `ebpf:"netdev_tc_egress_l3"`
+		TcIngress   *ebpf.Program `ebpf:"netdev_tc_ingress"`
+		TcIngressL3 *ebpf.Program `ebpf:"netdev_tc_ingress_l3"`
+	}
+	xdpPrograms struct {
+		XdpIngress *ebpf.Program `ebpf:"netdev_xdp_ingress"`
+	}
+)
 
 func boolByte(b bool) uint8 {
 	if b {

@@ -140,19 +140,6 @@ func CloseAll(cs ...interface{ Close() error }) error {
 	return errors.Join(errs...)
 }
 
-// SetVar sets variable name of spec (read-only data, or .data) to v, with
-// an error naming it when the object has no such variable.
-func SetVar(spec *ebpf.CollectionSpec, name string, v any) error {
-	vs, ok := spec.Variables[name]
-	if !ok {
-		return fmt.Errorf("no variable %s", name)
-	}
-	if err := vs.Set(v); err != nil {
-		return fmt.Errorf("set %s: %w", name, err)
-	}
-	return nil
-}
-
 // LoadHistogramProbe is Load for probes with latency histograms: it builds
 // the slot layout of schema, and returns the first of the variants (those
 // using hook, or forced) that load builds and attaches.
