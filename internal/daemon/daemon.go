@@ -1,7 +1,7 @@
-// Package daemon wires ktel together: from the probe registry
-// (registry.go) it loads the configured probes,
-// exports them through one registry, serves HTTP, and on shutdown detaches
-// and closes everything it put into the kernel.
+// Package daemon wires ktel together: it loads the configured probes from
+// the probe registry (registry.go: one registration per probe), exports
+// them through one Prometheus registry, serves HTTP, and on shutdown
+// detaches and closes everything it put into the kernel.
 package daemon
 
 import (
