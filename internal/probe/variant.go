@@ -12,7 +12,7 @@ import (
 type Hook string
 
 const (
-	HookAuto       Hook = "auto"       // the cheapest variant that loads
+	HookAuto       Hook = "auto"       // HookBTF: the cheapest of its variants that loads
 	HookBTF        Hook = "tp_btf"     // BTF-enabled raw tracepoint, 5.5+
 	HookRaw        Hook = "raw_tp"     // raw tracepoint, 4.17+
 	HookTracepoint Hook = "tracepoint" // classic tracepoint; needs tracefs
