@@ -1,13 +1,11 @@
 package metrics
 
 import (
-	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/histogram"
@@ -37,38 +35,32 @@ func BenchmarkSyscallCollector(b *testing.B) {
 	c.snap = NewCached(f.Snapshot, 0)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(&collectorAdapter{c})
-	g := NewGatherer(reg, map[string]Collector{"syscall": c})
 	b.ReportAllocs()
 	for b.Loop() {
-		_, done, err := g.Gather()
-		if err != nil {
+		if _, err := reg.Gather(); err != nil {
 			b.Fatal(err)
 		}
-		done()
 	}
 }
 
 // BenchmarkScrape is one /metrics request over 100 active syscalls (the
-// map read excluded), per format, served by Handler as the daemon serves it
-// (compression is the daemon's) and by promhttp for comparison.
+// map read excluded), per format and compression, served by Handler as the
+// daemon serves it.
 func BenchmarkScrape(b *testing.B) {
 	f := syntheticSyscalls()
 	cs := map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewExporter(cs, nil))
-	g := NewGatherer(reg, cs)
-	handlers := map[string]http.Handler{
-		"ktel":     Handler(g, HandlerOpts{}),
-		"promhttp": promhttp.HandlerForTransactional(g, promhttp.HandlerOpts{EnableOpenMetrics: true, DisableCompression: true}),
-	}
+	h := Handler(prometheus.ToTransactionalGatherer(reg), HandlerOpts{})
 	for _, accept := range []string{"text/plain;version=0.0.4", "application/openmetrics-text;version=1.0.0", "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited"} {
-		for _, name := range []string{"ktel", "promhttp"} {
-			b.Run(strings.Split(accept, ";")[0]+"/"+name, func(b *testing.B) {
+		for _, enc := range []string{"identity", "gzip"} {
+			b.Run(strings.Split(accept, ";")[0]+"/"+enc, func(b *testing.B) {
 				req := httptest.NewRequest("GET", "/metrics", nil)
 				req.Header.Set("Accept", accept)
+				req.Header.Set("Accept-Encoding", enc)
 				for b.Loop() {
 					w := httptest.NewRecorder()
-					handlers[name].ServeHTTP(w, req)
+					h.ServeHTTP(w, req)
 					if w.Code != 200 {
 						b.Fatal(w.Code)
 					}

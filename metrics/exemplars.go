@@ -1,15 +1,14 @@
 package metrics
 
 import (
+	"maps"
 	"math"
-	"sort"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/timestamppb"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ktel-dev/ktel/internal/histogram"
 )
@@ -78,41 +77,22 @@ func (s *Exemplars) Lookup(metric string, labelValues []string) map[float64]Exem
 	if len(m) == 0 {
 		return nil
 	}
-	out := make(map[float64]Exemplar, len(m))
-	for k, v := range m {
-		out[k] = v
+	return maps.Clone(m)
+}
+
+// forSeries is what Lookup returns as client_golang's exemplars, oldest
+// first: NewMetricWithExemplars puts each on its classic bucket and all of
+// them, in this order, on the native histogram.
+func (s *Exemplars) forSeries(metric string, labelValues []string) []prometheus.Exemplar {
+	m := s.Lookup(metric, labelValues)
+	out := make([]prometheus.Exemplar, 0, len(m))
+	for _, e := range m {
+		out = append(out, prometheus.Exemplar{
+			Value:     e.Value,
+			Labels:    prometheus.Labels{"trace_id": e.TraceID, "span_id": e.SpanID},
+			Timestamp: e.Time,
+		})
 	}
+	slices.SortFunc(out, func(a, b prometheus.Exemplar) int { return a.Timestamp.Compare(b.Timestamp) })
 	return out
-}
-
-func (e Exemplar) dto() *dto.Exemplar {
-	return &dto.Exemplar{
-		Label: []*dto.LabelPair{
-			{Name: proto.String("trace_id"), Value: proto.String(e.TraceID)},
-			{Name: proto.String("span_id"), Value: proto.String(e.SpanID)},
-		},
-		Value:     proto.Float64(e.Value),
-		Timestamp: timestamppb.New(e.Time),
-	}
-}
-
-// attachExemplars puts each exemplar on its classic bucket (OpenMetrics
-// text) and all of them, oldest first, on the native histogram (protobuf).
-func attachExemplars(h *dto.Histogram, ex map[float64]Exemplar) {
-	if len(ex) == 0 {
-		return
-	}
-	for _, b := range h.Bucket {
-		if e, ok := ex[b.GetUpperBound()]; ok {
-			b.Exemplar = e.dto()
-		}
-	}
-	all := make([]Exemplar, 0, len(ex))
-	for _, e := range ex {
-		all = append(all, e)
-	}
-	sort.Slice(all, func(i, j int) bool { return all[i].Time.Before(all[j].Time) })
-	for _, e := range all {
-		h.Exemplars = append(h.Exemplars, e.dto())
-	}
 }

@@ -1,10 +1,8 @@
 package metrics
 
 import (
-	"bytes"
 	"compress/gzip"
 	"errors"
-	"fmt"
 	"io"
 	"math"
 	"net/http"
@@ -17,11 +15,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
-
-	"github.com/ktel-dev/ktel/internal/histogram"
 )
 
 // constCollector sends fixed metrics.
@@ -32,72 +27,6 @@ func (c constCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, m := range c {
 		ch <- m
 	}
-}
-
-// encoderRegistry holds every kind of family the encoder meets, with the
-// corner cases of the text formats: label values and help texts to escape,
-// counts from 1e6 on (written with an exponent in the text format), zero,
-// negative zero, NaN and infinite sums, exemplars with and without a
-// timestamp, histograms with and without labels, native-only and classic,
-// with and without an explicit +Inf bucket, and histograms the fast path
-// leaves to expfmt (float counts, timestamps, invalid UTF-8 names).
-func encoderRegistry(t *testing.T) *prometheus.Registry {
-	t.Helper()
-	reg := prometheus.NewRegistry()
-	layout, err := histogram.NewLayout(3)
-	if err != nil {
-		t.Fatal(err)
-	}
-	desc := prometheus.NewDesc("ktel_test_latency_seconds", "Latency \\ with \"quotes\"\nand a newline.", []string{"syscall", "what"}, nil)
-	at := time.Unix(1700000000, 123456789)
-	var ms constCollector
-	for i, c := range []struct {
-		values []string
-		counts []uint64 // per slot from slot 40 on
-		sumNs  uint64
-		ex     map[float64]Exemplar
-	}{
-		{[]string{"read", `a "quoted" \ value` + "\n"}, []uint64{1, 2, 3, 999_999}, 0, nil},
-		{[]string{"write", "ünïcödé"}, []uint64{1_000_000, 5, 0, 0, 12_345_678_901}, 1e9, map[float64]Exemplar{
-			histogram.ClassicBounds()[10]: {Value: 0.000123, TraceID: "0af7651916cd43dd8448eb211c80319c", SpanID: "b7ad6b7169203331", Time: at},
-			histogram.ClassicBounds()[20]: {Value: 1, TraceID: "0af7651916cd43dd8448eb211c80319d", SpanID: "b7ad6b7169203332", Time: at.Add(time.Second)},
-			math.Inf(1):                   {Value: 30, TraceID: "0af7651916cd43dd8448eb211c80319e", SpanID: "b7ad6b7169203333", Time: at.Add(2 * time.Second)},
-		}},
-		{[]string{"empty", ""}, nil, 0, nil},
-		{[]string{"one", "x"}, []uint64{1}, 1e9, nil},
-		{[]string{"quote", `only "quotes"`}, []uint64{3}, 5, nil},
-	} {
-		slots := make([]uint64, layout.Slots())
-		copy(slots[40+i:], c.counts)
-		ms = append(ms, newLatencyHistogram(desc, layout, slots, c.sumNs, c.ex, c.values...))
-	}
-	noLabels := prometheus.NewDesc("ktel_test_nolabels_seconds", `No "labels".`, nil, nil)
-	ms = append(ms,
-		prometheus.MustNewConstHistogram(noLabels, 7, math.NaN(), map[float64]uint64{0.5: 3, 1: 7, math.Inf(+1): 7}),
-		prometheus.MustNewConstHistogram(prometheus.NewDesc("ktel_test_inf_sum", "Infinite sum.", []string{"l"}, nil),
-			2, math.Inf(+1), map[float64]uint64{1e-9: 1, 2.5e21: 2}, "v"),
-		prometheus.MustNewConstHistogram(prometheus.NewDesc("ktel_test_negzero", "", []string{"l"}, nil),
-			1, math.Copysign(0, -1), map[float64]uint64{math.Copysign(0, -1): 1, -1: 0, 1: 1}, "v"),
-		prometheus.MustNewConstNativeHistogram(prometheus.NewDesc("ktel_test_native_only_seconds", "Native only.", nil, nil),
-			5, 2.5, map[int]int64{1: 2, 3: 3}, nil, 0, 3, 0.001, at),
-		prometheus.NewMetricWithTimestamp(at, prometheus.MustNewConstHistogram(
-			prometheus.NewDesc("ktel_test_timestamped", "With a timestamp.", nil, nil), 1, 1, map[float64]uint64{1: 1})),
-		prometheus.MustNewConstMetric(prometheus.NewDesc("ktel_test_events_total", "A counter.", []string{"l"}, nil), prometheus.CounterValue, 12, "a"),
-		prometheus.MustNewConstMetric(prometheus.NewDesc("ktel_test_gauge", "A gauge.", nil, nil), prometheus.GaugeValue, -1),
-		prometheus.MustNewConstSummary(prometheus.NewDesc("ktel_test_summary_seconds", "A summary.", nil, nil), 3, 1.5, map[float64]float64{0.5: 0.25, 0.99: 1}),
-	)
-	reg.MustRegister(ms)
-	// A histogram of client_golang's own, with an exemplar on a bucket.
-	h := prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "ktel_test_observed_seconds", Help: "Observed.", Buckets: []float64{0.001, 0.01, 0.1, 1}},
-		[]string{"code"})
-	reg.MustRegister(h)
-	h.WithLabelValues("200").(prometheus.ExemplarObserver).ObserveWithExemplar(0.005, prometheus.Labels{"trace_id": "abc"})
-	for _, v := range []float64{0.0005, 0.05, 5, 0.5} {
-		h.WithLabelValues("500").Observe(v)
-	}
-	// A float histogram, which the fast path leaves to expfmt.
-	reg.MustRegister(constCollector{floatHistogram{}})
-	return reg
 }
 
 // floatHistogram has float counts, which OpenMetrics 1.0 cannot express:
@@ -114,126 +43,71 @@ func (floatHistogram) Write(m *dto.Metric) error {
 	return nil
 }
 
-// The encoder writes every family byte for byte as expfmt does, in every
-// format Prometheus negotiates, and the handler answers with promhttp's
-// headers.
-// The syscall latency family, which the syscall collector builds itself
-// (FamilyCollector), is among them, with an exemplar.
-func TestHandlerMatchesPromhttp(t *testing.T) {
-	reg := encoderRegistry(t)
-	f := syntheticSyscalls()
+// The handler negotiates what Prometheus asks for: protobuf (native
+// histograms, with their exemplars) gzip-compressed, OpenMetrics text
+// (exemplars on classic buckets) and the Prometheus text format, plain.
+func TestHandlerNegotiates(t *testing.T) {
 	ex := NewExemplars()
-	ex.Observe(SyscallLatency, []string{names(3)}, Exemplar{Value: 0.002, TraceID: "0af7651916cd43dd8448eb211c80319c",
+	ex.Observe(SyscallLatency, []string{"read"}, Exemplar{Value: 0.002, TraceID: "0af7651916cd43dd8448eb211c80319c",
 		SpanID: "b7ad6b7169203331", Time: time.Unix(1700000000, 0)})
-	ex.Observe(SyscallLatency, []string{names(3)}, Exemplar{Value: 30, TraceID: "1af7651916cd43dd8448eb211c80319c",
-		SpanID: "c7ad6b7169203331", Time: time.Unix(1700000001, 0)})
-	sc := NewSyscallCollector(f, names, ex)
-	reg.MustRegister(&collectorAdapter{sc})
-	g := NewGatherer(reg, map[string]Collector{"syscall": sc})
-	want := promhttp.HandlerForTransactional(g, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, EnableOpenMetrics: true,
-		OfferedCompressions: []promhttp.Compression{promhttp.Identity, promhttp.Gzip}})
-	got := Handler(g, HandlerOpts{Timeout: time.Minute}) // as the daemon: gathering in its own goroutine
-	for _, accept := range []string{
-		"",
-		"*/*",
-		"text/plain;version=0.0.4",
-		"text/plain;version=1.0.0;escaping=allow-utf-8",
-		"text/plain;version=0.0.4;escaping=underscores",
-		"application/openmetrics-text;version=1.0.0",
-		"application/openmetrics-text;version=1.0.0;escaping=allow-utf-8",
-		"application/openmetrics-text;version=0.0.1",
-		"application/openmetrics-text;version=2.0.0",
-		"application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited",
-		"application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;escaping=dots",
-		// What Prometheus 3 sends by default.
-		"application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
-	} {
-		t.Run(accept, func(t *testing.T) {
-			for _, c := range []struct{ query, encoding string }{
-				{"", ""},
-				{"", "gzip"},
-				{"?name[]=ktel_test_latency_seconds&name[]=ktel_test_gauge&name[]=" + SyscallLatency, ""},
-			} {
-				req := httptest.NewRequest(http.MethodGet, "/metrics"+c.query, nil)
-				req.Header.Set("Accept", accept)
-				if c.encoding != "" {
-					req.Header.Set("Accept-Encoding", c.encoding)
-				}
-				w, g := httptest.NewRecorder(), httptest.NewRecorder()
-				want.ServeHTTP(w, req)
-				got.ServeHTTP(g, req)
-				if g.Code != w.Code {
-					t.Errorf("%+v: status %d, promhttp %d", c, g.Code, w.Code)
-				}
-				for _, h := range []string{"Content-Type", "Vary", "Content-Encoding"} {
-					gv, wv := slices.Sorted(slices.Values(g.Header().Values(h))), slices.Sorted(slices.Values(w.Header().Values(h)))
-					if !slices.Equal(gv, wv) {
-						t.Errorf("%+v: %s %q, promhttp %q", c, h, gv, wv)
-					}
-				}
-				gb, wb := body(t, g), body(t, w)
-				if !bytes.Equal(gb, wb) {
-					t.Errorf("%+v: body differs from promhttp's:\n%s", c, firstDifference(string(gb), string(wb)))
-				}
-				if len(gb) < 100 {
-					t.Errorf("%+v: %d bytes only", c, len(gb))
-				}
-			}
-		})
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(NewExporter(map[string]Collector{"syscall": NewSyscallCollector(newFake(t), names, ex)}, discard()))
+	h := Handler(prometheus.ToTransactionalGatherer(reg), HandlerOpts{})
+	get := func(accept, encoding string) *httptest.ResponseRecorder {
+		req := httptest.NewRequest(http.MethodGet, "/metrics", nil)
+		req.Header.Set("Accept", accept)
+		req.Header.Set("Accept-Encoding", encoding)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		if w.Code != http.StatusOK {
+			t.Fatalf("Accept %q: status %d", accept, w.Code)
+		}
+		return w
 	}
-}
 
-// body is a response's body, decompressed.
-func body(t *testing.T, w *httptest.ResponseRecorder) []byte {
-	t.Helper()
-	if w.Header().Get("Content-Encoding") != "gzip" {
-		return w.Body.Bytes()
+	w := get("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited", "gzip")
+	if ct := w.Header().Get("Content-Type"); !strings.HasPrefix(ct, "application/vnd.google.protobuf") {
+		t.Errorf("protobuf: Content-Type %q", ct)
+	}
+	if w.Header().Get("Content-Encoding") != "gzip" || !slices.Contains(w.Header().Values("Vary"), "Accept-Encoding") {
+		t.Errorf("protobuf: headers %v, want gzip", w.Header())
 	}
 	z, err := gzip.NewReader(w.Body)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := io.ReadAll(z)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-// firstDifference shows the first line where got and want differ.
-func firstDifference(got, want string) string {
-	g, w := strings.Split(got, "\n"), strings.Split(want, "\n")
-	for i := range min(len(g), len(w)) {
-		if g[i] != w[i] {
-			return fmt.Sprintf("line %d:\n got  %s\n want %s", i+1, g[i], w[i])
+	dec := expfmt.NewDecoder(z, expfmt.NewFormat(expfmt.TypeProtoDelim))
+	var latency *dto.MetricFamily
+	for {
+		var mf dto.MetricFamily
+		if err := dec.Decode(&mf); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if mf.GetName() == SyscallLatency {
+			latency = &mf
 		}
 	}
-	return "one is a prefix of the other"
-}
+	if latency == nil {
+		t.Fatal("protobuf: no " + SyscallLatency)
+	}
+	hist := latency.Metric[0].Histogram
+	if hist.GetSchema() != 3 || len(hist.PositiveSpan) == 0 || len(hist.Bucket) != 25 || len(hist.Exemplars) != 1 {
+		t.Errorf("protobuf: schema %d, %d spans, %d classic buckets, %d exemplars; want 3, some, 25, 1",
+			hist.GetSchema(), len(hist.PositiveSpan), len(hist.Bucket), len(hist.Exemplars))
+	}
 
-// The fast path covers the syscall histograms (it is what makes the
-// handler faster), and leaves alone what it cannot write as expfmt would.
-func TestFastHistogramCoverage(t *testing.T) {
-	mfs, err := encoderRegistry(t).Gather()
-	if err != nil {
-		t.Fatal(err)
+	w = get("application/openmetrics-text;version=1.0.0", "")
+	want := `ktel_syscall_latency_seconds_bucket{syscall="read",le="0.00390625"} 4 # {trace_id="0af7651916cd43dd8448eb211c80319c",span_id="b7ad6b7169203331"} 0.002 1.7e+09`
+	if w.Header().Get("Content-Encoding") != "" || !strings.Contains(w.Body.String(), want) || !strings.HasSuffix(w.Body.String(), "# EOF\n") {
+		t.Errorf("OpenMetrics: headers %v, body lacks\n%s\nor the end:\n%s", w.Header(), want, w.Body.String())
 	}
-	fast := map[string]bool{}
-	for _, mf := range mfs {
-		fast[mf.GetName()] = fastHistogram(mf)
-	}
-	for name, want := range map[string]bool{
-		"ktel_test_latency_seconds":     true,
-		"ktel_test_observed_seconds":    true,
-		"ktel_test_native_only_seconds": true,
-		"ktel_test_nolabels_seconds":    true,
-		"ktel_test_timestamped":         false,
-		"ktel_test_float_histogram":     false,
-		"ktel_test_events_total":        false,
-	} {
-		if fast[name] != want {
-			t.Errorf("%s: fast path %v, want %v", name, fast[name], want)
-		}
+
+	w = get("", "")
+	if ct := w.Header().Get("Content-Type"); !strings.HasPrefix(ct, "text/plain") ||
+		!strings.Contains(w.Body.String(), `ktel_syscall_latency_seconds_bucket{syscall="read",le="0.00390625"} 4`+"\n") {
+		t.Errorf("text: Content-Type %q, body\n%s", ct, w.Body.String())
 	}
 }
 

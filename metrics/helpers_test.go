@@ -25,19 +25,12 @@ func (a *collectorAdapter) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// gathered is what the daemon serves of c: the metrics Update sends and,
-// for a FamilyCollector, the families it builds, as a prometheus.Gatherer
-// for testutil. Each gathering's families are done with at once: they stay
-// valid until the next gathering.
+// gathered is what the daemon serves of c, as a prometheus.Gatherer for
+// testutil.
 func gathered(c Collector) prometheus.Gatherer {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(&collectorAdapter{c})
-	g := NewGatherer(reg, map[string]Collector{"c": c})
-	return prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
-		mfs, done, err := g.Gather()
-		done()
-		return mfs, err
-	})
+	return reg
 }
 
 func fmtFloat(e int) string { return strconv.FormatFloat(math.Ldexp(1, e), 'g', -1, 64) }

@@ -52,12 +52,18 @@ func (c *runqlatCollector) Update(ch chan<- prometheus.Metric) error {
 	if err != nil {
 		return err
 	}
+	send := func(m prometheus.Metric, err error) {
+		if err != nil {
+			m = prometheus.NewInvalidMetric(c.latency, err)
+		}
+		ch <- m
+	}
 	if c.perCPU {
 		for cpu, h := range s.PerCPU {
-			ch <- newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, nil, strconv.Itoa(cpu))
+			send(newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, nil, strconv.Itoa(cpu)))
 		}
 	} else {
-		ch <- newLatencyHistogram(c.latency, c.layout, s.Total.Slots, s.Total.SumNs, c.exemplars.Lookup(RunqueueLatency, nil))
+		send(newLatencyHistogram(c.latency, c.layout, s.Total.Slots, s.Total.SumNs, c.exemplars.forSeries(RunqueueLatency, nil)))
 	}
 	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.Dropped))
 	sendKernelSpanDrops(ch, "runqlat", s.SpanDrops)

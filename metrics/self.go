@@ -15,12 +15,9 @@ type Self struct {
 // ktel_build_info and ktel_probe_up registered.
 func NewRegistry(version, revision, goVersion string) (*prometheus.Registry, *Self) {
 	reg := prometheus.NewRegistry()
-	process, err := NewProcessCollector()
-	if err != nil {
-		// No /proc: client_golang's collector reports why on each scrape.
-		process = collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})
-	}
-	reg.MustRegister(collectors.NewGoCollector(), process)
+	reg.MustRegister(collectors.NewGoCollector(), NewProcessCollector())
+	// Not client_golang's version collector: it adds the labels branch,
+	// goos, goarch and tags, and another help text.
 	info := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "ktel_build_info",
 		Help:        "Version of the running ktel; the value is always 1.",

@@ -2,14 +2,10 @@ package metrics
 
 import (
 	"fmt"
-	"slices"
 	"strconv"
-	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
-	"google.golang.org/protobuf/proto"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/histogram"
@@ -25,43 +21,17 @@ type SyscallSource interface {
 	Layout() *histogram.Layout
 }
 
-// SyscallCollector exports the syscall probe's maps. Its latency
-// histograms, a series per syscall seen, are most of a scrape: it builds
-// them as a FamilyCollector.
+// SyscallCollector exports the syscall probe's maps.
 type SyscallCollector struct {
 	layout    *histogram.Layout
 	exemplars *Exemplars
 	snap      *Cached[*sysprobe.Snapshot]
 	name      func(nr uint32) string
+	latency   *prometheus.Desc
 	errors    *prometheus.Desc
 	dropped   *prometheus.Desc
 	untimed   *prometheus.Desc
-	latency   familyPool[latencyFamily]
 }
-
-// latencyFamily is ktel_syscall_latency_seconds as built for one scrape,
-// kept for a later one: its series, by syscall number, are refilled in
-// place.
-type latencyFamily struct {
-	mf     dto.MetricFamily
-	series map[uint32]*latencySeries
-}
-
-// latencySeries is one syscall's series; its metric points to its label
-// and histogram for good, fill rewrites the histogram.
-type latencySeries struct {
-	m     dto.Metric
-	label dto.LabelPair
-	name  string
-	hist  histogramBlock
-}
-
-var (
-	syscallLatencyName = proto.String(SyscallLatency)
-	syscallLatencyHelp = proto.String("Time from syscall entry to exit, per syscall.")
-	syscallLabel       = proto.String("syscall")
-	histogramType      = dto.MetricType_HISTOGRAM.Enum()
-)
 
 // NewSyscallCollector exports the syscall probe's histograms as
 // ktel_syscall_latency_seconds{syscall} and its failures as
@@ -74,6 +44,8 @@ func NewSyscallCollector(src SyscallSource, name func(nr uint32) string, ex *Exe
 		exemplars: ex,
 		snap:      NewCached(src.Snapshot, DefaultMaxAge),
 		name:      name,
+		latency: prometheus.NewDesc(SyscallLatency,
+			"Time from syscall entry to exit, per syscall.", []string{"syscall"}, nil),
 		errors: prometheus.NewDesc("ktel_syscall_errors_total",
 			"Syscalls that returned an error, per syscall and errno.", []string{"syscall", "errno"}, nil),
 		dropped: prometheus.NewDesc("ktel_syscall_errors_dropped_total",
@@ -83,11 +55,22 @@ func NewSyscallCollector(src SyscallSource, name func(nr uint32) string, ex *Exe
 	}
 }
 
-// Update sends every metric but the latency histograms (Families).
+// Update sends the syscall metrics. When the maps cannot be read, the
+// latency histograms' absence is also a gathering error, which the handler
+// logs and counts (promhttp_metric_handler_errors_total{cause="gathering"}).
 func (c *SyscallCollector) Update(ch chan<- prometheus.Metric) error {
 	s, err := c.snap.Get()
 	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.latency, fmt.Errorf("%s: %w", SyscallLatency, err))
 		return err
+	}
+	for nr, h := range s.Latency {
+		name := c.name(nr)
+		m, err := newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, c.exemplars.forSeries(SyscallLatency, []string{name}), name)
+		if err != nil {
+			m = prometheus.NewInvalidMetric(c.latency, err)
+		}
+		ch <- m
 	}
 	for k, n := range s.Errors {
 		ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(n), c.name(k.Nr), errnoName(k.Errno))
@@ -96,43 +79,6 @@ func (c *SyscallCollector) Update(ch chan<- prometheus.Metric) error {
 	ch <- prometheus.MustNewConstMetric(c.untimed, prometheus.CounterValue, float64(s.StartsDropped))
 	sendKernelSpanDrops(ch, "syscall", s.SpanDrops)
 	return nil
-}
-
-// Families returns ktel_syscall_latency_seconds, a histogram per syscall
-// seen, sorted by syscall name as the registry sorts series. It reads the
-// snapshot Update read within the same second (Cached); when that read
-// failed, it tries once more, and a failure leaves the family out of the
-// scrape with an error, which the handler logs and counts (cause
-// "gathering").
-func (c *SyscallCollector) Families() ([]*dto.MetricFamily, func(), error) {
-	s, err := c.snap.Get()
-	if err != nil {
-		return nil, func() {}, fmt.Errorf("%s: %w", SyscallLatency, err)
-	}
-	if len(s.Latency) == 0 {
-		return nil, func() {}, nil
-	}
-	f := c.latency.get()
-	if f.series == nil {
-		f.series = map[uint32]*latencySeries{}
-		f.mf = dto.MetricFamily{Name: syscallLatencyName, Help: syscallLatencyHelp, Type: histogramType}
-	}
-	f.mf.Metric = f.mf.Metric[:0]
-	for nr, h := range s.Latency {
-		ser := f.series[nr]
-		if ser == nil {
-			ser = &latencySeries{name: c.name(nr)}
-			ser.label = dto.LabelPair{Name: syscallLabel, Value: &ser.name}
-			ser.m = dto.Metric{Label: []*dto.LabelPair{&ser.label}, Histogram: &ser.hist.h}
-			f.series[nr] = ser
-		}
-		ser.hist.fill(c.layout, h.Slots, h.SumNs, c.exemplars.Lookup(SyscallLatency, []string{ser.name}))
-		f.mf.Metric = append(f.mf.Metric, &ser.m)
-	}
-	slices.SortFunc(f.mf.Metric, func(a, b *dto.Metric) int {
-		return strings.Compare(a.Label[0].GetValue(), b.Label[0].GetValue())
-	})
-	return []*dto.MetricFamily{&f.mf}, func() { c.latency.put(f) }, nil
 }
 
 // errnoName is the symbolic name (EAGAIN), or the number for codes without

@@ -20,8 +20,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
-	prototextpb "google.golang.org/protobuf/encoding/prototext"
-	"google.golang.org/protobuf/proto"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/histogram"
@@ -113,15 +111,15 @@ func classicLines(syscall string, cum map[int]int, count int, sum float64) strin
 
 func TestSyscallNativeHistogram(t *testing.T) {
 	f := newFake(t)
-	mfs, done, err := NewSyscallCollector(f, names, nil).Families()
+	mfs, err := gathered(NewSyscallCollector(f, names, nil)).Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer done()
-	if len(mfs) != 1 || len(mfs[0].Metric) != 1 {
+	i := slices.IndexFunc(mfs, func(mf *dto.MetricFamily) bool { return mf.GetName() == SyscallLatency })
+	if i < 0 || len(mfs[i].Metric) != 1 {
 		t.Fatalf("families %v", mfs)
 	}
-	h := mfs[0].Metric[0].Histogram
+	h := mfs[i].Metric[0].Histogram
 	if h.GetSchema() != 3 || h.GetZeroThreshold() != 1.0/(1<<25) {
 		t.Errorf("schema %d zero threshold %g", h.GetSchema(), h.GetZeroThreshold())
 	}
@@ -158,14 +156,22 @@ func TestSyscallNativeHistogram(t *testing.T) {
 	}
 }
 
+// The native buckets are encoded as spans and delta-encoded counts, empty
+// buckets left out but for gaps of up to two.
 func TestSpansAndDeltas(t *testing.T) {
+	l, err := histogram.NewLayout(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc := prometheus.NewDesc(SyscallLatency, "", nil, nil)
 	for _, tc := range []struct {
 		name    string
 		buckets map[int]uint64
 		spans   [][2]int // offset, length
 		deltas  []int64
 	}{
-		{"empty", nil, nil, nil},
+		// An empty native histogram keeps one empty span.
+		{"empty", nil, [][2]int{{0, 0}}, nil},
 		{"one", map[int]uint64{-5: 3}, [][2]int{{-5, 1}}, []int64{3}},
 		{"adjacent", map[int]uint64{1: 3, 2: 5}, [][2]int{{1, 2}}, []int64{3, 2}},
 		{"gap of two filled", map[int]uint64{1: 3, 4: 1}, [][2]int{{1, 4}}, []int64{3, -3, 0, 1}},
@@ -173,12 +179,19 @@ func TestSpansAndDeltas(t *testing.T) {
 		{"three spans", map[int]uint64{-7: 3, -3: 1, 2: 2}, [][2]int{{-7, 1}, {3, 1}, {4, 1}}, []int64{3, -2, 1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			// As the collector passes them: a dense run from index -8.
-			counts := make([]uint64, 16)
+			slots := make([]uint64, l.Slots())
 			for i, c := range tc.buckets {
-				counts[i+8] = c
+				slots[i-l.FirstIndex()] = c
 			}
-			spans, deltas := new(histogramBlock).spansAndDeltas(-8, counts)
+			m, err := newLatencyHistogram(desc, l, slots, 0, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var d dto.Metric
+			if err := m.Write(&d); err != nil {
+				t.Fatal(err)
+			}
+			spans, deltas := d.Histogram.PositiveSpan, d.Histogram.PositiveDelta
 			if len(spans) != len(tc.spans) {
 				t.Fatalf("spans %v, want %v", spans, tc.spans)
 			}
@@ -210,20 +223,20 @@ func TestExporterReportsFailure(t *testing.T) {
 # TYPE ktel_scrape_collector_success gauge
 ktel_scrape_collector_success{collector="syscall"} 0
 `
-	if err := testutil.CollectAndCompare(e, strings.NewReader(want), "ktel_scrape_collector_success"); err != nil {
-		t.Error(err)
-	}
-	// The histograms, built after the registry's collectors, are missing:
-	// that is a gathering error, served with what was gathered.
+	// The histograms are missing: that is a gathering error, served with
+	// what was gathered.
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(e)
-	mfs, done, err := NewGatherer(reg, cs).Gather()
-	done()
+	mfs, err := reg.Gather()
 	if err == nil || !strings.Contains(err.Error(), SyscallLatency+": map gone") {
 		t.Errorf("gathering error %v, want one about %s", err, SyscallLatency)
 	}
 	if len(mfs) == 0 || slices.ContainsFunc(mfs, func(mf *dto.MetricFamily) bool { return mf.GetName() == SyscallLatency }) {
 		t.Errorf("families %v: want the others, not %s", len(mfs), SyscallLatency)
+	}
+	served := prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) { return mfs, nil })
+	if err := testutil.GatherAndCompare(served, strings.NewReader(want), "ktel_scrape_collector_success"); err != nil {
+		t.Error(err)
 	}
 }
 
@@ -233,16 +246,14 @@ func TestExporterSharesReads(t *testing.T) {
 	cs := map[string]Collector{"syscall": NewSyscallCollector(f, names, nil)}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewExporter(cs, discard()))
-	g := NewGatherer(reg, cs)
 	for range 5 {
-		mfs, done, err := g.Gather()
+		mfs, err := reg.Gather()
 		if err != nil {
 			t.Fatal(err)
 		}
 		if !slices.ContainsFunc(mfs, func(mf *dto.MetricFamily) bool { return mf.GetName() == SyscallLatency }) {
 			t.Fatalf("no %s", SyscallLatency)
 		}
-		done()
 	}
 	if n := f.reads.Load(); n != 1 {
 		t.Errorf("%d map reads for 5 rapid scrapes, want 1", n)
@@ -285,86 +296,6 @@ func TestSyscallExemplars(t *testing.T) {
 	}
 }
 
-// registryLatencyFamily is the syscall latency family of s as the registry
-// builds it from one const histogram per syscall: what Families must give.
-func registryLatencyFamily(t *testing.T, l *histogram.Layout, s *sysprobe.Snapshot, ex *Exemplars) *dto.MetricFamily {
-	t.Helper()
-	desc := prometheus.NewDesc(SyscallLatency, "Time from syscall entry to exit, per syscall.", []string{"syscall"}, nil)
-	var ms constCollector
-	for nr, h := range s.Latency {
-		ms = append(ms, newLatencyHistogram(desc, l, h.Slots, h.SumNs, ex.Lookup(SyscallLatency, []string{names(nr)}), names(nr)))
-	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(ms)
-	mfs, err := reg.Gather()
-	if err != nil || len(mfs) != 1 {
-		t.Fatalf("registry: %v %v", mfs, err)
-	}
-	return mfs[0]
-}
-
-// Families refills the messages of a finished scrape for the next one, and
-// gives each scrape in progress its own: a scrape's families do not change
-// until it is done with them, and always equal what client_golang's
-// registry builds from the same snapshot.
-func TestSyscallFamiliesReused(t *testing.T) {
-	f := syntheticSyscalls()
-	ex := NewExemplars()
-	c := NewSyscallCollector(f, names, ex)
-	c.snap = NewCached(f.Snapshot, 0) // a new read for every scrape
-
-	// next changes every count, adds a syscall, and records an exemplar.
-	step := uint32(0)
-	next := func() {
-		step++
-		snap := &sysprobe.Snapshot{Latency: map[uint32]sysprobe.Hist{}}
-		for nr, h := range f.snap.Latency {
-			slots := slices.Clone(h.Slots)
-			for k := range slots {
-				slots[k] = slots[k]*3 + uint64(k)%5
-			}
-			slots[len(slots)-1-int(nr+step)] += 7 // a new bucket: another span
-			snap.Latency[nr] = sysprobe.Hist{Slots: slots, SumNs: h.SumNs + 1e6}
-		}
-		snap.Latency[200+step] = sysprobe.Hist{Slots: make([]uint64, f.layout.Slots())} // no buckets
-		f.snap = snap
-		ex.Observe(SyscallLatency, []string{names(step)}, Exemplar{Value: 0.0001 * float64(step), TraceID: "0af7651916cd43dd8448eb211c80319c",
-			SpanID: "b7ad6b7169203331", Time: time.Unix(1700000000+int64(step), 0)})
-	}
-	gather := func() (*dto.MetricFamily, *dto.MetricFamily, func()) {
-		t.Helper()
-		want := registryLatencyFamily(t, f.layout, f.snap, ex)
-		mfs, done, err := c.Families()
-		if err != nil || len(mfs) != 1 {
-			t.Fatalf("Families: %v %v", mfs, err)
-		}
-		if !proto.Equal(mfs[0], want) {
-			t.Fatalf("step %d: family differs from the registry's:\n%s", step, firstDifference(prototext(mfs[0]), prototext(want)))
-		}
-		return mfs[0], want, done
-	}
-
-	first, firstWant, doneFirst := gather()
-	next()
-	second, _, doneSecond := gather() // while the first scrape is in progress
-	if second == first {
-		t.Fatal("two scrapes in progress share a family")
-	}
-	if !proto.Equal(first, firstWant) {
-		t.Error("a scrape's family changed before it was done with it")
-	}
-	doneFirst()
-	next()
-	third, _, doneThird := gather()
-	if third != first {
-		t.Error("the family of a finished scrape was not reused")
-	}
-	doneSecond()
-	doneThird()
-}
-
-func prototext(m proto.Message) string { return prototextpb.MarshalOptions{Multiline: true}.Format(m) }
-
 // countingSyscalls returns a new snapshot on every read: the k-th has every
 // slot of its 50 syscalls at k.
 type countingSyscalls struct {
@@ -388,7 +319,7 @@ func (c *countingSyscalls) Layout() *histogram.Layout { return c.layout }
 
 // Concurrent scrapes, each of a new snapshot, never see another scrape's
 // values: every histogram of a response has the same count.
-func TestSyscallFamiliesConcurrentScrapes(t *testing.T) {
+func TestSyscallConcurrentScrapes(t *testing.T) {
 	l, err := histogram.NewLayout(3)
 	if err != nil {
 		t.Fatal(err)
@@ -399,7 +330,7 @@ func TestSyscallFamiliesConcurrentScrapes(t *testing.T) {
 	cs := map[string]Collector{"syscall": c}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewExporter(cs, discard()))
-	srv := httptest.NewServer(Handler(NewGatherer(reg, cs), HandlerOpts{}))
+	srv := httptest.NewServer(Handler(prometheus.ToTransactionalGatherer(reg), HandlerOpts{}))
 	defer srv.Close()
 
 	var wg sync.WaitGroup

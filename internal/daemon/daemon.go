@@ -41,9 +41,9 @@ type Daemon struct {
 
 	// mu serialises Reload and Close: a SIGHUP may arrive while ktel stops.
 	mu sync.Mutex
-	// gate gathers reg and the collectors' own families for scrapes; it
-	// keeps them off the maps once Close has begun, and Close off them
-	// until the scrapes reading them are done.
+	// gate gathers reg for scrapes; it keeps them off the maps once Close
+	// has begun, and Close off them until the scrapes reading them are
+	// done.
 	gate *gatherGate
 }
 
@@ -145,7 +145,7 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		d.Close()
 		return nil, fmt.Errorf("register exporter: %w", err)
 	}
-	d.gate = &gatherGate{g: metrics.NewGatherer(reg, collectors)}
+	d.gate = &gatherGate{g: prometheus.ToTransactionalGatherer(reg)}
 	return d, nil
 }
 

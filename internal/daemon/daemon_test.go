@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
@@ -111,7 +112,7 @@ func TestCheckVerdicts(t *testing.T) {
 func TestHandlerPages(t *testing.T) {
 	d := &Daemon{log: slog.New(slog.NewTextHandler(io.Discard, nil)), cfg: testConfig("", false)}
 	d.reg, _ = metrics.NewRegistry(version.Info())
-	d.gate = &gatherGate{g: metrics.NewGatherer(d.reg, nil)}
+	d.gate = &gatherGate{g: prometheus.ToTransactionalGatherer(d.reg)}
 	for path, want := range map[string]int{"/": 200, "/healthz": 200, "/metrics": 200, "/nope": 404} {
 		rec := httptest.NewRecorder()
 		d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
