@@ -249,7 +249,7 @@ func validLB(c *config.Config, enabled bool) []error {
 
 type syscallProbe struct {
 	*sysprobe.Probe
-	*metrics.SyscallCollector // a FamilyCollector
+	*metrics.SyscallCollector
 }
 
 func startSyscall(e env) (loaded, error) {
