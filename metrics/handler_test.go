@@ -30,7 +30,7 @@ func (c constCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // floatHistogram has float counts, which OpenMetrics 1.0 cannot express:
-// expfmt reports an error, and so must the encoder.
+// expfmt reports an error, which the handler counts as an encoding error.
 type floatHistogram struct{}
 
 var floatHistogramDesc = prometheus.NewDesc("ktel_test_float_histogram", "Float counts.", nil, nil)
