@@ -168,9 +168,10 @@ func sampleServices() []Service {
 	return svcs
 }
 
-// The fast path reads JSON as programs write it (indented with spaces or
-// tabs, compact, CRLF), and reads it as the YAML parser does.
-func TestParseJSONFastPath(t *testing.T) {
+// The JSON reader reads JSON as programs write it (indented with spaces or
+// tabs, compact, CRLF), and reads it as the YAML reader does, lines
+// included.
+func TestParseJSON(t *testing.T) {
 	want := sampleServices()
 	indented, err := Marshal(want)
 	if err != nil {
@@ -183,37 +184,81 @@ func TestParseJSONFastPath(t *testing.T) {
 	compact, _ := json.Marshal(v)
 	tabs, _ := json.MarshalIndent(v, "", "\t")
 	crlf := bytes.ReplaceAll(indented, []byte("\n"), []byte("\r\n"))
-	for name, data := range map[string][]byte{"indented": indented, "compact": compact, "tabs": tabs, "crlf": crlf} {
-		fast, ok := parseJSON(data)
-		if !ok {
-			t.Errorf("%s: fast path declined", name)
+	cr := bytes.ReplaceAll(indented, []byte("\n"), []byte("\r"))
+	for name, data := range map[string][]byte{"indented": indented, "compact": compact, "tabs": tabs, "crlf": crlf, "cr": cr} {
+		got, isJSON, err := parseJSON("f", data)
+		if !isJSON || err != nil {
+			t.Errorf("%s: JSON reader: JSON %v, error %v", name, isJSON, err)
 			continue
 		}
 		ref, err := parseYAML("f", data)
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
-		if !reflect.DeepEqual(fast, ref) {
-			t.Errorf("%s: fast path read %+v\nYAML parser read %+v", name, fast, ref)
+		if !reflect.DeepEqual(got, ref) {
+			t.Errorf("%s: JSON reader read %+v\nYAML reader read %+v", name, got, ref)
 		}
-		for i := range fast {
-			fast[i].Line = 0
+		for i := range got {
+			got[i].Line = 0
 		}
-		if !reflect.DeepEqual(fast, want) {
-			t.Errorf("%s: read %+v, want %+v", name, fast, want)
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: read %+v, want %+v", name, got, want)
 		}
 	}
-	// Invalid files are left to the YAML parser, which names the problem.
-	for _, bad := range []string{
-		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 0}]}`,
-		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "extra": 1}]}`,
-		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "backends": [{"address": "fd00::1", "port": 1}]}]}`,
+
+	// Errors name the line and the field, with the YAML reader's messages.
+	const file = `{"services": [
+  {"name": "a", "vip": "1.1.1.1", "port": 0},
+  {"name": "b", "vip": "1.1.1.2", "port": 1, "extra": 1},
+  {"name": "c", "vip": "1.1.1.3", "port": 1,
+   "backends": [{"address": "fd00::1", "port": 1},
+                {"address": "1.1.1.9", "port": 1, "weight": 1.5},
+                {"port": 2}]},
+  {"name": "a", "vip": "1.1.1.1", "port": 1, "Port": 2},
+  {"name": "e", "vip": "1.1.1.5", "port": 1, "port": 2},
+  {"name": "f", "vip": "1.1.1.6", "port": 1, "backends": [
+    {"address": "1.1.1.7", "port": 1},
+    {"address": "1.1.1.7", "port": 1}]},
+  {"name": "g", "vip": "1.1.1.6", "port": 1, "protocol": "sctp"},
+  {"vip": "1.1.1.8", "port": 1e1},
+  {"name": "h", "vip": "1.1.1.8", "port": 2}, 
+  {"name": "h", "vip": "1.1.1.8", "port": 2}
+]}`
+	_, isJSON, err := parseJSON("f", []byte(file))
+	if !isJSON || err == nil {
+		t.Fatalf("JSON %v, error %v", isJSON, err)
+	}
+	_, yerr := parseYAML("f", []byte(file))
+	for _, want := range []string{
+		"f:2: services[0].port: 0 is out of range 1..65535",
+		"f:3: services[1].extra: unknown field; accepted: name, vip, port, protocol, backends",
+		"f:5: services[2].backends[0].address: fd00::1 is not of the VIP's address family",
+		"f:6: services[2].backends[1].weight: want a number 1..100",
+		"f:7: services[2].backends[2].address: missing",
+		"f:8: services[3].Port: unknown field",
+		"f:9: services[4].port: given twice",
+		"f:12: services[5].backends[1]: 1.1.1.7:1 already listed on line 11",
+		"f:13: services[6].protocol: \"sctp\": want tcp or udp",
+		"f:14: services[7].name: missing",
+		"f:14: services[7].port: want a number 1..65535",
+		"f:16: services[9].name: \"h\" already used on line 15",
+		"f:16: services[9]: tcp 1.1.1.8:2 already served by the service on line 15",
 	} {
-		if _, ok := parseJSON([]byte(bad)); ok {
-			t.Errorf("fast path accepted %s", bad)
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
 		}
-		if _, err := Parse("f", []byte(bad)); err == nil || !strings.Contains(err.Error(), "f:1: services[0]") {
-			t.Errorf("%s: error %v, want one naming line and field", bad, err)
+		if !strings.Contains(yerr.Error(), want) {
+			t.Errorf("YAML reader's error lacks %q:\n%v", want, yerr)
 		}
+	}
+
+	// What is not one JSON value is read as YAML.
+	for _, f := range []string{"{services: []}", `{"services": []} {}`, "{\"services\": [] # none\n}", "services: []"} {
+		if _, isJSON, _ := parseJSON("f", []byte(f)); isJSON {
+			t.Errorf("%q read as JSON", f)
+		}
+	}
+	if svcs, err := Parse("f", []byte("{services: []}")); err != nil || len(svcs) != 0 {
+		t.Errorf("YAML flow mapping: %v %v", svcs, err)
 	}
 }
