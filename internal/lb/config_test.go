@@ -186,10 +186,13 @@ func TestParseJSON(t *testing.T) {
 	crlf := bytes.ReplaceAll(indented, []byte("\n"), []byte("\r\n"))
 	cr := bytes.ReplaceAll(indented, []byte("\n"), []byte("\r"))
 	for name, data := range map[string][]byte{"indented": indented, "compact": compact, "tabs": tabs, "crlf": crlf, "cr": cr} {
-		got, isJSON, err := parseJSON("f", data)
+		got, isJSON, err := walkJSON("f", data)
 		if !isJSON || err != nil {
 			t.Errorf("%s: JSON reader: JSON %v, error %v", name, isJSON, err)
 			continue
+		}
+		if fast, ok := decodeServices(data); !ok || !reflect.DeepEqual(fast, got) {
+			t.Errorf("%s: fast path: %v %+v\nJSON reader read %+v", name, ok, fast, got)
 		}
 		ref, err := parseYAML("f", data)
 		if err != nil {
@@ -249,6 +252,26 @@ func TestParseJSON(t *testing.T) {
 		}
 		if !strings.Contains(yerr.Error(), want) {
 			t.Errorf("YAML reader's error lacks %q:\n%v", want, yerr)
+		}
+	}
+
+	// The fast path leaves what it cannot read exactly as the YAML reader
+	// does to the JSON reader.
+	for _, f := range []string{
+		`{"services": [{"Name": "a", "vip": "1.1.1.1", "port": 1}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "port": 1}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "backends": [{"address": "1.1.1.2", "port": 1}], "backends": []}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "back\u0065nds": [], "backends": []}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "backends": [{"addreſs": "1.1.1.2", "port": 1}]}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "protocol": null}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": "1"}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1}], "other": 1}`,
+	} {
+		if svcs, ok := decodeServices([]byte(f)); ok {
+			t.Errorf("fast path read %s as %+v", f, svcs)
+		}
+		if _, err := Parse("f", []byte(f)); err == nil || !strings.Contains(err.Error(), "f:1: ") {
+			t.Errorf("%s: error %v, want one naming line and field", f, err)
 		}
 	}
 

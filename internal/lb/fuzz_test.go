@@ -60,11 +60,13 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
-// FuzzParseJSON: what the JSON reader takes for JSON, the YAML reader
-// reads identically: the same services (lines included), or the same
-// errors (file, line, field and message), which are compared in full
+// FuzzParseJSON: what the JSON reader (walkJSON) takes for JSON, the YAML
+// reader reads identically: the same services (lines included), or the
+// same errors (file, line, field and message), which are compared in full
 // unless there are more than are shown. yaml.v3 rejects some valid JSON
-// (a key and its colon on different lines): those are not compared.
+// (a key and its colon on different lines): those are not compared. What
+// the fast path (decodeServices) accepts, the JSON reader reads
+// identically.
 func FuzzParseJSON(f *testing.F) {
 	for _, svcs := range [][]Service{nil, sampleServices()} {
 		js, err := Marshal(svcs)
@@ -85,11 +87,24 @@ func FuzzParseJSON(f *testing.F) {
 		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1}, {"name": "a", "vip": "1.1.1.1", "port": 1}], "x": {"y": [1]}}`,
 		`{"services": null, "services": 3}`,
 		`{}`,
+		`{"services": [{"NAME": "a", "vip": "1.1.1.1", "port": 1}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "Backends": [], "backends": []}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "backends": [{"address": "1.1.1.2", "port": 1}], "backends": []}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "backends": [{"address": "1.1.1.2", "port": 1, "port": 2}]}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "backends": [{"addreſs": "1.1.1.2", "port": 1}]}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "back\u0065nds": [], "backends": []}]}`,
+		`{"services": [{"name": "a", "vip": "1.1.1.1", "port": 1, "protocol": null, "backends": [null]}]}`,
 	} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		got, isJSON, err := parseJSON("f", data)
+		if len(data) == 0 || data[skipSpace(data, 0)] != '{' {
+			return
+		}
+		got, isJSON, err := walkJSON("f", data)
+		if fast, ok := decodeServices(data); ok && (!isJSON || err != nil || !reflect.DeepEqual(fast, got)) {
+			t.Fatalf("fast path read %+v\nJSON reader: %+v, %v\n%q", fast, got, err, data)
+		}
 		if !isJSON {
 			return
 		}

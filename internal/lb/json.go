@@ -12,27 +12,30 @@ import (
 )
 
 // parseJSON reads a services file that is one JSON object with
-// encoding/json's Decoder, token by token: yaml.v3 builds a node tree first
-// and takes ~40 ms per 1,000 services, which a reload of a large file would
-// feel. Token by token, rather than into structs, because encoding/json
-// matches keys case-insensitively and keeps the last of repeated keys,
-// which the YAML reader rejects.
+// encoding/json. isJSON is false when data does not start with '{' or is
+// not one JSON value that encoding/json accepts; Parse then reads it as
+// YAML, which accepts more (flow mappings without quotes, comments) and
+// names the line of a syntax error.
 //
-// It applies the YAML reader's checks with the same messages, fields and
-// lines (FuzzParseJSON compares the two), reading the document in one pass:
-// problems within a value are reported as they are read, those of a whole
-// service or backend (missing fields, address families, repeats) at its
-// end. isJSON is false when data does not start with '{' or is not one
-// JSON value that encoding/json accepts; Parse then reads it as YAML, which
-// accepts more (flow mappings without quotes, comments) and names the line
-// of a syntax error.
+// A valid file is read by decodeServices, the fast path; anything it
+// declines by jsonParser, which walks the tokens, applies the YAML
+// reader's checks and reports every problem with the YAML reader's
+// messages, fields and lines (FuzzParseJSON compares them).
 func parseJSON(file string, data []byte) (svcs []Service, isJSON bool, err error) {
 	if i := skipSpace(data, 0); i == len(data) || data[i] != '{' {
 		return nil, false, nil
 	}
+	if svcs, ok := decodeServices(data); ok {
+		return svcs, true, nil
+	}
+	return walkJSON(file, data)
+}
+
+// walkJSON reads data with jsonParser.
+func walkJSON(file string, data []byte) (svcs []Service, isJSON bool, err error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber() // the number as written, to check it as the YAML reader does
-	p := &jsonParser{fieldErrs: fieldErrs{file: file}, dec: dec, data: data, line: 1}
+	p := &jsonParser{fieldErrs: fieldErrs{file: file}, dec: dec, data: data, lines: lineCounter{data: data, line: 1}}
 	svcs, err = p.parse()
 	if err != nil {
 		return nil, false, nil // not JSON, or not one value: YAML's to read
@@ -43,15 +46,261 @@ func parseJSON(file string, data []byte) (svcs []Service, isJSON bool, err error
 	return svcs, true, nil
 }
 
-// jsonParser walks the tokens of a services file, counting lines as
-// yaml.v3 does (LF, CRLF and a lone CR each end one) to name them in
-// messages.
+// decodeServices is parseJSON's fast path: it decodes each service into a
+// struct, with one call of the decoder instead of one per token (~25
+// calls per service), which halves the time; jsonParser alone takes ~100 ms
+// of CPU for 10,000 services, and a reload of them must stay within
+// 150 ms (BENCHMARKS-lb.md). ok is false for anything but a valid file in
+// which no key is given twice or written with an escape, and a valid file
+// is read exactly as jsonParser reads it.
+//
+// Decoding into a struct, encoding/json takes a key that differs from a
+// field's name only in case (or by a Unicode folding) for that field, and
+// the last of a repeated key; the YAML reader rejects both. The caseOf
+// fields catch the first: the decoder matches a folded key to the first
+// field declared with that folding. jsonString and jsonNumber count the
+// second; a repeated "backends" is found in the raw bytes of the service.
+func decodeServices(data []byte) ([]Service, bool) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	for _, want := range []json.Token{json.Delim('{'), "services", json.Delim('[')} {
+		if t, err := dec.Token(); err != nil || t != want {
+			return nil, false
+		}
+	}
+	var (
+		svcs  = []Service{}
+		names = map[string]struct{}{}
+		keys  = map[Key]struct{}{}
+		lines = lineCounter{data: data, line: 1}
+	)
+	var js jsonService
+	for dec.More() {
+		start := int(dec.InputOffset())
+		// One jsonService for all, for fewer allocations; the decoder
+		// reuses the elements of a slice without zeroing them.
+		bs := js.Backends[:cap(js.Backends)]
+		clear(bs)
+		js = jsonService{Backends: bs[:0]}
+		if err := dec.Decode(&js); err != nil {
+			return nil, false
+		}
+		// The service starts after the ',' that dec.More skipped.
+		start = skipSpace(data, start)
+		if start < len(data) && data[start] == ',' {
+			start = skipSpace(data, start+1)
+		}
+		raw := data[start:dec.InputOffset()]
+		if bytes.IndexByte(raw, '\\') >= 0 || bytes.Count(raw, []byte(`"backends"`)) > 1 {
+			return nil, false
+		}
+		s, ok := js.service(lines.at(start))
+		if !ok {
+			return nil, false
+		}
+		if _, dup := names[s.Name]; dup {
+			return nil, false
+		}
+		if _, dup := keys[s.Key()]; dup {
+			return nil, false
+		}
+		names[s.Name], keys[s.Key()] = struct{}{}, struct{}{}
+		svcs = append(svcs, s)
+	}
+	for _, want := range []json.Token{json.Delim(']'), json.Delim('}')} {
+		if t, err := dec.Token(); err != nil || t != want {
+			return nil, false
+		}
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, false
+	}
+	return svcs, true
+}
+
+// jsonService is a service as decodeServices decodes it.
+type jsonService struct {
+	NameCase     json.RawMessage `json:"NAME"`
+	VIPCase      json.RawMessage `json:"VIP"`
+	PortCase     json.RawMessage `json:"PORT"`
+	ProtocolCase json.RawMessage `json:"PROTOCOL"`
+	BackendsCase json.RawMessage `json:"BACKENDS"`
+
+	Name     jsonString    `json:"name"`
+	VIP      jsonString    `json:"vip"`
+	Port     jsonNumber    `json:"port"`
+	Protocol jsonString    `json:"protocol"`
+	Backends []jsonBackend `json:"backends"`
+}
+
+type jsonBackend struct {
+	AddressCase json.RawMessage `json:"ADDRESS"`
+	PortCase    json.RawMessage `json:"PORT"`
+	WeightCase  json.RawMessage `json:"WEIGHT"`
+
+	Address jsonString `json:"address"`
+	Port    jsonNumber `json:"port"`
+	Weight  jsonNumber `json:"weight"`
+}
+
+// jsonString is a string value and how many times its key was given; ok
+// is false if the (last) value was not a string.
+type jsonString struct {
+	s     string
+	ok    bool
+	given int
+}
+
+func (v *jsonString) UnmarshalJSON(b []byte) error {
+	v.given++
+	// Without escapes, a string is what is between the quotes;
+	// decodeServices leaves services with escapes to jsonParser.
+	v.ok = b[0] == '"' && bytes.IndexByte(b, '\\') < 0
+	if v.ok {
+		v.s = string(b[1 : len(b)-1])
+	}
+	return nil
+}
+
+// jsonNumber is a value as written, for numbers, and how many times its
+// key was given.
+type jsonNumber struct {
+	s     string
+	given int
+}
+
+func (v *jsonNumber) UnmarshalJSON(b []byte) error {
+	v.given++
+	v.s = string(b)
+	return nil
+}
+
+// uint returns the value if it is an integer in lo..hi, as the YAML
+// reader's check.
+func (v jsonNumber) uint(lo, hi uint64) (uint64, bool) {
+	if !yamlInt(v.s) {
+		return 0, false
+	}
+	u, err := strconv.ParseUint(v.s, 10, 64)
+	return u, err == nil && u >= lo && u <= hi
+}
+
+func (v jsonString) addr() (netip.Addr, bool) {
+	if !v.ok {
+		return netip.Addr{}, false
+	}
+	a, msg := parseAddr(v.s)
+	return a, msg == ""
+}
+
+// service applies the checks of the YAML reader; ok is false if one fails.
+func (js *jsonService) service(line int) (s Service, ok bool) {
+	if js.NameCase != nil || js.VIPCase != nil || js.PortCase != nil || js.ProtocolCase != nil || js.BackendsCase != nil ||
+		js.Name.given != 1 || js.VIP.given != 1 || js.Port.given != 1 || js.Protocol.given > 1 {
+		return Service{}, false
+	}
+	s = Service{Name: js.Name.s, Protocol: TCP, Line: line}
+	if !js.Name.ok || !validName(s.Name) {
+		return Service{}, false
+	}
+	vip, ok := js.VIP.addr()
+	if !ok {
+		return Service{}, false
+	}
+	port, ok := js.Port.uint(1, 65535)
+	if !ok {
+		return Service{}, false
+	}
+	s.VIP = netip.AddrPortFrom(vip, uint16(port))
+	if js.Protocol.given == 1 {
+		if !js.Protocol.ok {
+			return Service{}, false
+		}
+		if s.Protocol, ok = parseProtocol(js.Protocol.s); !ok {
+			return Service{}, false
+		}
+	}
+	if len(js.Backends) > 0 {
+		s.Backends = make([]Backend, 0, len(js.Backends))
+	}
+	for _, jb := range js.Backends {
+		if jb.AddressCase != nil || jb.PortCase != nil || jb.WeightCase != nil ||
+			jb.Address.given != 1 || jb.Port.given != 1 || jb.Weight.given > 1 {
+			return Service{}, false
+		}
+		addr, ok := jb.Address.addr()
+		if !ok || addr.Is4() != vip.Is4() {
+			return Service{}, false
+		}
+		port, ok := jb.Port.uint(1, 65535)
+		if !ok {
+			return Service{}, false
+		}
+		b := Backend{Addr: netip.AddrPortFrom(addr, uint16(port)), Weight: 1}
+		if jb.Weight.given == 1 {
+			w, ok := jb.Weight.uint(1, MaxWeight)
+			if !ok {
+				return Service{}, false
+			}
+			b.Weight = uint32(w)
+		}
+		s.Backends = append(s.Backends, b)
+	}
+	if len(s.Backends) > 1 && !uniqueBackends(s.Backends) {
+		return Service{}, false
+	}
+	return s, true
+}
+
+// uniqueBackends reports whether no address is listed twice.
+func uniqueBackends(bs []Backend) bool {
+	if len(bs) <= 8 {
+		for i := range bs {
+			for j := range i {
+				if bs[i].Addr == bs[j].Addr {
+					return false
+				}
+			}
+		}
+		return true
+	}
+	seen := make(map[netip.AddrPort]struct{}, len(bs))
+	for _, b := range bs {
+		if _, dup := seen[b.Addr]; dup {
+			return false
+		}
+		seen[b.Addr] = struct{}{}
+	}
+	return true
+}
+
+// lineCounter counts lines as yaml.v3 does: LF, CRLF and a lone CR each
+// end one.
+type lineCounter struct {
+	data []byte
+	off  int // counted up to here
+	line int // of off
+}
+
+// at returns the line of offset off, which must not be before the last
+// one asked for.
+func (c *lineCounter) at(off int) int {
+	gap := c.data[c.off:off]
+	c.line += bytes.Count(gap, []byte{'\n'})
+	if bytes.IndexByte(gap, '\r') >= 0 {
+		c.line += bytes.Count(gap, []byte{'\r'}) - bytes.Count(gap, []byte("\r\n"))
+	}
+	c.off = off
+	return c.line
+}
+
+// jsonParser walks the tokens of a services file, counting lines to name
+// them in messages.
 type jsonParser struct {
 	fieldErrs
-	dec  *json.Decoder
-	data []byte
-	off  int // lines are counted up to here
-	line int // of off
+	dec   *json.Decoder
+	data  []byte
+	lines lineCounter
 }
 
 // errSyntax stops the walk: the decoder rejected the input.
@@ -88,13 +337,7 @@ func (p *jsonParser) next() (token, error) {
 		}
 		start++
 	}
-	gap := p.data[p.off:start]
-	p.line += bytes.Count(gap, []byte{'\n'})
-	if bytes.IndexByte(gap, '\r') >= 0 {
-		p.line += bytes.Count(gap, []byte{'\r'}) - bytes.Count(gap, []byte("\r\n"))
-	}
-	p.off = start
-	return token{v, p.line}, nil
+	return token{v, p.lines.at(start)}, nil
 }
 
 // skip reads the rest of a value that started with t.
@@ -231,9 +474,9 @@ func backendPath(svc, i int) string {
 	return servicePath(svc) + ".backends[" + strconv.Itoa(i) + "]"
 }
 
-// jsonBackend is a backend that passed its own checks and the line of its
+// walkedBackend is a backend that passed its own checks and the line of its
 // object, for the checks that need the whole service.
-type jsonBackend struct {
+type walkedBackend struct {
 	Backend
 	line, i int
 }
@@ -250,7 +493,7 @@ func (p *jsonParser) service(i int, t token) (Service, bool, error) {
 		vip      netip.Addr
 		port     uint16
 		set      uint
-		backends []jsonBackend
+		backends []walkedBackend
 		path     = func(f string) string { return servicePath(i) + "." + f }
 	)
 	err := p.object(func() string { return servicePath(i) }, serviceFields, func(f int, v token) error {
@@ -288,7 +531,7 @@ func (p *jsonParser) service(i int, t token) (Service, bool, error) {
 				return p.array(func(j int, t token) error {
 					b, ok, err := p.backend(i, j, t)
 					if ok {
-						backends = append(backends, jsonBackend{b, t.line, j})
+						backends = append(backends, walkedBackend{b, t.line, j})
 					}
 					return err
 				})
@@ -313,9 +556,9 @@ func (p *jsonParser) service(i int, t token) (Service, bool, error) {
 
 // checkBackends applies the checks that need a service's VIP and all its
 // backends, and returns those that pass.
-func (p *jsonParser) checkBackends(svc int, vip netip.Addr, backends []jsonBackend) []Backend {
+func (p *jsonParser) checkBackends(svc int, vip netip.Addr, backends []walkedBackend) []Backend {
 	var (
-		kept []jsonBackend
+		kept []walkedBackend
 		seen map[netip.AddrPort]int // once there are more than a few
 	)
 	for _, b := range backends {
