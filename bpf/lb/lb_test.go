@@ -293,7 +293,9 @@ func TestReload(t *testing.T) {
 		if err := p.Reload(); err != nil {
 			t.Fatalf("reload %d: %v", i, err)
 		}
-		time.Sleep(10 * time.Millisecond)
+		// Connects go through every configuration, not only the last.
+		n := service(snapshot(t, p), "web").Connections
+		waitFor(fmt.Sprintf("traffic after reload %d", i), func(s *Snapshot) bool { return service(s, "web").Connections > n })
 	}
 	waitFor("127.0.0.7 to get traffic", func(s *Snapshot) bool {
 		return backendCount(service(s, "web"), "127.0.0.7:8080") > 0

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -28,6 +29,7 @@ type Manager struct {
 	lastOK   time.Time
 	applyDur time.Duration
 	backends int
+	checks   uint64 // reads of the file by the watcher, changed or not
 
 	watch *watcher
 }
@@ -64,6 +66,7 @@ func (m *Manager) Reload() error {
 func (m *Manager) reloadIfChanged() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.checks++
 	data, err := os.ReadFile(m.file)
 	if err != nil {
 		if m.last != nil {
@@ -161,6 +164,9 @@ type watcher struct {
 	f    *os.File
 	done chan struct{}
 	wg   sync.WaitGroup
+	// ignored counts events about other files: it shows that the
+	// watcher has read an event and decided to do nothing.
+	ignored atomic.Uint64
 }
 
 func newWatcher(file string, onChange func(), log *slog.Logger) (*watcher, error) {
@@ -194,7 +200,9 @@ func newWatcher(file string, onChange func(), log *slog.Logger) (*watcher, error
 				}
 				return
 			}
-			if relevant(buf[:n], base) {
+			hit, ignored := relevant(buf[:n], base)
+			w.ignored.Add(uint64(ignored))
+			if hit {
 				select {
 				case kick <- struct{}{}:
 				default:
@@ -226,18 +234,20 @@ func newWatcher(file string, onChange func(), log *slog.Logger) (*watcher, error
 }
 
 // relevant reports whether events name the file, or Kubernetes' "..data"
-// symlink that a ConfigMap update swaps.
-func relevant(buf []byte, base string) bool {
+// symlink that a ConfigMap update swaps, and how many do not.
+func relevant(buf []byte, base string) (hit bool, ignored int) {
 	for off := 0; off+unix.SizeofInotifyEvent <= len(buf); {
 		ev := (*unix.InotifyEvent)(unsafePointer(buf[off:]))
 		nameBytes := buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+int(ev.Len)]
 		name := string(bytes.TrimRight(nameBytes, "\x00"))
 		off += unix.SizeofInotifyEvent + int(ev.Len)
 		if name == base || name == "..data" || ev.Mask&unix.IN_Q_OVERFLOW != 0 {
-			return true
+			hit = true
+		} else {
+			ignored++
 		}
 	}
-	return false
+	return hit, ignored
 }
 
 func (w *watcher) close() error {

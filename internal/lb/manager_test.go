@@ -66,8 +66,9 @@ func TestManagerWatch(t *testing.T) {
 	}
 
 	// The same content again is not a change; Reload always applies.
+	checked := checks(m)
 	write("services:\n  - {name: a, vip: 10.96.0.1, port: 99999}\n")
-	time.Sleep(3 * debounce)
+	wait("the watcher to read the file", func(ReloadStats) bool { return checks(m) > checked })
 	if r := m.Stats(); r.Error != 1 {
 		t.Errorf("unchanged content reloaded: %+v", r)
 	}
@@ -78,15 +79,26 @@ func TestManagerWatch(t *testing.T) {
 		t.Errorf("stats %+v", r)
 	}
 
-	// Other files in the directory are ignored.
-	os.WriteFile(filepath.Join(dir, "other"), []byte("x"), 0o644)
-	time.Sleep(3 * debounce)
-	if r := m.Stats(); r.Error != 2 {
-		t.Errorf("another file triggered a reload: %+v", r)
+	// Other files in the directory are ignored: the watcher sees both
+	// events of the write (create, close), and does not read the file.
+	ignored, checked := m.watch.ignored.Load(), checks(m)
+	if err := os.WriteFile(filepath.Join(dir, "other"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	wait("the watcher to ignore the other file", func(ReloadStats) bool { return m.watch.ignored.Load() >= ignored+2 })
+	if r := m.Stats(); r.Error != 2 || checks(m) != checked {
+		t.Errorf("another file triggered a reload: %+v, %d reads of the file", r, checks(m)-checked)
 	}
 	if err := m.Close(); err != nil {
 		t.Error(err)
 	}
+}
+
+// checks returns how many times the watcher has read the file.
+func checks(m *Manager) uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.checks
 }
 
 func discardLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
