@@ -98,7 +98,7 @@ func FuzzParseJSON(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		if len(data) == 0 || data[skipSpace(data, 0)] != '{' {
+		if i := skipSpace(data, 0); i == len(data) || data[i] != '{' {
 			return
 		}
 		got, isJSON, err := walkJSON("f", data)
