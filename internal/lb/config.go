@@ -159,7 +159,7 @@ func parseAddr(s string) (netip.Addr, string) {
 //
 // A file that is one JSON object is read with encoding/json (parseJSON),
 // which applies the same checks with the same messages as the YAML reader
-// and is ~10 times faster for large files, the form programs write. Any
+// and is more than ten times faster for large files, the form programs write. Any
 // other file, JSON that encoding/json does not accept included, is read as
 // YAML.
 func Parse(file string, data []byte) ([]Service, error) {
