@@ -157,14 +157,13 @@ func parseAddr(s string) (netip.Addr, string) {
 // Every problem is reported (up to 20), each as a *FieldError naming the
 // file, line and field; errors.Join combines them.
 //
-// A file that is one JSON object is read with encoding/json (parseJSON),
-// which applies the same checks with the same messages as the YAML reader
-// and is more than ten times faster for large files, the form programs write. Any
-// other file, JSON that encoding/json does not accept included, is read as
-// YAML.
+// A valid file that is one JSON object, the form programs write, is read
+// with encoding/json (decodeServices), more than ten times faster for
+// large files; any other file, one with errors included, is read as YAML,
+// for the messages.
 func Parse(file string, data []byte) ([]Service, error) {
-	if svcs, isJSON, err := parseJSON(file, data); isJSON {
-		return svcs, err
+	if svcs, ok := decodeServices(data); ok {
+		return svcs, nil
 	}
 	return parseYAML(file, data)
 }
