@@ -158,9 +158,9 @@ func parseAddr(s string) (netip.Addr, string) {
 // file, line and field; errors.Join combines them.
 //
 // A valid file that is one JSON object, the form programs write, is read
-// with encoding/json (decodeServices), more than ten times faster for
-// large files; any other file, one with errors included, is read as YAML,
-// for the messages.
+// with encoding/json (decodeServices), with about a fifth of the YAML
+// reader's CPU time (BENCHMARKS-lb.md, run 5); any other file, one with errors
+// included, is read as YAML, for the messages.
 func Parse(file string, data []byte) ([]Service, error) {
 	if svcs, ok := decodeServices(data); ok {
 		return svcs, nil
