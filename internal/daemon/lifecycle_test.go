@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -80,10 +81,25 @@ func TestCloseWaitsForScrape(t *testing.T) {
 	<-p.entered
 	closed := make(chan error, 1)
 	go func() { closed <- d.Close() }()
-	select {
-	case <-closed:
-		t.Fatal("Close returned while a scrape was reading the probe")
-	case <-time.After(100 * time.Millisecond):
+	// Wait until Close waits for the scrape: a writer waiting on the
+	// gate's lock makes TryRLock fail.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		select {
+		case <-closed:
+			t.Fatal("Close returned while a scrape was reading the probe")
+		default:
+		}
+		if d.gate.mu.TryRLock() {
+			d.gate.mu.RUnlock()
+		} else {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Close never waited on the gate for the scrape in progress")
+		}
+	}
+	if p.closed.Load() {
+		t.Error("Close closed the probe before the scrape reading it ended")
 	}
 	close(p.gating)
 	if err := <-gathered; err != nil {
@@ -119,7 +135,10 @@ func TestReloadDuringClose(t *testing.T) {
 			}
 		}()
 	}
-	time.Sleep(time.Millisecond)
+	// Close once reloads reach the probe, while the others still run.
+	for deadline := time.Now().Add(5 * time.Second); p.reloads.Load() == 0 && time.Now().Before(deadline); {
+		runtime.Gosched()
+	}
 	if err := d.Close(); err != nil {
 		t.Error(err)
 	}
