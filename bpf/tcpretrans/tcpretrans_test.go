@@ -254,11 +254,21 @@ func testSynAck(t *testing.T, ps probes) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { abort(c) })
-	time.Sleep(synWait)
+	// The peer of a SYN-ACK is the client's address and port. Wait until
+	// the probe counted the first retransmit (RTO 1 s), then check.
+	local := netip.MustParseAddrPort(c.LocalAddr().String())
+	peer := tcpretrans.PeerKey{Key: synRecv, Peer: local}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		s, err := ps.peers.Snapshot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.Peers[peer] > before.peers.Peers[peer] {
+			break
+		}
+	}
 	after := ps.read(t, p.server, true)
 	check(t, before, after, p.clientAddrsAll(), synRecv, 1)
-	// The peer of a SYN-ACK is the client's address and port.
-	local := netip.MustParseAddrPort(c.LocalAddr().String())
 	if n := after.peers.Peers[tcpretrans.PeerKey{Key: synRecv, Peer: local}]; n < 1 {
 		t.Errorf("no SYN-ACK retransmit toward %s: %v", local, toward(before, after, p.clientAddrsAll()))
 	}
