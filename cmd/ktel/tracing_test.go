@@ -220,10 +220,14 @@ func rssKiB(t *testing.T, d *ktelProc) int {
 	}
 	for _, l := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			n, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			if err != nil || n <= 0 {
+				t.Fatalf("VmRSS of ktel: %q (%v)", v, err)
+			}
 			return n
 		}
 	}
+	t.Fatalf("no VmRSS in /proc/%d/status", d.Cmd.Process.Pid)
 	return 0
 }
 
@@ -235,16 +239,20 @@ func TestSpanRateLimit(t *testing.T) {
 	start := time.Now() // outliers of the whole host count from ktel's start
 	d := startDaemon(t, tracingEnv(c, "http/protobuf", "KTEL_PROBES=syscall", "KTEL_SYSCALL_SPAN_THRESHOLD=1ms",
 		"KTEL_SPAN_RATE_LIMIT=20")...)
+	marker, startMarker := markerThread(t)
 	outliers(t, 400) // ~1.2 s, ~400 outliers of this thread alone
 	limited := metricValue(t, d, "ktel_spans_dropped_total", `probe="syscall"`, `reason="rate_limited"`)
-	elapsed := time.Since(start) + 2*time.Second // spans still arriving
-	time.Sleep(2 * time.Second)
-	spans, err := c.Spans()
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Spans travel in order (one ring buffer, one queue, one exporting
+	// goroutine): once a span that began after the storm has arrived,
+	// every span of the storm that ktel sends has.
+	startMarker()
+	spans := c.WaitForSpans(t, 15*time.Second, func(s []otelcoltest.Span) bool {
+		return len(spansOf(s, "syscall clock_nanosleep", marker)) > 0
+	})
+	elapsed := time.Since(start)
 	// The steady rate plus a second's burst per CPU.
 	limit := int(20*elapsed.Seconds()) + 20 + 5
+	t.Logf("%d spans in %v (limit %d), %v rate_limited", len(spans), elapsed.Round(time.Millisecond), limit, limited)
 	if len(spans) > limit {
 		t.Errorf("%d spans in %v, want <= %d at 20/s", len(spans), elapsed, limit)
 	}
@@ -257,6 +265,35 @@ func TestSpanRateLimit(t *testing.T) {
 	if limited < 100 {
 		t.Errorf("%v outliers counted as rate_limited, want the storm's excess", limited)
 	}
+}
+
+// markerThread locks a thread now, so that no other outlier of the test
+// runs on it, and returns its id and a function that starts 3 ms sleeps on
+// it every 20 ms: outliers above a 1 ms threshold, one of which the rate
+// limit lets through within a second. They stop when the test ends.
+func markerThread(t *testing.T) (tid int, start func()) {
+	tids, begin, quit, done := make(chan int), make(chan struct{}), make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		tids <- unix.Gettid()
+		select {
+		case <-begin:
+		case <-quit:
+			return
+		}
+		for {
+			// An interrupted sleep is simply shorter; the next one counts.
+			unix.ClockNanosleep(unix.CLOCK_MONOTONIC, 0, &unix.Timespec{Nsec: 3e6}, nil)
+			select {
+			case <-quit:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
+	t.Cleanup(func() { close(quit); <-done })
+	return <-tids, func() { close(begin) }
 }
 
 // A TCP retransmit in test namespaces becomes a span naming the peer.
