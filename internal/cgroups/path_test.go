@@ -1,6 +1,10 @@
 package cgroups
 
-import "testing"
+import (
+	"errors"
+	"strings"
+	"testing"
+)
 
 func TestParsePath(t *testing.T) {
 	const (
@@ -95,4 +99,25 @@ func FuzzParsePath(f *testing.F) {
 			t.Errorf("ParsePath(%q): no workload", path)
 		}
 	})
+}
+
+func TestV2Mount(t *testing.T) {
+	for _, tc := range []struct{ name, mountinfo, want string }{
+		{"hybrid", `25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+`, "/sys/fs/cgroup/unified"},
+		{"unified", "35 24 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n", "/sys/fs/cgroup"},
+		{"escaped", `35 24 0:30 / /mnt/my\040cgroup rw - cgroup2 cgroup2 rw` + "\n", "/mnt/my cgroup"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := v2Mount(strings.NewReader(tc.mountinfo))
+			if err != nil || got != tc.want {
+				t.Errorf("v2Mount = %q, %v; want %q", got, err, tc.want)
+			}
+		})
+	}
+	if _, err := v2Mount(strings.NewReader("27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")); !errors.Is(err, ErrNoV2) {
+		t.Errorf("v1 only: err = %v, want ErrNoV2", err)
+	}
 }
