@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol kube deploy-tools deploy-check reliability soak vet tools clean
+.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol kube deploy-tools deploy-go-tools deploy-check reliability soak vet tools clean
 
 all: build
 
@@ -47,12 +47,16 @@ test-unit:
 # The whole suite. As root with KTEL_PRIVILEGED_TESTS=1, privileged tests run
 # and may not skip. Packages run one at a time (-p 1): privileged tests load
 # host-wide programs and cause host-wide scheduling, which must not overlap.
-test: tools otelcol kube
+test: tools otelcol kube deploy-go-tools
 	KTEL_PRIVILEGED_TESTS=$${KTEL_PRIVILEGED_TESTS-1} $(GO) test -count=1 -p 1 -timeout 20m ./...
 
 # Pinned helm/kustomize (Go module proxy) and the dashboards' npm packages.
 deploy-tools:
 	./deploy/validate/install-tools.sh
+
+# Only helm and kustomize: test/deploy applies the manifests with them.
+deploy-go-tools:
+	./deploy/validate/install-tools.sh --go-only
 
 # Manifests (kustomize, helm lint/template, strict decoding), alert-rule unit
 # tests, dashboard schema. Dashboard/alert PromQL runs in test/deploy (make test).
