@@ -125,3 +125,33 @@ func TestIndexCgroupV2(t *testing.T) {
 		t.Fatalf("Lookup = %+v, %v; want path %s, unit bar.service", c, ok, want)
 	}
 }
+
+// Cgroups that come and go during walks are skipped, never an error.
+func TestIndexRefreshRacesRemoval(t *testing.T) {
+	root := t.TempDir()
+	x := NewIndex(root, time.Minute)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			d := filepath.Join(root, fmt.Sprintf("kubepods/pod%d/c%d/x", i%7, i%3))
+			os.MkdirAll(d, 0o755)
+			os.RemoveAll(filepath.Join(root, "kubepods", fmt.Sprintf("pod%d", (i+3)%7)))
+		}
+	}()
+	for range 300 {
+		if err := x.Refresh(time.Now()); err != nil {
+			close(stop)
+			<-done
+			t.Fatalf("Refresh while cgroups vanish: %v", err)
+		}
+	}
+	close(stop)
+	<-done
+}
