@@ -208,7 +208,10 @@ metadata:
 		// the base's own namespace, which enforces "privileged".
 		deadline := time.Now().Add(60 * time.Second)
 		for {
-			pods, err := c.Client.CoreV1().Pods("ktel").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node.Name})
+			// No scheduler binds it: the controller pins it to the node
+			// by node affinity.
+			pods, err := c.Client.CoreV1().Pods("ktel").List(ctx, metav1.ListOptions{
+				LabelSelector: metav1.FormatLabelSelector(ds.Spec.Selector)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -216,6 +219,9 @@ metadata:
 				p := pods.Items[0]
 				if ref := metav1.GetControllerOf(&p); ref == nil || ref.Kind != "DaemonSet" || ref.Name != "ktel" {
 					t.Errorf("pod %s not the DaemonSet's: %+v", p.Name, ref)
+				}
+				if a := p.Spec.Affinity; a == nil || a.NodeAffinity == nil || !strings.Contains(a.NodeAffinity.String(), `Values:[`+node.Name+`]`) {
+					t.Errorf("pod %s not pinned to %s: %+v", p.Name, node.Name, a)
 				}
 				break
 			}
