@@ -167,6 +167,9 @@ func TestKubeUnreachable(t *testing.T) {
 		t.Fatal(err)
 	}
 	start(t, r)
+	if err := r.Refresh(); err != nil {
+		t.Fatal(err)
+	}
 	unknown := Labels{Namespace: Unknown, Pod: Unknown, Container: Unknown}
 	// For two seconds the server stays unreachable: unknowns, counted, and
 	// no sync.

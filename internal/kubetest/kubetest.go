@@ -361,17 +361,30 @@ func (c *Cluster) Namespace(tb testing.TB, name string, labels map[string]string
 func (c *Cluster) Node(tb testing.TB, name string) *corev1.Node {
 	tb.Helper()
 	ctx := context.Background()
-	n, err := c.Client.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
-	if err != nil {
+	nodes := c.Client.CoreV1().Nodes()
+	if _, err := nodes.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
 		tb.Fatalf("kubetest: create node %s: %v", name, err)
 	}
-	now := metav1.Now()
-	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady", LastHeartbeatTime: now, LastTransitionTime: now}}
-	n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "127.0.0.1"}}
-	if n, err = c.Client.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
-		tb.Fatalf("kubetest: node %s status: %v", name, err)
+	// The node lifecycle controller taints a new node at once: retry on
+	// conflicts.
+	for range 10 {
+		n, err := nodes.Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			tb.Fatalf("kubetest: get node %s: %v", name, err)
+		}
+		now := metav1.Now()
+		n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady", LastHeartbeatTime: now, LastTransitionTime: now}}
+		n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "127.0.0.1"}}
+		n, err = nodes.UpdateStatus(ctx, n, metav1.UpdateOptions{})
+		if err == nil {
+			return n
+		}
+		if !apierrors.IsConflict(err) {
+			tb.Fatalf("kubetest: node %s status: %v", name, err)
+		}
 	}
-	return n
+	tb.Fatalf("kubetest: node %s status: conflicts on every try", name)
+	return nil
 }
 
 // Pod creates pod (its namespace must exist) and returns it as stored.
