@@ -204,6 +204,31 @@ metadata:
 			}
 		}
 
+		// The DaemonSet in the baseline namespace: its controller's
+		// creates are refused, and it has no pod.
+		bds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: "ktel", Namespace: "ps-baseline"}, Spec: *ds.Spec.DeepCopy()}
+		if _, err := c.Client.AppsV1().DaemonSets("ps-baseline").Create(ctx, bds, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(60 * time.Second); ; testenv.Sleep(t, 200*time.Millisecond) {
+			events, err := c.Client.CoreV1().Events("ps-baseline").List(ctx, metav1.ListOptions{FieldSelector: "reason=FailedCreate"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(events.Items) > 0 {
+				if msg := events.Items[0].Message; !strings.Contains(msg, "violates PodSecurity") {
+					t.Errorf("DaemonSet in baseline namespace: FailedCreate for another reason: %s", msg)
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("DaemonSet in baseline namespace: no FailedCreate event after 60 s")
+			}
+		}
+		if pods, err := c.Client.CoreV1().Pods("ps-baseline").List(ctx, metav1.ListOptions{}); err != nil || len(pods.Items) != 0 {
+			t.Errorf("baseline namespace: %v pods (%v), want none", len(pods.Items), err)
+		}
+
 		// And the DaemonSet controller creates the pod for the node in
 		// the base's own namespace, which enforces "privileged".
 		deadline := time.Now().Add(60 * time.Second)
