@@ -197,3 +197,118 @@ func TestKubeUnreachable(t *testing.T) {
 		}
 	}
 }
+
+// 1,000 pods on a real API server, created and deleted: the cap holds
+// while they run, and their labels go at their TTL after deletion.
+func TestKubeThousandPods(t *testing.T) {
+	testenv.Privileged(t)
+	const (
+		n   = 1000
+		max = 300
+		ttl = time.Minute
+	)
+	c := kubetest.Start(t)
+	c.Node(t, "node-a")
+	c.Namespace(t, "many", nil)
+	root := t.TempDir() // an ordinary tree: ids are inode numbers there too
+	clk := &clock{now: time.Unix(1_000_000, 0)}
+	r, err := New(Options{NodeName: "node-a", Kubeconfig: c.Kubeconfig, Root: root, TTL: ttl, MaxLabelSets: max,
+		RescanInterval: time.Hour, MinRescan: time.Hour, Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start(t, r)
+	eventually(t, 30*time.Second, "informer not synced", r.Synced)
+
+	ids := make([]uint64, n)
+	t0 := time.Now()
+	parallel(t, n, func(i int) error {
+		p := kubePod("many", fmt.Sprintf("pod-%d", i), "node-a", "app")
+		created, err := c.Client.CoreV1().Pods("many").Create(context.Background(), p, metav1.CreateOptions{})
+		if err != nil {
+			return err
+		}
+		created.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: "app", ContainerID: "containerd://" + hexID(i)}}
+		_, err = c.Client.CoreV1().Pods("many").UpdateStatus(context.Background(), created, metav1.UpdateOptions{})
+		if err != nil {
+			return err
+		}
+		path := filepath.Join(root, systemdPodPath(string(created.UID), "besteffort"), "cri-containerd-"+hexID(i)+".scope")
+		if err := os.MkdirAll(path, 0o755); err != nil {
+			return err
+		}
+		ids[i], err = cgroups.ID(path)
+		return err
+	})
+	t.Logf("1,000 pods created with status in %v", time.Since(t0).Round(time.Millisecond))
+	if err := r.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 60*time.Second, "pods' containers not all known", func() bool {
+		_, ctrs := r.pods.len()
+		return ctrs == n
+	})
+	named := 0
+	for i, id := range ids {
+		switch l := r.Resolve(id); l {
+		case Labels{Namespace: "many", Pod: fmt.Sprintf("pod-%d", i), Container: "app"}:
+			named++
+		case Labels{Namespace: Overflow, Pod: Overflow, Container: Overflow}:
+		default:
+			t.Fatalf("pod %d: Resolve = %+v", i, l)
+		}
+	}
+	if st := r.Stats(); named != max || st.LabelSets != max || st.Overflows != n-max {
+		t.Fatalf("named %d, stats %+v; want %d named and label sets, %d overflows", named, st, max, n-max)
+	}
+
+	t0 = time.Now()
+	parallel(t, n, func(i int) error {
+		return c.Client.CoreV1().Pods("many").Delete(context.Background(), fmt.Sprintf("pod-%d", i), metav1.DeleteOptions{GracePeriodSeconds: new(int64)})
+	})
+	eventually(t, 60*time.Second, "deletions not all seen", func() bool { return deleted(r) == n })
+	t.Logf("1,000 pods deleted and seen in %v", time.Since(t0).Round(time.Millisecond))
+
+	clk.Add(ttl - time.Nanosecond)
+	r.Sweep()
+	if got, want := r.Resolve(ids[0]), (Labels{Namespace: "many", Pod: "pod-0", Container: "app"}); got != want {
+		t.Fatalf("deleted pod before its TTL: Resolve = %+v, want %+v", got, want)
+	}
+	clk.Add(time.Nanosecond)
+	r.Sweep()
+	if st := r.Stats(); st.LabelSets != 0 || st.Pods != 0 {
+		t.Fatalf("at the TTL after deletion: %+v; want no label set and no pod", st)
+	}
+	for i, id := range ids {
+		if l := r.Resolve(id); l.Pod != Unknown {
+			t.Fatalf("pod %d resolves to %+v after its TTL", i, l)
+		}
+	}
+}
+
+// parallel runs f(0..n-1) on 8 goroutines and fails t on the first error.
+func parallel(t *testing.T, n int, f func(i int) error) {
+	t.Helper()
+	next := make(chan int)
+	errs := make(chan error, 8)
+	for range 8 {
+		go func() {
+			var first error
+			for i := range next {
+				if err := f(i); err != nil && first == nil {
+					first = fmt.Errorf("%d: %w", i, err)
+				}
+			}
+			errs <- first
+		}()
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -192,6 +192,8 @@ func Start(tb testing.TB) *Cluster {
 	if err != nil {
 		tb.Fatalf("kubetest: %v", err)
 	}
+	// Tests create objects by the thousand: no client-side rate limit.
+	cfg.QPS, cfg.Burst = 1000, 1000
 	c.Config = cfg
 	if c.Client, err = kubernetes.NewForConfig(cfg); err != nil {
 		tb.Fatalf("kubetest: %v", err)
