@@ -98,6 +98,10 @@ func FuzzParsePath(f *testing.F) {
 		if w.PodUID == "" && w.ContainerID == "" && w.Unit == "" {
 			t.Errorf("ParsePath(%q): no workload", path)
 		}
+		// Callers slice container ids and trust pod UIDs' form.
+		if w.ContainerID != "" && !isHexID(w.ContainerID) || w.PodUID != "" && !isUID(w.PodUID) {
+			t.Errorf("ParsePath(%q) = %+v: malformed id", path, w)
+		}
 	})
 }
 
