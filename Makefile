@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol deploy-tools deploy-check reliability soak vet tools clean
+.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol kube deploy-tools deploy-go-tools deploy-check reliability soak vet tools clean
 
 all: build
 
@@ -47,12 +47,16 @@ test-unit:
 # The whole suite. As root with KTEL_PRIVILEGED_TESTS=1, privileged tests run
 # and may not skip. Packages run one at a time (-p 1): privileged tests load
 # host-wide programs and cause host-wide scheduling, which must not overlap.
-test: tools otelcol
+test: tools otelcol kube deploy-go-tools
 	KTEL_PRIVILEGED_TESTS=$${KTEL_PRIVILEGED_TESTS-1} $(GO) test -count=1 -p 1 -timeout 20m ./...
 
 # Pinned helm/kustomize (Go module proxy) and the dashboards' npm packages.
 deploy-tools:
 	./deploy/validate/install-tools.sh
+
+# Only helm and kustomize: test/deploy applies the manifests with them.
+deploy-go-tools:
+	./deploy/validate/install-tools.sh --go-only
 
 # Manifests (kustomize, helm lint/template, strict decoding), alert-rule unit
 # tests, dashboard schema. Dashboard/alert PromQL runs in test/deploy (make test).
@@ -68,11 +72,19 @@ deploy-check: deploy-tools
 otelcol:
 	bash hack/otelcol/build.sh
 
+# Builds the Kubernetes control plane that tests run (internal/kubetest):
+# etcd, kube-apiserver, kube-controller-manager and kubectl at pinned
+# versions, into .cache/kube/bin. A no-op when up to date; FORCE=1 rebuilds.
+# Cold: 10 to 30 minutes on two cores, and about 4 GB of Go build cache.
+kube:
+	bash hack/kube/build.sh
+
 # Short fuzzing of every parser of outside input (ring-buffer records, the
 # services file); CI runs it with FUZZTIME=10s.
 FUZZTIME ?= 30s
 FUZZ_TARGETS = ./bpf/syscall:FuzzDecodeEvent ./bpf/runqlat:FuzzDecodeEvent \
-               ./bpf/tcpretrans:FuzzDecodeEvent ./internal/lb:FuzzParse ./internal/lb:FuzzParseJSON
+               ./bpf/tcpretrans:FuzzDecodeEvent ./internal/lb:FuzzParse ./internal/lb:FuzzParseJSON \
+               ./internal/cgroups:FuzzParsePath
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; fn=$${t##*:}; \
@@ -101,4 +113,4 @@ bench: tools build
 	$(GO) run ./cmd/ktel-bench -daemon $(BINARY) $(BENCHFLAGS)
 
 clean:
-	rm -rf bin .cache/otelcol .cache/bin/builder
+	rm -rf bin .cache/otelcol .cache/bin/builder .cache/kube

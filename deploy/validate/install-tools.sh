@@ -4,6 +4,8 @@
 # registry: helm and kustomize (built from source with the local Go), and
 # dashboards/test's TypeScript and @grafana/schema (npm ci, from
 # package-lock.json). Idempotent and quick when they are present.
+# --go-only: helm and kustomize alone (what test/deploy applies to a real
+# API server with), without npm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -22,6 +24,9 @@ fi
 if [[ $(built kustomize) != "$KUSTOMIZE_VERSION" ]]; then
 	echo "install-tools: kustomize $KUSTOMIZE_VERSION" >&2
 	GOBIN=$bin go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
+fi
+if [[ ${1:-} == --go-only ]]; then
+	exit 0
 fi
 if ! command -v npm >/dev/null; then
 	echo "install-tools: npm not found: apt-get install npm" >&2

@@ -85,6 +85,11 @@ type Config struct {
 	LBMaxBackends     int    `envconfig:"KTEL_LB_MAX_BACKENDS" default:"65536" values:"1..16777216" desc:"Backends over all services (the slot maps hold twice as many, so that any file can replace any other), and per-backend counters."`
 	LBMaxSockets      int    `envconfig:"KTEL_LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map)."`
 
+	// Workload attribution (internal/k8smeta).
+	NodeName             string        `envconfig:"KTEL_NODE_NAME" default:"" values:"a Kubernetes node name, or empty" desc:"This node's name (the downward API's spec.nodeName, as the manifests set it). Workload attribution then watches this node's pods, through the kubeconfig in KUBECONFIG or else the pod's service account, to name the namespace, pod and container of a cgroup. Empty: off Kubernetes; cgroups are named by systemd unit or container id."`
+	WorkloadLabelTTL     time.Duration `envconfig:"KTEL_WORKLOAD_LABEL_TTL" default:"2m" values:"duration >= 1s" desc:"How long a deleted pod, a removed cgroup and an unused label set stay resolvable; a workload's labels go this long after it does."`
+	WorkloadMaxLabelSets int           `envconfig:"KTEL_WORKLOAD_MAX_LABEL_SETS" default:"2000" values:"1..1000000" desc:"Distinct workload label sets (namespace/pod/container, or unit) at once; further workloads are labelled \"other\" and counted."`
+
 	SyscallSpanThreshold time.Duration `envconfig:"KTEL_SYSCALL_SPAN_THRESHOLD" default:"100ms" values:"duration >= 0 (0 disables)" desc:"With tracing on (an OTLP endpoint in OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; see Tracing in README), syscalls at least this slow become spans."`
 	TCPRetransSpans      bool          `envconfig:"KTEL_TCPRETRANS_SPANS" default:"false" values:"true|false" desc:"With tracing on, every TCP retransmit becomes a span (with both ends of the connection), within KTEL_SPAN_RATE_LIMIT."`
 	RunqlatSpanThreshold time.Duration `envconfig:"KTEL_RUNQLAT_SPAN_THRESHOLD" default:"50ms" values:"duration >= 0 (0 disables)" desc:"With tracing on, run-queue waits at least this long become spans."`
@@ -237,6 +242,16 @@ func (c *Config) Validate(probes []Probe) error {
 	}
 
 	enabled := c.EnabledProbes()
+	if c.NodeName != "" && !isDNSSubdomain(c.NodeName) {
+		bad("NODE_NAME", c.NodeName, "not a node name (lower-case letters, digits, '-' and '.', at most 253)")
+	}
+	if c.WorkloadLabelTTL < time.Second {
+		bad("WORKLOAD_LABEL_TTL", c.WorkloadLabelTTL.String(), "below 1s")
+	}
+	if c.WorkloadMaxLabelSets < 1 || c.WorkloadMaxLabelSets > 1_000_000 {
+		bad("WORKLOAD_MAX_LABEL_SETS", strconv.Itoa(c.WorkloadMaxLabelSets), "out of range")
+	}
+
 	if len(enabled) == 0 {
 		bad("PROBES", c.Probes, "no probe named")
 	}
@@ -267,6 +282,24 @@ func (c *Config) Validate(probes []Probe) error {
 		bad("SPAN_QUEUE_SIZE", strconv.Itoa(c.SpanQueueSize), "below 1")
 	}
 	return errors.Join(errs...)
+}
+
+// isDNSSubdomain is Kubernetes' rule for node names (RFC 1123 subdomain).
+func isDNSSubdomain(s string) bool {
+	if len(s) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(s, ".") {
+		if label == "" || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, c := range label {
+			if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // OneOf reports whether v is one of accepted.

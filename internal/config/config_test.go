@@ -56,7 +56,8 @@ func TestDefaults(t *testing.T) {
 		LBAlgorithm: "random", LBMaglevTableSize: 1021, LBMaxServices: 16384, LBMaxBackends: 65536, LBMaxSockets: 65536,
 		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", RunqlatHook: "auto", RunqlatPerCPU: false,
 		SyscallSpanThreshold: 100 * time.Millisecond, RunqlatSpanThreshold: 50 * time.Millisecond,
-		SpanRateLimit: 1000, SpanQueueSize: 4096}
+		SpanRateLimit: 1000, SpanQueueSize: 4096,
+		WorkloadLabelTTL: 2 * time.Minute, WorkloadMaxLabelSets: 2000}
 	if *c != want {
 		t.Errorf("defaults %+v, want %+v", *c, want)
 	}
@@ -125,6 +126,16 @@ func TestValidation(t *testing.T) {
 		{"KTEL_TCPRETRANS_SPANS", "all", false},
 		{"KTEL_TCPRETRANS_PEERS", "true", true},
 		{"KTEL_TCPRETRANS_PEERS", "peers", false},
+		{"KTEL_NODE_NAME", "node-1.example", true},
+		{"KTEL_NODE_NAME", "Node_1", false},
+		{"KTEL_NODE_NAME", "-node", false},
+		{"KTEL_NODE_NAME", "a..b", false},
+		{"KTEL_WORKLOAD_LABEL_TTL", "1s", true},
+		{"KTEL_WORKLOAD_LABEL_TTL", "999ms", false},
+		{"KTEL_WORKLOAD_LABEL_TTL", "long", false},
+		{"KTEL_WORKLOAD_MAX_LABEL_SETS", "1", true},
+		{"KTEL_WORKLOAD_MAX_LABEL_SETS", "0", false},
+		{"KTEL_WORKLOAD_MAX_LABEL_SETS", "1000001", false},
 		{"KTEL_NETDEV_PACKET_SIZES", "true", true},
 		{"KTEL_NETDEV_PACKET_SIZES", "big", false},
 	} {

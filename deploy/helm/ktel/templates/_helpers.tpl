@@ -30,3 +30,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- has "netdev" .Values.probes -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The service account: the chart's, or serviceAccount.name. */}}
+{{- define "ktel.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "ktel.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}

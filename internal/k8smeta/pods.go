@@ -1,0 +1,199 @@
+package k8smeta
+
+import (
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/cache"
+)
+
+// podStore is this node's pods, by container id and by pod UID, fed by an
+// informer. Deleted pods, and containers that a pod's status no longer
+// lists (restarted ones), stay for the TTL.
+type podStore struct {
+	ttl time.Duration
+	now func() time.Time
+
+	mu         sync.RWMutex
+	pods       map[types.UID]*podEntry
+	containers map[string]*containerEntry
+}
+
+type podEntry struct {
+	namespace, name string
+	ids             map[string]struct{} // container ids, current and recent
+	gone            time.Time
+}
+
+type containerEntry struct {
+	pod  *podEntry
+	name string
+	gone time.Time
+}
+
+func newPodStore(ttl time.Duration, now func() time.Time) *podStore {
+	return &podStore{ttl: ttl, now: now, pods: map[types.UID]*podEntry{}, containers: map[string]*containerEntry{}}
+}
+
+// stripPod is the informer's transform: it keeps only what attribution
+// uses, so the cache stays small however large the pods' specs are.
+func stripPod(obj any) (any, error) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	out := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{
+		Name: p.Name, Namespace: p.Namespace, UID: p.UID, ResourceVersion: p.ResourceVersion,
+	}}
+	out.Status.ContainerStatuses = stripStatuses(p.Status.ContainerStatuses)
+	out.Status.InitContainerStatuses = stripStatuses(p.Status.InitContainerStatuses)
+	out.Status.EphemeralContainerStatuses = stripStatuses(p.Status.EphemeralContainerStatuses)
+	return out, nil
+}
+
+func stripStatuses(in []corev1.ContainerStatus) []corev1.ContainerStatus {
+	if len(in) == 0 {
+		return nil
+	}
+	out := make([]corev1.ContainerStatus, len(in))
+	for i, s := range in {
+		out[i] = corev1.ContainerStatus{Name: s.Name, ContainerID: s.ContainerID}
+	}
+	return out
+}
+
+// containerID strips the runtime scheme: containerd://<id> -> <id>.
+func containerID(s string) string {
+	if _, id, ok := strings.Cut(s, "://"); ok {
+		return id
+	}
+	return s
+}
+
+// handler is the informer's event handler.
+func (s *podStore) handler() cache.ResourceEventHandler {
+	return cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { s.upsert(obj) },
+		UpdateFunc: func(_, obj any) { s.upsert(obj) },
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
+			}
+			if p, ok := obj.(*corev1.Pod); ok {
+				s.remove(p.UID)
+			}
+		},
+	}
+}
+
+func (s *podStore) upsert(obj any) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return
+	}
+	now := s.now()
+	current := map[string]string{}
+	for _, list := range [][]corev1.ContainerStatus{p.Status.InitContainerStatuses, p.Status.ContainerStatuses, p.Status.EphemeralContainerStatuses} {
+		for _, st := range list {
+			if id := containerID(st.ContainerID); id != "" {
+				current[id] = st.Name
+			}
+		}
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.pods[p.UID]
+	if !ok {
+		e = &podEntry{ids: map[string]struct{}{}}
+		s.pods[p.UID] = e
+	}
+	e.namespace, e.name, e.gone = p.Namespace, p.Name, time.Time{}
+	for id := range e.ids {
+		if _, ok := current[id]; !ok {
+			if c := s.containers[id]; c != nil && c.gone.IsZero() {
+				c.gone = now
+			}
+		}
+	}
+	for id, name := range current {
+		e.ids[id] = struct{}{}
+		s.containers[id] = &containerEntry{pod: e, name: name}
+	}
+}
+
+func (s *podStore) remove(uid types.UID) {
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.pods[uid]
+	if !ok {
+		return
+	}
+	if e.gone.IsZero() {
+		e.gone = now
+	}
+	for id := range e.ids {
+		if c := s.containers[id]; c != nil && c.gone.IsZero() {
+			c.gone = now
+		}
+	}
+}
+
+// sweep forgets pods and containers gone for the TTL.
+func (s *podStore) sweep(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, c := range s.containers {
+		if !c.gone.IsZero() && now.Sub(c.gone) >= s.ttl {
+			delete(s.containers, id)
+			delete(c.pod.ids, id)
+		}
+	}
+	for uid, e := range s.pods {
+		if !e.gone.IsZero() && now.Sub(e.gone) >= s.ttl {
+			for id := range e.ids {
+				delete(s.containers, id)
+			}
+			delete(s.pods, uid)
+		}
+	}
+}
+
+// container returns the pod and name of a container, and when it went
+// (zero while it runs).
+func (s *podStore) container(id string) (namespace, pod, name string, gone time.Time, ok bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	c, ok := s.containers[id]
+	if !ok {
+		return "", "", "", time.Time{}, false
+	}
+	gone = c.gone
+	if gone.IsZero() || (!c.pod.gone.IsZero() && c.pod.gone.Before(gone)) {
+		gone = c.pod.gone
+	}
+	return c.pod.namespace, c.pod.name, c.name, gone, true
+}
+
+// pod returns a pod by UID, and when it was deleted (zero while it
+// exists).
+func (s *podStore) pod(uid string) (namespace, name string, gone time.Time, ok bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	e, ok := s.pods[types.UID(uid)]
+	if !ok {
+		return "", "", time.Time{}, false
+	}
+	return e.namespace, e.name, e.gone, true
+}
+
+func (s *podStore) len() (pods, containers int) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.pods), len(s.containers)
+}
