@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 )
@@ -51,6 +52,8 @@ type Service struct {
 	Protocol Protocol
 	Backends []Backend
 	Line     int // in the file, for messages
+	// Affinity: ClientIP session affinity timeout, 0 for none (model.go).
+	Affinity time.Duration
 }
 
 // Backend is one destination of a service.
