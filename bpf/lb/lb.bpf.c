@@ -13,8 +13,12 @@
  *   lb_backends  slot -> backend address, port and counter index.
  *   lb_maglev    slot base -> Maglev lookup table of the service whose range
  *                starts there (consistent mode only).
+ *   lb_members   backend counter index -> the backend and the service it
+ *                belongs to now, for session affinity.
  * and by the programs:
  *   lb_reverse   (socket cookie, backend) -> VIP, for getpeername/recvmsg.
+ *   lb_affinity  (client, service id) -> backend counter index and when it
+ *                was last chosen (ClientIP session affinity).
  *   lb_service_stats, lb_backend_stats, lb_drops: per-CPU counters,
  *                added to atomically: cgroup hooks run with migration,
  *                not preemption, disabled, so two connects may interleave
@@ -54,10 +58,11 @@ struct svc_key {
 #define SVC_F_MAGLEV 1 /* pick through lb_maglev, keyed by the range base */
 
 struct svc_val {
-	__u32 id;    /* index into lb_service_stats */
-	__u32 base;  /* first slot in lb_backends */
-	__u32 count; /* slots; 0: no backend, the connect is refused */
+	__u32 id;	/* index into lb_service_stats */
+	__u32 base;	/* first slot in lb_backends */
+	__u32 count;	/* slots; 0: no backend, the connect is refused */
 	__u32 flags;
+	__u32 affinity; /* ClientIP affinity timeout, seconds; 0: none */
 };
 
 struct backend {
@@ -66,6 +71,27 @@ struct backend {
 	__u8 family;
 	__u8 _pad;
 	__u32 counter; /* index into lb_backend_stats */
+};
+
+/* A backend as a member of a service: lb_members[counter]. */
+struct member {
+	struct backend b;
+	__u32 svc; /* service id + 1; 0: the counter is not in use */
+};
+
+/* The client of socket LB is the network namespace of the socket: a pod,
+ * or the host (Cilium's socket-LB affinity keys on it the same way). The
+ * source address is not known at connect time yet. */
+struct aff_key {
+	__u64 netns; /* bpf_get_netns_cookie */
+	__u32 svc;   /* service id */
+	__u32 _pad;
+};
+
+struct aff_val {
+	__u64 last;    /* bpf_ktime_get_ns of the last connect that used it */
+	__u32 counter; /* the backend, by its counter index (see lb_members) */
+	__u32 _pad;
 };
 
 struct rev_key {
@@ -92,6 +118,7 @@ enum drop_reason {
 	DROP_REVERSE_FAILED = 0, /* lb_reverse update failed (not LRU eviction) */
 	DROP_SLOT_MISSING,	 /* a slot outside lb_backends: not rewritten */
 	DROP_MAGLEV_MISSING,	 /* no Maglev table for the range: picked at random */
+	DROP_AFFINITY_FAILED,	 /* lb_affinity update failed (not LRU eviction) */
 	DROP_REASONS,
 };
 
@@ -140,6 +167,23 @@ struct {
 	__type(key, struct rev_key);
 	__type(value, struct rev_val);
 } lb_reverse SEC(".maps");
+
+/* Indexed like lb_backend_stats. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct member);
+} lb_members SEC(".maps");
+
+/* When full, the least recently used client loses its affinity: its next
+ * connect picks afresh. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct aff_key);
+	__type(value, struct aff_val);
+} lb_affinity SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -235,6 +279,46 @@ static __always_inline void remember(__u64 cookie, const struct backend *b, cons
 		count_drop(DROP_REVERSE_FAILED);
 }
 
+/*
+ * affine copies to out the backend the client of ctx was last sent to by
+ * service sv, if that was less than sv->affinity seconds ago and the
+ * backend is still one of the service's, as kube-proxy's ClientIP affinity
+ * does. The caller records the choice with remember_affinity.
+ */
+static __always_inline bool affine(void *ctx, const struct svc_val *sv, struct aff_key *ak,
+				   struct backend *out)
+{
+	struct aff_val *av;
+	struct member *m, mc;
+	__u32 counter;
+
+	ak->netns = bpf_get_netns_cookie(ctx);
+	ak->svc = sv->id;
+	av = bpf_map_lookup_elem(&lb_affinity, ak);
+	if (!av || bpf_ktime_get_ns() - av->last >= (__u64)sv->affinity * 1000000000ULL)
+		return false;
+	counter = av->counter;
+	m = bpf_map_lookup_elem(&lb_members, &counter);
+	if (!m)
+		return false;
+	/* User space writes a member with svc 0 first and then again with
+	 * its service, both times with the same backend, so a copy with a
+	 * matching svc holds a whole backend. */
+	__builtin_memcpy(&mc, m, sizeof(mc));
+	if (mc.svc != sv->id + 1)
+		return false; /* the backend left the service */
+	__builtin_memcpy(out, &mc.b, sizeof(*out));
+	return true;
+}
+
+static __always_inline void remember_affinity(const struct aff_key *ak, __u32 counter)
+{
+	struct aff_val av = { .last = bpf_ktime_get_ns(), .counter = counter };
+
+	if (bpf_map_update_elem(&lb_affinity, ak, &av, BPF_ANY))
+		count_drop(DROP_AFFINITY_FAILED);
+}
+
 enum verdict {
 	PASS,	 /* not a service: leave the address alone */
 	REWRITE, /* *out is the backend */
@@ -246,6 +330,7 @@ static __always_inline enum verdict translate(void *ctx, const struct svc_key *k
 					      struct backend *out)
 {
 	struct svc_val *found = bpf_map_lookup_elem(&lb_services, k), sv;
+	struct aff_key ak = {};
 	struct svc_stats *st;
 	struct backend *b;
 	__u64 cookie, *bc;
@@ -265,15 +350,19 @@ static __always_inline enum verdict translate(void *ctx, const struct svc_key *k
 		return REFUSE;
 	}
 	cookie = bpf_get_socket_cookie(ctx);
-	b = pick(&sv, cookie, sticky);
-	if (!b)
-		return PASS;
-	__builtin_memcpy(out, b, sizeof(*out));
-	id = b->counter;
+	if (!sv.affinity || !affine(ctx, &sv, &ak, out)) {
+		b = pick(&sv, cookie, sticky);
+		if (!b)
+			return PASS;
+		__builtin_memcpy(out, b, sizeof(*out));
+	}
+	id = out->counter;
+	if (sv.affinity)
+		remember_affinity(&ak, id);
 	bc = bpf_map_lookup_elem(&lb_backend_stats, &id);
 	if (bc)
 		__sync_fetch_and_add(bc, 1);
-	remember(cookie, b, k);
+	remember(cookie, out, k);
 	return REWRITE;
 }
 

@@ -44,7 +44,8 @@ type Options struct {
 	// a backend takes weight/gcd(weights) slots, in Maglev mode one.
 	MaxBackends int
 	// MaxSockets bounds lb_reverse, the sockets whose peer is shown as the
-	// VIP; 0 is DefaultMaxSockets.
+	// VIP, and lb_affinity, the (client, service) pairs of session
+	// affinity; 0 is DefaultMaxSockets.
 	MaxSockets int
 	// Algorithm is "random" (default) or "maglev".
 	Algorithm string
@@ -55,6 +56,9 @@ type Options struct {
 	// noSetRetval loads the programs as for a kernel without
 	// bpf_set_retval (tests).
 	noSetRetval bool
+	// noSockDestroy closes UDP sockets through sock_diag, as on a kernel
+	// without bpf_sock_destroy (tests).
+	noSockDestroy bool
 }
 
 func (o *Options) defaults() {
@@ -174,6 +178,8 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 	specs.LbBackends.MaxEntries = uint32(lim.MaxSlots)
 	specs.LbBackendStats.MaxEntries = uint32(opts.MaxBackends)
 	specs.LbReverse.MaxEntries = uint32(opts.MaxSockets)
+	specs.LbMembers.MaxEntries = uint32(opts.MaxBackends)
+	specs.LbAffinity.MaxEntries = uint32(opts.MaxSockets)
 	mg := specs.LbMaglev
 	mg.InnerMap.MaxEntries = uint32(opts.MaglevSize)
 	if lim.Algorithm == ctl.AlgMaglev {
@@ -203,6 +209,8 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 			serviceStats: objs.LbServiceStats,
 			backendStats: objs.LbBackendStats,
 			drops:        objs.LbDrops,
+			members:      objs.LbMembers,
+			affinity:     objs.LbAffinity,
 		},
 	}
 	defer func() {
@@ -213,6 +221,7 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 	for _, h := range hooks {
 		p.progs[h.name] = h.prog(&objs.lbPrograms)
 	}
+	p.maps.udp = newUDPCloser(opts.Cgroup, objs.LbReverse, opts.MaxBackends, opts.noSockDestroy, log)
 
 	state, err := ctl.NewState(p.maps, lim)
 	if err != nil {
@@ -245,6 +254,10 @@ func boolByte(b bool) uint8 {
 // Cgroup is the cgroup the programs are attached to.
 func (p *Probe) Cgroup() string { return p.cgroup }
 
+// UDPCloseMode is how connected UDP sockets of removed backends are closed:
+// "bpf_sock_destroy" (Linux 6.5+) or "sock_diag".
+func (p *Probe) UDPCloseMode() string { return p.maps.udp.mode() }
+
 // RefuseErrno is the errno ("ECONNREFUSED", or "EPERM" before Linux 5.18)
 // of a connect to a service without backends.
 func (p *Probe) RefuseErrno() string { return p.refuse }
@@ -262,7 +275,7 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 	if p.maps == nil {
 		return map[string]*ebpf.Map{}
 	}
-	return map[string]*ebpf.Map{"lb_services": p.maps.services, "lb_reverse": p.maps.reverse}
+	return map[string]*ebpf.Map{"lb_services": p.maps.services, "lb_reverse": p.maps.reverse, "lb_affinity": p.maps.affinity}
 }
 
 // Close stops the watcher, detaches the programs and releases every map.
@@ -282,7 +295,10 @@ func (p *Probe) Close() error {
 	}
 	p.mgr, p.links, p.progs = nil, nil, nil
 	if m := p.maps; m != nil {
-		cs = append(cs, m.services, m.backends, m.maglev, m.reverse, m.serviceStats, m.backendStats, m.drops)
+		cs = append(cs, m.services, m.backends, m.maglev, m.reverse, m.serviceStats, m.backendStats, m.drops, m.members, m.affinity)
+		if m.udp != nil {
+			cs = append(cs, m.udp)
+		}
 		p.maps = nil
 	}
 	return probe.CloseAll(cs...)
@@ -301,7 +317,10 @@ type Snapshot struct {
 	LastReloadSuccess time.Time
 	LastApply         time.Duration
 	// Kernel-side anomalies (see enum drop_reason in lb.bpf.c).
-	ReverseFailed, SlotMissing, MaglevMissing uint64
+	ReverseFailed, SlotMissing, MaglevMissing, AffinityFailed uint64
+	// UDPSocketsClosed counts connected UDP sockets closed because their
+	// backend left the service.
+	UDPSocketsClosed uint64
 }
 
 // ServiceStats are one service's counters.
@@ -326,6 +345,9 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	svcs, nb := p.mgr.Services()
 	rs := p.mgr.Stats()
 	s := &Snapshot{Backends: nb, ReloadSuccess: rs.Success, ReloadError: rs.Error, LastReloadSuccess: rs.LastSuccess, LastApply: rs.LastApply}
+	if p.maps.udp != nil {
+		s.UDPSocketsClosed = p.maps.udp.closed.Load()
+	}
 
 	var maxSvc, maxB uint32
 	for _, sv := range svcs {
@@ -359,7 +381,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	}
 
 	var drops []uint64
-	for reason, dst := range []*uint64{&s.ReverseFailed, &s.SlotMissing, &s.MaglevMissing} {
+	for reason, dst := range []*uint64{&s.ReverseFailed, &s.SlotMissing, &s.MaglevMissing, &s.AffinityFailed} {
 		if err := p.maps.drops.Lookup(uint32(reason), &drops); err != nil {
 			return nil, fmt.Errorf("read lb_drops: %w", err)
 		}
@@ -420,4 +442,8 @@ const (
 	revKeySize   = unsafe.Sizeof(lbRevKey{})
 	revValSize   = unsafe.Sizeof(lbRevVal{})
 	svcStatsSize = unsafe.Sizeof(lbSvcStats{})
+	memberSize   = unsafe.Sizeof(lbMember{})
+	affKeySize   = unsafe.Sizeof(lbAffKey{})
+	affValSize   = unsafe.Sizeof(lbAffVal{})
+	goneKeySize  = unsafe.Sizeof(sockdestroyGoneKey{})
 )

@@ -13,6 +13,20 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type lbAffKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Svc   uint32
+	Pad   uint32
+}
+
+type lbAffVal struct {
+	_       structs.HostLayout
+	Last    uint64
+	Counter uint32
+	Pad     uint32
+}
+
 type lbBackend struct {
 	_       structs.HostLayout
 	Addr    [4]uint32
@@ -20,6 +34,12 @@ type lbBackend struct {
 	Family  uint8
 	Pad     uint8
 	Counter uint32
+}
+
+type lbMember struct {
+	_   structs.HostLayout
+	B   lbBackend
+	Svc uint32
 }
 
 type lbRevKey struct {
@@ -54,21 +74,24 @@ type lbSvcStats struct {
 }
 
 type lbSvcVal struct {
-	_     structs.HostLayout
-	Id    uint32
-	Base  uint32
-	Count uint32
-	Flags uint32
+	_        structs.HostLayout
+	Id       uint32
+	Base     uint32
+	Count    uint32
+	Flags    uint32
+	Affinity uint32
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	lbMapLbAffinity      = "lb_affinity"
 	lbMapLbBackendStats  = "lb_backend_stats"
 	lbMapLbBackends      = "lb_backends"
 	lbMapLbDrops         = "lb_drops"
 	lbMapLbMaglev        = "lb_maglev"
+	lbMapLbMembers       = "lb_members"
 	lbMapLbReverse       = "lb_reverse"
 	lbMapLbServiceStats  = "lb_service_stats"
 	lbMapLbServices      = "lb_services"
@@ -140,10 +163,12 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
+	LbAffinity     *ebpf.MapSpec `ebpf:"lb_affinity"`
 	LbBackendStats *ebpf.MapSpec `ebpf:"lb_backend_stats"`
 	LbBackends     *ebpf.MapSpec `ebpf:"lb_backends"`
 	LbDrops        *ebpf.MapSpec `ebpf:"lb_drops"`
 	LbMaglev       *ebpf.MapSpec `ebpf:"lb_maglev"`
+	LbMembers      *ebpf.MapSpec `ebpf:"lb_members"`
 	LbReverse      *ebpf.MapSpec `ebpf:"lb_reverse"`
 	LbServiceStats *ebpf.MapSpec `ebpf:"lb_service_stats"`
 	LbServices     *ebpf.MapSpec `ebpf:"lb_services"`
@@ -177,10 +202,12 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
+	LbAffinity     *ebpf.Map `ebpf:"lb_affinity"`
 	LbBackendStats *ebpf.Map `ebpf:"lb_backend_stats"`
 	LbBackends     *ebpf.Map `ebpf:"lb_backends"`
 	LbDrops        *ebpf.Map `ebpf:"lb_drops"`
 	LbMaglev       *ebpf.Map `ebpf:"lb_maglev"`
+	LbMembers      *ebpf.Map `ebpf:"lb_members"`
 	LbReverse      *ebpf.Map `ebpf:"lb_reverse"`
 	LbServiceStats *ebpf.Map `ebpf:"lb_service_stats"`
 	LbServices     *ebpf.Map `ebpf:"lb_services"`
@@ -188,10 +215,12 @@ type lbMaps struct {
 
 func (m *lbMaps) Close() error {
 	return _LbClose(
+		m.LbAffinity,
 		m.LbBackendStats,
 		m.LbBackends,
 		m.LbDrops,
 		m.LbMaglev,
+		m.LbMembers,
 		m.LbReverse,
 		m.LbServiceStats,
 		m.LbServices,

@@ -25,6 +25,10 @@ func TestStructSizes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	sd, err := loadSockdestroy()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		what      string
 		got, want uint32
@@ -35,6 +39,12 @@ func TestStructSizes(t *testing.T) {
 		{"rev_key", uint32(revKeySize), spec.Maps["lb_reverse"].KeySize},
 		{"rev_val", uint32(revValSize), spec.Maps["lb_reverse"].ValueSize},
 		{"svc_stats", uint32(svcStatsSize), spec.Maps["lb_service_stats"].ValueSize},
+		{"member", uint32(memberSize), spec.Maps["lb_members"].ValueSize},
+		{"aff_key", uint32(affKeySize), spec.Maps["lb_affinity"].KeySize},
+		{"aff_val", uint32(affValSize), spec.Maps["lb_affinity"].ValueSize},
+		{"gone_key", uint32(goneKeySize), sd.Maps["lb_destroy"].KeySize},
+		{"rev_key (sockdestroy)", uint32(revKeySize), sd.Maps["lb_reverse"].KeySize},
+		{"rev_val (sockdestroy)", uint32(revValSize), sd.Maps["lb_reverse"].ValueSize},
 	} {
 		if c.got != c.want {
 			t.Errorf("struct %s: Go %d bytes, map %d", c.what, c.got, c.want)

@@ -21,6 +21,9 @@ type maps struct {
 	serviceStats *ebpf.Map
 	backendStats *ebpf.Map
 	drops        *ebpf.Map
+	members      *ebpf.Map
+	affinity     *ebpf.Map
+	udp          *udpCloser
 }
 
 var _ ctl.Datapath = (*maps)(nil)
@@ -108,7 +111,7 @@ func (m *maps) WriteServices(entries []ctl.Entry) error {
 	vals := make([]lbSvcVal, len(entries))
 	for i, e := range entries {
 		keys[i] = svcKey(e.Key)
-		vals[i] = lbSvcVal{Id: e.ID, Base: e.Base, Count: e.Count}
+		vals[i] = lbSvcVal{Id: e.ID, Base: e.Base, Count: e.Count, Affinity: e.Affinity}
 		if e.Maglev {
 			vals[i].Flags = 1 // SVC_F_MAGLEV
 		}
@@ -132,6 +135,40 @@ func (m *maps) DeleteServices(keys []ctl.Key) error {
 		return errors.Join(errs...)
 	}
 	return err
+}
+
+func (m *maps) WriteMembers(idx []uint32, ms []ctl.Member) error {
+	vals := make([]lbMember, len(ms))
+	for i, mb := range ms {
+		w, fam := addrWords(mb.Addr.Addr())
+		vals[i] = lbMember{B: lbBackend{Addr: w, Port: netPort(mb.Addr.Port()), Family: fam, Counter: idx[i]}}
+	}
+	// First without a service, then with it: a program that copies a
+	// member while it is written and finds its service copied a backend
+	// written whole (see affine in lb.bpf.c).
+	if err := batchUpdate(m.members, idx, vals); err != nil {
+		return err
+	}
+	for i, mb := range ms {
+		vals[i].Svc = mb.Service + 1
+	}
+	return batchUpdate(m.members, idx, vals)
+}
+
+func (m *maps) ClearMembers(idx []uint32, addrs []netip.AddrPort) error {
+	vals := make([]lbMember, len(idx))
+	for i, a := range addrs {
+		w, fam := addrWords(a.Addr())
+		vals[i] = lbMember{B: lbBackend{Addr: w, Port: netPort(a.Port()), Family: fam, Counter: idx[i]}}
+	}
+	return batchUpdate(m.members, idx, vals)
+}
+
+func (m *maps) DisconnectUDP(removed []ctl.Removed) (int, error) {
+	if m.udp == nil {
+		return 0, nil
+	}
+	return m.udp.disconnect(removed)
 }
 
 // batchUpdate writes keys and values (for per-CPU maps, ncpu values per

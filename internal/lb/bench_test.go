@@ -97,6 +97,11 @@ func (nopDatapath) WriteMaglev(base uint32, table []uint32) error   { return nil
 func (nopDatapath) DeleteMaglev(bases []uint32) error               { return nil }
 func (nopDatapath) WriteServices(entries []Entry) error             { return nil }
 func (nopDatapath) DeleteServices(keys []Key) error                 { return nil }
+func (nopDatapath) WriteMembers(idx []uint32, ms []Member) error    { return nil }
+func (nopDatapath) ClearMembers(idx []uint32, a []netip.AddrPort) error {
+	return nil
+}
+func (nopDatapath) DisconnectUDP(removed []Removed) (int, error) { return 0, nil }
 
 func BenchmarkApply10k(b *testing.B) {
 	cpuTime(b)

@@ -156,6 +156,8 @@ func parseAddr(s string) (netip.Addr, string) {
 //	      - address: 10.0.0.2
 //	        port: 8080
 //	        weight: 1        # 1..100, default 1
+//	    sessionAffinity:     # optional: kube-proxy's ClientIP affinity
+//	      clientIP: {timeoutSeconds: 10800}  # 1..86400, default 10800
 //
 // Every problem is reported (up to 20), each as a *FieldError naming the
 // file, line and field; errors.Join combines them.
@@ -204,7 +206,7 @@ func (e *fieldErrs) err() error {
 // Fields of the services file, in the order of messages.
 var (
 	topFields     = []string{"services"}
-	serviceFields = []string{"name", "vip", "port", "protocol", "backends"}
+	serviceFields = []string{"name", "vip", "port", "protocol", "backends", "sessionAffinity"}
 	backendFields = []string{"address", "port", "weight"}
 )
 
@@ -358,6 +360,9 @@ func (p *parser) service(n *yaml.Node, path string) (Service, bool) {
 			}
 		}
 	}
+	if v, ok := f["sessionAffinity"]; ok {
+		s.Affinity, _ = p.affinity(v, path+".sessionAffinity")
+	}
 	if v, ok := f["backends"]; ok && !(v.Kind == yaml.ScalarNode && v.Tag == "!!null") {
 		if v.Kind != yaml.SequenceNode {
 			p.fail(v, path+".backends", "want a list")
@@ -383,6 +388,39 @@ func (p *parser) service(n *yaml.Node, path string) (Service, bool) {
 		}
 	}
 	return s, len(p.errs) == before
+}
+
+// Session affinity timeouts, as Kubernetes validates and defaults them.
+const (
+	DefaultAffinityTimeout = 10800 * time.Second
+	maxAffinitySeconds     = 86400
+)
+
+// affinity parses {clientIP: {timeoutSeconds: N}}; timeoutSeconds may be
+// left out for the default.
+func (p *parser) affinity(n *yaml.Node, path string) (time.Duration, bool) {
+	f := p.mapping(n, path, "clientIP")
+	if f == nil {
+		return 0, false
+	}
+	c, ok := p.required(n, f, path, "clientIP")
+	if !ok {
+		return 0, false
+	}
+	path += ".clientIP"
+	if c.Kind == yaml.ScalarNode && c.Tag == "!!null" {
+		return DefaultAffinityTimeout, true
+	}
+	cf := p.mapping(c, path, "timeoutSeconds")
+	if cf == nil {
+		return 0, false
+	}
+	v, ok := cf["timeoutSeconds"]
+	if !ok {
+		return DefaultAffinityTimeout, true
+	}
+	sec, ok := p.uint(v, path+".timeoutSeconds", 1, maxAffinitySeconds)
+	return time.Duration(sec) * time.Second, ok
 }
 
 func (p *parser) backend(n *yaml.Node, path string) (Backend, bool) {
@@ -466,18 +504,28 @@ func Marshal(svcs []Service) ([]byte, error) {
 		Port    uint16 `json:"port"`
 		Weight  uint32 `json:"weight,omitempty"`
 	}
+	type clientIP struct {
+		TimeoutSeconds int64 `json:"timeoutSeconds"`
+	}
+	type affinity struct {
+		ClientIP clientIP `json:"clientIP"`
+	}
 	type service struct {
 		Name     string    `json:"name"`
 		VIP      string    `json:"vip"`
 		Port     uint16    `json:"port"`
 		Protocol string    `json:"protocol"`
 		Backends []backend `json:"backends"`
+		Affinity *affinity `json:"sessionAffinity,omitempty"`
 	}
 	out := struct {
 		Services []service `json:"services"`
 	}{Services: make([]service, 0, len(svcs))}
 	for _, s := range svcs {
 		js := service{Name: s.Name, VIP: s.VIP.Addr().String(), Port: s.VIP.Port(), Protocol: s.Protocol.String(), Backends: []backend{}}
+		if s.Affinity > 0 {
+			js.Affinity = &affinity{ClientIP: clientIP{TimeoutSeconds: int64(affinitySeconds(s.Affinity))}}
+		}
 		for _, b := range s.Backends {
 			w := b.Weight
 			if w == 1 {

@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParse(t *testing.T) {
@@ -280,6 +281,51 @@ func TestParseJSON(t *testing.T) {
 		}
 		if _, err := Parse("f", []byte(f)); err != nil {
 			t.Errorf("%s: %v", f, err)
+		}
+	}
+}
+
+func TestParseSessionAffinity(t *testing.T) {
+	svcs, err := Parse("s.yaml", []byte(`
+services:
+  - {name: a, vip: 10.96.0.10, port: 53, protocol: udp, sessionAffinity: {clientIP: {timeoutSeconds: 30}}}
+  - {name: b, vip: 10.96.0.11, port: 80, sessionAffinity: {clientIP: {}}}
+  - {name: c, vip: 10.96.0.12, port: 80, sessionAffinity: {clientIP: }}
+  - {name: d, vip: 10.96.0.13, port: 80}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []time.Duration{30 * time.Second, DefaultAffinityTimeout, DefaultAffinityTimeout, 0}
+	for i, s := range svcs {
+		if s.Affinity != want[i] {
+			t.Errorf("%s: affinity %v, want %v", s.Name, s.Affinity, want[i])
+		}
+	}
+	js, err := Marshal(svcs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := Parse("s.json", js)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, js)
+	}
+	for i, s := range again {
+		if s.Affinity != want[i] {
+			t.Errorf("JSON round trip %s: affinity %v, want %v", s.Name, s.Affinity, want[i])
+		}
+	}
+
+	for _, bad := range []string{
+		`sessionAffinity: {clientIP: {timeoutSeconds: 0}}`,
+		`sessionAffinity: {clientIP: {timeoutSeconds: 86401}}`,
+		`sessionAffinity: {clientIP: {timeout: 5}}`,
+		`sessionAffinity: {}`,
+		`sessionAffinity: ClientIP`,
+	} {
+		_, err := Parse("s.yaml", []byte("services:\n  - {name: a, vip: 10.96.0.10, port: 53, "+bad+"}\n"))
+		if err == nil || !strings.Contains(err.Error(), "services[0].sessionAffinity") {
+			t.Errorf("%s: error %v, want one naming services[0].sessionAffinity", bad, err)
 		}
 	}
 }

@@ -102,7 +102,11 @@ func (m *Manager) apply(data []byte) error {
 	}
 	m.log.Info("services applied", "file", m.file, "services", len(svcs), "backends", m.backends,
 		"written", a.Written, "deleted", a.Deleted, "slots_written", a.Slots,
-		"parse_took", parsed.Sub(start), "apply_took", m.applyDur)
+		"parse_took", parsed.Sub(start), "apply_took", m.applyDur,
+		"udp_backends_removed", a.UDPRemoved, "udp_sockets_closed", a.UDPClosed)
+	if a.UDPCloseErr != nil {
+		m.log.Warn("connected UDP sockets to removed backends not all closed", "err", a.UDPCloseErr)
+	}
 	return nil
 }
 

@@ -18,5 +18,6 @@ func ParseAddr(s string) (netip.Addr, string) { return parseAddr(s) }
 // from one client address should go to the same backend while they come
 // less than Affinity apart. It is carried from Kubernetes Services
 // (sessionAffinity: ClientIP, sessionAffinityConfig.clientIP.timeoutSeconds)
-// but the datapath does not implement it yet: such a service is balanced
-// as if it had none.
+// and from the services file (sessionAffinity.clientIP.timeoutSeconds). The
+// datapath (bpf/lb) takes the client to be the socket's network namespace
+// and rounds the timeout up to whole seconds.

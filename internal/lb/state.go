@@ -49,6 +49,24 @@ type Entry struct {
 	Base   uint32 // first slot
 	Count  uint32 // slots; 0 refuses connections
 	Maglev bool
+	// Affinity is the ClientIP session affinity timeout in seconds; 0 is
+	// none.
+	Affinity uint32
+}
+
+// Member is a backend of a service, by its counter index: what session
+// affinity remembers a client's backend by, and checks is still there.
+type Member struct {
+	Service uint32 // index into lb_service_stats
+	Addr    netip.AddrPort
+}
+
+// Removed is a backend that left a UDP service (or whose service went
+// away): connected UDP sockets the datapath sent to it should be closed,
+// or they would keep sending to it.
+type Removed struct {
+	Key     Key
+	Backend netip.AddrPort
 }
 
 // Datapath is what a configuration is applied to: the BPF maps, or a fake
@@ -66,6 +84,24 @@ type Datapath interface {
 	WriteServices(entries []Entry) error
 	// DeleteServices removes service entries.
 	DeleteServices(keys []Key) error
+	// WriteMembers records that counter idx[i] is backend ms[i].Addr of
+	// service ms[i].Service, before any entry points at it.
+	WriteMembers(idx []uint32, ms []Member) error
+	// ClearMembers records that counter idx[i], backend addrs[i], left its
+	// service.
+	ClearMembers(idx []uint32, addrs []netip.AddrPort) error
+	// DisconnectUDP closes the connected UDP sockets sent to removed
+	// backends, after the entries without them are written, and returns
+	// how many it closed.
+	DisconnectUDP(removed []Removed) (int, error)
+}
+
+// affinitySeconds is d in whole seconds, rounded up; 0 is no affinity.
+func affinitySeconds(d time.Duration) uint32 {
+	if d <= 0 {
+		return 0
+	}
+	return uint32(min((d+time.Second-1)/time.Second, 1<<31))
 }
 
 // ErrFull means a configuration does not fit the maps.
@@ -244,6 +280,11 @@ type Applied struct {
 	Written int // service entries created or replaced
 	Deleted int // service entries removed
 	Slots   int // backend slots written
+	// UDPRemoved are backends that left UDP services, UDPClosed the
+	// connected sockets to them closed, and UDPCloseErr why not all could
+	// be: the configuration is applied regardless.
+	UDPRemoved, UDPClosed int
+	UDPCloseErr           error
 }
 
 // Apply makes svcs the configuration, atomically per service: a connect
@@ -298,6 +339,7 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 	var (
 		next             = make(map[string]*live, len(svcs))
 		resetSvc, resetB []uint32
+		newMembers       []Member
 		slotIdx          []uint32
 		slotVals         []Slot
 		tables           []*live
@@ -330,6 +372,7 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 			gotCounters = append(gotCounters, c)
 			l.counters[i] = c
 			resetB = append(resetB, c)
+			newMembers = append(newMembers, Member{Service: l.id, Addr: b.Addr})
 		}
 		if l.slots, l.table, err = s.layout(svc, l.counters); err != nil {
 			return Applied{}, err
@@ -353,7 +396,8 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 				tables = append(tables, l)
 			}
 		}
-		if old == nil || old.id != l.id || old.base != l.base || old.count != l.count || old.maglev != l.maglev || old.svc.Key() != svc.Key() {
+		if old == nil || old.id != l.id || old.base != l.base || old.count != l.count || old.maglev != l.maglev ||
+			old.svc.Key() != svc.Key() || old.svc.Affinity != svc.Affinity {
 			entries = append(entries, l.entry())
 		}
 		next[svc.Name] = l
@@ -364,6 +408,11 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 	// at them, then deletions.
 	if err := s.dp.ResetCounters(resetSvc, resetB); err != nil {
 		return Applied{}, fmt.Errorf("reset counters: %w", err)
+	}
+	if len(resetB) > 0 {
+		if err := s.dp.WriteMembers(resetB, newMembers); err != nil {
+			return Applied{}, fmt.Errorf("write backend members: %w", err)
+		}
 	}
 	if len(slotIdx) > 0 {
 		if err := s.dp.WriteSlots(slotIdx, slotVals); err != nil {
@@ -418,6 +467,10 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 			orphans = nil
 		}
 	}
+	var (
+		cleared     []uint32
+		clearedAddr []netip.AddrPort
+	)
 	for name, old := range s.live {
 		l := next[name]
 		r := retired{at: now}
@@ -427,6 +480,8 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 		for i, c := range old.counters {
 			if _, ok := l.counter(old.svc.Backends[i].Addr); !ok {
 				r.counters = append(r.counters, c)
+				cleared = append(cleared, c)
+				clearedAddr = append(clearedAddr, old.svc.Backends[i].Addr)
 			}
 		}
 		if old.count > 0 && (l == nil || l.base != old.base || l.count != old.count) {
@@ -444,12 +499,52 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 	}
 	s.retired = append(s.retired, toRetire...)
 	s.orphans = orphans
+	removed := removedUDP(s.live, next)
 	s.live = next
-	a := Applied{Written: len(entries), Deleted: len(del), Slots: len(slotIdx)}
+	a := Applied{Written: len(entries), Deleted: len(del), Slots: len(slotIdx), UDPRemoved: len(removed)}
+	// A counter is reused only after the quarantine, so clearing now is
+	// never late for a new owner.
+	if len(cleared) > 0 {
+		if err := s.dp.ClearMembers(cleared, clearedAddr); err != nil {
+			delErr = errors.Join(delErr, fmt.Errorf("clear backend members (affinity may still choose them): %w", err))
+		}
+	}
+	if len(removed) > 0 {
+		a.UDPClosed, a.UDPCloseErr = s.dp.DisconnectUDP(removed)
+	}
 	if delErr != nil {
 		return a, fmt.Errorf("delete removed services (they keep their old backends): %w", delErr)
 	}
 	return a, nil
+}
+
+// removedUDP lists the backends of UDP services in old that the service
+// at the same address in next lacks (all of them if it has none).
+func removedUDP(old, next map[string]*live) []Removed {
+	byKey := make(map[Key]*live, len(next))
+	for _, l := range next {
+		byKey[l.svc.Key()] = l
+	}
+	var out []Removed
+	for _, o := range old {
+		if o.svc.Protocol != UDP {
+			continue
+		}
+		k := o.svc.Key()
+		n := byKey[k]
+		for _, b := range o.svc.Backends {
+			if _, ok := n.counter(b.Addr); !ok {
+				out = append(out, Removed{Key: k, Backend: b.Addr})
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Key.VIP != out[j].Key.VIP {
+			return out[i].Key.VIP.String() < out[j].Key.VIP.String()
+		}
+		return out[i].Backend.String() < out[j].Backend.String()
+	})
+	return out
 }
 
 // restore puts back the entries of services that entries replaced, and
@@ -504,7 +599,7 @@ func (l *live) counter(addr netip.AddrPort) (uint32, bool) {
 }
 
 func (l *live) entry() Entry {
-	return Entry{Key: l.svc.Key(), ID: l.id, Base: l.base, Count: l.count, Maglev: l.maglev}
+	return Entry{Key: l.svc.Key(), ID: l.id, Base: l.base, Count: l.count, Maglev: l.maglev, Affinity: affinitySeconds(l.svc.Affinity)}
 }
 
 // ServiceStatus is one applied service and the indexes of its counters.

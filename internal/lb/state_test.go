@@ -20,6 +20,8 @@ type fakeDatapath struct {
 	retired  []retiredRange
 	calls    []string
 	failOn   string
+	members  map[uint32]Member
+	removed  [][]Removed
 }
 
 type retiredRange struct {
@@ -28,7 +30,7 @@ type retiredRange struct {
 }
 
 func newFake(t *testing.T, now *time.Time) *fakeDatapath {
-	return &fakeDatapath{t: t, now: now, slots: map[uint32]Slot{}, services: map[Key]Entry{}, maglev: map[uint32][]uint32{}}
+	return &fakeDatapath{t: t, now: now, slots: map[uint32]Slot{}, services: map[Key]Entry{}, maglev: map[uint32][]uint32{}, members: map[uint32]Member{}}
 }
 
 func (f *fakeDatapath) call(name string) error {
@@ -121,6 +123,46 @@ func (f *fakeDatapath) DeleteServices(keys []Key) error {
 	return nil
 }
 
+func (f *fakeDatapath) WriteMembers(idx []uint32, ms []Member) error {
+	if err := f.call("WriteMembers"); err != nil {
+		return err
+	}
+	for i, c := range idx {
+		f.members[c] = ms[i]
+	}
+	return nil
+}
+
+func (f *fakeDatapath) ClearMembers(idx []uint32, addrs []netip.AddrPort) error {
+	if err := f.call("ClearMembers"); err != nil {
+		return err
+	}
+	for i, c := range idx {
+		if m, ok := f.members[c]; !ok || m.Addr != addrs[i] {
+			f.t.Errorf("counter %d cleared as %s, is %+v", c, addrs[i], m)
+		}
+		delete(f.members, c)
+	}
+	return nil
+}
+
+func (f *fakeDatapath) DisconnectUDP(removed []Removed) (int, error) {
+	if err := f.call("DisconnectUDP"); err != nil {
+		return 0, err
+	}
+	for _, r := range removed {
+		if e, ok := f.services[r.Key]; ok {
+			for s := e.Base; s < e.Base+e.Count; s++ {
+				if f.slots[s].Addr == r.Backend {
+					f.t.Errorf("%s disconnected while still a backend of %v", r.Backend, r.Key)
+				}
+			}
+		}
+	}
+	f.removed = append(f.removed, removed)
+	return len(removed), nil
+}
+
 // backendsOf resolves a published service to its backends' addresses.
 func (f *fakeDatapath) backendsOf(vip string) []string {
 	e, ok := f.services[Key{VIP: netip.MustParseAddrPort(vip), Protocol: TCP}]
@@ -206,8 +248,8 @@ func TestApply(t *testing.T) {
 		t.Error("service id changed with its VIP")
 	}
 	// Order of publication within one apply.
-	want := []string{"ResetCounters", "WriteSlots", "WriteServices", "DeleteServices"}
-	got := f.calls[len(f.calls)-4:]
+	want := []string{"ResetCounters", "WriteMembers", "WriteSlots", "WriteServices", "DeleteServices", "ClearMembers"}
+	got := f.calls[len(f.calls)-6:]
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("calls %v, want %v", got, want)
 	}
@@ -394,4 +436,93 @@ func must[T any](v T, ok bool) T {
 		panic("missing")
 	}
 	return v
+}
+
+func udpSvc(name, vip string, bs ...string) Service {
+	s := svc(name, vip, bs...)
+	s.Protocol = UDP
+	return s
+}
+
+// Session affinity reaches the entry in whole seconds, members follow the
+// backends, and the backends that leave UDP services (not TCP ones) are
+// disconnected after the entries without them are written.
+func TestApplyAffinityAndRemovedUDP(t *testing.T) {
+	s, f, now := newTestState(t, Limits{MaxServices: 10, MaxSlots: 40, MaxCounters: 20})
+	dns := udpSvc("dns", "10.96.0.10:53", "10.0.0.1:53", "10.0.0.2:53")
+	dns.Affinity = 1500 * time.Millisecond
+	web := svc("web", "10.96.0.11:80", "10.0.0.1:80", "10.0.0.2:80")
+	gone := udpSvc("gone", "10.96.0.12:53", "10.0.0.5:53")
+	if _, err := s.Apply([]Service{dns, web, gone}); err != nil {
+		t.Fatal(err)
+	}
+	dnsKey := dns.Key()
+	if e := f.services[dnsKey]; e.Affinity != 2 {
+		t.Errorf("dns affinity %d s, want 2 (rounded up)", e.Affinity)
+	}
+	if e := f.services[web.Key()]; e.Affinity != 0 {
+		t.Errorf("web affinity %d, want 0", e.Affinity)
+	}
+	if len(f.members) != 5 {
+		t.Errorf("members %v, want 5", f.members)
+	}
+	for _, b := range dns.Backends {
+		c := must(s.live["dns"].counter(b.Addr))
+		if m := f.members[c]; m != (Member{Service: s.live["dns"].id, Addr: b.Addr}) {
+			t.Errorf("member %d = %+v", c, m)
+		}
+	}
+	if len(f.removed) != 0 {
+		t.Errorf("first apply disconnected %v", f.removed)
+	}
+
+	// Only the timeout changes: the entry is rewritten, nothing else.
+	*now = now.Add(10 * time.Millisecond)
+	dns.Affinity = 10800 * time.Second
+	f.calls = nil
+	a, err := s.Apply([]Service{dns, web, gone})
+	if err != nil || a.Written != 1 || a.Slots != 0 {
+		t.Fatalf("affinity change: %+v %v", a, err)
+	}
+	if e := f.services[dnsKey]; e.Affinity != 10800 {
+		t.Errorf("dns affinity %d", e.Affinity)
+	}
+
+	// 10.0.0.1 leaves dns and web, gone goes: the UDP ones are
+	// disconnected, once, after the writes.
+	*now = now.Add(10 * time.Millisecond)
+	dns = udpSvc("dns", "10.96.0.10:53", "10.0.0.2:53", "10.0.0.3:53")
+	web = svc("web", "10.96.0.11:80", "10.0.0.2:80")
+	f.calls = nil
+	a, err = s.Apply([]Service{dns, web})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.UDPRemoved != 2 || a.UDPClosed != 2 || a.UDPCloseErr != nil {
+		t.Errorf("applied %+v", a)
+	}
+	want := []Removed{
+		{Key: dnsKey, Backend: netip.MustParseAddrPort("10.0.0.1:53")},
+		{Key: gone.Key(), Backend: netip.MustParseAddrPort("10.0.0.5:53")},
+	}
+	if len(f.removed) != 1 || fmt.Sprint(f.removed[0]) != fmt.Sprint(want) {
+		t.Errorf("disconnected %v, want %v", f.removed, want)
+	}
+	if got := fmt.Sprint(f.calls); got != "[ResetCounters WriteMembers WriteSlots WriteServices DeleteServices ClearMembers DisconnectUDP]" {
+		t.Errorf("calls %s", got)
+	}
+	if e := f.services[dnsKey]; e.Affinity != 0 {
+		t.Errorf("dns affinity %d after it was dropped", e.Affinity)
+	}
+	if len(f.members) != 3 { // dns: .2 .3; web: .2
+		t.Errorf("members %v, want 3", f.members)
+	}
+
+	// A failed disconnect does not fail the apply.
+	*now = now.Add(10 * time.Millisecond)
+	f.failOn = "DisconnectUDP"
+	a, err = s.Apply([]Service{web})
+	if err != nil || a.UDPRemoved != 2 || a.UDPCloseErr == nil {
+		t.Errorf("apply with a failing disconnect: %+v %v", a, err)
+	}
 }
