@@ -39,6 +39,7 @@ func TestLBCollector(t *testing.T) {
 		ReloadError:       1,
 		LastReloadSuccess: time.Unix(1700000000, 500_000_000),
 		SlotMissing:       2,
+		UDPSocketsClosed:  5,
 	}}
 	c := &collectorAdapter{NewLBCollector(f)}
 	want := `
@@ -56,8 +57,9 @@ ktel_lb_config_last_reload_success_timestamp_seconds 1.7000000005e+09
 # TYPE ktel_lb_config_reloads_total counter
 ktel_lb_config_reloads_total{result="error"} 1
 ktel_lb_config_reloads_total{result="success"} 3
-# HELP ktel_lb_datapath_errors_total Kernel-side failures: reverse (recording the VIP of a socket, failed), slot (a backend slot missing, not rewritten), maglev (a Maglev table missing, picked at random).
+# HELP ktel_lb_datapath_errors_total Kernel-side failures: reverse (recording the VIP of a socket, failed), slot (a backend slot missing, not rewritten), maglev (a Maglev table missing, picked at random), affinity (recording a client's backend for session affinity, failed).
 # TYPE ktel_lb_datapath_errors_total counter
+ktel_lb_datapath_errors_total{reason="affinity"} 0
 ktel_lb_datapath_errors_total{reason="maglev"} 0
 ktel_lb_datapath_errors_total{reason="reverse"} 0
 ktel_lb_datapath_errors_total{reason="slot"} 2
@@ -72,6 +74,9 @@ ktel_lb_service_connections_total{service="web"} 10
 # HELP ktel_lb_services Services in the applied services file.
 # TYPE ktel_lb_services gauge
 ktel_lb_services 2
+# HELP ktel_lb_udp_sockets_destroyed_total Connected UDP sockets closed (their next send or receive fails with ECONNABORTED) because the backend they were sent to left the service.
+# TYPE ktel_lb_udp_sockets_destroyed_total counter
+ktel_lb_udp_sockets_destroyed_total 5
 `
 	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
 		t.Error(err)

@@ -70,6 +70,7 @@ struct {
 SEC("iter/udp")
 int lb_udp_destroy(struct bpf_iter__udp *ctx)
 {
+	struct udp_sock *udp = ctx->udp_sk;
 	struct sock_common *skc;
 	struct gone_key gk = {};
 	struct rev_key rk = {};
@@ -77,9 +78,9 @@ int lb_udp_destroy(struct bpf_iter__udp *ctx)
 	struct sock *sk;
 	__u64 cookie;
 
-	if (!ctx->udp_sk)
+	if (!udp)
 		return 0;
-	sk = (struct sock *)ctx->udp_sk;
+	sk = (struct sock *)udp;
 	skc = &sk->__sk_common;
 	if (skc->skc_state != TCP_ESTABLISHED)
 		return 0; /* not connected: each sendmsg is balanced anew */

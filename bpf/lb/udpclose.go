@@ -13,8 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"sync/atomic"
+	"syscall"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -62,6 +62,7 @@ func newUDPCloser(cgroup string, reverse *ebpf.Map, maxGone int, noIter bool, lo
 		return c
 	}
 	spec.Maps["lb_destroy"].MaxEntries = uint32(maxGone)
+	spec.Maps["lb_reverse"].MaxEntries = reverse.MaxEntries() // replaced by it
 	var objs sockdestroyObjects
 	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{"lb_reverse": reverse}}
 	if err := spec.LoadAndAssign(&objs, opts); err != nil {
@@ -175,11 +176,23 @@ func (c *udpCloser) runIter() (int, error) {
 	return int(n / 8), nil
 }
 
+// ownNetns stands for ktel's own network namespace in cgroupNetns's
+// answer: it needs no setns (nor the capabilities setns and reading other
+// processes' namespaces need).
+const ownNetns = ""
+
 // cgroupNetns returns a /proc/PID/ns/net path for each network namespace
-// the processes of cgroup (and of its descendants) are in.
+// the processes of cgroup (and of its descendants) are in, and ownNetns
+// for ktel's own, always first. A namespace ktel may not read (without
+// CAP_SYS_PTRACE, that of a process with more capabilities) is skipped.
 func cgroupNetns(cgroup string) ([]string, error) {
 	seen := map[uint64]bool{}
-	var out []string
+	out := []string{ownNetns}
+	var self unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &self); err != nil {
+		return nil, fmt.Errorf("own network namespace: %w", err)
+	}
+	seen[self.Ino] = true
 	err := filepath.WalkDir(cgroup, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) { // removed meanwhile
@@ -221,6 +234,9 @@ func inNetns(path string, f func() (int, error)) (int, error) {
 	type result struct {
 		n   int
 		err error
+	}
+	if path == ownNetns {
+		return f()
 	}
 	ch := make(chan result, 1)
 	go func() {
