@@ -83,7 +83,7 @@ type Config struct {
 	LBMaglevTableSize int    `envconfig:"KTEL_LB_MAGLEV_TABLE_SIZE" default:"1021" values:"251|509|1021|2039|4093|8191|16381|32749|65521" desc:"Entries per Maglev table (at least 100 per backend is good); 4 bytes each, per service."`
 	LBMaxServices     int    `envconfig:"KTEL_LB_MAX_SERVICES" default:"16384" values:"1..16777216" desc:"Services a file may hold; a file with more is rejected. The services map holds twice as many, so that any file can replace any other."`
 	LBMaxBackends     int    `envconfig:"KTEL_LB_MAX_BACKENDS" default:"65536" values:"1..16777216" desc:"Backends over all services (the slot maps hold twice as many, so that any file can replace any other), and per-backend counters."`
-	LBMaxSockets      int    `envconfig:"KTEL_LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map)."`
+	LBMaxSockets      int    `envconfig:"KTEL_LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map); also the (client, service) pairs remembered for session affinity (another LRU map)."`
 
 	// Workload attribution (internal/k8smeta).
 	NodeName             string        `envconfig:"KTEL_NODE_NAME" default:"" values:"a Kubernetes node name, or empty" desc:"This node's name (the downward API's spec.nodeName, as the manifests set it). Workload attribution then watches this node's pods, through the kubeconfig in KUBECONFIG or else the pod's service account, to name the namespace, pod and container of a cgroup. Empty: off Kubernetes; cgroups are named by systemd unit or container id."`

@@ -344,7 +344,7 @@ func startLB(e env) (loaded, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.log.Info("probe attached", "cgroup", p.Cgroup(), "no_backend_errno", p.RefuseErrno())
+	e.log.Info("probe attached", "cgroup", p.Cgroup(), "no_backend_errno", p.RefuseErrno(), "udp_close", p.UDPCloseMode())
 	return lbProbe{p, metrics.NewLBCollector(p)}, nil
 }
 
