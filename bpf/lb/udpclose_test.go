@@ -28,12 +28,25 @@ const udpCloseServices = `services:
     protocol: udp
     backends:
       - {address: 127.0.0.7, port: 5353}
-`
+  - name: dns6
+    vip: fd00::53
+    port: 53
+    protocol: udp
+    backends:
+%s`
 
 func dnsBackends(bs ...string) string {
 	var b strings.Builder
 	for _, a := range bs {
 		fmt.Fprintf(&b, "      - {address: %s, port: 5353}\n", a)
+	}
+	return b.String()
+}
+
+func dns6Backends(ports ...uint16) string {
+	var b strings.Builder
+	for _, p := range ports {
+		fmt.Fprintf(&b, "      - {address: \"::1\", port: %d}\n", p)
 	}
 	return b.String()
 }
@@ -59,11 +72,11 @@ func TestUDPClose(t *testing.T) {
 	}{{"bpf_sock_destroy", false}, {"sock_diag", true}} {
 		t.Run(c.mode, func(t *testing.T) {
 			sb := newSandbox(t)
-			for _, a := range []string{"127.0.0.5:5353", "127.0.0.6:5353", "127.0.0.7:5353"} {
+			for _, a := range []string{"127.0.0.5:5353", "127.0.0.6:5353", "127.0.0.7:5353", "[::1]:5354", "[::1]:5355"} {
 				sb.serveUDP(t, a)
 			}
 			file := filepath.Join(t.TempDir(), "services.yaml")
-			writeFile(t, file, fmt.Sprintf(udpCloseServices, dnsBackends("127.0.0.5", "127.0.0.6")))
+			writeFile(t, file, fmt.Sprintf(udpCloseServices, dnsBackends("127.0.0.5", "127.0.0.6"), dns6Backends(5354, 5355)))
 			p := load(t, Options{Cgroup: sb.Cgroup, ServicesFile: file, noSockDestroy: c.noIter})
 			if got := p.UDPCloseMode(); got != c.mode {
 				t.Fatalf("mode %s, want %s", got, c.mode)
@@ -103,30 +116,35 @@ func TestUDPClose(t *testing.T) {
 			if gone == stay {
 				stay = "127.0.0.6:5353"
 			}
-			want := []string{"", "127.0.0.7:5353", "127.0.0.5:5353", "127.0.0.6:5353"}
-			want[0] = gone
-			if fmt.Sprint(r.Before) != fmt.Sprint(want) {
+			gone6, stay6 := r.Before[4], uint16(5355)
+			if gone6 == "[::1]:5355" {
+				stay6 = 5354
+			}
+			want := []string{gone, "127.0.0.7:5353", "127.0.0.5:5353", "127.0.0.6:5353", gone6}
+			if !strings.HasPrefix(gone6, "[::1]:535") || fmt.Sprint(r.Before) != fmt.Sprint(want) {
 				t.Fatalf("first exchange %v, want %v", r.Before, want)
 			}
 			before := snapshot(t, p).UDPSocketsClosed
 
-			writeFile(t, file, fmt.Sprintf(udpCloseServices, dnsBackends(strings.TrimSuffix(stay, ":5353"))))
+			writeFile(t, file, fmt.Sprintf(udpCloseServices, dnsBackends(strings.TrimSuffix(stay, ":5353")), dns6Backends(stay6)))
 			if err := p.Reload(); err != nil {
 				t.Fatal(err)
 			}
-			if got := snapshot(t, p).UDPSocketsClosed - before; got != 1 {
-				t.Errorf("%d sockets closed, want 1", got)
+			if got := snapshot(t, p).UDPSocketsClosed - before; got != 2 {
+				t.Errorf("%d sockets closed, want 2", got)
 			}
 			fmt.Fprintln(stdin, "next")
 			r = read()
 			t.Logf("after removing %s: %+v", gone, r)
-			if r.Pending[0] != "ECONNABORTED" {
-				t.Errorf("VIP socket: pending error %q, want ECONNABORTED", r.Pending[0])
+			for _, i := range []int{0, 4} {
+				if r.Pending[i] != "ECONNABORTED" {
+					t.Errorf("VIP socket %d: pending error %q, want ECONNABORTED", i, r.Pending[i])
+				}
+				if strings.HasPrefix(r.After[i], "ok") {
+					t.Errorf("VIP socket %d still exchanges after its backend left: %s", i, r.After[i])
+				}
 			}
-			if strings.HasPrefix(r.After[0], "ok") {
-				t.Errorf("VIP socket still exchanges after its backend left: %s", r.After[0])
-			}
-			for i := 1; i < len(want); i++ {
+			for i := 1; i < 4; i++ {
 				if r.Pending[i] != "EAGAIN" || r.After[i] != "ok:"+want[i] {
 					t.Errorf("socket %d (to %s): pending %s, exchange %s; want it untouched", i, want[i], r.Pending[i], r.After[i])
 				}
@@ -137,7 +155,7 @@ func TestUDPClose(t *testing.T) {
 
 			// A reload that removes nothing closes nothing.
 			n := snapshot(t, p).UDPSocketsClosed
-			writeFile(t, file, fmt.Sprintf(udpCloseServices, dnsBackends(strings.TrimSuffix(stay, ":5353"), "127.0.0.8")))
+			writeFile(t, file, fmt.Sprintf(udpCloseServices, dnsBackends(strings.TrimSuffix(stay, ":5353"), "127.0.0.8"), dns6Backends(stay6, 5356)))
 			if err := p.Reload(); err != nil {
 				t.Fatal(err)
 			}
@@ -149,8 +167,8 @@ func TestUDPClose(t *testing.T) {
 }
 
 // TestHelperUDPConn holds connected UDP sockets across a reload: one to
-// the VIP of dns, one to the VIP of keep, and one to each dns backend
-// directly. It does nothing in a normal test run.
+// the VIP of dns, one to the VIP of keep, one to each dns backend
+// directly, and one to the VIP of dns6. It does nothing in a normal test run.
 func TestHelperUDPConn(t *testing.T) {
 	if os.Getenv("LBTEST_UDPCONN") == "" {
 		return
@@ -164,7 +182,7 @@ func TestHelperUDPConn(t *testing.T) {
 	}
 	// Bounded: the test answers within seconds.
 	time.AfterFunc(30*time.Second, func() { os.Exit(4) })
-	dials := []string{"10.96.0.53:53", "10.96.0.54:53", "127.0.0.5:5353", "127.0.0.6:5353"}
+	dials := []string{"10.96.0.53:53", "10.96.0.54:53", "127.0.0.5:5353", "127.0.0.6:5353", "[fd00::53]:53"}
 	var fds []int
 	var r udpConnReport
 	for _, d := range dials {
