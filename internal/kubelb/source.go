@@ -1,0 +1,381 @@
+package kubelb
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/ktel-dev/ktel/internal/lb"
+)
+
+// Label selectors of the informers, as kube-proxy's: a Service labelled
+// with service-proxy-name belongs to another proxy, and the slices of
+// headless Services carry the headless label. An object that gains such a
+// label is seen as deleted.
+const (
+	serviceSelector = "!service.kubernetes.io/service-proxy-name"
+	sliceSelector   = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+)
+
+// Defaults of Options.
+const (
+	// DefaultMinSyncPeriod is kube-proxy's default --min-sync-period: a
+	// burst of changes within it is applied in one sync.
+	DefaultMinSyncPeriod = time.Second
+	// DefaultRetryPeriod is how long after a failed apply (maps full, say)
+	// the same state is tried again if nothing changed meanwhile.
+	DefaultRetryPeriod = 10 * time.Second
+)
+
+// Metrics receives what a sync measured (metrics.LBKube in the daemon).
+// Its methods are called from the sync goroutine only.
+type Metrics interface {
+	// ObserveSync is the duration of a successful sync: listing the
+	// caches, translating and writing the maps.
+	ObserveSync(time.Duration)
+	// ObserveNetworkProgramming is, for each EndpointSlice change a
+	// successful sync applied, the time from the change's trigger (the
+	// last-change-trigger-time annotation) to the end of the map writes.
+	ObserveNetworkProgramming(time.Duration)
+	// Synced reports a successful sync at time at, the services with
+	// internalTrafficPolicy Local and no local endpoint, and what was
+	// skipped, by reason.
+	Synced(at time.Time, noLocalEndpoints int, skipped map[string]int)
+}
+
+// Options configure New.
+type Options struct {
+	Client kubernetes.Interface
+	// Node is this node's name: endpoints whose nodeName it is are local.
+	Node string
+	// MinSyncPeriod is the least time between two syncs; 0 is
+	// DefaultMinSyncPeriod.
+	MinSyncPeriod time.Duration
+	// RetryPeriod is how long after a failed apply it is tried again; 0 is
+	// DefaultRetryPeriod.
+	RetryPeriod time.Duration
+	Metrics     Metrics // may be nil
+	Log         *slog.Logger
+}
+
+// Source keeps the load balancer's services in step with the API server.
+// The datapath keeps serving the last applied state while the API server
+// is away; the informers then list again, and the next sync applies the
+// difference.
+type Source struct {
+	opts    Options
+	factory multiFactory // one per label selector
+
+	services   corelisters.ServiceLister
+	slices     discoverylisters.EndpointSliceLister
+	hasSynced  []cache.InformerSynced
+	kick       chan struct{} // a change is waiting for a sync
+	synced     chan struct{} // closed after the first successful apply
+	started    time.Time
+	stop       chan struct{}
+	wg         sync.WaitGroup
+	startOnce  sync.Once
+	closeOnce  sync.Once
+	syncedOnce sync.Once
+	triggerMu  sync.Mutex
+	triggers   []time.Time // last-change-trigger-times not yet applied
+}
+
+// New returns a Source over opts.Client. Nothing is watched before Start.
+func New(opts Options) (*Source, error) {
+	if opts.Client == nil {
+		return nil, errors.New("no Kubernetes client")
+	}
+	if opts.MinSyncPeriod <= 0 {
+		opts.MinSyncPeriod = DefaultMinSyncPeriod
+	}
+	if opts.RetryPeriod <= 0 {
+		opts.RetryPeriod = DefaultRetryPeriod
+	}
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	s := &Source{
+		opts:    opts,
+		kick:    make(chan struct{}, 1),
+		synced:  make(chan struct{}),
+		stop:    make(chan struct{}),
+		started: time.Now(),
+	}
+	// A factory's list options are the same for every informer it makes,
+	// and the two selectors differ: one factory each.
+	svcFactory := informers.NewSharedInformerFactoryWithOptions(opts.Client, 0,
+		informers.WithTransform(strip),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = serviceSelector }))
+	sliceFactory := informers.NewSharedInformerFactoryWithOptions(opts.Client, 0,
+		informers.WithTransform(strip),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sliceSelector }))
+	svcInf := svcFactory.Core().V1().Services()
+	sliceInf := sliceFactory.Discovery().V1().EndpointSlices()
+	s.services, s.slices = svcInf.Lister(), sliceInf.Lister()
+	h1, err := svcInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { s.changed() },
+		UpdateFunc: func(any, any) { s.changed() },
+		DeleteFunc: func(any) { s.changed() },
+	})
+	if err != nil {
+		return nil, fmt.Errorf("service informer: %w", err)
+	}
+	h2, err := sliceInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(o any) { s.sliceChanged(o) },
+		UpdateFunc: func(_, o any) { s.sliceChanged(o) },
+		// A deleted slice's trigger time dates its last update, not the
+		// deletion: like kube-proxy, no latency is measured for it.
+		DeleteFunc: func(any) { s.changed() },
+	})
+	if err != nil {
+		return nil, fmt.Errorf("endpointslice informer: %w", err)
+	}
+	// Synced once the caches hold the first list and the handlers have
+	// seen it.
+	s.hasSynced = []cache.InformerSynced{svcInf.Informer().HasSynced, sliceInf.Informer().HasSynced, h1.HasSynced, h2.HasSynced}
+	s.factory = multiFactory{svcFactory, sliceFactory}
+	return s, nil
+}
+
+// multiFactory starts and stops several factories.
+type multiFactory []informers.SharedInformerFactory
+
+func (m multiFactory) Start(stop <-chan struct{}) {
+	for _, f := range m {
+		f.Start(stop)
+	}
+}
+
+func (m multiFactory) Shutdown() {
+	for _, f := range m {
+		f.Shutdown()
+	}
+}
+
+// RESTConfig is the client configuration from a kubeconfig file, or, when
+// kubeconfig is empty, the Pod's service account (in-cluster).
+func RESTConfig(kubeconfig string) (*rest.Config, error) {
+	var (
+		c   *rest.Config
+		err error
+	)
+	if kubeconfig != "" {
+		c, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	} else {
+		c, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client configuration: %w", err)
+	}
+	c.UserAgent = "ktel"
+	// Protobuf costs the API server and ktel less than JSON for lists of
+	// thousands of slices.
+	c.ContentType = "application/vnd.kubernetes.protobuf"
+	c.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
+	return c, nil
+}
+
+// Start starts the informers and the sync loop, which calls apply with
+// every set of services, from one goroutine, never before both informers
+// have synced. apply must leave the previous services in place when it
+// fails. Start returns at once.
+func (s *Source) Start(apply func([]lb.Service) error) error {
+	started := false
+	s.startOnce.Do(func() {
+		started = true
+		s.factory.Start(s.stop)
+		s.wg.Go(func() { s.run(apply) })
+	})
+	if !started {
+		return errors.New("already started")
+	}
+	return nil
+}
+
+// Synced is closed once the first sync has been applied.
+func (s *Source) Synced() <-chan struct{} { return s.synced }
+
+// Close stops the sync loop and the informers. What was applied stays.
+func (s *Source) Close() error {
+	s.closeOnce.Do(func() {
+		close(s.stop)
+		s.wg.Wait()
+		s.factory.Shutdown()
+	})
+	return nil
+}
+
+// changed asks for a sync. Many changes before the sync starts make one.
+func (s *Source) changed() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// sliceChanged records the slice's trigger time, for the network
+// programming latency, and asks for a sync. As kube-proxy does, times
+// from before the source started are ignored: they belong to changes
+// some other proxy programmed.
+func (s *Source) sliceChanged(o any) {
+	if es, ok := o.(*discovery.EndpointSlice); ok {
+		if v, ok := es.Annotations[corev1.EndpointsLastChangeTriggerTime]; ok {
+			if t, err := time.Parse(time.RFC3339Nano, v); err == nil && t.After(s.started) {
+				s.triggerMu.Lock()
+				s.triggers = append(s.triggers, t)
+				s.triggerMu.Unlock()
+			}
+		}
+	}
+	s.changed()
+}
+
+// run is the sync loop: it waits for both informers, then syncs at most
+// once per MinSyncPeriod while changes come, in the manner of
+// kube-proxy's bounded-frequency runner, and again RetryPeriod after a
+// failure.
+func (s *Source) run(apply func([]lb.Service) error) {
+	if !cache.WaitForCacheSync(s.stop, s.hasSynced...) {
+		return
+	}
+	s.opts.Log.Info("kubernetes caches synced")
+	s.changed()
+	var (
+		last  time.Time
+		retry <-chan time.Time
+	)
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-s.kick:
+		case <-retry:
+		}
+		if wait := time.Until(last.Add(s.opts.MinSyncPeriod)); wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-s.stop:
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+		// Changes that came while waiting are in the caches now; one
+		// that comes from here on asks for a sync of its own.
+		select {
+		case <-s.kick:
+		default:
+		}
+		last = time.Now()
+		if err := s.sync(apply); err != nil {
+			s.opts.Log.Error("services from the API server not applied; the previous ones keep serving",
+				"retry_in", s.opts.RetryPeriod, "err", err)
+			retry = time.After(s.opts.RetryPeriod)
+			continue
+		}
+		retry = nil
+	}
+}
+
+// sync applies the caches' current content.
+func (s *Source) sync(apply func([]lb.Service) error) error {
+	start := time.Now()
+	s.triggerMu.Lock()
+	triggers := s.triggers
+	s.triggers = nil
+	s.triggerMu.Unlock()
+
+	svcs, err := s.services.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("list services: %w", err)
+	}
+	eps, err := s.slices.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("list endpointslices: %w", err)
+	}
+	r := Translate(svcs, eps, s.opts.Node)
+	if err := apply(r.Services); err != nil {
+		// Measured when a later sync applies them.
+		s.triggerMu.Lock()
+		s.triggers = append(triggers, s.triggers...)
+		s.triggerMu.Unlock()
+		return err
+	}
+	end := time.Now()
+	if m := s.opts.Metrics; m != nil {
+		m.ObserveSync(end.Sub(start))
+		for _, t := range triggers {
+			m.ObserveNetworkProgramming(end.Sub(t))
+		}
+		m.Synced(end, r.NoLocalEndpoints, maps.Clone(r.Skipped))
+	}
+	if len(r.Skipped) > 0 {
+		reasons := slices.Sorted(maps.Keys(r.Skipped))
+		s.opts.Log.Warn("kubernetes objects skipped", "reasons", reasons, "counts", r.Skipped)
+	}
+	s.opts.Log.Debug("services synced", "result", r.String(), "took", end.Sub(start))
+	s.syncedOnce.Do(func() { close(s.synced) })
+	return nil
+}
+
+// strip keeps of Services and EndpointSlices only what Translate reads,
+// before they enter the cache: the informers then hold a fraction of the
+// objects (managed fields, annotations, pod references and topology
+// hints are dropped), which matters in large clusters.
+func strip(o any) (any, error) {
+	switch v := o.(type) {
+	case *corev1.Service:
+		out := &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: v.Name, Namespace: v.Namespace, UID: v.UID, ResourceVersion: v.ResourceVersion},
+			Spec: corev1.ServiceSpec{
+				Type:                  v.Spec.Type,
+				ClusterIP:             v.Spec.ClusterIP,
+				ClusterIPs:            v.Spec.ClusterIPs,
+				SessionAffinity:       v.Spec.SessionAffinity,
+				SessionAffinityConfig: v.Spec.SessionAffinityConfig,
+				InternalTrafficPolicy: v.Spec.InternalTrafficPolicy,
+			},
+		}
+		for _, p := range v.Spec.Ports {
+			out.Spec.Ports = append(out.Spec.Ports, corev1.ServicePort{Name: p.Name, Protocol: p.Protocol, Port: p.Port})
+		}
+		return out, nil
+	case *discovery.EndpointSlice:
+		out := &discovery.EndpointSlice{
+			ObjectMeta:  metav1.ObjectMeta{Name: v.Name, Namespace: v.Namespace, UID: v.UID, ResourceVersion: v.ResourceVersion},
+			AddressType: v.AddressType,
+			Ports:       v.Ports,
+		}
+		if n, ok := v.Labels[discovery.LabelServiceName]; ok {
+			out.Labels = map[string]string{discovery.LabelServiceName: n}
+		}
+		if t, ok := v.Annotations[corev1.EndpointsLastChangeTriggerTime]; ok {
+			out.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: t}
+		}
+		out.Endpoints = make([]discovery.Endpoint, len(v.Endpoints))
+		for i, e := range v.Endpoints {
+			out.Endpoints[i] = discovery.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName}
+		}
+		return out, nil
+	}
+	// Tombstones (cache.DeletedFinalStateUnknown) hold an object already
+	// stripped.
+	return o, nil
+}
