@@ -1,0 +1,244 @@
+package kubelb
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/ktel-dev/ktel/internal/lb"
+)
+
+// recorder is the datapath and the metrics of a Source under test.
+type recorder struct {
+	mu       sync.Mutex
+	applies  [][]lb.Service
+	fail     int // applies still to fail
+	syncs    int
+	latency  []time.Duration
+	noLocal  int
+	skipped  map[string]int
+	lastSync time.Time
+}
+
+func (r *recorder) apply(svcs []lb.Service) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.fail > 0 {
+		r.fail--
+		return errors.New("maps full")
+	}
+	r.applies = append(r.applies, svcs)
+	return nil
+}
+
+func (r *recorder) ObserveSync(time.Duration) { r.mu.Lock(); r.syncs++; r.mu.Unlock() }
+func (r *recorder) ObserveNetworkProgramming(d time.Duration) {
+	r.mu.Lock()
+	r.latency = append(r.latency, d)
+	r.mu.Unlock()
+}
+func (r *recorder) Synced(at time.Time, noLocal int, skipped map[string]int) {
+	r.mu.Lock()
+	r.lastSync, r.noLocal, r.skipped = at, noLocal, skipped
+	r.mu.Unlock()
+}
+
+func (r *recorder) count() int { r.mu.Lock(); defer r.mu.Unlock(); return len(r.applies) }
+
+// last is the last applied set as name -> backends.
+func (r *recorder) last() map[string][]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.applies) == 0 {
+		return nil
+	}
+	out := map[string][]string{}
+	for _, s := range r.applies[len(r.applies)-1] {
+		out[s.Name] = backends(s)
+	}
+	return out
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestSource(t *testing.T) {
+	ctx := context.Background()
+	web := svc("web", []string{"10.96.0.1"}, port("http", 80, corev1.ProtocolTCP))
+	http := []discovery.EndpointPort{eport("http", 8080, corev1.ProtocolTCP)}
+	webA := slice("web", "web-a", discovery.AddressTypeIPv4, http, ep("10.0.0.1", "", "rs"))
+	client := fake.NewClientset(web, webA)
+
+	// Fail the EndpointSlice lists for a while (a reactor runs under the
+	// fake's lock, so it cannot block): nothing may be applied while only
+	// the Services are known.
+	var (
+		held           atomic.Bool
+		servicesListed = make(chan struct{})
+		once           sync.Once
+	)
+	held.Store(true)
+	client.PrependReactor("list", "services", func(k8stesting.Action) (bool, runtime.Object, error) {
+		once.Do(func() { close(servicesListed) })
+		return false, nil, nil
+	})
+	client.PrependReactor("list", "endpointslices", func(k8stesting.Action) (bool, runtime.Object, error) {
+		if held.Load() {
+			return true, nil, errors.New("API server busy")
+		}
+		return false, nil, nil
+	})
+
+	rec := &recorder{}
+	src, err := New(Options{Client: client, Node: "me", MinSyncPeriod: 200 * time.Millisecond, RetryPeriod: 50 * time.Millisecond, Metrics: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Start(rec.apply); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	<-servicesListed
+	// A negative: given three sync periods, still nothing applied.
+	time.Sleep(600 * time.Millisecond)
+	if n := rec.count(); n != 0 {
+		t.Fatalf("%d applies before the EndpointSlices synced", n)
+	}
+	held.Store(false)
+	select {
+	case <-src.Synced():
+	case <-time.After(10 * time.Second):
+		t.Fatal("not synced")
+	}
+	// The fake clientset does not replay what happened between a list and
+	// its watch: changes start once both watches are open.
+	waitFor(t, "watches", func() bool {
+		w := map[string]bool{}
+		for _, a := range client.Actions() {
+			if a.GetVerb() == "watch" {
+				w[a.GetResource().Resource] = true
+			}
+		}
+		return w["services"] && w["endpointslices"]
+	})
+	if got := rec.last(); len(got) != 1 || fmt.Sprint(got["ns/web:http"]) != "[10.0.0.1:8080]" {
+		t.Fatalf("first apply %v, want ns/web:http -> 10.0.0.1:8080", got)
+	}
+
+	t.Run("burst batched", func(t *testing.T) {
+		before, start := rec.count(), time.Now()
+		const n = 30
+		for i := range n {
+			s := svc(fmt.Sprintf("burst-%d", i), []string{fmt.Sprintf("10.96.1.%d", i+1)}, port("http", 80, corev1.ProtocolTCP))
+			if _, err := client.CoreV1().Services("ns").Create(ctx, s, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitFor(t, "all burst services applied", func() bool { return len(rec.last()) == n+1 })
+		// At most one sync per period, plus the one a change may start at
+		// once after a quiet period.
+		took := time.Since(start)
+		if got, most := rec.count()-before, int(took/(200*time.Millisecond))+1; got > most || got >= n {
+			t.Errorf("%d applies for a burst of %d changes in %v; want at most %d", got, n, took, most)
+		}
+	})
+
+	t.Run("slice update", func(t *testing.T) {
+		// A trigger time from before the source started is not measured.
+		trigger := time.Now().Add(-50 * time.Millisecond)
+		s := webA.DeepCopy()
+		s.Endpoints = append(s.Endpoints, ep("10.0.0.2", "", "rs"))
+		s.Endpoints[0] = ep("10.0.0.1", "", "") // no longer ready
+		s.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: trigger.Format(time.RFC3339Nano)}
+		if _, err := client.DiscoveryV1().EndpointSlices("ns").Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "update applied", func() bool { return fmt.Sprint(rec.last()["ns/web:http"]) == "[10.0.0.2:8080]" })
+		rec.mu.Lock()
+		lat := rec.latency
+		rec.mu.Unlock()
+		if len(lat) != 1 || lat[0] < 50*time.Millisecond || lat[0] > 10*time.Second {
+			t.Errorf("network programming latencies %v, want one of 50 ms and a bit", lat)
+		}
+	})
+
+	t.Run("failed apply retried", func(t *testing.T) {
+		rec.mu.Lock()
+		rec.fail = 2
+		rec.mu.Unlock()
+		if err := client.DiscoveryV1().EndpointSlices("ns").Delete(ctx, "web-a", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// No further change: the retries alone must apply it.
+		waitFor(t, "slice deletion applied", func() bool {
+			b, ok := rec.last()["ns/web:http"]
+			return ok && len(b) == 0
+		})
+	})
+
+	t.Run("service delete", func(t *testing.T) {
+		if err := client.CoreV1().Services("ns").Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "service deletion applied", func() bool {
+			_, ok := rec.last()["ns/web:http"]
+			return !ok
+		})
+	})
+
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if rec.syncs != len(rec.applies) || rec.lastSync.IsZero() {
+		t.Errorf("%d syncs observed for %d applies; last sync %v", rec.syncs, len(rec.applies), rec.lastSync)
+	}
+}
+
+func TestStrip(t *testing.T) {
+	s := svc("web", []string{"10.96.0.1"}, port("http", 80, corev1.ProtocolTCP))
+	s.Annotations = map[string]string{"big": "annotation"}
+	s.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}
+	s.Spec.Selector = map[string]string{"app": "web"}
+	got, err := strip(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := got.(*corev1.Service)
+	if gs.Annotations != nil || gs.ManagedFields != nil || gs.Spec.Selector != nil || gs.Spec.ClusterIP != "10.96.0.1" || len(gs.Spec.Ports) != 1 {
+		t.Errorf("stripped service %+v", gs)
+	}
+	es := slice("web", "web-a", discovery.AddressTypeIPv4, nil, ep("10.0.0.1", "n", "rs"))
+	es.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: "2026-01-01T00:00:00Z", "other": "x"}
+	es.Labels["other"] = "x"
+	es.Endpoints[0].TargetRef = &corev1.ObjectReference{Name: "pod"}
+	got, _ = strip(es)
+	ge := got.(*discovery.EndpointSlice)
+	if len(ge.Annotations) != 1 || len(ge.Labels) != 1 || ge.Endpoints[0].TargetRef != nil || *ge.Endpoints[0].NodeName != "n" {
+		t.Errorf("stripped slice %+v", ge)
+	}
+	// Translation reads the same from the stripped objects.
+	a := Translate([]*corev1.Service{s}, []*discovery.EndpointSlice{es}, "n")
+	b := Translate([]*corev1.Service{gs}, []*discovery.EndpointSlice{ge}, "n")
+	if fmt.Sprint(a.Services) != fmt.Sprint(b.Services) || len(a.Services) != 1 {
+		t.Errorf("stripping changed the translation: %v, %v", a, b)
+	}
+}
