@@ -35,8 +35,12 @@ type Options struct {
 	// Cgroup is the cgroup v2 directory whose processes (and their
 	// descendants') are load balanced; "" is the root of the hierarchy.
 	Cgroup string
-	// ServicesFile is the services file (YAML or JSON); required.
+	// ServicesFile is the services file (YAML or JSON); required unless
+	// Source is given.
 	ServicesFile string
+	// Source, instead of a services file, gives the services: the
+	// Kubernetes API (internal/kubelb).
+	Source Source
 	// MaxServices bounds lb_services; 0 is DefaultMaxServices.
 	MaxServices int
 	// MaxBackends bounds lb_backends, the backend slots of all services,
@@ -79,6 +83,16 @@ func (o *Options) defaults() {
 	}
 }
 
+// Source gives the services when there is no services file. Load closes
+// it if it fails past checking its options. Start is called once the
+// programs are attached: apply must then be called with
+// each complete set of services, from one goroutine at a time; until the
+// first call no service is balanced. Close stops the calls.
+type Source interface {
+	Start(apply func([]ctl.Service) error) error
+	Close() error
+}
+
 // hooks are the programs and where they attach. Reverse translation is
 // attached first, so that no rewritten socket misses it.
 var hooks = []struct {
@@ -104,6 +118,7 @@ type Probe struct {
 
 	maps  *maps
 	mgr   *ctl.Manager
+	src   Source
 	progs map[string]*ebpf.Program
 	links []link.Link
 }
@@ -122,8 +137,8 @@ const replaceRoom = 2
 // fails Load.
 func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 	opts.defaults()
-	if opts.ServicesFile == "" {
-		return nil, errors.New("no services file given")
+	if (opts.ServicesFile == "") == (opts.Source == nil) {
+		return nil, errors.New("want a services file or a source of services, one of them")
 	}
 	lim := ctl.Limits{
 		MaxServices: opts.MaxServices,
@@ -222,14 +237,19 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 		p.progs[h.name] = h.prog(&objs.lbPrograms)
 	}
 	p.maps.udp = newUDPCloser(opts.Cgroup, objs.LbReverse, opts.MaxBackends, opts.noSockDestroy, log)
+	p.src = opts.Source // closed with p, from here on even if Load fails
 
 	state, err := ctl.NewState(p.maps, lim)
 	if err != nil {
 		return nil, err
 	}
-	p.mgr = ctl.NewManager(opts.ServicesFile, state, log)
-	if err := p.mgr.Reload(); err != nil {
-		return nil, fmt.Errorf("services file: %w", err)
+	if opts.Source != nil {
+		p.mgr = ctl.NewSourceManager("kubernetes", state, log)
+	} else {
+		p.mgr = ctl.NewManager(opts.ServicesFile, state, log)
+		if err := p.mgr.Reload(); err != nil {
+			return nil, fmt.Errorf("services file: %w", err)
+		}
 	}
 	for _, h := range hooks {
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: opts.Cgroup, Attach: h.attach, Program: p.progs[h.name]})
@@ -237,6 +257,12 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 			return nil, fmt.Errorf("attach %s to %s: %w", h.name, opts.Cgroup, err)
 		}
 		p.links = append(p.links, l)
+	}
+	if opts.Source != nil {
+		if err := opts.Source.Start(p.mgr.ApplyServices); err != nil {
+			return nil, fmt.Errorf("start source of services: %w", err)
+		}
+		return p, nil
 	}
 	if err := p.mgr.Watch(); err != nil {
 		return nil, fmt.Errorf("watch services file: %w", err)
@@ -264,8 +290,13 @@ func (p *Probe) RefuseErrno() string { return p.refuse }
 
 // Reload reads and applies the services file now (on SIGHUP). An invalid
 // file is logged, counted and returned; the previous configuration keeps
-// serving.
-func (p *Probe) Reload() error { return p.mgr.Reload() }
+// serving. With a Source, there is nothing to reload.
+func (p *Probe) Reload() error {
+	if p.src != nil {
+		return nil
+	}
+	return p.mgr.Reload()
+}
 
 // Programs are the loaded programs by name, for run-time statistics.
 func (p *Probe) Programs() map[string]*ebpf.Program { return p.progs }
@@ -282,6 +313,9 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 // It is safe to call on a partly built Probe, and more than once.
 func (p *Probe) Close() error {
 	var cs []interface{ Close() error }
+	if p.src != nil {
+		cs = append(cs, p.src) // stops applying before the maps go
+	}
 	if p.mgr != nil {
 		cs = append(cs, p.mgr)
 	}
@@ -293,7 +327,7 @@ func (p *Probe) Close() error {
 	for _, prog := range p.progs {
 		cs = append(cs, prog)
 	}
-	p.mgr, p.links, p.progs = nil, nil, nil
+	p.src, p.mgr, p.links, p.progs = nil, nil, nil, nil
 	if m := p.maps; m != nil {
 		cs = append(cs, m.services, m.backends, m.maglev, m.reverse, m.serviceStats, m.backendStats, m.drops, m.members, m.affinity)
 		if m.udp != nil {

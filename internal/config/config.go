@@ -85,8 +85,11 @@ type Config struct {
 	LBMaxBackends     int    `envconfig:"KTEL_LB_MAX_BACKENDS" default:"65536" values:"1..16777216" desc:"Backends over all services (the slot maps hold twice as many, so that any file can replace any other), and per-backend counters."`
 	LBMaxSockets      int    `envconfig:"KTEL_LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map); also the (client, service) pairs remembered for session affinity (another LRU map)."`
 
+	// The Kubernetes source of the lb probe (internal/kubelb).
+	LBSource string `envconfig:"KTEL_LB_SOURCE" default:"file" values:"file|kubernetes" desc:"Where the lb probe's services come from: KTEL_LB_SERVICES_FILE, or the Services and EndpointSlices of the Kubernetes API server (see the lb probe in README), through the kubeconfig file in KUBECONFIG or else the Pod's service account. Setting kubernetes starts lb unless KTEL_PROBES says otherwise."`
+
 	// Workload attribution (internal/k8smeta).
-	NodeName             string        `envconfig:"KTEL_NODE_NAME" default:"" values:"a Kubernetes node name, or empty" desc:"This node's name (the downward API's spec.nodeName, as the manifests set it). Workload attribution then watches this node's pods, through the kubeconfig in KUBECONFIG or else the pod's service account, to name the namespace, pod and container of a cgroup. Empty: off Kubernetes; cgroups are named by systemd unit or container id."`
+	NodeName             string        `envconfig:"KTEL_NODE_NAME" default:"" values:"a Kubernetes node name, or empty" desc:"This node's name (the downward API's spec.nodeName, as the manifests set it). Workload attribution then watches this node's pods, through the kubeconfig in KUBECONFIG or else the pod's service account, to name the namespace, pod and container of a cgroup. Empty: off Kubernetes; cgroups are named by systemd unit or container id. With KTEL_LB_SOURCE=kubernetes, endpoints on this node are local (internalTrafficPolicy Local); empty there means the host name, as kube-proxy assumes."`
 	WorkloadLabelTTL     time.Duration `envconfig:"KTEL_WORKLOAD_LABEL_TTL" default:"2m" values:"duration >= 1s" desc:"How long a deleted pod, a removed cgroup and an unused label set stay resolvable; a workload's labels go this long after it does."`
 	WorkloadMaxLabelSets int           `envconfig:"KTEL_WORKLOAD_MAX_LABEL_SETS" default:"2000" values:"1..1000000" desc:"Distinct workload label sets (namespace/pod/container, or unit) at once; further workloads are labelled \"other\" and counted."`
 

@@ -120,8 +120,8 @@ var registry = []registration{
 		start: startNetdev,
 	},
 	{
-		Probe: config.Probe{Name: "lb", Default: false, Help: "socket-level service load balancer (needs KTEL_LB_SERVICES_FILE)",
-			Input:    func(c *config.Config) bool { return c.LBServicesFile != "" },
+		Probe: config.Probe{Name: "lb", Default: false, Help: "socket-level service load balancer (needs KTEL_LB_SERVICES_FILE or KTEL_LB_SOURCE=kubernetes)",
+			Input:    func(c *config.Config) bool { return c.LBServicesFile != "" || c.LBSource == "kubernetes" },
 			Validate: validLB},
 		load:  []caps.Cap{caps.BPF, caps.NetAdmin},
 		keep:  []caps.Cap{caps.BPF}, // a reload creates Maglev tables (maps)
@@ -210,6 +210,11 @@ func validLB(c *config.Config, enabled bool) []error {
 	// The services file is read only when lb runs: a file left named in
 	// the environment of a node that does not balance does not stop ktel.
 	switch {
+	case !config.OneOf(c.LBSource, "file", "kubernetes"):
+		bad("KTEL_LB_SOURCE", c.LBSource, "")
+	case c.LBSource == "kubernetes" && enabled && c.LBServicesFile != "":
+		bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, "KTEL_LB_SOURCE=kubernetes: the services come from the API server, not a file")
+	case c.LBSource == "kubernetes":
 	case enabled && c.LBServicesFile == "":
 		bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, "the lb probe is enabled but no services file is named")
 	case enabled:
@@ -332,7 +337,12 @@ type lbProbe struct {
 }
 
 func startLB(e env) (loaded, error) {
+	src, srcMetrics, err := lbSource(e) // lbkube.go
+	if err != nil {
+		return nil, err
+	}
 	p, err := lb.Load(lb.Options{
+		Source:       src,
 		Cgroup:       e.cfg.LBCgroup,
 		ServicesFile: e.cfg.LBServicesFile,
 		MaxServices:  e.cfg.LBMaxServices,
@@ -345,7 +355,7 @@ func startLB(e env) (loaded, error) {
 		return nil, err
 	}
 	e.log.Info("probe attached", "cgroup", p.Cgroup(), "no_backend_errno", p.RefuseErrno(), "udp_close", p.UDPCloseMode())
-	return lbProbe{p, metrics.NewLBCollector(p)}, nil
+	return lbProbe{p, withSource(metrics.NewLBCollector(p), srcMetrics)}, nil
 }
 
 // start loads one probe, first checking that ktel holds the capabilities

@@ -117,6 +117,9 @@ func TestInputEnablesProbes(t *testing.T) {
 		{map[string]string{"KTEL_INTERFACES": " , "}, "syscall,runqlat,tcpretrans"},
 		// A services file is not read when lb does not run.
 		{map[string]string{"KTEL_LB_SERVICES_FILE": "/nonexistent.yaml", "KTEL_PROBES": "syscall"}, "syscall"},
+		// Asking for the Kubernetes source is asking for lb.
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes"}, "syscall,runqlat,tcpretrans,lb"},
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KTEL_PROBES": "syscall"}, "syscall"},
 	} {
 		setenv(t, tc.env)
 		c, err := config.Load(Probes())
@@ -206,5 +209,27 @@ func TestSpanOptions(t *testing.T) {
 				t.Errorf("spanOptions(%v) = %+v, want %+v", tc.threshold, got, tc.want)
 			}
 		})
+	}
+}
+
+func TestLBSource(t *testing.T) {
+	for _, tc := range []struct {
+		env     map[string]string
+		wantVar string // "" when valid
+	}{
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KTEL_NODE_NAME": "n1"}, ""},
+		{map[string]string{"KTEL_LB_SOURCE": "etcd"}, "KTEL_LB_SOURCE"},
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml"}, "KTEL_LB_SERVICES_FILE"},
+		{map[string]string{"KTEL_LB_SOURCE": "file", "KTEL_PROBES": "lb"}, "KTEL_LB_SERVICES_FILE"},
+	} {
+		setenv(t, tc.env)
+		_, err := config.Load(Probes())
+		var ce *config.Error
+		switch {
+		case tc.wantVar == "" && err != nil:
+			t.Errorf("%v: %v", tc.env, err)
+		case tc.wantVar != "" && (!errors.As(err, &ce) || ce.Var != tc.wantVar):
+			t.Errorf("%v: error %v, want one naming %s", tc.env, err, tc.wantVar)
+		}
 	}
 }

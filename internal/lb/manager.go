@@ -19,8 +19,9 @@ import (
 // it, Watch reloads it when it changes. An invalid file is logged and
 // counted, and the previous configuration keeps serving.
 type Manager struct {
-	file string
-	log  *slog.Logger
+	file   string
+	source string // NewSourceManager
+	log    *slog.Logger
 
 	mu       sync.Mutex
 	state    *State
