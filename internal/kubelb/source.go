@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -169,15 +170,17 @@ func (m multiFactory) Shutdown() {
 	}
 }
 
-// RESTConfig is the client configuration from a kubeconfig file, or, when
-// kubeconfig is empty, the Pod's service account (in-cluster).
+// RESTConfig is the client configuration from a kubeconfig file (as
+// $KUBECONFIG: paths separated by colons), or, when kubeconfig is empty,
+// the Pod's service account (in-cluster).
 func RESTConfig(kubeconfig string) (*rest.Config, error) {
 	var (
 		c   *rest.Config
 		err error
 	)
 	if kubeconfig != "" {
-		c, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+		rules := &clientcmd.ClientConfigLoadingRules{Precedence: filepath.SplitList(kubeconfig)}
+		c, err = clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, nil).ClientConfig()
 	} else {
 		c, err = rest.InClusterConfig()
 	}
