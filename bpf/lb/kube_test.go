@@ -1,0 +1,214 @@
+package lb
+
+import (
+	"context"
+	"fmt"
+	"os/exec"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+
+	"github.com/ktel-dev/ktel/internal/kubelb"
+	"github.com/ktel-dev/ktel/internal/kubetest"
+)
+
+// latencies records the source's network programming latencies.
+type latencies struct {
+	mu sync.Mutex
+	d  []time.Duration
+}
+
+func (l *latencies) ObserveSync(time.Duration)             {}
+func (l *latencies) Synced(time.Time, int, map[string]int) {}
+func (l *latencies) ObserveNetworkProgramming(d time.Duration) {
+	l.mu.Lock()
+	l.d = append(l.d, d)
+	l.mu.Unlock()
+}
+
+// TestKubernetes runs the load balancer from a real API server and
+// controller-manager: Pods whose IPs are addresses of the sandbox's
+// namespace (no route out of it), made Ready through the status
+// subresource as a kubelet would, a Service selecting them, and connects
+// from the sandbox's cgroup to the ClusterIP, inside the namespace.
+func TestKubernetes(t *testing.T) {
+	c := kubetest.Start(t)
+	ctx := context.Background()
+	const ns, node = "default", "node-a"
+	c.Node(t, node)
+
+	sb := newSandbox(t)
+	pods := []string{"10.244.0.1", "10.244.0.2", "10.244.0.3"}
+	for _, ip := range pods {
+		if out, err := exec.Command("ip", "-n", sb.NS, "addr", "add", ip+"/32", "dev", "lo").CombinedOutput(); err != nil {
+			t.Fatalf("add %s: %v: %s", ip, err, out)
+		}
+		sb.serveTCP(t, ip+":8080")
+		sb.serveTCP(t, ip+":9090")
+	}
+
+	lat := &latencies{}
+	src, err := kubelb.New(kubelb.Options{Client: c.Client, Node: node, MinSyncPeriod: 50 * time.Millisecond, Metrics: lat, Log: discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := load(t, Options{Cgroup: sb.Cgroup, Source: src})
+	select {
+	case <-src.Synced():
+	case <-time.After(time.Minute):
+		t.Fatal("the source did not sync")
+	}
+
+	pod := func(name string) {
+		c.Pod(t, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{"app": "web"}},
+			Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "web", Image: "web",
+				Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}, {Name: "alt", ContainerPort: 9090}}}}},
+		})
+	}
+	ready := func(i int, ok bool) {
+		c.SetPodStatus(t, ns, fmt.Sprintf("web-%d", i), func(s *corev1.PodStatus) {
+			now := metav1.Now()
+			s.Phase, s.PodIP, s.PodIPs = corev1.PodRunning, pods[i], []corev1.PodIP{{IP: pods[i]}}
+			st := corev1.ConditionFalse
+			if ok {
+				st = corev1.ConditionTrue
+			}
+			s.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: st, LastTransitionTime: now}}
+		})
+	}
+	for i := range 2 {
+		pod(fmt.Sprintf("web-%d", i))
+		ready(i, true)
+	}
+	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "web"},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "web"},
+			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("http")}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := svc.Spec.ClusterIP + ":80"
+
+	// reached polls with batches of connects until the backends they
+	// reach are want (none: refused), or a deadline passes.
+	reached := func(t *testing.T, want ...string) {
+		t.Helper()
+		slices.Sort(want)
+		var got []string
+		var r clientResult
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
+			r = sb.run(t, clientSpec{mode: "tcp", addr: vip, n: 40, inCgroup: true})
+			got = got[:0]
+			for b := range r.Backends {
+				got = append(got, b)
+			}
+			slices.Sort(got)
+			if slices.Equal(got, want) && (len(want) == 0 || r.OK == 40) {
+				if len(r.BadPeer) > 0 {
+					t.Errorf("getpeername returned %v, want the ClusterIP", r.BadPeer)
+				}
+				return
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatalf("connects to %s reached %v (errors %v), want %v", vip, got, r.Errors, want)
+	}
+
+	t.Run("ready pods", func(t *testing.T) { reached(t, "10.244.0.1:8080", "10.244.0.2:8080") })
+	t.Run("scale up", func(t *testing.T) {
+		pod("web-2")
+		ready(2, true)
+		reached(t, "10.244.0.1:8080", "10.244.0.2:8080", "10.244.0.3:8080")
+	})
+	t.Run("readiness flip", func(t *testing.T) {
+		ready(0, false)
+		reached(t, "10.244.0.2:8080", "10.244.0.3:8080")
+		ready(0, true)
+		reached(t, "10.244.0.1:8080", "10.244.0.2:8080", "10.244.0.3:8080")
+		ready(0, false)
+		reached(t, "10.244.0.2:8080", "10.244.0.3:8080")
+	})
+	t.Run("scale down", func(t *testing.T) {
+		if err := c.Client.CoreV1().Pods(ns).Delete(ctx, "web-2", metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil {
+			t.Fatal(err)
+		}
+		reached(t, "10.244.0.2:8080")
+	})
+	t.Run("named port change", func(t *testing.T) {
+		s, err := c.Client.CoreV1().Services(ns).Get(ctx, "web", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Spec.Ports[0].TargetPort = intstr.FromString("alt")
+		if _, err := c.Client.CoreV1().Services(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		reached(t, "10.244.0.2:9090")
+	})
+	t.Run("terminating fallback", func(t *testing.T) {
+		// A graceful delete with no kubelet to finish it: the pod stays,
+		// terminating and still serving, and is the only one left.
+		if err := c.Client.CoreV1().Pods(ns).Delete(ctx, "web-1", metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](300)}); err != nil {
+			t.Fatal(err)
+		}
+		// Wait for the slice to say so before asserting that nothing
+		// changed for clients.
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			l, err := c.Client.DiscoveryV1().EndpointSlices(ns).List(ctx, metav1.ListOptions{LabelSelector: "kubernetes.io/service-name=web"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			terminating := false
+			for _, es := range l.Items {
+				for _, e := range es.Endpoints {
+					terminating = terminating || ptr.Deref(e.Conditions.Terminating, false)
+				}
+			}
+			if terminating {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the endpoint of web-1 never became terminating")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		reached(t, "10.244.0.2:9090")
+		// Not serving any more: no backend, connects refused.
+		ready(1, false)
+		reached(t)
+	})
+	t.Run("no endpoints: refused and counted", func(t *testing.T) {
+		r := sb.run(t, clientSpec{mode: "tcp", addr: vip, n: 5, inCgroup: true})
+		if r.Errors[p.RefuseErrno()] != 5 {
+			t.Errorf("errors %v, want 5 %s", r.Errors, p.RefuseErrno())
+		}
+		s, err := p.Snapshot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sv := service(s, "default/web:http"); sv.NoBackend < 5 {
+			t.Errorf("no-backend counter %d, want at least 5", sv.NoBackend)
+		}
+	})
+
+	lat.mu.Lock()
+	defer lat.mu.Unlock()
+	if len(lat.d) == 0 {
+		t.Error("no network programming latency measured")
+	}
+	for _, d := range lat.d {
+		if d < 0 || d > 30*time.Second {
+			t.Errorf("network programming latency %v", d)
+		}
+	}
+	t.Logf("network programming latencies: %v", lat.d)
+}
