@@ -199,6 +199,47 @@ func TestKubernetes(t *testing.T) {
 			t.Errorf("no-backend counter %d, want at least 5", sv.NoBackend)
 		}
 	})
+	t.Run("other proxies' and headless services skipped", func(t *testing.T) {
+		names := func() map[string]bool {
+			s, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := map[string]bool{}
+			for _, sv := range s.Services {
+				out[sv.Name] = true
+			}
+			return out
+		}
+		create := func(name string, labels map[string]string, clusterIP string) {
+			_, err := c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+				ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: labels},
+				Spec:       corev1.ServiceSpec{ClusterIP: clusterIP, Ports: []corev1.ServicePort{{Port: 80}}},
+			}, metav1.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		create("other", map[string]string{"service.kubernetes.io/service-proxy-name": "someone-else"}, "")
+		create("headless", nil, corev1.ClusterIPNone)
+		// Services arrive in order: once the sentinel is applied, the two
+		// before it have been seen.
+		create("sentinel", nil, "")
+		waitCond(t, "sentinel applied", func() bool { return names()["default/sentinel:80"] })
+		if n := names(); n["default/other:80"] || n["default/headless:80"] {
+			t.Errorf("services %v: want neither other nor headless", n)
+		}
+		// A service that becomes another proxy's is removed.
+		s, err := c.Client.CoreV1().Services(ns).Get(ctx, "sentinel", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Labels = map[string]string{"service.kubernetes.io/service-proxy-name": "someone-else"}
+		if _, err := c.Client.CoreV1().Services(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitCond(t, "sentinel removed", func() bool { return !names()["default/sentinel:80"] })
+	})
 
 	lat.mu.Lock()
 	defer lat.mu.Unlock()
@@ -211,4 +252,15 @@ func TestKubernetes(t *testing.T) {
 		}
 	}
 	t.Logf("network programming latencies: %v", lat.d)
+}
+
+// waitCond polls cond until it holds, or fails t after 30 s.
+func waitCond(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
