@@ -12,6 +12,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
 	"github.com/ktel-dev/ktel/internal/kubelb"
@@ -263,4 +264,106 @@ func waitCond(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestKubernetesAPIServerAway cuts the source off the API server (a proxy
+// between them): the datapath keeps serving what it had, without a
+// failed connect, and once the API server is back the changes made
+// meanwhile are applied.
+func TestKubernetesAPIServerAway(t *testing.T) {
+	c := kubetest.Start(t)
+	ctx := context.Background()
+	const ns, node = "default", "node-a"
+	c.Node(t, node)
+	sb := newSandbox(t)
+	ips := []string{"10.244.0.1", "10.244.0.2"}
+	for i, ip := range ips {
+		if out, err := exec.Command("ip", "-n", sb.NS, "addr", "add", ip+"/32", "dev", "lo").CombinedOutput(); err != nil {
+			t.Fatalf("add %s: %v: %s", ip, err, out)
+		}
+		sb.serveTCP(t, ip+":8080")
+		name := fmt.Sprintf("web-%d", i)
+		c.Pod(t, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{"app": "web"}},
+			Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "web", Image: "web",
+				Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}}},
+		})
+		c.SetPodStatus(t, ns, name, kubetest.RunningStatus(&corev1.Pod{Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "web"}}}}, ip))
+	}
+	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "web"},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "web"},
+			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("http")}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := svc.Spec.ClusterIP + ":80"
+
+	proxy := c.Proxy(t, true)
+	rc, err := kubelb.RESTConfig(c.WriteKubeconfig(t, t.TempDir()+"/kubeconfig", "https://"+proxy.Addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := kubelb.New(kubelb.Options{Client: client, Node: node, MinSyncPeriod: 50 * time.Millisecond, Log: discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := load(t, Options{Cgroup: sb.Cgroup, Source: src})
+	both := []string{"10.244.0.1:8080", "10.244.0.2:8080"}
+	backends := func() []string {
+		s, err := p.Snapshot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, b := range service(s, "default/web:http").Backends {
+			out = append(out, b.Address)
+		}
+		slices.Sort(out)
+		return out
+	}
+	waitCond(t, "both pods applied", func() bool { return slices.Equal(backends(), both) })
+
+	// Connects all along, until the end: none may fail.
+	cl := sb.start(t, clientSpec{mode: "tcp", addr: vip, n: 1 << 30, inCgroup: true, untilEOF: true})
+
+	proxy.SetUp(false)
+	// Meanwhile web-0 stops being ready; the controller-manager updates
+	// the slice, which the source cannot see.
+	c.SetPodStatus(t, ns, "web-0", func(s *corev1.PodStatus) {
+		s.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionFalse, LastTransitionTime: metav1.Now()}}
+	})
+	waitCond(t, "the slice to show web-0 not ready", func() bool {
+		l, err := c.Client.DiscoveryV1().EndpointSlices(ns).List(ctx, metav1.ListOptions{LabelSelector: "kubernetes.io/service-name=web"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, es := range l.Items {
+			for _, e := range es.Endpoints {
+				if len(e.Addresses) > 0 && e.Addresses[0] == ips[0] && !ptr.Deref(e.Conditions.Ready, true) {
+					return true
+				}
+			}
+		}
+		return false
+	})
+	// A negative: a source that still saw the API server would have
+	// applied the change within a few of its 50 ms sync periods.
+	time.Sleep(time.Second)
+	if got := backends(); !slices.Equal(got, both) {
+		t.Errorf("API server away: backends %v, want the last state %v", got, both)
+	}
+
+	proxy.SetUp(true)
+	waitCond(t, "the resync after the API server came back", func() bool { return slices.Equal(backends(), []string{"10.244.0.2:8080"}) })
+	r := cl.wait(t)
+	if r.OK == 0 || len(r.Errors) > 0 {
+		t.Errorf("connects while the API server was away and back: %d ok, errors %v", r.OK, r.Errors)
+	}
+	t.Logf("%d connects, by backend %v", r.OK, r.Backends)
 }
