@@ -129,6 +129,37 @@ func TestKubernetes(t *testing.T) {
 		ready(2, true)
 		reached(t, "10.244.0.1:8080", "10.244.0.2:8080", "10.244.0.3:8080")
 	})
+	t.Run("session affinity", func(t *testing.T) {
+		setAffinity := func(a corev1.ServiceAffinity) {
+			s, err := c.Client.CoreV1().Services(ns).Get(ctx, "web", metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.Spec.SessionAffinity = a
+			if _, err := c.Client.CoreV1().Services(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// One client (the sandbox's namespace): with affinity, 40 connects
+		// reach one of the three pods; without, at random, all three
+		// (each missed with chance (2/3)^40).
+		spread := func(want func(n int) bool) {
+			t.Helper()
+			var r clientResult
+			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
+				r = sb.run(t, clientSpec{mode: "tcp", addr: vip, n: 40, inCgroup: true})
+				if r.OK == 40 && want(len(r.Backends)) {
+					return
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			t.Fatalf("connects reached %v (errors %v)", r.Backends, r.Errors)
+		}
+		setAffinity(corev1.ServiceAffinityClientIP)
+		spread(func(n int) bool { return n == 1 })
+		setAffinity(corev1.ServiceAffinityNone)
+		spread(func(n int) bool { return n == 3 })
+	})
 	t.Run("readiness flip", func(t *testing.T) {
 		ready(0, false)
 		reached(t, "10.244.0.2:8080", "10.244.0.3:8080")
