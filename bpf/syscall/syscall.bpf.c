@@ -13,6 +13,11 @@
  *   raw_tp     raw tracepoint (4.17+), start time in a hash; only when
  *              forced (KTEL_SYSCALL_HOOK=raw_tp).
  *   tracepoint classic tracepoint, start time in a hash; only when forced.
+ *
+ * Every syscall is counted (syscall_count), exactly. Which are timed is the
+ * timing mode's choice (syscall_timing, below), made on entry before the
+ * clock is read: an untimed syscall costs a count and the mode's check on
+ * entry, and on exit no clock read either.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -30,9 +35,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define MAX_ERRNO 4095
 
 struct start {
-	__u64 ts; /* 0: no syscall in flight */
+	__u64 ts; /* 0: no timed syscall in flight */
 	__u32 nr;
-	__u32 _pad;
+	/* Per-CPU slot only: a syscall, timed or not, entered on this CPU and
+	 * has neither returned nor been switched out. */
+	__u32 inflight;
 };
 
 /* An outlier syscall, for a span (ktel_events.h). Times are CLOCK_MONOTONIC. */
@@ -140,6 +147,118 @@ struct {
  * MAX_SYSCALLS x CPUs x slots counters (2.2 MiB with 2 CPUs at schema 3). */
 __u8 syscall_seen[MAX_SYSCALLS];
 
+/* Every syscall entered, timed or not, at key cpu * MAX_SYSCALLS + nr; laid
+ * out, sized and read as syscall_latency is. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, MAX_SYSCALLS);
+	__type(key, __u32);
+	__type(value, __u64);
+} syscall_count SEC(".maps");
+
+/*
+ * Timing modes: which syscalls are timed (ktel_syscall_latency_seconds and
+ * spans). Set by user space before load; the verifier knows the constant and
+ * drops the other modes' code, so a mode costs only its own check.
+ */
+enum timing {
+	TIMING_ALL = 0,    /* every syscall */
+	TIMING_SAMPLE = 1, /* about 1 in syscall_sample_rate, per CPU */
+	TIMING_LIST = 2,   /* the syscalls marked in syscall_timed */
+	TIMING_CGROUP = 3, /* syscalls of threads in a cgroup of syscall_cgroups */
+};
+
+volatile const __u32 syscall_timing = TIMING_ALL;
+volatile const __u32 syscall_sample_rate = 1;
+volatile const __u8 syscall_timed[MAX_SYSCALLS];
+
+/* Syscalls until the next timed one on this CPU (TIMING_SAMPLE). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} syscall_sample_skip SEC(".maps");
+
+/* Cgroup v2 ids whose threads' syscalls are timed (TIMING_CGROUP), filled
+ * by user space at load. A thread counts by the cgroup it is directly in,
+ * not by that cgroup's ancestors. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u8);
+} syscall_cgroups SEC(".maps");
+
+/*
+ * count_and_pick counts syscall id (0 <= id < MAX_SYSCALLS) on this CPU and
+ * tells whether to time it. Nothing here reads the clock.
+ *
+ * Sampling skips a random number of syscalls between two timed ones,
+ * uniform in 0..2(N-1), so 1 in N on average: a fixed stride of N would
+ * alias with a workload that repeats a cycle of syscalls whose length
+ * divides N (timing, say, only the reads of a read-write loop). The random
+ * number is drawn once per timed syscall. Each syscall is timed with the
+ * same probability whatever its kind, so the histograms are an unbiased
+ * sample of each syscall's latency, with relative errors that grow for rare
+ * syscalls; the exact counts come from syscall_count.
+ */
+static __always_inline bool count_and_pick(long id)
+{
+	__u32 key = bpf_get_smp_processor_id() * MAX_SYSCALLS + (id & (MAX_SYSCALLS - 1));
+	__u64 *n = bpf_map_lookup_elem(&syscall_count, &key);
+
+	if (n)
+		(*n)++; /* this CPU's own counter: no atomic needed */
+	if (!syscall_seen[id & (MAX_SYSCALLS - 1)])
+		syscall_seen[id & (MAX_SYSCALLS - 1)] = 1;
+
+	if (syscall_timing == TIMING_SAMPLE) {
+		__u32 zero = 0;
+		__u64 *skip = bpf_map_lookup_elem(&syscall_sample_skip, &zero);
+
+		if (!skip)
+			return false;
+		if (*skip) {
+			(*skip)--;
+			return false;
+		}
+		if (syscall_sample_rate > 1)
+			*skip = bpf_get_prandom_u32() % (2 * syscall_sample_rate - 1);
+		return true;
+	}
+	if (syscall_timing == TIMING_LIST)
+		return syscall_timed[id & (MAX_SYSCALLS - 1)];
+	if (syscall_timing == TIMING_CGROUP) {
+		__u64 cg = bpf_get_current_cgroup_id();
+
+		return bpf_map_lookup_elem(&syscall_cgroups, &cg) != NULL;
+	}
+	return true;
+}
+
+/* The syscall number at sys_exit, for the error count of an untimed
+ * syscall: the tracepoint passes only the return value. Read from the
+ * registers on the error path only. pt_regs differs by architecture. */
+struct pt_regs___x86 {
+	unsigned long orig_ax;
+} __attribute__((preserve_access_index));
+
+struct pt_regs___arm64 {
+	int syscallno;
+} __attribute__((preserve_access_index));
+
+static __always_inline long regs_nr(struct pt_regs *regs)
+{
+	if (bpf_core_field_exists(struct pt_regs___x86, orig_ax))
+		return BPF_CORE_READ((struct pt_regs___x86 *)regs, orig_ax);
+	if (bpf_core_field_exists(struct pt_regs___arm64, syscallno))
+		return BPF_CORE_READ((struct pt_regs___arm64 *)regs, syscallno);
+	return -1;
+}
+
+
 static __always_inline void count_drop(__u32 reason)
 {
 	__u64 *v = bpf_map_lookup_elem(&syscall_drops, &reason);
@@ -193,6 +312,18 @@ static __always_inline void emit_event(__u32 nr, __u64 start, __u64 end, long re
 	ktel_span_submit(e);
 }
 
+static __always_inline bool is_error(long ret)
+{
+	return ret < 0 && ret >= -MAX_ERRNO;
+}
+
+/* untimed counts the failure of a syscall that was not timed. */
+static __always_inline void untimed(long nr, long ret)
+{
+	if (nr >= 0 && nr < MAX_SYSCALLS)
+		record_error(nr, ret);
+}
+
 static __always_inline void record(__u32 nr, __u64 start, __u64 end, long ret)
 {
 	__u32 key = bpf_get_smp_processor_id() * MAX_SYSCALLS + (nr & (MAX_SYSCALLS - 1));
@@ -201,12 +332,10 @@ static __always_inline void record(__u32 nr, __u64 start, __u64 end, long ret)
 	if (!hist)
 		return;
 	ktel_hist_add(hist, delta);
-	if (!syscall_seen[nr & (MAX_SYSCALLS - 1)])
-		syscall_seen[nr & (MAX_SYSCALLS - 1)] = 1;
 	if (ktel_span_wanted(delta))
 		emit_event(nr, start, end, ret);
 
-	if (ret < 0 && ret >= -MAX_ERRNO)
+	if (is_error(ret))
 		record_error(nr, ret);
 }
 
@@ -239,36 +368,46 @@ volatile const __u32 syscall_nr_exit_group = ~0U;
 
 static __always_inline int enter_hash(long id)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 tid;
 	struct start s = {};
 
-	if (id < 0 || id >= MAX_SYSCALLS || id == syscall_nr_exit || id == syscall_nr_exit_group)
+	if (id < 0 || id >= MAX_SYSCALLS)
 		return 0;
+	if (!count_and_pick(id) || id == syscall_nr_exit || id == syscall_nr_exit_group)
+		return 0;
+	tid = (__u32)bpf_get_current_pid_tgid();
 	enter(&s, id);
 	bpf_map_update_elem(&syscall_start_hash, &tid, &s, BPF_ANY);
 	return 0;
 }
 
-static __always_inline int exit_hash(long ret)
+/* exit_hash: the syscall number, for an untimed failure, is read from regs,
+ * or is tp_nr when regs is NULL (classic tracepoint). */
+static __always_inline int exit_hash(struct pt_regs *regs, long tp_nr, long ret)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct start *s;
 
 	s = bpf_map_lookup_elem(&syscall_start_hash, &tid);
-	if (!s)
+	if (!s) {
+		if (is_error(ret))
+			untimed(regs ? regs_nr(regs) : tp_nr, ret);
 		return 0;
+	}
 	finish(s, ret);
 	bpf_map_delete_elem(&syscall_start_hash, &tid);
 	return 0;
 }
 
-static __always_inline int exit_task(long ret)
+static __always_inline int exit_task(struct pt_regs *regs, long ret)
 {
 	struct start *s;
 
 	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0, 0);
-	if (s)
+	if (s && s->ts)
 		finish(s, ret);
+	else if (is_error(ret))
+		untimed(regs_nr(regs), ret);
 	return 0;
 }
 
@@ -283,8 +422,15 @@ int BPF_PROG(sys_enter_btf_cpu, struct pt_regs *regs, long id)
 	if (id < 0 || id >= MAX_SYSCALLS)
 		return 0;
 	c = bpf_map_lookup_elem(&syscall_start_cpu, &zero);
-	if (c)
+	if (!c)
+		return 0;
+	c->inflight = 1;
+	if (count_and_pick(id)) {
 		enter(c, id);
+	} else {
+		c->nr = id;
+		c->ts = 0;
+	}
 	return 0;
 }
 
@@ -297,12 +443,16 @@ int BPF_PROG(sys_exit_btf_cpu, struct pt_regs *regs, long ret)
 	c = bpf_map_lookup_elem(&syscall_start_cpu, &zero);
 	if (!c)
 		return 0;
-	if (c->ts) {
-		finish(c, ret);
+	if (c->inflight) {
+		c->inflight = 0;
+		if (c->ts)
+			finish(c, ret);
+		else if (is_error(ret))
+			untimed(c->nr, ret);
 		return 0;
 	}
-	/* Switched out since its entry: the start is in task storage. */
-	return exit_task(ret);
+	/* Switched out since its entry: a timed start is in task storage. */
+	return exit_task(regs, ret);
 }
 
 /* syscall_switch_btf_cpu moves the start of the syscall in flight on this
@@ -314,8 +464,11 @@ int BPF_PROG(syscall_switch_btf_cpu, bool preempt, struct task_struct *prev, str
 	struct start *c, *s;
 
 	c = bpf_map_lookup_elem(&syscall_start_cpu, &zero);
-	if (!c || !c->ts)
+	if (!c || !c->inflight)
 		return 0;
+	c->inflight = 0;
+	if (!c->ts)
+		return 0; /* untimed: exit_task reads its number from regs */
 	s = bpf_task_storage_get(&syscall_start_task, prev, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (s) {
 		s->ts = c->ts;
@@ -338,7 +491,7 @@ int BPF_PROG(sys_enter_btf_hash, struct pt_regs *regs, long id)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit_btf_hash, struct pt_regs *regs, long ret)
 {
-	return exit_hash(ret);
+	return exit_hash(regs, -1, ret);
 }
 
 SEC("raw_tp/sys_enter")
@@ -350,7 +503,7 @@ int BPF_PROG(sys_enter_raw_hash, struct pt_regs *regs, long id)
 SEC("raw_tp/sys_exit")
 int BPF_PROG(sys_exit_raw_hash, struct pt_regs *regs, long ret)
 {
-	return exit_hash(ret);
+	return exit_hash(regs, -1, ret);
 }
 
 SEC("tracepoint/raw_syscalls/sys_enter")
@@ -362,5 +515,5 @@ int sys_enter_tp_hash(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/raw_syscalls/sys_exit")
 int sys_exit_tp_hash(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_hash(ctx->ret);
+	return exit_hash(NULL, ctx->id, ctx->ret);
 }

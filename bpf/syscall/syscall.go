@@ -1,7 +1,8 @@
 // Package syscall loads the syscall-latency probe: raw_syscalls sys_enter
-// and sys_exit programs that sort every syscall's latency into per-CPU
-// native-histogram slots, and typed readers for those slots. It knows
-// nothing of Prometheus.
+// and sys_exit programs that count every syscall and sort the latency of
+// the timed ones (all, a sample, listed syscalls or chosen cgroups' ones)
+// into per-CPU native-histogram slots, and typed readers for those. It
+// knows nothing of Prometheus.
 package syscall
 
 import (
@@ -59,8 +60,39 @@ var Variants = []probe.Variant{
 	{Hook: probe.HookTracepoint, Storage: probe.StorageHash, Programs: pair("sys_enter_tp_hash", "sys_exit_tp_hash")},
 }
 
+// Timing is which syscalls are timed; every syscall is counted.
+type Timing string
+
+const (
+	// TimeAll times every syscall.
+	TimeAll Timing = "all"
+	// TimeSample times about one in SampleRate syscalls per CPU, skipping
+	// a random number between two (see count_and_pick in C).
+	TimeSample Timing = "sample"
+	// TimeList times the syscalls numbered in Syscalls.
+	TimeList Timing = "list"
+	// TimeCgroup times the syscalls of threads directly in the cgroups
+	// (v2 ids, the directories' inode numbers) in Cgroups.
+	TimeCgroup Timing = "cgroup"
+)
+
+// timingModes are the values of syscall_timing (enum timing in C).
+var timingModes = map[Timing]uint32{"": 0, TimeAll: 0, TimeSample: 1, TimeList: 2, TimeCgroup: 3}
+
+// MaxCgroups bounds Options.Cgroups (syscall_cgroups in C).
+const MaxCgroups = 1024
+
 // Options configure Load.
 type Options struct {
+	// Timing selects the syscalls timed; "" is TimeAll.
+	Timing Timing
+	// SampleRate is N for TimeSample: 1 in N syscalls are timed.
+	SampleRate uint32
+	// Syscalls are the numbers timed in TimeList.
+	Syscalls []uint32
+	// Cgroups are the cgroup v2 ids timed in TimeCgroup.
+	Cgroups []uint64
+
 	// Schema is the native-histogram schema of the kernel slots, 0..4.
 	Schema int
 	// Hook restricts the variants tried; HookAuto or "" tries all.
@@ -74,6 +106,8 @@ type Options struct {
 // maps are the maps a scrape or the span reader uses, whatever the variant.
 type maps struct {
 	Latency   *ebpf.Map `ebpf:"syscall_latency"`
+	Count     *ebpf.Map `ebpf:"syscall_count"`
+	Cgroups   *ebpf.Map `ebpf:"syscall_cgroups"`
 	Errors    *ebpf.Map `ebpf:"syscall_errors"`
 	Drops     *ebpf.Map `ebpf:"syscall_drops"`
 	Events    *ebpf.Map `ebpf:"ktel_events"`
@@ -99,7 +133,9 @@ type Probe struct {
 
 	// hists is syscall_latency mapped into memory: the histogram of
 	// syscall nr on CPU c at offset (c*MaxSyscalls+nr)*valueSize.
-	hists     *ebpf.Memory
+	hists *ebpf.Memory
+	// counts is syscall_count mapped likewise, 8 bytes per value.
+	counts    *ebpf.Memory
 	valueSize int
 
 	readMu sync.Mutex // guards the read buffers
@@ -114,11 +150,44 @@ type Probe struct {
 func Load(opts Options, log *slog.Logger) (*Probe, error) {
 	return probe.LoadHistogramProbe(opts.Schema, Variants, opts.Hook, opts.Variant, log,
 		func(layout *histogram.Layout, v probe.Variant, ncpu int) (*Probe, error) {
-			return load(layout, v, ncpu, opts.Spans)
+			return load(layout, v, ncpu, opts)
 		})
 }
 
-func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanOptions) (*Probe, error) {
+// setTiming writes the timing mode into the program's read-only data.
+func setTiming(specs *syscallSpecs, opts Options) error {
+	mode, ok := timingModes[opts.Timing]
+	if !ok {
+		return fmt.Errorf("unknown syscall timing %q", opts.Timing)
+	}
+	rate := max(opts.SampleRate, 1)
+	if rate > 1<<30 {
+		return fmt.Errorf("sample rate %d above 2^30", rate)
+	}
+	if len(opts.Cgroups) > MaxCgroups {
+		return fmt.Errorf("%d cgroups, more than %d", len(opts.Cgroups), MaxCgroups)
+	}
+	var timed [MaxSyscalls]uint8
+	for _, nr := range opts.Syscalls {
+		if nr >= MaxSyscalls {
+			return fmt.Errorf("syscall number %d not below %d", nr, MaxSyscalls)
+		}
+		timed[nr] = 1
+	}
+	if err := specs.SyscallTiming.Set(mode); err != nil {
+		return fmt.Errorf("set syscall_timing: %w", err)
+	}
+	if err := specs.SyscallSampleRate.Set(rate); err != nil {
+		return fmt.Errorf("set syscall_sample_rate: %w", err)
+	}
+	if err := specs.SyscallTimed.Set(timed); err != nil {
+		return fmt.Errorf("set syscall_timed: %w", err)
+	}
+	return nil
+}
+
+func load(layout *histogram.Layout, v probe.Variant, ncpu int, opts Options) (*Probe, error) {
+	spans := opts.Spans
 	spec, err := loadSyscall()
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
@@ -131,6 +200,10 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 		return nil, err
 	}
 	specs.SyscallLatency.MaxEntries = uint32(ncpu * MaxSyscalls)
+	specs.SyscallCount.MaxEntries = uint32(ncpu * MaxSyscalls)
+	if err := setTiming(&specs, opts); err != nil {
+		return nil, err
+	}
 	if err := spans.Apply(spec); err != nil {
 		return nil, err
 	}
@@ -153,9 +226,21 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if p.objs, err = probe.LoadVariant(spec, v, to...); err != nil {
 		return nil, err
 	}
+	// The programs are attached: cgroups listed now are timed from their
+	// first syscall after Load returns.
+	for _, id := range opts.Cgroups {
+		if err := p.maps.Cgroups.Put(id, uint8(1)); err != nil {
+			p.objs.Close()
+			return nil, fmt.Errorf("add cgroup %d to syscall_cgroups: %w", id, err)
+		}
+	}
 	if p.hists, err = p.maps.Latency.Memory(); err != nil {
 		p.objs.Close()
 		return nil, fmt.Errorf("map syscall_latency into memory: %w", err)
+	}
+	if p.counts, err = p.maps.Count.Memory(); err != nil {
+		p.objs.Close()
+		return nil, fmt.Errorf("map syscall_count into memory: %w", err)
 	}
 	p.valueSize = probe.HistValueSize(layout)
 	p.buf = make([]byte, ncpu*p.valueSize)
@@ -212,7 +297,11 @@ type ErrorKey struct {
 
 // Snapshot is one read of the probe's maps.
 type Snapshot struct {
-	// Latency by syscall number; syscalls never seen are absent.
+	// Counts are every syscall entered, by number; syscalls never seen
+	// are absent.
+	Counts map[uint32]uint64
+	// Latency of the timed syscalls by number; syscalls never timed are
+	// absent.
 	Latency map[uint32]Hist
 	// Errors counts failed syscalls.
 	Errors map[ErrorKey]uint64
@@ -230,7 +319,7 @@ type Snapshot struct {
 // read is not atomic across syscalls: a scrape may see one syscall's
 // histogram a few microseconds later than another's.
 func (p *Probe) Snapshot() (*Snapshot, error) {
-	s := &Snapshot{Latency: make(map[uint32]Hist), Errors: make(map[ErrorKey]uint64)}
+	s := &Snapshot{Counts: make(map[uint32]uint64), Latency: make(map[uint32]Hist), Errors: make(map[ErrorKey]uint64)}
 	p.readMu.Lock()
 	defer p.readMu.Unlock()
 	// Only the syscalls seen: most never are, and each histogram is
@@ -248,7 +337,14 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		}
 		var h Hist
 		h.Slots, h.SumNs = probe.SumHist(p.buf, p.ncpu, p.layout, nil)
-		s.Latency[uint32(nr)] = h
+		if h.Count() > 0 {
+			s.Latency[uint32(nr)] = h
+		}
+		n, err := p.readCount(uint32(nr))
+		if err != nil {
+			return nil, err
+		}
+		s.Counts[uint32(nr)] = n
 	}
 
 	errs, err := probe.SumPerCPUHash[syscallErrorsKey](p.maps.Errors, int(p.maps.Errors.MaxEntries()))
@@ -284,6 +380,20 @@ func (p *Probe) readHist(nr uint32) error {
 		}
 	}
 	return nil
+}
+
+// readCount sums syscall nr's count over CPUs, from the mapped
+// syscall_count.
+func (p *Probe) readCount(nr uint32) (uint64, error) {
+	var n uint64
+	var b [8]byte
+	for cpu := range p.ncpu {
+		if _, err := p.counts.ReadAt(b[:], int64((cpu*MaxSyscalls+int(nr))*8)); err != nil {
+			return 0, fmt.Errorf("read syscall_count of syscall %d on CPU %d: %w", nr, cpu, err)
+		}
+		n += binary.NativeEndian.Uint64(b[:])
+	}
+	return n, nil
 }
 
 // Event is one outlier syscall. Times are CLOCK_MONOTONIC nanoseconds.

@@ -26,10 +26,10 @@ type syscallKtelTokenBucket struct {
 }
 
 type syscallStart struct {
-	_   structs.HostLayout
-	Ts  uint64
-	Nr  uint32
-	Pad uint32
+	_        structs.HostLayout
+	Ts       uint64
+	Nr       uint32
+	Inflight uint32
 }
 
 type syscallSyscallEvent struct {
@@ -51,9 +51,12 @@ const (
 	syscallMapKtelEvents           = "ktel_events"
 	syscallMapKtelSpanDrops        = "ktel_span_drops"
 	syscallMapKtelSpanLimiter      = "ktel_span_limiter"
+	syscallMapSyscallCgroups       = "syscall_cgroups"
+	syscallMapSyscallCount         = "syscall_count"
 	syscallMapSyscallDrops         = "syscall_drops"
 	syscallMapSyscallErrors        = "syscall_errors"
 	syscallMapSyscallLatency       = "syscall_latency"
+	syscallMapSyscallSampleSkip    = "syscall_sample_skip"
 	syscallMapSyscallStartCpu      = "syscall_start_cpu"
 	syscallMapSyscallStartHash     = "syscall_start_hash"
 	syscallMapSyscallStartTask     = "syscall_start_task"
@@ -74,7 +77,10 @@ const (
 	syscallVarKtelSpanWakeupBytes  = "ktel_span_wakeup_bytes"
 	syscallVarSyscallNrExit        = "syscall_nr_exit"
 	syscallVarSyscallNrExitGroup   = "syscall_nr_exit_group"
+	syscallVarSyscallSampleRate    = "syscall_sample_rate"
 	syscallVarSyscallSeen          = "syscall_seen"
+	syscallVarSyscallTimed         = "syscall_timed"
+	syscallVarSyscallTiming        = "syscall_timing"
 	syscallVarUnusedSyscallEvent   = "unused_syscall_event"
 )
 
@@ -135,15 +141,18 @@ type syscallProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type syscallMapSpecs struct {
-	KtelEvents       *ebpf.MapSpec `ebpf:"ktel_events"`
-	KtelSpanDrops    *ebpf.MapSpec `ebpf:"ktel_span_drops"`
-	KtelSpanLimiter  *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
-	SyscallDrops     *ebpf.MapSpec `ebpf:"syscall_drops"`
-	SyscallErrors    *ebpf.MapSpec `ebpf:"syscall_errors"`
-	SyscallLatency   *ebpf.MapSpec `ebpf:"syscall_latency"`
-	SyscallStartCpu  *ebpf.MapSpec `ebpf:"syscall_start_cpu"`
-	SyscallStartHash *ebpf.MapSpec `ebpf:"syscall_start_hash"`
-	SyscallStartTask *ebpf.MapSpec `ebpf:"syscall_start_task"`
+	KtelEvents        *ebpf.MapSpec `ebpf:"ktel_events"`
+	KtelSpanDrops     *ebpf.MapSpec `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter   *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
+	SyscallCgroups    *ebpf.MapSpec `ebpf:"syscall_cgroups"`
+	SyscallCount      *ebpf.MapSpec `ebpf:"syscall_count"`
+	SyscallDrops      *ebpf.MapSpec `ebpf:"syscall_drops"`
+	SyscallErrors     *ebpf.MapSpec `ebpf:"syscall_errors"`
+	SyscallLatency    *ebpf.MapSpec `ebpf:"syscall_latency"`
+	SyscallSampleSkip *ebpf.MapSpec `ebpf:"syscall_sample_skip"`
+	SyscallStartCpu   *ebpf.MapSpec `ebpf:"syscall_start_cpu"`
+	SyscallStartHash  *ebpf.MapSpec `ebpf:"syscall_start_hash"`
+	SyscallStartTask  *ebpf.MapSpec `ebpf:"syscall_start_task"`
 }
 
 // syscallVariableSpecs contains global variables before they are loaded into the kernel.
@@ -158,7 +167,10 @@ type syscallVariableSpecs struct {
 	KtelSpanWakeupBytes *ebpf.VariableSpec `ebpf:"ktel_span_wakeup_bytes"`
 	SyscallNrExit       *ebpf.VariableSpec `ebpf:"syscall_nr_exit"`
 	SyscallNrExitGroup  *ebpf.VariableSpec `ebpf:"syscall_nr_exit_group"`
+	SyscallSampleRate   *ebpf.VariableSpec `ebpf:"syscall_sample_rate"`
 	SyscallSeen         *ebpf.VariableSpec `ebpf:"syscall_seen"`
+	SyscallTimed        *ebpf.VariableSpec `ebpf:"syscall_timed"`
+	SyscallTiming       *ebpf.VariableSpec `ebpf:"syscall_timing"`
 	UnusedSyscallEvent  *ebpf.VariableSpec `ebpf:"unused_syscall_event"`
 }
 
@@ -182,15 +194,18 @@ func (o *syscallObjects) Close() error {
 //
 // It can be passed to loadSyscallObjects or ebpf.CollectionSpec.LoadAndAssign.
 type syscallMaps struct {
-	KtelEvents       *ebpf.Map `ebpf:"ktel_events"`
-	KtelSpanDrops    *ebpf.Map `ebpf:"ktel_span_drops"`
-	KtelSpanLimiter  *ebpf.Map `ebpf:"ktel_span_limiter"`
-	SyscallDrops     *ebpf.Map `ebpf:"syscall_drops"`
-	SyscallErrors    *ebpf.Map `ebpf:"syscall_errors"`
-	SyscallLatency   *ebpf.Map `ebpf:"syscall_latency"`
-	SyscallStartCpu  *ebpf.Map `ebpf:"syscall_start_cpu"`
-	SyscallStartHash *ebpf.Map `ebpf:"syscall_start_hash"`
-	SyscallStartTask *ebpf.Map `ebpf:"syscall_start_task"`
+	KtelEvents        *ebpf.Map `ebpf:"ktel_events"`
+	KtelSpanDrops     *ebpf.Map `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter   *ebpf.Map `ebpf:"ktel_span_limiter"`
+	SyscallCgroups    *ebpf.Map `ebpf:"syscall_cgroups"`
+	SyscallCount      *ebpf.Map `ebpf:"syscall_count"`
+	SyscallDrops      *ebpf.Map `ebpf:"syscall_drops"`
+	SyscallErrors     *ebpf.Map `ebpf:"syscall_errors"`
+	SyscallLatency    *ebpf.Map `ebpf:"syscall_latency"`
+	SyscallSampleSkip *ebpf.Map `ebpf:"syscall_sample_skip"`
+	SyscallStartCpu   *ebpf.Map `ebpf:"syscall_start_cpu"`
+	SyscallStartHash  *ebpf.Map `ebpf:"syscall_start_hash"`
+	SyscallStartTask  *ebpf.Map `ebpf:"syscall_start_task"`
 }
 
 func (m *syscallMaps) Close() error {
@@ -198,9 +213,12 @@ func (m *syscallMaps) Close() error {
 		m.KtelEvents,
 		m.KtelSpanDrops,
 		m.KtelSpanLimiter,
+		m.SyscallCgroups,
+		m.SyscallCount,
 		m.SyscallDrops,
 		m.SyscallErrors,
 		m.SyscallLatency,
+		m.SyscallSampleSkip,
 		m.SyscallStartCpu,
 		m.SyscallStartHash,
 		m.SyscallStartTask,
@@ -219,7 +237,10 @@ type syscallVariables struct {
 	KtelSpanWakeupBytes *ebpf.Variable `ebpf:"ktel_span_wakeup_bytes"`
 	SyscallNrExit       *ebpf.Variable `ebpf:"syscall_nr_exit"`
 	SyscallNrExitGroup  *ebpf.Variable `ebpf:"syscall_nr_exit_group"`
+	SyscallSampleRate   *ebpf.Variable `ebpf:"syscall_sample_rate"`
 	SyscallSeen         *ebpf.Variable `ebpf:"syscall_seen"`
+	SyscallTimed        *ebpf.Variable `ebpf:"syscall_timed"`
+	SyscallTiming       *ebpf.Variable `ebpf:"syscall_timing"`
 	UnusedSyscallEvent  *ebpf.Variable `ebpf:"unused_syscall_event"`
 }
 

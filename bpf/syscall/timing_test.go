@@ -1,0 +1,201 @@
+package syscall
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ktel-dev/ktel/internal/testenv"
+)
+
+// getpids calls getpid n times from one locked OS thread.
+func getpids(n int) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	for range n {
+		unix.RawSyscall(unix.SYS_GETPID, 0, 0, 0)
+	}
+}
+
+// timedAndCounted are the rises in syscall nr's histogram count and exact
+// count between two snapshots.
+func timedAndCounted(before, after *Snapshot, nr uint32) (timed, counted uint64) {
+	return after.Latency[nr].Count() - before.Latency[nr].Count(), after.Counts[nr] - before.Counts[nr]
+}
+
+// Other processes on the host call getpid too, and are counted: a few per
+// thousand of ours is allowed.
+func checkCounted(t *testing.T, counted uint64, n int) {
+	t.Helper()
+	if counted < uint64(n) || counted > uint64(n)+uint64(n)/100+50 {
+		t.Errorf("getpid counted %d times, want %d (exact, give or take other processes' calls)", counted, n)
+	}
+}
+
+// Sampling times about 1 in N syscalls, in every variant, and counts all.
+func TestSampleTiming(t *testing.T) {
+	testenv.Privileged(t)
+	testenv.Tracefs(t)
+	const n, rate = 64000, 16
+	for _, v := range Variants {
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v, Timing: TimeSample, SampleRate: rate}, discard())
+			if err != nil {
+				t.Fatalf("load: %+v", err)
+			}
+			defer p.Close()
+			before, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			getpids(n)
+			after, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			timed, counted := timedAndCounted(before, after, unix.SYS_GETPID)
+			checkCounted(t, counted, n)
+			// 4000 expected; the timed count's spread is below 2% of
+			// that: 25% is far outside chance and far from 1 in 1 or 1
+			// in 2N.
+			if want := float64(n) / rate; float64(timed) < 0.75*want || float64(timed) > 1.25*want {
+				t.Errorf("getpid timed %d times of %d, want about %.0f (1 in %d)", timed, counted, want, rate)
+			}
+		})
+	}
+}
+
+// The list mode times the listed syscalls only, and still counts the
+// others and their failures.
+func TestListTiming(t *testing.T) {
+	testenv.Privileged(t)
+	testenv.Tracefs(t)
+	const n = 2000
+	for _, v := range Variants {
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v, Timing: TimeList, Syscalls: []uint32{unix.SYS_GETPID}}, discard())
+			if err != nil {
+				t.Fatalf("load: %+v", err)
+			}
+			defer p.Close()
+			before, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			func() {
+				runtime.LockOSThread()
+				defer runtime.UnlockOSThread()
+				for range n {
+					unix.RawSyscall(unix.SYS_GETPID, 0, 0, 0)
+					unix.RawSyscall(unix.SYS_CLOSE, ^uintptr(0), 0, 0) // EBADF
+				}
+			}()
+			after, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			timed, counted := timedAndCounted(before, after, unix.SYS_GETPID)
+			checkCounted(t, counted, n)
+			if timed < n || timed > counted {
+				t.Errorf("getpid (listed) timed %d times, counted %d, want every one of ours", timed, counted)
+			}
+			if timed, counted := timedAndCounted(before, after, unix.SYS_CLOSE); timed != 0 || counted < n {
+				t.Errorf("close (not listed) timed %d times, counted %d; want 0 and >= %d", timed, counted, n)
+			}
+			key := ErrorKey{Nr: unix.SYS_CLOSE, Errno: uint32(unix.EBADF)}
+			if got := after.Errors[key] - before.Errors[key]; got < n {
+				t.Errorf("close EBADF errors (untimed) rose by %d, want >= %d", got, n)
+			}
+			for nr, h := range after.Latency {
+				if nr != unix.SYS_GETPID && h.Count() > 0 {
+					t.Errorf("%s timed though not listed", NativeName(nr))
+				}
+			}
+		})
+	}
+}
+
+// helperGetpidsVar makes the test binary a helper that calls getpid the
+// given number of times and exits (TestMain).
+const helperGetpidsVar = "KTEL_SYSCALL_TEST_GETPIDS"
+
+func TestMain(m *testing.M) {
+	if s := os.Getenv(helperGetpidsVar); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		getpids(n)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// The cgroup mode times the syscalls of processes in the listed cgroups
+// only: a helper started in the test's own child cgroup is timed, the
+// test's own calls (outside it) are only counted.
+func TestCgroupTiming(t *testing.T) {
+	testenv.Privileged(t)
+	const root = "/sys/fs/cgroup/unified"
+	var st unix.Statfs_t
+	if err := unix.Statfs(root, &st); err != nil || st.Type != unix.CGROUP2_SUPER_MAGIC {
+		t.Fatalf("%s: not a cgroup v2 hierarchy (%v)", root, err)
+	}
+	dir := filepath.Join(root, fmt.Sprintf("ktel-test-syscall-%d", os.Getpid()))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(dir); err != nil {
+			t.Errorf("remove cgroup: %v", err)
+		}
+	})
+	var cst unix.Stat_t
+	if err := unix.Stat(dir, &cst); err != nil {
+		t.Fatal(err)
+	}
+	cg, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+
+	for _, v := range Variants {
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v, Timing: TimeCgroup, Cgroups: []uint64{cst.Ino}}, discard())
+			if err != nil {
+				t.Fatalf("load: %+v", err)
+			}
+			defer p.Close()
+			before, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			const ours, helper = 5000, 3000
+			getpids(ours)
+			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), helperGetpidsVar+"="+strconv.Itoa(helper))
+			cmd.SysProcAttr = &unix.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("helper: %v: %s", err, out)
+			}
+			after, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			timed, counted := timedAndCounted(before, after, unix.SYS_GETPID)
+			checkCounted(t, counted, ours+helper)
+			// The helper's Go runtime may call getpid itself a few times.
+			if timed < helper || timed > helper+50 {
+				t.Errorf("getpid timed %d times, want the helper's %d only (counted %d)", timed, helper, counted)
+			}
+		})
+	}
+}
