@@ -27,14 +27,16 @@ type SyscallCollector struct {
 	exemplars *Exemplars
 	snap      *Cached[*sysprobe.Snapshot]
 	name      func(nr uint32) string
+	calls     *prometheus.Desc
 	latency   *prometheus.Desc
 	errors    *prometheus.Desc
 	dropped   *prometheus.Desc
 	untimed   *prometheus.Desc
 }
 
-// NewSyscallCollector exports the syscall probe's histograms as
-// ktel_syscall_latency_seconds{syscall} and its failures as
+// NewSyscallCollector exports the syscall probe's exact counts as
+// ktel_syscalls_total{syscall}, the histograms of the timed syscalls as
+// ktel_syscall_latency_seconds{syscall} and the failures as
 // ktel_syscall_errors_total{syscall,errno}. name turns syscall numbers
 // into names (sysprobe.NativeName outside tests).
 // Exemplars, when not nil, supply exemplars for the latency histograms.
@@ -44,14 +46,16 @@ func NewSyscallCollector(src SyscallSource, name func(nr uint32) string, ex *Exe
 		exemplars: ex,
 		snap:      NewCached(src.Snapshot, DefaultMaxAge),
 		name:      name,
+		calls: prometheus.NewDesc("ktel_syscalls_total",
+			"Syscalls entered, per syscall: every one, whether ktel_syscall_latency_seconds times it or not.", []string{"syscall"}, nil),
 		latency: prometheus.NewDesc(SyscallLatency,
-			"Time from syscall entry to exit, per syscall.", []string{"syscall"}, nil),
+			"Time from syscall entry to exit, per syscall, of the syscalls timed (KTEL_SYSCALL_TIMING: all, a sample, listed syscalls or chosen cgroups'); ktel_syscalls_total counts them all.", []string{"syscall"}, nil),
 		errors: prometheus.NewDesc("ktel_syscall_errors_total",
 			"Syscalls that returned an error, per syscall and errno.", []string{"syscall", "errno"}, nil),
 		dropped: prometheus.NewDesc("ktel_syscall_errors_dropped_total",
 			"Failed syscalls not counted in ktel_syscall_errors_total because its kernel map was full.", nil, nil),
 		untimed: prometheus.NewDesc("ktel_syscall_untimed_total",
-			"Syscalls missing from ktel_syscall_latency_seconds because the kernel had no memory to keep their start.", nil, nil),
+			"Syscalls chosen for timing but missing from ktel_syscall_latency_seconds because the kernel had no memory to keep their start.", nil, nil),
 	}
 }
 
@@ -71,6 +75,9 @@ func (c *SyscallCollector) Update(ch chan<- prometheus.Metric) error {
 			m = prometheus.NewInvalidMetric(c.latency, err)
 		}
 		ch <- m
+	}
+	for nr, n := range s.Counts {
+		ch <- prometheus.MustNewConstMetric(c.calls, prometheus.CounterValue, float64(n), c.name(nr))
 	}
 	for k, n := range s.Errors {
 		ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(n), c.name(k.Nr), errnoName(k.Errno))

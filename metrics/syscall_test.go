@@ -50,6 +50,7 @@ func newFake(t *testing.T) *fakeSyscalls {
 	slots[l.Slot(3000)] += 2   // 3 µs
 	slots[l.Slot(2_000_000)]++ // 2 ms
 	return &fakeSyscalls{layout: l, snap: &sysprobe.Snapshot{
+		Counts:  map[uint32]uint64{0: 40, 39: 9},
 		Latency: map[uint32]sysprobe.Hist{0: {Slots: slots, SumNs: 500 + 6000 + 2_000_000}},
 		Errors: map[sysprobe.ErrorKey]uint64{
 			{Nr: 0, Errno: 11}:  7,
@@ -74,14 +75,18 @@ ktel_syscall_errors_dropped_total 3
 # TYPE ktel_syscall_errors_total counter
 ktel_syscall_errors_total{errno="512",syscall="read"} 1
 ktel_syscall_errors_total{errno="EAGAIN",syscall="read"} 7
-# HELP ktel_syscall_untimed_total Syscalls missing from ktel_syscall_latency_seconds because the kernel had no memory to keep their start.
+# HELP ktel_syscalls_total Syscalls entered, per syscall: every one, whether ktel_syscall_latency_seconds times it or not.
+# TYPE ktel_syscalls_total counter
+ktel_syscalls_total{syscall="getpid"} 9
+ktel_syscalls_total{syscall="read"} 40
+# HELP ktel_syscall_untimed_total Syscalls chosen for timing but missing from ktel_syscall_latency_seconds because the kernel had no memory to keep their start.
 # TYPE ktel_syscall_untimed_total counter
 ktel_syscall_untimed_total 2
 # HELP ktel_spans_dropped_total Outlier events that did not become exported spans, by probe and reason: rate_limited and ringbuf_full in the kernel, queue_full and export_failed in ktel.
 # TYPE ktel_spans_dropped_total counter
 ktel_spans_dropped_total{probe="syscall",reason="rate_limited"} 5
 ktel_spans_dropped_total{probe="syscall",reason="ringbuf_full"} 0
-# HELP ktel_syscall_latency_seconds Time from syscall entry to exit, per syscall.
+# HELP ktel_syscall_latency_seconds Time from syscall entry to exit, per syscall, of the syscalls timed (KTEL_SYSCALL_TIMING: all, a sample, listed syscalls or chosen cgroups'); ktel_syscalls_total counts them all.
 # TYPE ktel_syscall_latency_seconds histogram
 ` + classicLines("read", map[int]int{-20: 1, -18: 3, -8: 4}, 4, 0.0020065) + "\n"
 	if err := testutil.GatherAndCompare(g, strings.NewReader(want)); err != nil {

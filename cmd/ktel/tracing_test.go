@@ -33,6 +33,8 @@ func tracingEnv(c *otelcoltest.Collector, proto string, extra ...string) []strin
 		"OTEL_EXPORTER_OTLP_ENDPOINT=" + endpoint,
 		"OTEL_EXPORTER_OTLP_PROTOCOL=" + proto,
 		"OTEL_SERVICE_NAME=",
+		// Only timed syscalls become spans: time them all.
+		"KTEL_SYSCALL_TIMING=all",
 	}, extra...)
 }
 

@@ -54,7 +54,7 @@ func TestDefaults(t *testing.T) {
 	want := Config{ListenAddress: ":9437", MaxScrapes: 10, KeepCapabilities: "auto", Probes: "syscall,runqlat,tcpretrans", LogLevel: "info", LogFormat: "text",
 		TCPRetransMaxPeers: 100, NetdevHook: "tc", NetdevTCMode: "auto", NetdevMaxInterfaces: 256,
 		LBAlgorithm: "random", LBMaglevTableSize: 1021, LBMaxServices: 16384, LBMaxBackends: 65536, LBMaxSockets: 65536, LBSource: "file",
-		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", RunqlatHook: "auto", RunqlatPerCPU: false,
+		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", SyscallTiming: "sample", SyscallSampleRate: 64, RunqlatHook: "auto", RunqlatPerCPU: false,
 		SyscallSpanThreshold: 100 * time.Millisecond, RunqlatSpanThreshold: 50 * time.Millisecond,
 		SpanRateLimit: 1000, SpanQueueSize: 4096,
 		WorkloadLabelTTL: 2 * time.Minute, WorkloadMaxLabelSets: 2000}

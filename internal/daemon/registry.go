@@ -87,7 +87,7 @@ var registry = []registration{
 	{
 		Probe: config.Probe{Name: "syscall", Default: true, Help: "per-syscall latency histograms and error counts",
 			Validate: func(c *config.Config, _ bool) []error {
-				return append(validHook("KTEL_SYSCALL_HOOK", c.SyscallHook), validThreshold("KTEL_SYSCALL_SPAN_THRESHOLD", c.SyscallSpanThreshold)...)
+				return slices.Concat(validHook("KTEL_SYSCALL_HOOK", c.SyscallHook), validThreshold("KTEL_SYSCALL_SPAN_THRESHOLD", c.SyscallSpanThreshold), validSyscallTiming(c))
 			}},
 		load:    []caps.Cap{caps.BPF, caps.Perfmon},
 		start:   startSyscall,
@@ -163,6 +163,74 @@ func validHook(name, hook string) []error {
 		return []error{config.Invalid(name, hook, "")}
 	}
 	return nil
+}
+
+// validSyscallTiming checks the KTEL_SYSCALL_TIMING block. The list and
+// the cgroups are checked whatever the mode, so that a typo shows before
+// the mode is switched.
+func validSyscallTiming(c *config.Config) []error {
+	var errs []error
+	if !config.OneOf(c.SyscallTiming, string(sysprobe.TimeSample), string(sysprobe.TimeAll), string(sysprobe.TimeList), string(sysprobe.TimeCgroup)) {
+		errs = append(errs, config.Invalid("KTEL_SYSCALL_TIMING", c.SyscallTiming, ""))
+	}
+	if c.SyscallSampleRate < 1 || c.SyscallSampleRate > 1<<30 {
+		errs = append(errs, config.Invalid("KTEL_SYSCALL_SAMPLE_RATE", strconv.Itoa(c.SyscallSampleRate), "out of range"))
+	}
+	if nrs, err := syscallNumbers(c.SyscallList); err != nil {
+		errs = append(errs, config.Invalid("KTEL_SYSCALL_LIST", c.SyscallList, err.Error()))
+	} else if len(nrs) == 0 && c.SyscallTiming == string(sysprobe.TimeList) {
+		errs = append(errs, config.Invalid("KTEL_SYSCALL_LIST", c.SyscallList, "KTEL_SYSCALL_TIMING=list but no syscall is named"))
+	}
+	if ids, err := cgroupIDs(c.SyscallCgroups); err != nil {
+		errs = append(errs, config.Invalid("KTEL_SYSCALL_CGROUPS", c.SyscallCgroups, err.Error()))
+	} else if len(ids) == 0 && c.SyscallTiming == string(sysprobe.TimeCgroup) {
+		errs = append(errs, config.Invalid("KTEL_SYSCALL_CGROUPS", c.SyscallCgroups, "KTEL_SYSCALL_TIMING=cgroup but no cgroup is named"))
+	}
+	return errs
+}
+
+// listItems splits a comma-separated list, dropping empty items.
+func listItems(s string) []string {
+	return strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' })
+}
+
+// syscallNumbers are the numbers of the syscalls named in list.
+func syscallNumbers(list string) ([]uint32, error) {
+	var out []uint32
+	for _, name := range listItems(list) {
+		nr, ok := sysprobe.NativeNumber(name)
+		if !ok {
+			return nil, fmt.Errorf("unknown syscall %q", name)
+		}
+		if nr >= sysprobe.MaxSyscalls {
+			return nil, fmt.Errorf("syscall %q numbered %d, not below %d", name, nr, sysprobe.MaxSyscalls)
+		}
+		out = append(out, nr)
+	}
+	return out, nil
+}
+
+// cgroupIDs are the ids of the cgroup v2 directories in list: a cgroup v2
+// directory's inode number is its id.
+func cgroupIDs(list string) ([]uint64, error) {
+	var out []uint64
+	for _, dir := range listItems(list) {
+		if !config.IsFS(dir, unix.CGROUP2_SUPER_MAGIC) {
+			return nil, fmt.Errorf("%s: not a directory of a cgroup v2 hierarchy", dir)
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(dir, &st); err != nil {
+			return nil, fmt.Errorf("%s: %w", dir, err)
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			return nil, fmt.Errorf("%s: not a directory", dir)
+		}
+		out = append(out, st.Ino)
+	}
+	if len(out) > sysprobe.MaxCgroups {
+		return nil, fmt.Errorf("%d cgroups, more than %d", len(out), sysprobe.MaxCgroups)
+	}
+	return out, nil
 }
 
 func validThreshold(name string, d time.Duration) []error {
@@ -258,15 +326,28 @@ type syscallProbe struct {
 }
 
 func startSyscall(e env) (loaded, error) {
+	// Validated with the rest of the configuration (validSyscallTiming).
+	nrs, err := syscallNumbers(e.cfg.SyscallList)
+	if err != nil {
+		return nil, err
+	}
+	cgroups, err := cgroupIDs(e.cfg.SyscallCgroups)
+	if err != nil {
+		return nil, err
+	}
 	p, err := sysprobe.Load(sysprobe.Options{
-		Schema: e.cfg.HistogramSchema,
-		Hook:   probe.Hook(e.cfg.SyscallHook),
-		Spans:  e.spanOptions(e.cfg.SyscallSpanThreshold),
+		Schema:     e.cfg.HistogramSchema,
+		Hook:       probe.Hook(e.cfg.SyscallHook),
+		Spans:      e.spanOptions(e.cfg.SyscallSpanThreshold),
+		Timing:     sysprobe.Timing(e.cfg.SyscallTiming),
+		SampleRate: uint32(e.cfg.SyscallSampleRate),
+		Syscalls:   nrs,
+		Cgroups:    cgroups,
 	}, e.log)
 	if err != nil {
 		return nil, err
 	}
-	e.log.Info("probe attached", "variant", p.Variant().String())
+	e.log.Info("probe attached", "variant", p.Variant().String(), "timing", e.cfg.SyscallTiming)
 	return syscallProbe{p, metrics.NewSyscallCollector(p, sysprobe.NativeName, e.exemplars)}, nil
 }
 

@@ -3,9 +3,12 @@ package daemon
 import (
 	"errors"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/probe"
@@ -52,6 +55,18 @@ func TestProbeValidation(t *testing.T) {
 		{"KTEL_RUNQLAT_HOOK", "raw_tp", true},
 		{"KTEL_RUNQLAT_HOOK", "fentry", false},
 		{"KTEL_SYSCALL_SPAN_THRESHOLD", "-1s", false},
+		{"KTEL_SYSCALL_TIMING", "all", true},
+		{"KTEL_SYSCALL_TIMING", "sample", true},
+		{"KTEL_SYSCALL_TIMING", "some", false},
+		{"KTEL_SYSCALL_SAMPLE_RATE", "1", true},
+		{"KTEL_SYSCALL_SAMPLE_RATE", "1073741824", true},
+		{"KTEL_SYSCALL_SAMPLE_RATE", "1073741825", false},
+		{"KTEL_SYSCALL_SAMPLE_RATE", "0", false},
+		{"KTEL_SYSCALL_SAMPLE_RATE", "often", false},
+		{"KTEL_SYSCALL_LIST", "read, write,futex", true},
+		{"KTEL_SYSCALL_LIST", "read,nosuch", false},
+		{"KTEL_SYSCALL_CGROUPS", "/tmp", false},
+		{"KTEL_SYSCALL_CGROUPS", "/nonexistent", false},
 		{"KTEL_TCPRETRANS_MAX_PEERS", "1", true},
 		{"KTEL_TCPRETRANS_MAX_PEERS", "0", false},
 		{"KTEL_TCPRETRANS_MAX_PEERS", "4096", true},
@@ -232,4 +247,56 @@ func TestLBSource(t *testing.T) {
 			t.Errorf("%v: error %v, want one naming %s", tc.env, err, tc.wantVar)
 		}
 	}
+}
+
+// The list and cgroup timing modes with what they need, and what the
+// syscall probe is given from them.
+func TestSyscallTimingInputs(t *testing.T) {
+	// Without their input, the error names the variable to set.
+	for mode, want := range map[string]string{"list": "KTEL_SYSCALL_LIST", "cgroup": "KTEL_SYSCALL_CGROUPS"} {
+		setenv(t, map[string]string{"KTEL_SYSCALL_TIMING": mode})
+		var ce *config.Error
+		if _, err := config.Load(Probes()); !errors.As(err, &ce) || ce.Var != want {
+			t.Errorf("KTEL_SYSCALL_TIMING=%s alone: %v, want an error about %s", mode, err, want)
+		}
+	}
+	setenv(t, map[string]string{"KTEL_SYSCALL_TIMING": "list", "KTEL_SYSCALL_LIST": "getpid,close,getpid"})
+	c, err := config.Load(Probes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	nrs, err := syscallNumbers(c.SyscallList)
+	if err != nil || !slices.Equal(nrs, []uint32{unix.SYS_GETPID, unix.SYS_CLOSE, unix.SYS_GETPID}) {
+		t.Errorf("syscallNumbers = %v, %v", nrs, err)
+	}
+
+	root := cgroup2Root(t)
+	setenv(t, map[string]string{"KTEL_SYSCALL_TIMING": "cgroup", "KTEL_SYSCALL_CGROUPS": root})
+	if c, err = config.Load(Probes()); err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(root, &st); err != nil {
+		t.Fatal(err)
+	}
+	if ids, err := cgroupIDs(c.SyscallCgroups); err != nil || !slices.Equal(ids, []uint64{st.Ino}) {
+		t.Errorf("cgroupIDs = %v, %v; want the inode %d of %s", ids, err, st.Ino, root)
+	}
+}
+
+// cgroup2Root is where the cgroup v2 hierarchy is mounted, from
+// /proc/self/mountinfo (field 5 is the mount point; the type follows " - ").
+func cgroup2Root(t *testing.T) string {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if i := slices.Index(f, "-"); i > 4 && i+1 < len(f) && f[i+1] == "cgroup2" {
+			return f[4]
+		}
+	}
+	t.Skip("no cgroup v2 hierarchy mounted")
+	return ""
 }

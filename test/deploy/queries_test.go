@@ -432,6 +432,7 @@ func startKtel(t *testing.T, have []string, w *workload) string {
 		"KTEL_PROBES=" + strings.Join(have, ","),
 		"KTEL_BPF_STATS=true",
 		"KTEL_SYSCALL_SPAN_THRESHOLD=1ms",
+		"KTEL_SYSCALL_TIMING=all", // every slow syscall a span candidate
 		"KTEL_RUNQLAT_SPAN_THRESHOLD=1ms",
 		"OTEL_EXPORTER_OTLP_ENDPOINT=" + w.otlpURL,
 		"OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf",
