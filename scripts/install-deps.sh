@@ -4,13 +4,14 @@
 # libbpf headers the BPF programs include), kernel UAPI headers (syscall tables),
 # bpftool, Prometheus (promtool and the server, for end-to-end tests),
 # iptables and iproute2 (network-namespace tests), util-linux (setpriv) and
-# systemd (systemd-analyze verify of the unit). The benchmarks install
-# bpftrace, their point of comparison, themselves. Idempotent and quick
+# systemd (systemd-analyze verify of the unit), redis-server and redis-tools
+# (the application row of make bench). The benchmarks install bpftrace,
+# their point of comparison, themselves (and redis when it is missing). Idempotent and quick
 # when everything is present.
 set -euo pipefail
 
 packages=(clang-19 llvm-19 libbpf-dev bpftool prometheus iptables iproute2 curl util-linux
-	systemd linux-libc-dev linux-libc-dev-arm64-cross)
+	systemd linux-libc-dev linux-libc-dev-arm64-cross redis-server redis-tools)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -27,9 +28,12 @@ if ((${#missing[@]})); then
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 	# The Debian package starts a Prometheus server where it can; tests run
 	# their own.
-	if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
-		systemctl disable --now prometheus >/dev/null 2>&1 || true
-	fi
+	# So does redis-server's; the benchmark runs its own.
+	for svc in prometheus redis-server; do
+		if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+			systemctl disable --now "$svc" >/dev/null 2>&1 || true
+		fi
+	done
 fi
 
 go mod download

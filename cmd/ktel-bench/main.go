@@ -40,12 +40,14 @@ type config struct {
 }
 
 // benchmarks in the order they run; -only picks some.
-var benchmarks = []string{"syscall", "runqlat", "netdev", "scrape", "accuracy"}
+var benchmarks = []string{"syscall", "runqlat", "redis", "netdev", "scrape", "accuracy"}
 
 type options struct {
 	rounds, calls, trips, cpu, packets int
 	busy, idle                         time.Duration
 	sleeps                             int
+	redisRounds, redisRequests         int
+	redisClients                       int
 	daemon                             string
 	bpftrace                           bool
 }
@@ -59,6 +61,9 @@ func main() {
 	flag.IntVar(&o.packets, "packets", 200000, "UDP packets per measurement (netdev)")
 	flag.DurationVar(&o.busy, "busy", time.Minute, "busy period before the scrape measurements (scrape)")
 	flag.DurationVar(&o.idle, "idle", 10*time.Second, "idle period over which the daemon's idle CPU is measured (scrape)")
+	flag.IntVar(&o.redisRounds, "redis-rounds", 7, "interleaved rounds per configuration (redis)")
+	flag.IntVar(&o.redisRequests, "redis-requests", 100000, "requests per redis-benchmark test, SET and GET each (redis)")
+	flag.IntVar(&o.redisClients, "redis-clients", 50, "redis-benchmark clients (redis)")
 	flag.IntVar(&o.sleeps, "sleeps", 200, "clock_nanosleep calls per duration (accuracy)")
 	flag.StringVar(&o.daemon, "daemon", "bin/ktel", "the built daemon (scrape); built into a temporary directory if missing")
 	flag.BoolVar(&o.bpftrace, "bpftrace", true, "compare with bpftrace (installed with apt-get when missing)")
@@ -97,7 +102,7 @@ func main() {
 	fmt.Fprintf(w, "%s\n\n", machine())
 
 	bt := ""
-	if o.bpftrace && (want("syscall") || want("runqlat")) {
+	if o.bpftrace && (want("syscall") || want("runqlat") || want("redis")) {
 		var err error
 		if bt, err = findBpftrace(); err != nil {
 			fmt.Fprintln(w, "bpftrace unavailable, not compared:", err)
@@ -109,6 +114,9 @@ func main() {
 	}
 	if want("runqlat") {
 		runRunqlatBench(w, log, sum, o, bt)
+	}
+	if want("redis") {
+		runRedisBench(w, log, sum, o, bt)
 	}
 	if want("netdev") {
 		runNetdevBench(w, log, sum, o)
