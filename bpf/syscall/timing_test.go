@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -143,10 +144,9 @@ func TestMain(m *testing.M) {
 // test's own calls (outside it) are only counted.
 func TestCgroupTiming(t *testing.T) {
 	testenv.Privileged(t)
-	const root = "/sys/fs/cgroup/unified"
-	var st unix.Statfs_t
-	if err := unix.Statfs(root, &st); err != nil || st.Type != unix.CGROUP2_SUPER_MAGIC {
-		t.Fatalf("%s: not a cgroup v2 hierarchy (%v)", root, err)
+	root, err := cgroups.V2Root()
+	if err != nil {
+		t.Fatalf("cgroup v2 root: %v", err)
 	}
 	dir := filepath.Join(root, fmt.Sprintf("ktel-test-syscall-%d", os.Getpid()))
 	if err := os.Mkdir(dir, 0o755); err != nil {
@@ -157,8 +157,8 @@ func TestCgroupTiming(t *testing.T) {
 			t.Errorf("remove cgroup: %v", err)
 		}
 	})
-	var cst unix.Stat_t
-	if err := unix.Stat(dir, &cst); err != nil {
+	id, err := cgroups.ID(dir)
+	if err != nil {
 		t.Fatal(err)
 	}
 	cg, err := os.Open(dir)
@@ -169,7 +169,7 @@ func TestCgroupTiming(t *testing.T) {
 
 	for _, v := range Variants {
 		t.Run(v.String(), func(t *testing.T) {
-			p, err := Load(Options{Schema: 3, Variant: &v, Timing: TimeCgroup, Cgroups: []uint64{cst.Ino}}, discard())
+			p, err := Load(Options{Schema: 3, Variant: &v, Timing: TimeCgroup, Cgroups: []uint64{id}}, discard())
 			if err != nil {
 				t.Fatalf("load: %+v", err)
 			}

@@ -21,6 +21,7 @@ import (
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
 	"github.com/ktel-dev/ktel/internal/caps"
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/config"
 	lbctl "github.com/ktel-dev/ktel/internal/lb"
 	"github.com/ktel-dev/ktel/internal/probe"
@@ -210,22 +211,18 @@ func syscallNumbers(list string) ([]uint32, error) {
 	return out, nil
 }
 
-// cgroupIDs are the ids of the cgroup v2 directories in list: a cgroup v2
-// directory's inode number is its id.
+// cgroupIDs are the ids of the cgroup v2 directories in list.
 func cgroupIDs(list string) ([]uint64, error) {
 	var out []uint64
 	for _, dir := range listItems(list) {
 		if !config.IsFS(dir, unix.CGROUP2_SUPER_MAGIC) {
 			return nil, fmt.Errorf("%s: not a directory of a cgroup v2 hierarchy", dir)
 		}
-		var st unix.Stat_t
-		if err := unix.Stat(dir, &st); err != nil {
+		id, err := cgroups.ID(dir)
+		if err != nil {
 			return nil, fmt.Errorf("%s: %w", dir, err)
 		}
-		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-			return nil, fmt.Errorf("%s: not a directory", dir)
-		}
-		out = append(out, st.Ino)
+		out = append(out, id)
 	}
 	if len(out) > sysprobe.MaxCgroups {
 		return nil, fmt.Errorf("%d cgroups, more than %d", len(out), sysprobe.MaxCgroups)

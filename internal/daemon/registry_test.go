@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/probe"
 )
@@ -270,7 +271,12 @@ func TestSyscallTimingInputs(t *testing.T) {
 		t.Errorf("syscallNumbers = %v, %v", nrs, err)
 	}
 
-	root := cgroup2Root(t)
+	root, err := cgroups.V2Root()
+	if errors.Is(err, cgroups.ErrNoV2) {
+		t.Skip("no cgroup v2 hierarchy mounted")
+	} else if err != nil {
+		t.Fatalf("cgroup v2 root: %v", err)
+	}
 	setenv(t, map[string]string{"KTEL_SYSCALL_TIMING": "cgroup", "KTEL_SYSCALL_CGROUPS": root})
 	if c, err = config.Load(Probes()); err != nil {
 		t.Fatal(err)
@@ -282,21 +288,4 @@ func TestSyscallTimingInputs(t *testing.T) {
 	if ids, err := cgroupIDs(c.SyscallCgroups); err != nil || !slices.Equal(ids, []uint64{st.Ino}) {
 		t.Errorf("cgroupIDs = %v, %v; want the inode %d of %s", ids, err, st.Ino, root)
 	}
-}
-
-// cgroup2Root is where the cgroup v2 hierarchy is mounted, from
-// /proc/self/mountinfo (field 5 is the mount point; the type follows " - ").
-func cgroup2Root(t *testing.T) string {
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if i := slices.Index(f, "-"); i > 4 && i+1 < len(f) && f[i+1] == "cgroup2" {
-			return f[4]
-		}
-	}
-	t.Skip("no cgroup v2 hierarchy mounted")
-	return ""
 }
