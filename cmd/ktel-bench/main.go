@@ -3,8 +3,9 @@
 // side by side in one run: configurations are interleaved round by round on
 // one pinned CPU, and medians (with the spread of the rounds) are compared,
 // because a shared machine drifts more between runs than between
-// neighbouring rounds. It also measures scrapes of the built daemon, its
-// footprint, and the accuracy of its histograms.
+// neighbouring rounds. It also measures what an application feels
+// (redis-benchmark's requests per second under each probe), scrapes of the
+// built daemon, its footprint, and the accuracy of its histograms.
 // It prints figures and the goals they are set against; it never passes or
 // fails on them.
 //
