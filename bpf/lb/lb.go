@@ -19,6 +19,7 @@ import (
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	ctl "github.com/ktel-dev/ktel/internal/lb"
 	"github.com/ktel-dev/ktel/internal/probe"
 )
@@ -154,7 +155,7 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 		return nil, fmt.Errorf("max sockets %d: want 1..%d", opts.MaxSockets, 1<<24)
 	}
 	if opts.Cgroup == "" {
-		if opts.Cgroup, err = ctl.CgroupV2Root(); err != nil {
+		if opts.Cgroup, err = cgroups.V2Root(); err != nil {
 			return nil, fmt.Errorf("%w: %w", probe.ErrUnsupported, err)
 		}
 	}

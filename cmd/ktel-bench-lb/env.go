@@ -15,7 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	ctl "github.com/ktel-dev/ktel/internal/lb"
+	"github.com/ktel-dev/ktel/internal/cgroups"
 )
 
 // Addresses. VIPs are 10.96.0.1 onwards (100,000 services reach
@@ -89,7 +89,7 @@ func newEnv(roles []string, endpoints int) (e *env, err error) {
 		}
 	}
 
-	root, err := ctl.CgroupV2Root()
+	root, err := cgroups.V2Root()
 	if err != nil {
 		return e, err
 	}

@@ -24,8 +24,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/histogram"
-	"github.com/ktel-dev/ktel/internal/lb"
 	"github.com/ktel-dev/ktel/metrics"
 )
 
@@ -121,7 +121,7 @@ func daemonBinary(path string) (string, func(), error) {
 // of its own (with a veth pair in it), lb balances an empty cgroup.
 func allProbesEnv() ([]string, func(), error) {
 	ns := fmt.Sprintf("ktel-bench-%d-d", os.Getpid())
-	root, err := lb.CgroupV2Root()
+	root, err := cgroups.V2Root()
 	if err != nil {
 		return nil, func() {}, err
 	}

@@ -1,4 +1,4 @@
-package cgroups
+package cgroups_test
 
 import (
 	"encoding/binary"
@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -26,14 +27,14 @@ func TestIndexTTL(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ctrID, err := ID(ctr)
+	ctrID, err := cgroups.ID(ctr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	svcID, _ := ID(svc)
+	svcID, _ := cgroups.ID(svc)
 
 	const ttl = time.Minute
-	x := NewIndex(root, ttl)
+	x := cgroups.NewIndex(root, ttl)
 	t0 := time.Unix(1000, 0)
 	if err := x.Refresh(t0); err != nil {
 		t.Fatal(err)
@@ -45,7 +46,7 @@ func TestIndexTTL(t *testing.T) {
 	if c, ok := x.Lookup(svcID); !ok || c.Workload.Unit != "foo.service" {
 		t.Fatalf("Lookup(service) = %+v, %v", c, ok)
 	}
-	rootID, _ := ID(root)
+	rootID, _ := cgroups.ID(root)
 	if c, ok := x.Lookup(rootID); !ok || c.Path != "/" {
 		t.Fatalf("Lookup(root) = %+v, %v", c, ok)
 	}
@@ -78,7 +79,7 @@ func TestIndexTTL(t *testing.T) {
 }
 
 func TestIndexMissingRoot(t *testing.T) {
-	x := NewIndex(filepath.Join(t.TempDir(), "nope"), time.Minute)
+	x := cgroups.NewIndex(filepath.Join(t.TempDir(), "nope"), time.Minute)
 	if err := x.Refresh(time.Now()); err == nil {
 		t.Fatal("Refresh of a missing root: no error")
 	}
@@ -89,7 +90,7 @@ func TestIndexMissingRoot(t *testing.T) {
 // returns), and the index finds cgroups created below a test's own child.
 func TestIndexCgroupV2(t *testing.T) {
 	testenv.Privileged(t)
-	root, err := V2Root()
+	root, err := cgroups.V2Root()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +106,7 @@ func TestIndexCgroupV2(t *testing.T) {
 			}
 		}
 	})
-	id, err := ID(svc)
+	id, err := cgroups.ID(svc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +117,7 @@ func TestIndexCgroupV2(t *testing.T) {
 	if kid := binary.NativeEndian.Uint64(h.Bytes()); kid != id {
 		t.Fatalf("inode %d, kernel cgroup id %d", id, kid)
 	}
-	x := NewIndex(root, time.Minute)
+	x := cgroups.NewIndex(root, time.Minute)
 	if err := x.Refresh(time.Now()); err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +130,7 @@ func TestIndexCgroupV2(t *testing.T) {
 // Cgroups that come and go during walks are skipped, never an error.
 func TestIndexRefreshRacesRemoval(t *testing.T) {
 	root := t.TempDir()
-	x := NewIndex(root, time.Minute)
+	x := cgroups.NewIndex(root, time.Minute)
 	stop := make(chan struct{})
 	done := make(chan struct{})
 	go func() {

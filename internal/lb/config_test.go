@@ -128,29 +128,6 @@ func TestParseEmpty(t *testing.T) {
 	}
 }
 
-func TestCgroup2Mount(t *testing.T) {
-	const hybrid = `31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-`
-	if got, err := cgroup2Mount(strings.NewReader(hybrid)); err != nil || got != "/sys/fs/cgroup/unified" {
-		t.Errorf("hybrid: %q %v", got, err)
-	}
-	const unified = `35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate
-`
-	if got, err := cgroup2Mount(strings.NewReader(unified)); err != nil || got != "/sys/fs/cgroup" {
-		t.Errorf("unified: %q %v", got, err)
-	}
-	const spaced = `35 24 0:30 / /mnt/my\040cgroup rw - cgroup2 none rw
-`
-	if got, _ := cgroup2Mount(strings.NewReader(spaced)); got != "/mnt/my cgroup" {
-		t.Errorf("escaped: %q", got)
-	}
-	if _, err := cgroup2Mount(strings.NewReader("1 2 0:1 / / rw - ext4 /dev/sda rw\n")); err == nil {
-		t.Error("found a cgroup2 mount in none")
-	}
-}
-
 // sampleServices covers every field: IPv4 and IPv6, TCP and UDP, weights,
 // no backends, many backends (a map checks their uniqueness).
 func sampleServices() []Service {

@@ -13,7 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	lbctl "github.com/ktel-dev/ktel/internal/lb"
+	"github.com/ktel-dev/ktel/internal/cgroups"
 )
 
 // NetnsPath is where `ip netns add NAME` puts a namespace's file.
@@ -99,7 +99,7 @@ func NewSandbox(tb testing.TB, name string) *Sandbox {
 	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		tb.Fatalf("lo up in %s: %v: %s", name, err, out)
 	}
-	root, err := lbctl.CgroupV2Root()
+	root, err := cgroups.V2Root()
 	if err != nil {
 		tb.Fatal(err)
 	}

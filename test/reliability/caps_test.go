@@ -14,7 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	lbctl "github.com/ktel-dev/ktel/internal/lb"
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -265,7 +265,7 @@ func TestNetdevInterfaceSlots(t *testing.T) {
 func TestLBServicesCap(t *testing.T) {
 	testenv.Privileged(t)
 	bin := binary(t)
-	root, err := lbctl.CgroupV2Root()
+	root, err := cgroups.V2Root()
 	if err != nil {
 		t.Fatalf("cgroup v2 root: %v", err)
 	}
