@@ -5,15 +5,22 @@ package netdev
 // opened inside them. Nothing here touches the host's interfaces.
 
 import (
+	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/ktel-dev/ktel/internal/testenv"
 	"golang.org/x/sys/unix"
@@ -225,4 +232,95 @@ func ifindex(t *testing.T, ns, dev string) int {
 		return err
 	})
 	return idx
+}
+
+var tcx struct {
+	once sync.Once
+	have bool
+	err  error
+}
+
+// haveTCX reports whether the kernel has tcx links (6.6+). It asks as
+// link.AttachTCX does: an attach to an interface that cannot exist fails
+// with ENODEV where tcx exists and with ebpf.ErrNotSupported where not.
+// Nothing is attached.
+func haveTCX(t *testing.T) bool {
+	t.Helper()
+	tcx.once.Do(func() {
+		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+			Type:         ebpf.SchedCLS,
+			License:      "GPL",
+			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()},
+		})
+		if err != nil {
+			tcx.err = err
+			return
+		}
+		defer prog.Close()
+		l, err := link.AttachTCX(link.TCXOptions{Interface: math.MaxUint32, Program: prog, Attach: ebpf.AttachTCXIngress})
+		switch {
+		case err == nil:
+			l.Close()
+			tcx.err = errors.New("tcx attached to an interface that cannot exist")
+		case errors.Is(err, ebpf.ErrNotSupported):
+		default:
+			tcx.have = true
+		}
+	})
+	if tcx.err != nil {
+		t.Fatal(tcx.err)
+	}
+	return tcx.have
+}
+
+// autoHook is the TC hook TCAuto must pick on this kernel.
+func autoHook(t *testing.T) string {
+	if haveTCX(t) {
+		return "tcx"
+	}
+	return "clsact"
+}
+
+// load loads o in ns, where dev matches o.Interfaces. Where o forces tcx
+// on a kernel without it, it checks instead that Load fails, saying the
+// kernel lacks it, and leaves dev's qdiscs as they were and no filter of
+// the probe's; then it returns nil.
+func load(t *testing.T, o Options, ns, dev string) *Probe {
+	t.Helper()
+	refused := o.TC == TCX && !haveTCX(t)
+	var qdiscs string
+	if refused {
+		qdiscs = tcShow(t, ns, dev, "qdisc")
+	}
+	p, err := Load(o, testLog(t))
+	if !refused {
+		if err != nil {
+			t.Fatalf("load in %s: %v", ns, err)
+		}
+		return p
+	}
+	if err == nil {
+		p.Close()
+		t.Fatal("tcx forced on a kernel without tcx: Load succeeded")
+	}
+	if !errors.Is(err, ErrNothingAttached) || !errors.Is(err, ebpf.ErrNotSupported) {
+		t.Fatalf("tcx forced on a kernel without tcx: %v; want ErrNothingAttached wrapping ebpf.ErrNotSupported", err)
+	}
+	t.Logf("tcx forced on a kernel without tcx: %v", err)
+	if out := tcShow(t, ns, dev, "qdisc"); out != qdiscs {
+		t.Errorf("%s: qdiscs changed by a refused Load:\n%s\nwas:\n%s", dev, out, qdiscs)
+	} else if strings.Contains(out, "clsact") {
+		if f := tcShow(t, ns, dev, "filter", "ingress") + tcShow(t, ns, dev, "filter", "egress"); strings.Contains(f, filterName) {
+			t.Errorf("%s: a filter of the probe's after a refused Load:\n%s", dev, f)
+		}
+	}
+	return nil
+}
+
+// tcModes are the modes that force a TC hook this kernel has.
+func tcModes(t *testing.T) []mode {
+	if haveTCX(t) {
+		return modes[:2]
+	}
+	return modes[1:2]
 }

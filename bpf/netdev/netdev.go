@@ -77,6 +77,12 @@ type Options struct {
 // ErrNoInterfaces is returned by Load for an empty Options.Interfaces.
 var ErrNoInterfaces = errors.New("no interfaces to watch")
 
+// ErrNothingAttached is returned by Load when interfaces matched but none
+// could be attached. It wraps the first interface's error, which tells
+// whether the kernel lacks what was asked for (ebpf.ErrNotSupported: tcx
+// forced before 6.6).
+var ErrNothingAttached = errors.New("attached nothing")
+
 // ParseInterfaces splits a comma-separated list of names and globs and
 // checks each glob.
 func ParseInterfaces(s string) ([]string, error) {
@@ -240,8 +246,10 @@ type ifaceInfo struct {
 }
 
 // Load loads the programs and starts the watcher, which attaches to every
-// matching interface present; it returns once those are attached (a
-// failure on one interface is logged, not returned).
+// matching interface present; it returns once those are attached. A
+// failure on some interfaces is logged, not returned; when every matching
+// interface failed, Load fails with ErrNothingAttached. Matching no
+// interface yet is no failure: they are attached when they appear.
 func Load(opts Options, log *slog.Logger) (*Probe, error) {
 	if len(opts.Interfaces) == 0 {
 		return nil, ErrNoInterfaces

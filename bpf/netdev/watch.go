@@ -28,6 +28,11 @@ type watcher struct {
 	// long done when the slot is zeroed for the next.
 	free []uint32
 	tcx  bool // tcx not yet found missing
+	// failed counts the interfaces that could not be attached, and first
+	// is the first such error: Load fails when every matching interface
+	// present at start failed.
+	failed int
+	first  error
 }
 
 // attachment is what the probe attached to one interface.
@@ -81,6 +86,14 @@ func (p *Probe) watch(ready chan<- error) {
 	if err := w.resync(); err != nil {
 		cancel()
 		ready <- err
+		return
+	}
+	if len(w.attached) == 0 && w.failed > 0 {
+		// Asked to count interfaces and counting none, for a reason that
+		// will most likely hold for those that appear later (tcx forced on
+		// a kernel before 6.6): this probe is not working, and says so.
+		cancel()
+		ready <- fmt.Errorf("%w of %d matching interfaces; the first: %w", ErrNothingAttached, w.failed, w.first)
 		return
 	}
 	if len(w.attached) == 0 {
@@ -245,7 +258,14 @@ func (w *watcher) consider(l netlink.Link) {
 	}
 	delete(w.waiting, attrs.Index)
 	if err := w.attach(l); err != nil {
-		w.log.Warn("interface not attached", "interface", attrs.Name, "err", err)
+		w.notAttached(attrs.Name, err)
+	}
+}
+
+func (w *watcher) notAttached(name string, err error) {
+	w.log.Warn("interface not attached", "interface", name, "err", err)
+	if w.failed++; w.first == nil {
+		w.first = fmt.Errorf("%s: %w", name, err)
 	}
 }
 
@@ -257,7 +277,7 @@ func (w *watcher) fillFreedSlots() {
 		l := w.waiting[idx]
 		delete(w.waiting, idx)
 		if err := w.attach(l); err != nil {
-			w.log.Warn("interface not attached", "interface", l.Attrs().Name, "err", err)
+			w.notAttached(l.Attrs().Name, err)
 		}
 	}
 }
