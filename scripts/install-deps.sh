@@ -5,13 +5,15 @@
 # bpftool, Prometheus (promtool and the server, for end-to-end tests),
 # iptables and iproute2 (network-namespace tests), util-linux (setpriv) and
 # systemd (systemd-analyze verify of the unit), redis-server and redis-tools
-# (the application row of make bench). The benchmarks install bpftrace,
+# (the application row of make bench), qemu and kmod (make test-kernel
+# boots Debian's 6.1 kernel, which hack/kernel/run.sh fetches into
+# .cache/kernel without installing it). The benchmarks install bpftrace,
 # their point of comparison, themselves (and redis when it is missing). Idempotent and quick
 # when everything is present.
 set -euo pipefail
 
 packages=(clang-19 llvm-19 libbpf-dev bpftool prometheus iptables iproute2 curl util-linux
-	systemd linux-libc-dev linux-libc-dev-arm64-cross redis-server redis-tools)
+	systemd linux-libc-dev linux-libc-dev-arm64-cross redis-server redis-tools qemu-system-x86 kmod)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Runs ktel on Debian 12's stock kernel (linux-image-cloud-amd64, 6.1) under
+# qemu in software emulation: `ktel check`, a serve with a scrape, and the
+# privileged tests of the packages given as arguments (import paths
+# relative to the module, e.g. ./bpf/netdev). See `make test-kernel`.
+#
+# Nothing is installed on the host but qemu and kmod (scripts/install-deps.sh):
+# the kernel and busybox are Debian packages fetched with apt-get download
+# and unpacked into the git-ignored .cache/kernel/. The guest boots an
+# initramfs holding busybox, the static ktel, the tests compiled with
+# `go test -c`, iproute2, iptables (nft) and kmod with their libraries, and
+# the kernel's modules; hack/kernel/init runs it all and powers off.
+#
+# Environment: KTEL_BINARY (static ktel, default bin/ktel), KERNEL_TIMEOUT
+# (whole boot, default 40m), KERNEL_RUN (a -test.run pattern, to debug one
+# test), KERNEL_ACCEL (default tcg,thread=single: qemu's multi-threaded TCG
+# froze 6.1 guests while patching static branches).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+pkgs=("$@")
+((${#pkgs[@]})) || { echo "usage: $0 ./pkg..." >&2; exit 2; }
+
+ktel=${KTEL_BINARY:-bin/ktel}
+cache=$PWD/.cache/kernel
+timeout=${KERNEL_TIMEOUT:-40m}
+accel=${KERNEL_ACCEL:-tcg,thread=single}
+log=$cache/console.log
+start=$SECONDS
+
+step() { printf '== test-kernel: %s (%ds)\n' "$*" $((SECONDS - start)); }
+
+# --- Debian packages: the kernel the cloud meta-package points at today
+# (its name carries an ABI number that changes), and busybox.
+image=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ {print $2; exit}') || true
+if [[ -z $image ]]; then
+	apt-get update -qq
+	image=$(apt-cache depends linux-image-cloud-amd64 | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ {print $2; exit}')
+fi
+[[ -n $image ]] || { echo "test-kernel: no kernel package behind linux-image-cloud-amd64" >&2; exit 1; }
+kver=${image#linux-image-}
+
+mkdir -p "$cache/debs"
+for p in "$image" busybox-static; do
+	if ! compgen -G "$cache/debs/${p}_*.deb" >/dev/null; then
+		step "apt-get download $p"
+		# _apt cannot write into a root-owned directory; download as root.
+		(cd "$cache/debs" && apt-get download -o APT::Sandbox::User=root "$p")
+	fi
+done
+pkgroot=$cache/pkgs/$kver
+if [[ ! -e $pkgroot/.done ]]; then
+	step "unpack $image and busybox-static"
+	rm -rf "$pkgroot" && mkdir -p "$pkgroot"
+	for d in "$cache"/debs/"${image}"_*.deb "$cache"/debs/busybox-static_*.deb; do
+		dpkg-deb -x "$d" "$pkgroot"
+	done
+	touch "$pkgroot/.done"
+fi
+kernel=$pkgroot/boot/vmlinuz-$kver
+
+# --- Test binaries, each with its package's testdata and run in its
+# directory under /src, as go test runs it.
+root=$cache/initramfs
+rm -rf "$root"
+mkdir -p "$root"/{bin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,var,root,src,tests}
+ln -s ../run "$root/var/run"
+step "go test -c ${pkgs[*]}"
+: >"$root/tests/list"
+for p in "${pkgs[@]}"; do
+	rel=${p#./}
+	# Named as go test names it: tests may look for their own name.
+	bin=tests/$rel/$(basename "$rel").test
+	CGO_ENABLED=0 go test -c -ldflags='-s -w' -o "$root/$bin" "./$rel"
+	mkdir -p "$root/src/$rel"
+	if [[ -d $rel/testdata ]]; then cp -a "$rel/testdata" "$root/src/$rel/"; fi
+	echo "$rel /$bin" >>"$root/tests/list"
+done
+cp README.md "$root/src/"
+install -m 755 "$ktel" "$root/bin/ktel"
+
+# --- busybox, iproute2, iptables (nft) and kmod from this Debian 12 host,
+# with their shared libraries; the xtables extensions are loaded with
+# dlopen, so ldd does not see them.
+cp "$pkgroot/bin/busybox" "$root/bin/busybox"
+for a in $("$root/bin/busybox" --list); do
+	[[ -e $root/bin/$a ]] || ln -s busybox "$root/bin/$a"
+done
+tools=(/usr/sbin/ip /usr/sbin/tc /usr/sbin/xtables-nft-multi /usr/bin/kmod)
+xt=/usr/lib/x86_64-linux-gnu/xtables
+for t in "${tools[@]}"; do
+	[[ -x $t ]] || { echo "test-kernel: $t missing: run scripts/install-deps.sh" >&2; exit 1; }
+done
+libs=$(ldd "${tools[@]}" "$xt"/*.so | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}' | sort -u)
+for f in "${tools[@]}" $libs "$xt"/*.so; do
+	mkdir -p "$root$(dirname "$f")"
+	cp -L "$f" "$root$f"
+done
+# The guest's PATH puts /usr/sbin before busybox's /bin.
+for n in iptables ip6tables; do ln -s xtables-nft-multi "$root/usr/sbin/$n"; done
+for n in modprobe depmod insmod lsmod rmmod; do ln -s ../bin/kmod "$root/usr/sbin/$n"; done
+cp /etc/protocols /etc/services "$root/etc/"
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
+printf '127.0.0.1 localhost\n::1 localhost\n' >"$root/etc/hosts"
+
+# --- Modules the tests and the probes need, with what they depend on.
+mods=(veth sch_ingress cls_bpf nf_tables nft_compat)
+mkdir -p "$root/lib/modules/$kver"
+cp "$pkgroot/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/" 2>/dev/null || true
+depmod -b "$pkgroot" "$kver"
+need=$(for m in "${mods[@]}"; do modprobe -d "$pkgroot" -S "$kver" --show-depends "$m"; done | awk '$1 == "insmod" {print $2}' | sort -u)
+for f in $need; do
+	rel=${f#"$pkgroot"}
+	mkdir -p "$root$(dirname "$rel")"
+	cp "$f" "$root$rel"
+done
+depmod -b "$root" "$kver"
+echo "${mods[*]}" >"$root/etc/ktel-modules"
+
+cp hack/kernel/init "$root/init"
+chmod 755 "$root/init"
+
+step "initramfs"
+(cd "$root" && find . -print0 | LC_ALL=C sort -z | "$pkgroot/bin/busybox" cpio -o -H newc -0 2>/dev/null) | gzip -1 >"$cache/initramfs.cpio.gz"
+ls -l --block-size=M "$cache/initramfs.cpio.gz" | awk '{print "== test-kernel: initramfs " $5}'
+
+# --- Boot. The guest prints one "ktel-kernel:" line per step and a final
+# "ktel-kernel: PASS" or "ktel-kernel: FAIL ...".
+step "boot $kver under qemu ($accel)"
+cmdline="console=ttyS0 panic=-1 loglevel=4 ktel.run=${KERNEL_RUN:-}"
+set +e
+timeout --foreground -k 10s "$timeout" qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m 2G \
+	-nographic -no-reboot -kernel "$kernel" -initrd "$cache/initramfs.cpio.gz" \
+	-append "$cmdline" </dev/null 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+step "qemu exited with status $rc"
+if ((rc == 124)); then
+	echo "test-kernel: FAIL: the guest did not finish within $timeout ($log)" >&2
+	exit 1
+fi
+result=$(grep -a '^ktel-kernel: \(PASS\|FAIL\)' "$log" | tail -1 | tr -d '\r')
+case $result in
+"ktel-kernel: PASS") echo "test-kernel: PASS on $kver ($((SECONDS - start)) s; log in $log)" ;;
+"") echo "test-kernel: FAIL: no result line in $log" >&2; exit 1 ;;
+*) echo "test-kernel: $result ($log)" >&2; exit 1 ;;
+esac
