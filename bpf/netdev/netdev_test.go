@@ -16,6 +16,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
@@ -629,7 +630,7 @@ func TestCoexistence(t *testing.T) {
 					return err
 				}
 				var err error
-				if h, err = netlink.NewHandle(); err != nil {
+				if h, err = netlink.NewHandle(unix.NETLINK_ROUTE); err != nil {
 					return err
 				}
 				if err := h.QdiscAdd(&netlink.Clsact{QdiscAttrs: netlink.QdiscAttrs{
@@ -716,7 +717,7 @@ func TestNothingAttached(t *testing.T) {
 	other, _ := counterProg(t)
 	idx := ifindex(t, nsA, a1)
 	inNetns(t, nsA, func() error {
-		h, err := netlink.NewHandle()
+		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 		if err != nil {
 			return err
 		}
@@ -767,7 +768,7 @@ func TestStaleFilter(t *testing.T) {
 	stale, _ := counterProg(t)
 	idx := ifindex(t, nsA, a)
 	inNetns(t, nsA, func() error {
-		h, err := netlink.NewHandle()
+		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 		if err != nil {
 			return err
 		}
@@ -807,7 +808,7 @@ func TestStaleFilter(t *testing.T) {
 		}
 		// Re-create the stale filter for the next mode.
 		inNetns(t, nsA, func() error {
-			h, err := netlink.NewHandle()
+			h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 			if err != nil {
 				return err
 			}
