@@ -12,9 +12,10 @@
 # the kernel's modules; hack/kernel/init runs it all and powers off.
 #
 # Environment: KTEL_BINARY (static ktel, default bin/ktel), KERNEL_TIMEOUT
-# (whole boot, default 40m), KERNEL_RUN (a -test.run pattern, to debug one
-# test), KERNEL_ACCEL (default tcg,thread=single: qemu's multi-threaded TCG
-# froze 6.1 guests while patching static branches).
+# (the whole boot, default 15m; a run takes about 3 minutes), KERNEL_RUN
+# (a -test.run pattern: only those tests, verbose, and no check or scrape),
+# KERNEL_ACCEL (default tcg,thread=single: qemu's multi-threaded TCG froze
+# 6.1 guests while patching static branches).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -23,7 +24,7 @@ pkgs=("$@")
 
 ktel=${KTEL_BINARY:-bin/ktel}
 cache=$PWD/.cache/kernel
-timeout=${KERNEL_TIMEOUT:-40m}
+timeout=${KERNEL_TIMEOUT:-15m}
 accel=${KERNEL_ACCEL:-tcg,thread=single}
 log=$cache/console.log
 start=$SECONDS
