@@ -54,13 +54,14 @@ test: tools otelcol kube deploy-go-tools
 # in software emulation (hack/kernel/run.sh): `ktel check` with every probe,
 # forced tcx failing before 6.6, a serve whose scrape shows every probe up,
 # and the tests of KERNEL_TEST_PKGS, none skipping: every package with
-# privileged tests but cmd/ktel, internal/otelcoltest, test/deploy and
-# test/reliability, which need the Go toolchain, the OpenTelemetry
-# Collector, Prometheus or systemd (make test runs them here); the daemon
-# itself is covered in the guest by the check and the scrape.
+# privileged tests but cmd/ktel, internal/otelcoltest, internal/k8smeta,
+# test/deploy and test/reliability, which need the Go toolchain, the
+# OpenTelemetry Collector, a Kubernetes API server, Prometheus or systemd
+# (make test runs them here); the daemon itself is covered in the guest by
+# the check and the scrape.
 # KERNEL_RUN=TestX runs only the tests matching it.
 KERNEL_TEST_PKGS = ./bpf/syscall ./bpf/runqlat ./bpf/tcpretrans ./bpf/netdev ./bpf/lb \
-                   ./internal/probe ./internal/daemon ./metrics ./tracing
+                   ./internal/probe ./internal/daemon ./internal/cgroups ./metrics ./tracing
 test-kernel: tools build
 	KTEL_BINARY=$(BINARY) ./hack/kernel/run.sh $(KERNEL_TEST_PKGS)
 
