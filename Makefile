@@ -57,13 +57,15 @@ test: tools otelcol kube deploy-go-tools
 # privileged tests but cmd/ktel, internal/otelcoltest, internal/k8smeta,
 # test/deploy and test/reliability, which need the Go toolchain, the
 # OpenTelemetry Collector, a Kubernetes API server, Prometheus or systemd
-# (make test runs them here); the daemon itself is covered in the guest by
-# the check and the scrape.
+# (make test runs them here), and bpf/lb's TestKubernetes* for the same
+# reason (KERNEL_SKIP); the daemon itself is covered in the guest by the
+# check and the scrape.
 # KERNEL_RUN=TestX runs only the tests matching it.
 KERNEL_TEST_PKGS = ./bpf/syscall ./bpf/runqlat ./bpf/tcpretrans ./bpf/netdev ./bpf/lb \
                    ./internal/probe ./internal/daemon ./internal/cgroups ./metrics ./tracing
+KERNEL_SKIP ?= ^TestKubernetes
 test-kernel: tools build
-	KTEL_BINARY=$(BINARY) ./hack/kernel/run.sh $(KERNEL_TEST_PKGS)
+	KTEL_BINARY=$(BINARY) KERNEL_SKIP='$(KERNEL_SKIP)' ./hack/kernel/run.sh $(KERNEL_TEST_PKGS)
 
 # Pinned helm/kustomize (Go module proxy) and the dashboards' npm packages.
 deploy-tools:

@@ -14,6 +14,7 @@
 # Environment: KTEL_BINARY (static ktel, default bin/ktel), KERNEL_TIMEOUT
 # (the whole boot, default 15m; a run takes about 3 minutes), KERNEL_RUN
 # (a -test.run pattern: only those tests, verbose, and no check or scrape),
+# KERNEL_SKIP (a -test.skip pattern, without spaces: tests not run at all),
 # KERNEL_ACCEL (default tcg,thread=single: qemu's multi-threaded TCG froze
 # 6.1 guests while patching static branches).
 set -euo pipefail
@@ -129,7 +130,7 @@ ls -l --block-size=M "$cache/initramfs.cpio.gz" | awk '{print "== test-kernel: i
 # --- Boot. The guest prints one "ktel-kernel:" line per step and a final
 # "ktel-kernel: PASS" or "ktel-kernel: FAIL ...".
 step "boot $kver under qemu ($accel)"
-cmdline="console=ttyS0 panic=-1 loglevel=4 ktel.run=${KERNEL_RUN:-}"
+cmdline="console=ttyS0 panic=-1 loglevel=4 ktel.run=${KERNEL_RUN:-} ktel.skip=${KERNEL_SKIP:-}"
 set +e
 timeout --foreground -k 10s "$timeout" qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m 2G \
 	-nographic -no-reboot -kernel "$kernel" -initrd "$cache/initramfs.cpio.gz" \
