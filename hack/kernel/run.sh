@@ -67,6 +67,8 @@ root=$cache/initramfs
 rm -rf "$root"
 mkdir -p "$root"/{bin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,var,root,src,tests}
 ln -s ../run "$root/var/run"
+# The kernel loads modules on demand with /sbin/modprobe.
+ln -s usr/sbin "$root/sbin"
 step "go test -c ${pkgs[*]}"
 : >"$root/tests/list"
 for p in "${pkgs[@]}"; do
@@ -107,7 +109,8 @@ printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 printf '127.0.0.1 localhost\n::1 localhost\n' >"$root/etc/hosts"
 
 # --- Modules the tests and the probes need, with what they depend on.
-mods=(veth sch_ingress cls_bpf nf_tables nft_compat)
+# inet_diag and udp_diag: lb closes UDP sockets through sock_diag before 6.5.
+mods=(veth sch_ingress cls_bpf nf_tables nft_compat inet_diag udp_diag)
 mkdir -p "$root/lib/modules/$kver"
 cp "$pkgroot/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/" 2>/dev/null || true
 depmod -b "$pkgroot" "$kver"
