@@ -1,12 +1,16 @@
 package metrics
 
 import (
+	"errors"
+	"fmt"
 	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ktel-dev/ktel/bpf/runqlat"
 	"github.com/ktel-dev/ktel/internal/histogram"
+	"github.com/ktel-dev/ktel/internal/k8smeta"
 )
 
 // RunqueueLatency is the run-queue histogram's name, for exemplars.
@@ -18,13 +22,41 @@ type RunqlatSource interface {
 	Layout() *histogram.Layout
 }
 
+// RunqlatCgroups is what the collector also needs with workload
+// attribution: deleting idle cgroups' histograms.
+type RunqlatCgroups interface {
+	ForgetCgroup(id uint64) error
+}
+
 type runqlatCollector struct {
 	layout    *histogram.Layout
+	forget    RunqlatCgroups
+	workloads *workloadSums[struct{}]
+	overflow  *prometheus.Desc
 	exemplars *Exemplars
 	snap      *Cached[*runqlat.Snapshot]
 	perCPU    bool
 	latency   *prometheus.Desc
 	dropped   *prometheus.Desc
+}
+
+// NewRunqlatWorkloadCollector exports ktel_runqueue_latency_seconds by
+// workload (labels namespace, pod, container, unit) from a probe loaded
+// with per-cgroup histograms: res names each cgroup, and a cgroup whose
+// histogram has not changed for ttl is deleted from the kernel (its series
+// goes when none of its workload's cgroups is left). Waits the kernel
+// could not key by cgroup (its map full) are exported as unit="other" and
+// counted in ktel_label_overflow_total{probe="runqlat",label="cgroup"}.
+func NewRunqlatWorkloadCollector(src RunqlatSource, forget RunqlatCgroups, res Workloads, ttl time.Duration, ex *Exemplars) Collector {
+	c := NewRunqlatCollector(src, false, ex).(*runqlatCollector)
+	c.forget = forget
+	c.workloads = newWorkloadSums[struct{}](res, ttl)
+	c.latency = prometheus.NewDesc(RunqueueLatency,
+		"Time runnable tasks waited for a CPU: from wakeup or preemption to running.", workloadLabels, nil)
+	c.overflow = prometheus.NewDesc("ktel_label_overflow_total",
+		"Observations exported under the label value \"other\" because the label had reached its cap on distinct values.",
+		nil, prometheus.Labels{"probe": "runqlat", "label": "cgroup"})
+	return c
 }
 
 // NewRunqlatCollector exports ktel_runqueue_latency_seconds, with a cpu
@@ -58,14 +90,59 @@ func (c *runqlatCollector) Update(ch chan<- prometheus.Metric) error {
 		}
 		ch <- m
 	}
-	if c.perCPU {
+	switch {
+	case c.workloads != nil:
+		if err := c.updateWorkloads(ch, s); err != nil {
+			return err
+		}
+	case c.perCPU:
 		for cpu, h := range s.PerCPU {
 			send(newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, nil, strconv.Itoa(cpu)))
 		}
-	} else {
+	default:
 		send(newLatencyHistogram(c.latency, c.layout, s.Total.Slots, s.Total.SumNs, c.exemplars.forSeries(RunqueueLatency, nil)))
 	}
 	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.Dropped))
 	sendKernelSpanDrops(ch, "runqlat", s.SpanDrops)
+	return nil
+}
+
+// updateWorkloads sends one histogram per workload.
+func (c *runqlatCollector) updateWorkloads(ch chan<- prometheus.Metric, s *runqlat.Snapshot) error {
+	cur := make(map[cgroupKey[struct{}]][]uint64, len(s.Cgroups))
+	for id, h := range s.Cgroups {
+		cur[cgroupKey[struct{}]{id: id}] = append(h.Slots[:len(h.Slots):len(h.Slots)], h.SumNs)
+	}
+	series, forget := c.workloads.update(cur)
+	var errs []error
+	for _, ck := range forget {
+		if err := c.forget.ForgetCgroup(ck.id); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	n := c.layout.Slots()
+	if s.CgroupsFull > 0 {
+		// The kernel's map was full: those waits are in Total.
+		other := k8smeta.Labels{Unit: k8smeta.Overflow}
+		sk := workloadKey[struct{}]{labels: other}
+		v := append(s.Total.Slots[:n:n], s.Total.SumNs)
+		if prev := series[sk]; prev != nil {
+			for i := range v {
+				v[i] += prev[i]
+			}
+		}
+		series[sk] = v
+	}
+	for sk, v := range series {
+		m, err := newLatencyHistogram(c.latency, c.layout, v[:n], v[n], nil, workloadValues(sk.labels)...)
+		if err != nil {
+			m = prometheus.NewInvalidMetric(c.latency, err)
+		}
+		ch <- m
+	}
+	ch <- prometheus.MustNewConstMetric(c.overflow, prometheus.CounterValue, float64(s.CgroupsFull))
+	if len(errs) > 0 {
+		return fmt.Errorf("forget idle cgroups: %w", errors.Join(errs...))
+	}
 	return nil
 }

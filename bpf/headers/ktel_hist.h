@@ -50,3 +50,10 @@ static __always_inline void ktel_hist_add(__u64 *hist, __u64 v)
 	hist[ktel_slot(v)]++;
 	hist[ktel_slots] += v;
 }
+
+/* ktel_hist_add_atomic is ktel_hist_add for a value shared by CPUs. */
+static __always_inline void ktel_hist_add_atomic(__u64 *hist, __u64 v)
+{
+	__sync_fetch_and_add(&hist[ktel_slot(v)], 1);
+	__sync_fetch_and_add(&hist[ktel_slots], v);
+}

@@ -42,6 +42,7 @@ struct runqlat_event {
 	__u32 tid;
 	__u32 cpu;
 	__u32 _pad;
+	__u64 cgroup;   /* the task's cgroup v2 id; 0 where the hook does not give the task */
 	char comm[16];  /* the thread's */
 	char pcomm[16]; /* the process's: its main thread's */
 };
@@ -51,8 +52,13 @@ const struct runqlat_event *unused_runqlat_event __attribute__((unused));
 
 enum drop_reason {
 	DROP_START_FULL = 0, /* no room to store a start: that wait is not timed */
+	DROP_CGROUP_FULL,    /* runqueue_latency_cgroup full: counted node-level */
 	DROP_REASONS,
 };
+
+/* Set by user space: key the histogram by the waiting task's cgroup v2 id
+ * (workload attribution) instead of keeping one per CPU. */
+volatile const __u32 per_cgroup = 0;
 
 /* Start of the current wait, per task; freed with the task. */
 struct {
@@ -82,6 +88,35 @@ struct {
 	__uint(value_size, sizeof(__u64));
 } runqueue_latency SEC(".maps");
 
+/*
+ * With per_cgroup: one histogram per cgroup v2 id, shared by all CPUs and
+ * updated with atomic adds, so that its memory does not grow with the
+ * number of CPUs: at most max_entries values of 8*(ktel_slots+1) bytes
+ * (2,720 B at schema 3), allocated as cgroups appear (no prealloc): 10.6
+ * MiB when full whatever the CPU count, about 1.3 MiB for a node of 110
+ * pods (~500 cgroups with their containers, sandboxes and system units).
+ * User space deletes the entries of cgroups idle for the label TTL. When
+ * full, a new cgroup's waits go to runqueue_latency (exported as
+ * unit="other") and are counted in runqlat_drops[DROP_CGROUP_FULL]. The
+ * value size is set by user space.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 4096);
+	__uint(key_size, sizeof(__u64));
+	__uint(value_size, sizeof(__u64));
+} runqueue_latency_cgroup SEC(".maps");
+
+/* An all-zero histogram, to insert a cgroup's first one from. Never
+ * written. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u64));
+} runqlat_zero SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, DROP_REASONS);
@@ -95,6 +130,42 @@ static __always_inline void count_drop(__u32 reason)
 
 	if (v)
 		(*v)++;
+}
+
+/* task_cgroup is the cgroup v2 id of task (the inode number of its
+ * directory), 0 if task is NULL. */
+static __always_inline __u64 task_cgroup(struct task_struct *task)
+{
+	if (!task)
+		return 0;
+	return BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+}
+
+/* hist_add records wait v of task: in its cgroup's histogram with
+ * per_cgroup, else (or when the cgroup map is full) in this CPU's. */
+static __always_inline void hist_add(struct task_struct *task, __u64 v)
+{
+	__u32 zero = 0;
+	__u64 *hist, *z, id;
+
+	if (per_cgroup) {
+		id = task_cgroup(task);
+		hist = bpf_map_lookup_elem(&runqueue_latency_cgroup, &id);
+		if (!hist) {
+			z = bpf_map_lookup_elem(&runqlat_zero, &zero);
+			if (z)
+				bpf_map_update_elem(&runqueue_latency_cgroup, &id, z, BPF_NOEXIST);
+			hist = bpf_map_lookup_elem(&runqueue_latency_cgroup, &id);
+		}
+		if (hist) {
+			ktel_hist_add_atomic(hist, v);
+			return;
+		}
+		count_drop(DROP_CGROUP_FULL);
+	}
+	hist = bpf_map_lookup_elem(&runqueue_latency, &zero);
+	if (hist)
+		ktel_hist_add(hist, v);
 }
 
 /* emit_event records a wait from start to end for a span; now is the
@@ -115,6 +186,7 @@ static __always_inline void emit_event(__u64 now, __u64 start, __u64 end, __u32 
 	e->tid = tid;
 	e->cpu = bpf_get_smp_processor_id();
 	e->_pad = 0;
+	e->cgroup = task_cgroup(task);
 	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), comm);
 	e->pcomm[0] = 0;
 	if (task)
@@ -127,14 +199,11 @@ static __always_inline void emit_event(__u64 now, __u64 start, __u64 end, __u32 
 static __always_inline void record(__u64 start, __u32 pid, __u32 tid, const char *comm,
 				   struct task_struct *task)
 {
-	__u32 zero = 0;
-	__u64 *hist, now = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_ns();
 
 	if (now < start)
 		return;
-	hist = bpf_map_lookup_elem(&runqueue_latency, &zero);
-	if (hist)
-		ktel_hist_add(hist, now - start);
+	hist_add(task, now - start);
 	if (ktel_span_wanted(now - start))
 		emit_event(now, start, now, pid, tid, comm, task);
 }
@@ -212,8 +281,6 @@ int BPF_PROG(sched_switch_btf_info, bool preempt, struct task_struct *prev, stru
 {
 	struct delay_base *b;
 	__u64 delay, wait, ran, now;
-	__u32 zero = 0;
-	__u64 *hist;
 
 	if (!prev->pid)
 		return 0;
@@ -237,9 +304,7 @@ int BPF_PROG(sched_switch_btf_info, bool preempt, struct task_struct *prev, stru
 	b->run_delay = delay;
 	b->seen = 1;
 
-	hist = bpf_map_lookup_elem(&runqueue_latency, &zero);
-	if (hist)
-		ktel_hist_add(hist, wait);
+	hist_add(prev, wait);
 	if (!ktel_span_wanted(wait))
 		return 0;
 	/* The wait ended when the task got the CPU, on_cpu_for ago (or, where

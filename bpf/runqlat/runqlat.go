@@ -6,6 +6,7 @@ package runqlat
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"unsafe"
@@ -48,11 +49,16 @@ type Options struct {
 	Variant *probe.Variant // forces one variant (benchmarks, tests)
 	// Spans configures outlier events: waits longer than the threshold.
 	Spans probe.SpanOptions
+	// PerCgroup keeps one histogram per cgroup v2 id of the waiting task
+	// (Snapshot.Cgroups) instead of one per CPU. The classic tracepoint
+	// does not give the task: its waits are all under cgroup 0.
+	PerCgroup bool
 }
 
 // maps are the maps a scrape or the span reader uses, whatever the variant.
 type maps struct {
 	Latency   *ebpf.Map `ebpf:"runqueue_latency"`
+	Cgroups   *ebpf.Map `ebpf:"runqueue_latency_cgroup"`
 	Drops     *ebpf.Map `ebpf:"runqlat_drops"`
 	Events    *ebpf.Map `ebpf:"ktel_events"`
 	SpanDrops *ebpf.Map `ebpf:"ktel_span_drops"`
@@ -68,6 +74,7 @@ type Probe struct {
 	layout  *histogram.Layout
 	variant probe.Variant
 	ncpu    int
+	cgroups bool
 	objs    *probe.Loaded
 	maps    maps
 	hash    hashMaps // with a hash variant
@@ -77,11 +84,11 @@ type Probe struct {
 func Load(opts Options, log *slog.Logger) (*Probe, error) {
 	return probe.LoadHistogramProbe(opts.Schema, Variants, opts.Hook, opts.Variant, log,
 		func(layout *histogram.Layout, v probe.Variant, ncpu int) (*Probe, error) {
-			return load(layout, v, ncpu, opts.Spans)
+			return load(layout, v, ncpu, opts)
 		})
 }
 
-func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanOptions) (*Probe, error) {
+func load(layout *histogram.Layout, v probe.Variant, ncpu int, opts Options) (*Probe, error) {
 	spec, err := loadRunqlat()
 	if err != nil {
 		return nil, fmt.Errorf("load spec: %w", err)
@@ -93,10 +100,18 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, spans probe.SpanO
 	if err := probe.SetHistogram(spec, layout, specs.RunqueueLatency); err != nil {
 		return nil, err
 	}
-	if err := spans.Apply(spec); err != nil {
+	if err := opts.Spans.Apply(spec); err != nil {
 		return nil, err
 	}
-	p := &Probe{layout: layout, variant: v, ncpu: ncpu}
+	size := uint32(probe.HistValueSize(layout))
+	specs.RunqueueLatencyCgroup.ValueSize = size
+	specs.RunqlatZero.ValueSize = size
+	if opts.PerCgroup {
+		if err := specs.PerCgroup.Set(uint32(1)); err != nil {
+			return nil, fmt.Errorf("set per_cgroup: %w", err)
+		}
+	}
+	p := &Probe{layout: layout, variant: v, ncpu: ncpu, cgroups: opts.PerCgroup}
 	to := []any{&p.maps}
 	switch v.Storage {
 	case probe.StorageHash:
@@ -123,10 +138,17 @@ func (p *Probe) Programs() map[string]*ebpf.Program { return p.objs.Programs }
 
 // BoundedMaps are the hash maps whose fill is worth watching.
 func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
+	m := map[string]*ebpf.Map{}
 	if p.hash.StartHash != nil {
-		return map[string]*ebpf.Map{"runqlat_start_hash": p.hash.StartHash}
+		m["runqlat_start_hash"] = p.hash.StartHash
 	}
-	return nil
+	if p.cgroups {
+		m["runqueue_latency_cgroup"] = p.maps.Cgroups
+	}
+	if len(m) == 0 {
+		return nil
+	}
+	return m
 }
 
 // Detach detaches the programs; the maps stay readable until Close.
@@ -144,6 +166,7 @@ type Event struct {
 	Pid            uint32 // 0 with the classic tracepoint, which lacks it
 	Tid            uint32
 	CPU            uint32 // the CPU the task ran on after waiting
+	Cgroup         uint64 // the task's cgroup v2 id; 0 with the classic tracepoint
 	Comm           string // the thread's name
 	ProcessComm    string // the process's name; empty with the classic tracepoint
 }
@@ -163,7 +186,7 @@ func DecodeEvent(b []byte) (Event, error) {
 	if r.EndNs < r.StartNs {
 		return Event{}, fmt.Errorf("runqlat event ends (%d) before it starts (%d)", r.EndNs, r.StartNs)
 	}
-	return Event{StartNs: r.StartNs, EndNs: r.EndNs, Pid: r.Pid, Tid: r.Tid, CPU: r.Cpu,
+	return Event{StartNs: r.StartNs, EndNs: r.EndNs, Pid: r.Pid, Tid: r.Tid, CPU: r.Cpu, Cgroup: r.Cgroup,
 		Comm: probe.CString(r.Comm[:]), ProcessComm: probe.CString(r.Pcomm[:])}, nil
 }
 
@@ -177,9 +200,16 @@ type Hist struct {
 type Snapshot struct {
 	Total  Hist
 	PerCPU []Hist // indexed by CPU: waits that ended on that CPU
+	// Cgroups are the histograms per cgroup v2 id (Options.PerCgroup);
+	// Total and PerCPU then hold only the waits of cgroups that found
+	// the per-cgroup map full.
+	Cgroups map[uint64]Hist
 	// Dropped counts waits not timed because their start could not be
 	// stored (hash full, or task storage allocation failed).
 	Dropped uint64
+	// CgroupsFull counts waits counted in Total because the per-cgroup
+	// map was full.
+	CgroupsFull uint64
 	// SpanDrops are long waits the kernel did not deliver as events.
 	SpanDrops probe.SpanDrops
 }
@@ -194,17 +224,54 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	s.Total.Slots, s.Total.SumNs = probe.SumHist(buf, p.ncpu, p.layout, func(cpu int, slots []uint64, sum uint64) {
 		s.PerCPU[cpu] = Hist{Slots: slots, SumNs: sum}
 	})
-	var drops []uint64
-	if err := p.maps.Drops.Lookup(uint32(0), &drops); err != nil {
-		return nil, fmt.Errorf("read runqlat_drops: %w", err)
+	for reason, to := range []*uint64{&s.Dropped, &s.CgroupsFull} {
+		var drops []uint64
+		if err := p.maps.Drops.Lookup(uint32(reason), &drops); err != nil {
+			return nil, fmt.Errorf("read runqlat_drops: %w", err)
+		}
+		for _, d := range drops {
+			*to += d
+		}
 	}
-	for _, d := range drops {
-		s.Dropped += d
+	if p.cgroups {
+		if s.Cgroups, err = p.readCgroups(); err != nil {
+			return nil, err
+		}
 	}
 	if s.SpanDrops, err = probe.ReadSpanDrops(p.maps.SpanDrops); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// readCgroups reads the per-cgroup histograms.
+func (p *Probe) readCgroups() (map[uint64]Hist, error) {
+	n := p.layout.Slots()
+	out := map[uint64]Hist{}
+	var id uint64
+	buf := make([]byte, probe.HistValueSize(p.layout))
+	it := p.maps.Cgroups.Iterate()
+	for it.Next(&id, &buf) {
+		h := Hist{Slots: make([]uint64, n), SumNs: binary.NativeEndian.Uint64(buf[8*n:])}
+		for k := range n {
+			h.Slots[k] = binary.NativeEndian.Uint64(buf[8*k:])
+		}
+		out[id] = h
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read runqueue_latency_cgroup: %w", err)
+	}
+	return out, nil
+}
+
+// ForgetCgroup deletes the histogram of cgroup id (one idle long enough
+// that its series may go); waits recorded between the last read and the
+// deletion are lost. A cgroup not in the map is no error.
+func (p *Probe) ForgetCgroup(id uint64) error {
+	if err := p.maps.Cgroups.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete from runqueue_latency_cgroup: %w", err)
+	}
+	return nil
 }
 
 // schedInfoAlways returns nil if the kernel keeps sched_info for every task

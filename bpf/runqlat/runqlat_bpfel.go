@@ -34,6 +34,7 @@ type runqlatRunqlatEvent struct {
 	Tid     uint32
 	Cpu     uint32
 	Pad     uint32
+	Cgroup  uint64
 	Comm    [16]int8
 	Pcomm   [16]int8
 }
@@ -49,7 +50,9 @@ const (
 	runqlatMapRunqlatDrops           = "runqlat_drops"
 	runqlatMapRunqlatStartHash       = "runqlat_start_hash"
 	runqlatMapRunqlatStartTask       = "runqlat_start_task"
+	runqlatMapRunqlatZero            = "runqlat_zero"
 	runqlatMapRunqueueLatency        = "runqueue_latency"
+	runqlatMapRunqueueLatencyCgroup  = "runqueue_latency_cgroup"
 	runqlatProgSchedSwitchBtfHash    = "sched_switch_btf_hash"
 	runqlatProgSchedSwitchBtfInfo    = "sched_switch_btf_info"
 	runqlatProgSchedSwitchBtfTask    = "sched_switch_btf_task"
@@ -69,6 +72,7 @@ const (
 	runqlatVarKtelSpanCostNs         = "ktel_span_cost_ns"
 	runqlatVarKtelSpanThresholdNs    = "ktel_span_threshold_ns"
 	runqlatVarKtelSpanWakeupBytes    = "ktel_span_wakeup_bytes"
+	runqlatVarPerCgroup              = "per_cgroup"
 	runqlatVarUnusedRunqlatEvent     = "unused_runqlat_event"
 )
 
@@ -133,14 +137,16 @@ type runqlatProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type runqlatMapSpecs struct {
-	KtelEvents       *ebpf.MapSpec `ebpf:"ktel_events"`
-	KtelSpanDrops    *ebpf.MapSpec `ebpf:"ktel_span_drops"`
-	KtelSpanLimiter  *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
-	RunqlatDelayTask *ebpf.MapSpec `ebpf:"runqlat_delay_task"`
-	RunqlatDrops     *ebpf.MapSpec `ebpf:"runqlat_drops"`
-	RunqlatStartHash *ebpf.MapSpec `ebpf:"runqlat_start_hash"`
-	RunqlatStartTask *ebpf.MapSpec `ebpf:"runqlat_start_task"`
-	RunqueueLatency  *ebpf.MapSpec `ebpf:"runqueue_latency"`
+	KtelEvents            *ebpf.MapSpec `ebpf:"ktel_events"`
+	KtelSpanDrops         *ebpf.MapSpec `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter       *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
+	RunqlatDelayTask      *ebpf.MapSpec `ebpf:"runqlat_delay_task"`
+	RunqlatDrops          *ebpf.MapSpec `ebpf:"runqlat_drops"`
+	RunqlatStartHash      *ebpf.MapSpec `ebpf:"runqlat_start_hash"`
+	RunqlatStartTask      *ebpf.MapSpec `ebpf:"runqlat_start_task"`
+	RunqlatZero           *ebpf.MapSpec `ebpf:"runqlat_zero"`
+	RunqueueLatency       *ebpf.MapSpec `ebpf:"runqueue_latency"`
+	RunqueueLatencyCgroup *ebpf.MapSpec `ebpf:"runqueue_latency_cgroup"`
 }
 
 // runqlatVariableSpecs contains global variables before they are loaded into the kernel.
@@ -153,6 +159,7 @@ type runqlatVariableSpecs struct {
 	KtelSpanCostNs      *ebpf.VariableSpec `ebpf:"ktel_span_cost_ns"`
 	KtelSpanThresholdNs *ebpf.VariableSpec `ebpf:"ktel_span_threshold_ns"`
 	KtelSpanWakeupBytes *ebpf.VariableSpec `ebpf:"ktel_span_wakeup_bytes"`
+	PerCgroup           *ebpf.VariableSpec `ebpf:"per_cgroup"`
 	UnusedRunqlatEvent  *ebpf.VariableSpec `ebpf:"unused_runqlat_event"`
 }
 
@@ -176,14 +183,16 @@ func (o *runqlatObjects) Close() error {
 //
 // It can be passed to loadRunqlatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type runqlatMaps struct {
-	KtelEvents       *ebpf.Map `ebpf:"ktel_events"`
-	KtelSpanDrops    *ebpf.Map `ebpf:"ktel_span_drops"`
-	KtelSpanLimiter  *ebpf.Map `ebpf:"ktel_span_limiter"`
-	RunqlatDelayTask *ebpf.Map `ebpf:"runqlat_delay_task"`
-	RunqlatDrops     *ebpf.Map `ebpf:"runqlat_drops"`
-	RunqlatStartHash *ebpf.Map `ebpf:"runqlat_start_hash"`
-	RunqlatStartTask *ebpf.Map `ebpf:"runqlat_start_task"`
-	RunqueueLatency  *ebpf.Map `ebpf:"runqueue_latency"`
+	KtelEvents            *ebpf.Map `ebpf:"ktel_events"`
+	KtelSpanDrops         *ebpf.Map `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter       *ebpf.Map `ebpf:"ktel_span_limiter"`
+	RunqlatDelayTask      *ebpf.Map `ebpf:"runqlat_delay_task"`
+	RunqlatDrops          *ebpf.Map `ebpf:"runqlat_drops"`
+	RunqlatStartHash      *ebpf.Map `ebpf:"runqlat_start_hash"`
+	RunqlatStartTask      *ebpf.Map `ebpf:"runqlat_start_task"`
+	RunqlatZero           *ebpf.Map `ebpf:"runqlat_zero"`
+	RunqueueLatency       *ebpf.Map `ebpf:"runqueue_latency"`
+	RunqueueLatencyCgroup *ebpf.Map `ebpf:"runqueue_latency_cgroup"`
 }
 
 func (m *runqlatMaps) Close() error {
@@ -195,7 +204,9 @@ func (m *runqlatMaps) Close() error {
 		m.RunqlatDrops,
 		m.RunqlatStartHash,
 		m.RunqlatStartTask,
+		m.RunqlatZero,
 		m.RunqueueLatency,
+		m.RunqueueLatencyCgroup,
 	)
 }
 
@@ -209,6 +220,7 @@ type runqlatVariables struct {
 	KtelSpanCostNs      *ebpf.Variable `ebpf:"ktel_span_cost_ns"`
 	KtelSpanThresholdNs *ebpf.Variable `ebpf:"ktel_span_threshold_ns"`
 	KtelSpanWakeupBytes *ebpf.Variable `ebpf:"ktel_span_wakeup_bytes"`
+	PerCgroup           *ebpf.Variable `ebpf:"per_cgroup"`
 	UnusedRunqlatEvent  *ebpf.Variable `ebpf:"unused_runqlat_event"`
 }
 

@@ -21,9 +21,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/exporter-toolkit/web"
+	"k8s.io/klog/v2"
 
 	"github.com/ktel-dev/ktel/internal/caps"
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/config"
+	"github.com/ktel-dev/ktel/internal/k8smeta"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/version"
 	"github.com/ktel-dev/ktel/metrics"
@@ -38,6 +41,11 @@ type Daemon struct {
 	probes  map[string]loaded
 	stats   io.Closer         // keeps kernel.bpf_stats_enabled on; nil if off
 	tracing *tracing.Pipeline // nil unless an OTLP endpoint is configured
+	// workloads names cgroups (nil without workload attribution); it runs
+	// until stopWorkloads, and workloadsDone closes when it has stopped.
+	workloads     *k8smeta.Resolver
+	stopWorkloads context.CancelFunc
+	workloadsDone chan struct{}
 
 	// mu serialises Reload and Close: a SIGHUP may arrive while ktel stops.
 	mu sync.Mutex
@@ -103,6 +111,11 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		log.Info("exporting spans of kernel outliers over OTLP")
 	}
 
+	if err := d.startWorkloads(); err != nil {
+		d.Close()
+		return nil, err
+	}
+
 	if cfg.BPFStats {
 		closer, err := ebpf.EnableStats(uint32(bpfStatsRunTime))
 		if err != nil {
@@ -114,7 +127,11 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 
 	for _, name := range cfg.EnabledProbes() {
 		plog := log.With("probe", name)
-		p, err := start(starters, name, env{cfg: cfg, log: plog, exemplars: exemplars, spans: d.tracing != nil})
+		e := env{cfg: cfg, log: plog, exemplars: exemplars, spans: d.tracing != nil}
+		if d.workloads != nil {
+			e.workloads = d.workloads
+		}
+		p, err := start(starters, name, e)
 		if err != nil {
 			logLoadError(plog, err)
 			self.ProbeUp.WithLabelValues(name).Set(0)
@@ -141,12 +158,53 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 	if d.tracing != nil {
 		collectors["spans"] = metrics.NewSpansCollector(d.tracing.Counts)
 	}
+	if d.workloads != nil {
+		collectors["workload"] = metrics.NewWorkloadCollector(d.workloads)
+	}
 	if err := reg.Register(metrics.NewExporter(collectors, log)); err != nil {
 		d.Close()
 		return nil, fmt.Errorf("register exporter: %w", err)
 	}
 	d.gate = &gatherGate{g: prometheus.ToTransactionalGatherer(reg)}
 	return d, nil
+}
+
+// startWorkloads starts workload attribution when KTEL_NODE_NAME names
+// this node: a resolver of cgroup ids to pods (and, outside pods, systemd
+// units) that probes key their kernel counters by. Off Kubernetes it is
+// off, and metrics keep their node-level series. A host without a cgroup
+// v2 hierarchy has no ids to resolve: attribution is then unavailable,
+// logged, and the probes run node-level.
+func (d *Daemon) startWorkloads() error {
+	if d.cfg.NodeName == "" {
+		return nil
+	}
+	log := d.log.With("component", "workload")
+	// client-go logs through klog; route it to ktel's logger.
+	klog.SetSlogLogger(log.With("component", "client-go"))
+	r, err := k8smeta.New(k8smeta.Options{
+		NodeName:     d.cfg.NodeName,
+		TTL:          d.cfg.WorkloadLabelTTL,
+		MaxLabelSets: d.cfg.WorkloadMaxLabelSets,
+		Logger:       log,
+	})
+	if errors.Is(err, cgroups.ErrNoV2) {
+		log.Warn("workload attribution unavailable: no cgroup v2 hierarchy (a cgroup v1-only host); metrics stay node-level", "err", err)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("workload attribution (KTEL_NODE_NAME=%s): %w", d.cfg.NodeName, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d.workloads, d.stopWorkloads, d.workloadsDone = r, cancel, make(chan struct{})
+	go func() {
+		defer close(d.workloadsDone)
+		if err := r.Run(ctx); err != nil {
+			log.Error("workload attribution stopped; cgroups are labelled from what it had", "err", err)
+		}
+	}()
+	log.Info("workload attribution on", "node", d.cfg.NodeName)
+	return nil
 }
 
 // dropCapabilities gives up, on every thread, the capabilities the running
@@ -335,6 +393,11 @@ func (d *Daemon) Close() error {
 		}
 	}
 	d.probes = nil
+	if d.stopWorkloads != nil {
+		d.stopWorkloads()
+		<-d.workloadsDone
+		d.stopWorkloads = nil
+	}
 	if d.stats != nil {
 		errs = append(errs, d.stats.Close())
 		d.stats = nil

@@ -50,6 +50,8 @@ type env struct {
 	log       *slog.Logger
 	exemplars *metrics.Exemplars
 	spans     bool
+	// workloads names cgroups when workload attribution is on; nil: off.
+	workloads metrics.Workloads
 }
 
 // spanOptions enables outlier events above threshold when spans are on.
@@ -358,11 +360,19 @@ func startRunqlat(e env) (loaded, error) {
 		Schema: e.cfg.HistogramSchema,
 		Hook:   probe.Hook(e.cfg.RunqlatHook),
 		Spans:  e.spanOptions(e.cfg.RunqlatSpanThreshold),
+		// Per workload replaces per CPU.
+		PerCgroup: e.workloads != nil,
 	}, e.log)
 	if err != nil {
 		return nil, err
 	}
-	e.log.Info("probe attached", "variant", p.Variant().String())
+	e.log.Info("probe attached", "variant", p.Variant().String(), "per_workload", e.workloads != nil)
+	if e.workloads != nil {
+		if e.cfg.RunqlatPerCPU {
+			e.log.Warn("KTEL_RUNQLAT_PER_CPU is ignored with workload attribution (KTEL_NODE_NAME set): the histogram is per workload")
+		}
+		return runqlatProbe{p, metrics.NewRunqlatWorkloadCollector(p, p, e.workloads, e.cfg.WorkloadLabelTTL, e.exemplars)}, nil
+	}
 	return runqlatProbe{p, metrics.NewRunqlatCollector(p, e.cfg.RunqlatPerCPU, e.exemplars)}, nil
 }
 
