@@ -271,7 +271,7 @@ func TestStructSizes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := uint32(unsafe.Sizeof(runqlatRunqlatEvent{})), uint32(64); got != want {
+	if got, want := uint32(unsafe.Sizeof(runqlatRunqlatEvent{})), uint32(72); got != want {
 		t.Errorf("struct runqlat_event: Go %d bytes, C %d", got, want)
 	}
 	if spec.Maps["runqlat_start_task"].ValueSize != 8 || spec.Maps["runqlat_start_hash"].ValueSize != 8 {

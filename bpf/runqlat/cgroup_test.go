@@ -1,0 +1,149 @@
+package runqlat
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ktel-dev/ktel/internal/cgroups"
+	"github.com/ktel-dev/ktel/internal/testenv"
+)
+
+// testCgroup makes a cgroup below the test's own child of the v2 root and
+// returns its directory, opened, and its id; both go when the test ends
+// (after its processes, which the caller waits for).
+func testCgroup(t *testing.T, base, name string) (dir *os.File, id uint64) {
+	t.Helper()
+	path := filepath.Join(base, name)
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(path); err != nil {
+			t.Error(err)
+		}
+	})
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if id, err = cgroups.ID(path); err != nil {
+		t.Fatal(err)
+	}
+	return f, id
+}
+
+// inCgroup starts argv in the cgroup dir (clone3's CLONE_INTO_CGROUP).
+func inCgroup(t *testing.T, dir *os.File, argv ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	return cmd
+}
+
+func count(h Hist) (n uint64) {
+	for _, c := range h.Slots {
+		n += c
+	}
+	return n
+}
+
+// With PerCgroup, the waits of the tasks of one cgroup (a spinner and a
+// shell starting 300 short sleeps, all on CPU 0) land in that cgroup's
+// histogram, while an idle cgroup's does not move.
+func TestPerCgroup(t *testing.T) {
+	testenv.Privileged(t)
+	root, err := cgroups.V2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := filepath.Join(root, fmt.Sprintf("ktel-test-runqlat-%d", os.Getpid()))
+	if err := os.Mkdir(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(base); err != nil {
+			t.Error(err)
+		}
+	})
+	busyDir, busy := testCgroup(t, base, "busy")
+	idleDir, idle := testCgroup(t, base, "idle")
+
+	for _, v := range Variants[:3] { // the tp_btf ones, which give the task
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v, PerCgroup: true}, discard())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			read := func() *Snapshot {
+				s, err := p.Snapshot()
+				if err != nil {
+					t.Fatal(err)
+				}
+				return s
+			}
+			sleeper := inCgroup(t, idleDir, "sleep", "30")
+			// The idle cgroup's one task has run and gone to sleep.
+			deadline := time.Now().Add(5 * time.Second)
+			for count(read().Cgroups[idle]) == 0 {
+				if time.Now().After(deadline) {
+					t.Fatal("the idle cgroup's sleep was never counted")
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			before := read()
+
+			const sleeps = 300
+			spinner := inCgroup(t, busyDir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
+			shell := inCgroup(t, busyDir, "taskset", "-c", "0", "sh", "-c",
+				fmt.Sprintf("i=0; while [ $i -lt %d ]; do sleep 0.001; i=$((i+1)); done", sleeps))
+			if err := shell.Wait(); err != nil {
+				t.Fatal(err)
+			}
+			spinner.Process.Kill()
+			spinner.Wait()
+			after := read()
+
+			got := count(after.Cgroups[busy]) - count(before.Cgroups[busy])
+			if got < sleeps {
+				t.Errorf("busy cgroup: %d waits, want at least %d (one per sleep process)", got, sleeps)
+			}
+			if after.Cgroups[busy].SumNs <= before.Cgroups[busy].SumNs {
+				t.Error("busy cgroup: the sum of waits did not grow")
+			}
+			if n := count(after.Cgroups[idle]) - count(before.Cgroups[idle]); n != 0 {
+				t.Errorf("idle cgroup: %d waits while its task slept", n)
+			}
+			if after.CgroupsFull != 0 {
+				t.Errorf("%d waits found the cgroup map full", after.CgroupsFull)
+			}
+			if _, ok := p.BoundedMaps()["runqueue_latency_cgroup"]; !ok {
+				t.Error("the cgroup map is not among the bounded maps")
+			}
+			if err := p.ForgetCgroup(busy); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.ForgetCgroup(busy); err != nil {
+				t.Errorf("forgetting a cgroup twice: %v", err)
+			}
+			sleeper.Process.Kill()
+			sleeper.Wait()
+			t.Logf("busy cgroup: %d waits, %v in all; %d cgroups in the map", got,
+				time.Duration(after.Cgroups[busy].SumNs-before.Cgroups[busy].SumNs), len(after.Cgroups))
+		})
+	}
+}
+
