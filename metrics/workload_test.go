@@ -1,0 +1,161 @@
+package metrics
+
+import (
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/prometheus/common/expfmt"
+
+	"github.com/ktel-dev/ktel/bpf/runqlat"
+	"github.com/ktel-dev/ktel/internal/k8smeta"
+)
+
+type fakeWorkloads map[uint64]k8smeta.Labels
+
+func (f fakeWorkloads) Resolve(id uint64) k8smeta.Labels {
+	if l, ok := f[id]; ok {
+		return l
+	}
+	return k8smeta.Labels{Unit: k8smeta.Unknown}
+}
+
+type none = struct{}
+
+func cg(id uint64) cgroupKey[none] { return cgroupKey[none]{id: id} }
+
+// Series only grow while cgroups share a workload, leave the kernel's map
+// and change labels; they go once idle for the TTL.
+func TestWorkloadSums(t *testing.T) {
+	podA := k8smeta.Labels{Namespace: "ns", Pod: "a"}
+	podB := k8smeta.Labels{Namespace: "ns", Pod: "b", Container: "app"}
+	unknown := k8smeta.Labels{Unit: k8smeta.Unknown}
+	res := fakeWorkloads{1: podA, 2: podA}
+	now := time.Unix(1000, 0)
+	w := newWorkloadSums[none](res, time.Minute)
+	w.now = func() time.Time { return now }
+	check := func(series map[workloadKey[none]][]uint64, want map[k8smeta.Labels]uint64) {
+		t.Helper()
+		got := map[k8smeta.Labels]uint64{}
+		for sk, v := range series {
+			got[sk.labels] = v[0]
+		}
+		if len(got) != len(want) {
+			t.Fatalf("series %v, want %v", got, want)
+		}
+		for l, n := range want {
+			if got[l] != n {
+				t.Errorf("%+v: %d, want %d", l, got[l], n)
+			}
+		}
+	}
+
+	s, forget := w.update(map[cgroupKey[none]][]uint64{cg(1): {5}, cg(2): {7}, cg(3): {2}})
+	check(s, map[k8smeta.Labels]uint64{podA: 12, unknown: 2})
+	if len(forget) != 0 {
+		t.Errorf("forget %v", forget)
+	}
+
+	// Cgroup 3's pod becomes known; cgroup 1 leaves the kernel's map.
+	res[3] = podB
+	now = now.Add(10 * time.Second)
+	s, _ = w.update(map[cgroupKey[none]][]uint64{cg(2): {8}, cg(3): {6}})
+	check(s, map[k8smeta.Labels]uint64{podA: 13, unknown: 2, podB: 4})
+
+	// Cgroup 1 comes back, its entry re-created from zero.
+	now = now.Add(10 * time.Second)
+	s, _ = w.update(map[cgroupKey[none]][]uint64{cg(1): {1}, cg(2): {8}, cg(3): {6}})
+	check(s, map[k8smeta.Labels]uint64{podA: 14, unknown: 2, podB: 4})
+
+	// Cgroups 2 and 3 idle for the TTL: forgotten; a series goes when no
+	// cgroup of it changed for the TTL (unknown's last did 60 s ago).
+	now = now.Add(50 * time.Second)
+	s, forget = w.update(map[cgroupKey[none]][]uint64{cg(1): {3}, cg(2): {8}, cg(3): {6}})
+	check(s, map[k8smeta.Labels]uint64{podA: 16})
+	slices.SortFunc(forget, func(a, b cgroupKey[none]) int { return int(a.id) - int(b.id) })
+	if !slices.Equal(forget, []cgroupKey[none]{cg(2), cg(3)}) {
+		t.Errorf("forget %v, want cgroups 2 and 3", forget)
+	}
+	now = now.Add(time.Minute)
+	s, forget = w.update(map[cgroupKey[none]][]uint64{cg(1): {3}})
+	check(s, map[k8smeta.Labels]uint64{})
+	if !slices.Equal(forget, []cgroupKey[none]{cg(1)}) {
+		t.Errorf("forget %v, want cgroup 1", forget)
+	}
+}
+
+type fakeForget struct{ ids []uint64 }
+
+func (f *fakeForget) ForgetCgroup(id uint64) error { f.ids = append(f.ids, id); return nil }
+
+// Per workload, the histogram has namespace, pod, container and unit
+// labels; unknown cgroups are unit="unknown", and waits the kernel could
+// not key by cgroup unit="other", counted.
+func TestRunqlatWorkloadCollector(t *testing.T) {
+	f := newFakeRunqlat(t)
+	l := f.layout
+	h := func(ns uint64) runqlat.Hist {
+		s := make([]uint64, l.Slots())
+		s[l.Slot(ns)] = 1
+		return runqlat.Hist{Slots: s, SumNs: ns}
+	}
+	f.snap.Cgroups = map[uint64]runqlat.Hist{10: h(3000), 11: h(3000), 12: h(5_000_000)}
+	f.snap.CgroupsFull = 3 // Total has 3 waits
+	res := fakeWorkloads{10: {Namespace: "ns", Pod: "web", Container: "nginx"}, 11: {Unit: "kubelet.service"}}
+	c := NewRunqlatWorkloadCollector(f, &fakeForget{}, res, time.Minute, nil)
+	got, err := testutil.CollectAndFormat(&collectorAdapter{c}, expfmt.TypeTextPlain,
+		"ktel_runqueue_latency_seconds", "ktel_label_overflow_total")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`ktel_runqueue_latency_seconds_count{container="nginx",namespace="ns",pod="web",unit=""} 1`,
+		`ktel_runqueue_latency_seconds_count{container="",namespace="",pod="",unit="kubelet.service"} 1`,
+		`ktel_runqueue_latency_seconds_count{container="",namespace="",pod="",unit="unknown"} 1`,
+		`ktel_runqueue_latency_seconds_count{container="",namespace="",pod="",unit="other"} 3`,
+		`ktel_runqueue_latency_seconds_sum{container="",namespace="",pod="",unit="unknown"} 0.005`,
+		`ktel_label_overflow_total{label="cgroup",probe="runqlat"} 3`,
+	} {
+		if !containsLine(string(got), want) {
+			t.Errorf("missing %s in\n%s", want, got)
+		}
+	}
+	if problems, err := testutil.CollectAndLint(&collectorAdapter{c}); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
+}
+
+// The resolver's counters.
+func TestWorkloadCollector(t *testing.T) {
+	c := NewWorkloadCollector(fakeStats{k8smeta.Stats{UnknownCgroups: 4, UnknownPods: 2, Overflows: 7, LabelSets: 9, Cgroups: 30, Pods: 5}})
+	got, err := testutil.CollectAndFormat(&collectorAdapter{c}, expfmt.TypeTextPlain,
+		"ktel_workload_unknown_cgroups_total", "ktel_workload_unknown_pods_total", "ktel_label_overflow_total",
+		"ktel_workload_label_sets", "ktel_workload_cgroups", "ktel_workload_pods")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"ktel_workload_unknown_cgroups_total 4", "ktel_workload_unknown_pods_total 2",
+		`ktel_label_overflow_total{label="workload",probe="workload"} 7`,
+		"ktel_workload_label_sets 9", "ktel_workload_cgroups 30", "ktel_workload_pods 5",
+	} {
+		if !containsLine(string(got), want) {
+			t.Errorf("missing %s in\n%s", want, got)
+		}
+	}
+}
+
+type fakeStats struct{ s k8smeta.Stats }
+
+func (f fakeStats) Stats() k8smeta.Stats { return f.s }
+
+func containsLine(text, line string) bool {
+	for l := range strings.Lines(text) {
+		if strings.TrimSuffix(l, "\n") == line {
+			return true
+		}
+	}
+	return false
+}
