@@ -1,0 +1,175 @@
+package daemon
+
+import (
+	"fmt"
+	"log/slog"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/ktel-dev/ktel/internal/cgroups"
+	"github.com/ktel-dev/ktel/internal/kubetest"
+	"github.com/ktel-dev/ktel/internal/testenv"
+	"github.com/ktel-dev/ktel/metrics"
+)
+
+// podCgroup makes the cgroup of a pod's container in kubelet's systemd
+// layout, below the test's own child of the v2 root, and returns it
+// opened; it goes when the test ends.
+func podCgroup(t *testing.T, base string, pod *corev1.Pod, containerID string) *os.File {
+	t.Helper()
+	dir := base
+	var made []string
+	for _, p := range []string{"kubepods.slice", "kubepods-besteffort.slice",
+		"kubepods-besteffort-pod" + strings.ReplaceAll(string(pod.UID), "-", "_") + ".slice",
+		"cri-containerd-" + containerID + ".scope"} {
+		dir = filepath.Join(dir, p)
+		if err := os.Mkdir(dir, 0o755); err == nil {
+			made = append(made, dir)
+		} else if !os.IsExist(err) {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for i := len(made) - 1; i >= 0; i-- {
+			if err := os.Remove(made[i]); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	f, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+func startIn(t *testing.T, dir *os.File, argv ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	return cmd
+}
+
+// sleeping reports whether process pid is asleep (state S).
+func sleeping(t *testing.T, pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, after, _ := strings.Cut(string(b), ") ")
+	return strings.HasPrefix(after, "S")
+}
+
+// With KTEL_NODE_NAME, against a real API server: the run-queue histogram
+// of a pod whose container's cgroup is kept busy moves, labelled with the
+// pod's namespace, name and container, while an idle pod's does not.
+func TestRunqlatPerPod(t *testing.T) {
+	testenv.Privileged(t)
+	c := kubetest.Start(t)
+	c.Node(t, "node-a")
+	c.Namespace(t, "team-a", nil)
+	t.Setenv("KUBECONFIG", c.Kubeconfig)
+	pod := func(ns, name, ctr, id string) *corev1.Pod {
+		p := c.Pod(t, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+			Spec: corev1.PodSpec{NodeName: "node-a", Containers: []corev1.Container{{Name: ctr, Image: "registry.example/" + ctr}}}})
+		return c.SetPodStatus(t, ns, name, kubetest.RunningStatus(p, "10.1.0.2", "containerd://"+id))
+	}
+	webID, dbID := fmt.Sprintf("%064x", 1), fmt.Sprintf("%064x", 2)
+	web := pod("team-a", "web", "nginx", webID)
+	db := pod("default", "db", "postgres", dbID)
+
+	root, err := cgroups.V2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := filepath.Join(root, fmt.Sprintf("ktel-test-daemon-%d", os.Getpid()))
+	if err := os.Mkdir(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(base); err != nil {
+			t.Error(err)
+		}
+	})
+	webDir := podCgroup(t, base, web, webID)
+	dbDir := podCgroup(t, base, db, dbID)
+
+	cfg := testConfig("runqlat", false)
+	cfg.NodeName, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = "node-a", time.Minute, 100
+	d, err := newDaemon(cfg, slog.New(slog.DiscardHandler), starters())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if d.workloads == nil {
+		t.Fatal("workload attribution is off")
+	}
+	series := func(labels string) (n uint64) {
+		rec := httptest.NewRecorder()
+		d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+		re := regexp.MustCompile(`(?m)^ktel_runqueue_latency_seconds_count\{` + regexp.QuoteMeta(labels) + `\} (\d+)$`)
+		if m := re.FindStringSubmatch(rec.Body.String()); m != nil {
+			n, _ = strconv.ParseUint(m[1], 10, 64)
+		}
+		return n
+	}
+	webSeries := `container="nginx",namespace="team-a",pod="web",unit=""`
+	dbSeries := `container="postgres",namespace="default",pod="db",unit=""`
+
+	// The idle pod's one process runs once, then sleeps; its waits are
+	// attributed once the informer has synced and the cgroups are walked.
+	sleeper := startIn(t, dbDir, "sleep", "60")
+	deadline := time.Now().Add(30 * time.Second)
+	for series(dbSeries) == 0 || !sleeping(t, sleeper.Process.Pid) {
+		if time.Now().After(deadline) {
+			t.Fatal("the idle pod's series never appeared")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// Its last wait was recorded when it went to sleep; scrapes read maps
+	// at most metrics.DefaultMaxAge old: let that pass, once.
+	time.Sleep(metrics.DefaultMaxAge + 100*time.Millisecond)
+	dbBefore, webBefore := series(dbSeries), series(webSeries)
+
+	const sleeps = 300
+	spinner := startIn(t, webDir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
+	shell := startIn(t, webDir, "taskset", "-c", "0", "sh", "-c",
+		fmt.Sprintf("i=0; while [ $i -lt %d ]; do sleep 0.001; i=$((i+1)); done", sleeps))
+	if err := shell.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	spinner.Process.Kill()
+	spinner.Wait()
+
+	var webAfter uint64
+	deadline = time.Now().Add(10 * time.Second)
+	for webAfter = series(webSeries); webAfter-webBefore < sleeps; webAfter = series(webSeries) {
+		if time.Now().After(deadline) {
+			t.Fatalf("pod web: %d waits, want at least %d", webAfter-webBefore, sleeps)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if dbAfter := series(dbSeries); dbAfter != dbBefore {
+		t.Errorf("idle pod db: %d waits while it slept", dbAfter-dbBefore)
+	}
+	t.Logf("pod web: %d waits", webAfter-webBefore)
+}
