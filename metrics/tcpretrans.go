@@ -2,6 +2,8 @@ package metrics
 
 import (
 	"cmp"
+	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
@@ -10,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
+	"github.com/ktel-dev/ktel/internal/k8smeta"
 )
 
 // TCPRetransSource is what the TCP retransmit collector reads: the loaded
@@ -33,6 +36,85 @@ type tcpRetransCollector struct {
 	// sees snapshots in the order they were read.
 	mu  sync.Mutex
 	cap peerCap
+
+	// With workload attribution (NewTCPRetransWorkloadCollector).
+	workloads *workloadSums[tcpretrans.Key]
+	forget    TCPRetransCgroups
+}
+
+// TCPRetransCgroups is what the collector also needs with workload
+// attribution: deleting idle cgroups' counts.
+type TCPRetransCgroups interface {
+	ForgetCgroup(k tcpretrans.CgroupKey) error
+}
+
+// NewTCPRetransWorkloadCollector exports ktel_tcp_retransmits_total by
+// family, state, kind and the socket's pod (labels namespace, pod, and
+// unit for sockets outside pods) from a probe loaded with per-cgroup
+// counts; res names the cgroups, and a cgroup whose counts have not
+// changed for ttl is deleted from the kernel. Retransmits the kernel
+// could not key by cgroup (its map full) are exported as unit="other" and
+// counted in ktel_label_overflow_total{probe="tcpretrans",label="cgroup"}.
+func NewTCPRetransWorkloadCollector(src TCPRetransSource, forget TCPRetransCgroups, res Workloads, ttl time.Duration) Collector {
+	c := newTCPRetransCollector(src, false, 0, DefaultMaxAge)
+	c.workloads = newWorkloadSums[tcpretrans.Key](res, ttl)
+	c.workloads.fold = toPod
+	c.forget = forget
+	c.retransmits = prometheus.NewDesc("ktel_tcp_retransmits_total",
+		"TCP segments retransmitted, by address family, TCP state at retransmit and kind (syn, synack, data).",
+		append([]string{"family", "state", "kind"}, podLabels...), nil)
+	c.overflow = prometheus.NewDesc("ktel_label_overflow_total",
+		"Observations exported under the label value \"other\" because the label had reached its cap on distinct values.",
+		nil, prometheus.Labels{"probe": "tcpretrans", "label": "cgroup"})
+	return c
+}
+
+func (c *tcpRetransCollector) updateWorkloads(ch chan<- prometheus.Metric) error {
+	s, err := c.snap.Get()
+	if err != nil {
+		return err
+	}
+	cur := make(map[cgroupKey[tcpretrans.Key]][]uint64, len(s.Cgroups))
+	for k, n := range s.Cgroups {
+		cur[cgroupKey[tcpretrans.Key]{id: k.Cgroup, key: k.Key}] = []uint64{n}
+	}
+	series, forget := c.workloads.update(cur)
+	var errs []error
+	for _, ck := range forget {
+		if err := c.forget.ForgetCgroup(tcpretrans.CgroupKey{Key: ck.key, Cgroup: ck.id}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if s.CgroupMapFull > 0 {
+		// The kernel's map was full: those are the rest of Retransmits.
+		full := map[tcpretrans.Key]uint64{}
+		for k, n := range s.Retransmits {
+			full[k] += n
+		}
+		for k, n := range s.Cgroups {
+			full[k.Key] -= n
+		}
+		for k, n := range full {
+			if n == 0 {
+				continue
+			}
+			wk := workloadKey[tcpretrans.Key]{key: k, labels: k8smeta.Labels{Unit: k8smeta.Overflow}}
+			if prev := series[wk]; prev != nil {
+				n += prev[0]
+			}
+			series[wk] = []uint64{n}
+		}
+	}
+	for wk, v := range series {
+		ch <- prometheus.MustNewConstMetric(c.retransmits, prometheus.CounterValue, float64(v[0]),
+			append([]string{wk.key.Family.String(), tcpretrans.StateName(wk.key.State), wk.key.Kind.String()}, podValues(wk.labels)...)...)
+	}
+	ch <- prometheus.MustNewConstMetric(c.overflow, prometheus.CounterValue, float64(s.CgroupMapFull))
+	sendKernelSpanDrops(ch, "tcpretrans", s.SpanDrops)
+	if len(errs) > 0 {
+		return fmt.Errorf("forget idle cgroups: %w", errors.Join(errs...))
+	}
+	return nil
 }
 
 // NewTCPRetransCollector exports the TCP retransmit probe's counts as
@@ -70,6 +152,9 @@ func newTCPRetransCollector(src TCPRetransSource, peers bool, maxPeers int, maxA
 }
 
 func (c *tcpRetransCollector) Update(ch chan<- prometheus.Metric) error {
+	if c.workloads != nil {
+		return c.updateWorkloads(ch)
+	}
 	if !c.peers {
 		s, err := c.snap.Get()
 		if err != nil {

@@ -29,6 +29,20 @@ func workloadValues(l k8smeta.Labels) []string {
 	return []string{l.Namespace, l.Pod, l.Container, l.Unit}
 }
 
+// podLabels are the label names of a workload to its pod.
+var podLabels = []string{"namespace", "pod", "unit"}
+
+func toPod(l k8smeta.Labels) k8smeta.Labels {
+	if l.Pod == "" && l.Unit == "" && l.Container != "" {
+		// A container outside Kubernetes: its id stands in for the unit.
+		l.Unit = l.Container
+	}
+	l.Container = ""
+	return l
+}
+
+func podValues(l k8smeta.Labels) []string { return []string{l.Namespace, l.Pod, l.Unit} }
+
 // cgroupKey is one kernel counter: a cgroup and what else keys it (K).
 type cgroupKey[K comparable] struct {
 	id  uint64
@@ -64,6 +78,8 @@ type workloadSums[K comparable] struct {
 	res Workloads
 	ttl time.Duration
 	now func() time.Time
+	// fold coarsens a workload (to its pod, say); nil: as resolved.
+	fold func(k8smeta.Labels) k8smeta.Labels
 
 	mu      sync.Mutex
 	cgroups map[cgroupKey[K]]*cgroupState
@@ -106,6 +122,9 @@ func (w *workloadSums[K]) update(cur map[cgroupKey[K]][]uint64) (series map[work
 	}
 	for ck, v := range cur {
 		l := w.res.Resolve(ck.id)
+		if w.fold != nil {
+			l = w.fold(l)
+		}
 		st := w.cgroups[ck]
 		if st == nil {
 			st = &cgroupState{labels: l, base: make([]uint64, len(v)), last: slices.Clone(v), changed: now}

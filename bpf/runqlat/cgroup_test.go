@@ -146,4 +146,3 @@ func TestPerCgroup(t *testing.T) {
 		})
 	}
 }
-

@@ -47,6 +47,64 @@ const struct tcpretrans_event *unused_tcpretrans_event __attribute__((unused));
 
 /* Whether to count by peer; set by user space before loading. */
 volatile const __u32 track_peers = 0;
+/* Whether to count by the socket's cgroup v2 id (workload attribution);
+ * set by user space, never together with track_peers. */
+volatile const __u32 per_cgroup = 0;
+
+struct cgroup_key {
+	__u64 cgroup; /* the socket's cgroup v2 id: its creator's at creation */
+	__u32 idx;    /* the index into tcp_retransmits */
+	__u32 _pad;
+};
+
+/*
+ * With per_cgroup: segments by (cgroup, family, state, kind), shared by
+ * CPUs (atomic adds), allocated as keys appear: at most 8192 x 16 B
+ * values plus keys, under 1 MiB whatever the CPU count. User space deletes
+ * the keys of cgroups idle for the label TTL. When full, a retransmit
+ * whose key is not in it is counted in tcp_retransmits (exported with
+ * unit="other" and in ktel_label_overflow_total{probe="tcpretrans",
+ * label="cgroup"}).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 8192);
+	__type(key, struct cgroup_key);
+	__type(value, __u64);
+} tcp_rtx_cgroups SEC(".maps");
+
+/* Before 5.15, sk_cgrp_data was a word holding the cgroup pointer unless
+ * its low bit was set (then it held a net_cls/net_prio id instead). */
+struct sock_cgroup_data___pre515 {
+	__u64 val;
+} __attribute__((preserve_access_index));
+
+struct sock___pre515 {
+	struct sock_cgroup_data___pre515 sk_cgrp_data;
+} __attribute__((preserve_access_index));
+
+/* sock_cgroup is the cgroup v2 id of sk, 0 if unknown. Retransmits run in
+ * softirq or timer context: the current task is not the socket's. */
+static __always_inline __u64 sock_cgroup(const struct sock *sk)
+{
+	struct cgroup *cg;
+	__u64 val;
+
+	if (!sk)
+		return 0;
+	if (bpf_core_field_exists(sk->sk_cgrp_data.cgroup)) {
+		cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup);
+	} else {
+		val = BPF_CORE_READ((struct sock___pre515 *)sk, sk_cgrp_data.val);
+		if (val & 1)
+			return 0;
+		cg = (struct cgroup *)(unsigned long)val;
+	}
+	if (!cg)
+		return 0;
+	return BPF_CORE_READ(cg, kn, id);
+}
 
 struct peer_key {
 	__u8 family; /* enum rt_family */
@@ -117,7 +175,27 @@ static __always_inline int add_peer(const struct peer_key *k, __u64 n)
 	return -1; /* E2BIG: full (preallocated, so no ENOMEM) */
 }
 
-static __always_inline void count(const struct peer_key *k, __u64 n)
+/* add_cgroup counts n segments of index idx for sk's cgroup; it fails
+ * only when the map is full. */
+static __always_inline int add_cgroup(const struct sock *sk, __u32 idx, __u64 n)
+{
+	struct cgroup_key ck = { .cgroup = sock_cgroup(sk), .idx = idx };
+	__u64 *v, zero = 0;
+
+	v = bpf_map_lookup_elem(&tcp_rtx_cgroups, &ck);
+	if (!v) {
+		bpf_map_update_elem(&tcp_rtx_cgroups, &ck, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&tcp_rtx_cgroups, &ck);
+	}
+	if (!v)
+		return -1;
+	__sync_fetch_and_add(v, n);
+	return 0;
+}
+
+/* count counts n segments under k; sk is the socket whose cgroup they are
+ * of (the listener for a SYN-ACK). */
+static __always_inline void count(const struct sock *sk, const struct peer_key *k, __u64 n)
 {
 	__u32 idx;
 	__u64 *v;
@@ -125,6 +203,8 @@ static __always_inline void count(const struct peer_key *k, __u64 n)
 	if (track_peers && !add_peer(k, n))
 		return;
 	idx = ((__u32)k->family * RT_STATES + k->state) * RT_KINDS + k->kind;
+	if (per_cgroup && !add_cgroup(sk, idx, n))
+		return;
 	v = bpf_map_lookup_elem(&tcp_retransmits, &idx);
 	if (v)
 		*v += n;
@@ -216,19 +296,19 @@ static __always_inline int retransmit_skb(const struct sock *sk, const struct sk
 	k.state = state < RT_STATES ? state : 0;
 	k.kind = state == TCP_SYN_SENT ? RT_SYN : RT_DATA;
 	n = segs(skb);
-	count(&k, n);
+	count(sk, &k, n);
 	emit_event(&sk->__sk_common, k.state, k.kind, n);
 	return 0;
 }
 
 /* The SYN-ACK of a request socket; the listener's state is irrelevant. */
-static __always_inline int retransmit_synack(const struct request_sock *req)
+static __always_inline int retransmit_synack(const struct sock *sk, const struct request_sock *req)
 {
 	struct peer_key k = { .state = TCP_SYN_RECV, .kind = RT_SYNACK };
 
 	if (fill_remote(&k, &req->__req_common))
 		return 0;
-	count(&k, 1);
+	count(sk, &k, 1);
 	emit_event(&req->__req_common, k.state, k.kind, 1);
 	return 0;
 }
@@ -258,5 +338,5 @@ int BPF_PROG(rtx_skb_btf, const struct sock *sk, const struct sk_buff *skb)
 SEC("tp_btf/tcp_retransmit_synack")
 int BPF_PROG(rtx_synack_btf, const struct sock *sk, const struct request_sock *req)
 {
-	return retransmit_synack(req);
+	return retransmit_synack(sk, req);
 }

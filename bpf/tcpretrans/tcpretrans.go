@@ -7,6 +7,7 @@ package tcpretrans
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -136,6 +137,9 @@ type Options struct {
 	// Spans configures events for spans; only Always (every retransmit)
 	// and Rate apply.
 	Spans probe.SpanOptions
+	// PerCgroup counts by the socket's cgroup v2 id too
+	// (Snapshot.Cgroups); not with Peers.
+	PerCgroup bool
 }
 
 // PeerMapEntries is the capacity of the kernel's peer map for a cap of
@@ -153,6 +157,7 @@ func PeerMapEntries(maxPeers int) uint32 {
 type maps struct {
 	Counts    *ebpf.Map `ebpf:"tcp_retransmits"`
 	Peers     *ebpf.Map `ebpf:"tcp_rtx_peers"`
+	Cgroups   *ebpf.Map `ebpf:"tcp_rtx_cgroups"`
 	Events    *ebpf.Map `ebpf:"ktel_events"`
 	SpanDrops *ebpf.Map `ebpf:"ktel_span_drops"`
 }
@@ -161,6 +166,7 @@ type maps struct {
 type Probe struct {
 	variant probe.Variant
 	peers   bool
+	cgroups bool
 	objs    *probe.Loaded
 	maps    maps
 }
@@ -186,6 +192,9 @@ func (o *Options) check() error {
 	if o.MaxPeers == 0 {
 		o.MaxPeers = DefaultMaxPeers
 	}
+	if o.Peers && o.PerCgroup {
+		return errors.New("counting by peer and by cgroup at once is not supported")
+	}
 	return nil
 }
 
@@ -210,10 +219,15 @@ func load(opts Options, v probe.Variant, peerEntries uint32) (*Probe, error) {
 	if err := specs.TrackPeers.Set(track); err != nil {
 		return nil, fmt.Errorf("set track_peers: %w", err)
 	}
+	if opts.PerCgroup {
+		if err := specs.PerCgroup.Set(uint32(1)); err != nil {
+			return nil, fmt.Errorf("set per_cgroup: %w", err)
+		}
+	}
 	if err := opts.Spans.Apply(spec); err != nil {
 		return nil, err
 	}
-	p := &Probe{variant: v, peers: opts.Peers}
+	p := &Probe{variant: v, peers: opts.Peers, cgroups: opts.PerCgroup}
 	if p.objs, err = probe.LoadVariant(spec, v, &p.maps); err != nil {
 		return nil, err
 	}
@@ -229,10 +243,31 @@ func (p *Probe) Programs() map[string]*ebpf.Program { return p.objs.Programs }
 // BoundedMaps are the hash maps whose fill is worth watching: the peer map,
 // when peers are counted.
 func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
-	if !p.peers {
-		return map[string]*ebpf.Map{}
+	switch {
+	case p.peers:
+		return map[string]*ebpf.Map{"tcp_rtx_peers": p.maps.Peers}
+	case p.cgroups:
+		return map[string]*ebpf.Map{"tcp_rtx_cgroups": p.maps.Cgroups}
 	}
-	return map[string]*ebpf.Map{"tcp_rtx_peers": p.maps.Peers}
+	return map[string]*ebpf.Map{}
+}
+
+// CgroupKey is a Key with the cgroup v2 id of the socket (its creator's
+// when it was created; the listener's for a SYN-ACK).
+type CgroupKey struct {
+	Key
+	Cgroup uint64
+}
+
+// ForgetCgroup deletes the count of k (a cgroup idle long enough that its
+// series may go); retransmits counted between the last read and the
+// deletion are lost. A key not in the map is no error.
+func (p *Probe) ForgetCgroup(k CgroupKey) error {
+	ck := tcpretransCgroupKey{Cgroup: k.Cgroup, Idx: indexOfKey(k.Key)}
+	if err := p.maps.Cgroups.Delete(&ck); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete from tcp_rtx_cgroups: %w", err)
+	}
+	return nil
 }
 
 // Detach detaches the programs; the maps stay readable until Close.
@@ -268,6 +303,11 @@ type Snapshot struct {
 	// PeerMapFull is the sum of Peers under the zero peer: retransmits
 	// not attributed to their peer because the kernel's map was full.
 	PeerMapFull uint64
+	// Cgroups counts retransmits by socket cgroup too (Options.PerCgroup);
+	// CgroupMapFull are those the kernel's map had no room for, which
+	// are in Retransmits only.
+	Cgroups       map[CgroupKey]uint64
+	CgroupMapFull uint64
 	// SpanDrops are retransmits the kernel did not deliver as events.
 	SpanDrops probe.SpanDrops
 }
@@ -295,12 +335,17 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		}
 		k := keyOfIndex(uint32(idx))
 		s.Retransmits[k] += n
+		s.CgroupMapFull += n
 		if p.peers {
 			// With peers, only what the peer map had no room for.
 			s.Peers[PeerKey{Key: k}] += n
 			s.PeerMapFull += n
 		}
 	}
+	if p.cgroups {
+		return s, p.readCgroups(s)
+	}
+	s.CgroupMapFull = 0
 	if !p.peers {
 		return s, nil
 	}
@@ -318,6 +363,30 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 		s.Peers[k] += n
 	}
 	return s, nil
+}
+
+// readCgroups reads the per-cgroup counts into s.
+func (p *Probe) readCgroups(s *Snapshot) error {
+	s.Cgroups = map[CgroupKey]uint64{}
+	var (
+		ck tcpretransCgroupKey
+		n  uint64
+	)
+	it := p.maps.Cgroups.Iterate()
+	for it.Next(&ck, &n) {
+		k := CgroupKey{Key: keyOfIndex(ck.Idx), Cgroup: ck.Cgroup}
+		s.Cgroups[k] = n
+		s.Retransmits[k.Key] += n
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read tcp_rtx_cgroups: %w", err)
+	}
+	return nil
+}
+
+// indexOfKey is the index of k in tcp_retransmits.
+func indexOfKey(k Key) uint32 {
+	return (uint32(k.Family)*numStates+uint32(k.State))*numKinds + uint32(k.Kind)
 }
 
 // keyOfIndex inverts the index of tcp_retransmits,

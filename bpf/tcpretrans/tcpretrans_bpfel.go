@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type tcpretransCgroupKey struct {
+	_      structs.HostLayout
+	Cgroup uint64
+	Idx    uint32
+	Pad    uint32
+}
+
 type tcpretransKtelTokenBucket struct {
 	_      structs.HostLayout
 	Credit uint64
@@ -53,6 +60,7 @@ const (
 	tcpretransMapKtelSpanDrops         = "ktel_span_drops"
 	tcpretransMapKtelSpanLimiter       = "ktel_span_limiter"
 	tcpretransMapTcpRetransmits        = "tcp_retransmits"
+	tcpretransMapTcpRtxCgroups         = "tcp_rtx_cgroups"
 	tcpretransMapTcpRtxPeers           = "tcp_rtx_peers"
 	tcpretransProgRtxSkbBtf            = "rtx_skb_btf"
 	tcpretransProgRtxSynackBtf         = "rtx_synack_btf"
@@ -60,6 +68,7 @@ const (
 	tcpretransVarKtelSpanCostNs        = "ktel_span_cost_ns"
 	tcpretransVarKtelSpanThresholdNs   = "ktel_span_threshold_ns"
 	tcpretransVarKtelSpanWakeupBytes   = "ktel_span_wakeup_bytes"
+	tcpretransVarPerCgroup             = "per_cgroup"
 	tcpretransVarTrackPeers            = "track_peers"
 	tcpretransVarUnusedTcpretransEvent = "unused_tcpretrans_event"
 )
@@ -118,6 +127,7 @@ type tcpretransMapSpecs struct {
 	KtelSpanDrops   *ebpf.MapSpec `ebpf:"ktel_span_drops"`
 	KtelSpanLimiter *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
 	TcpRetransmits  *ebpf.MapSpec `ebpf:"tcp_retransmits"`
+	TcpRtxCgroups   *ebpf.MapSpec `ebpf:"tcp_rtx_cgroups"`
 	TcpRtxPeers     *ebpf.MapSpec `ebpf:"tcp_rtx_peers"`
 }
 
@@ -129,6 +139,7 @@ type tcpretransVariableSpecs struct {
 	KtelSpanCostNs        *ebpf.VariableSpec `ebpf:"ktel_span_cost_ns"`
 	KtelSpanThresholdNs   *ebpf.VariableSpec `ebpf:"ktel_span_threshold_ns"`
 	KtelSpanWakeupBytes   *ebpf.VariableSpec `ebpf:"ktel_span_wakeup_bytes"`
+	PerCgroup             *ebpf.VariableSpec `ebpf:"per_cgroup"`
 	TrackPeers            *ebpf.VariableSpec `ebpf:"track_peers"`
 	UnusedTcpretransEvent *ebpf.VariableSpec `ebpf:"unused_tcpretrans_event"`
 }
@@ -157,6 +168,7 @@ type tcpretransMaps struct {
 	KtelSpanDrops   *ebpf.Map `ebpf:"ktel_span_drops"`
 	KtelSpanLimiter *ebpf.Map `ebpf:"ktel_span_limiter"`
 	TcpRetransmits  *ebpf.Map `ebpf:"tcp_retransmits"`
+	TcpRtxCgroups   *ebpf.Map `ebpf:"tcp_rtx_cgroups"`
 	TcpRtxPeers     *ebpf.Map `ebpf:"tcp_rtx_peers"`
 }
 
@@ -166,6 +178,7 @@ func (m *tcpretransMaps) Close() error {
 		m.KtelSpanDrops,
 		m.KtelSpanLimiter,
 		m.TcpRetransmits,
+		m.TcpRtxCgroups,
 		m.TcpRtxPeers,
 	)
 }
@@ -178,6 +191,7 @@ type tcpretransVariables struct {
 	KtelSpanCostNs        *ebpf.Variable `ebpf:"ktel_span_cost_ns"`
 	KtelSpanThresholdNs   *ebpf.Variable `ebpf:"ktel_span_threshold_ns"`
 	KtelSpanWakeupBytes   *ebpf.Variable `ebpf:"ktel_span_wakeup_bytes"`
+	PerCgroup             *ebpf.Variable `ebpf:"per_cgroup"`
 	TrackPeers            *ebpf.Variable `ebpf:"track_peers"`
 	UnusedTcpretransEvent *ebpf.Variable `ebpf:"unused_tcpretrans_event"`
 }

@@ -386,11 +386,19 @@ func startTCPRetrans(e env) (loaded, error) {
 	if e.spans && e.cfg.TCPRetransSpans {
 		spans = probe.SpanOptions{Always: true, Rate: e.cfg.SpanRateLimit}
 	}
-	p, err := tcpretrans.Load(tcpretrans.Options{Peers: e.cfg.TCPRetransPeers, MaxPeers: e.cfg.TCPRetransMaxPeers, Spans: spans}, e.log)
+	// By peer or by pod: peers, asked for explicitly, win.
+	perPod := e.workloads != nil && !e.cfg.TCPRetransPeers
+	if e.workloads != nil && !perPod {
+		e.log.Warn("retransmits are counted by peer (KTEL_TCPRETRANS_PEERS=true), not by pod")
+	}
+	p, err := tcpretrans.Load(tcpretrans.Options{Peers: e.cfg.TCPRetransPeers, MaxPeers: e.cfg.TCPRetransMaxPeers, Spans: spans, PerCgroup: perPod}, e.log)
 	if err != nil {
 		return nil, err
 	}
-	e.log.Info("probe attached", "variant", p.Variant().String())
+	e.log.Info("probe attached", "variant", p.Variant().String(), "per_pod", perPod)
+	if perPod {
+		return tcpretransProbe{p, metrics.NewTCPRetransWorkloadCollector(p, p, e.workloads, e.cfg.WorkloadLabelTTL)}, nil
+	}
 	return tcpretransProbe{p, metrics.NewTCPRetransCollector(p, e.cfg.TCPRetransPeers, e.cfg.TCPRetransMaxPeers)}, nil
 }
 
