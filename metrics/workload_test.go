@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/ktel-dev/ktel/bpf/runqlat"
+	"github.com/ktel-dev/ktel/bpf/tcpretrans"
 	"github.com/ktel-dev/ktel/internal/k8smeta"
 )
 
@@ -158,4 +159,46 @@ func containsLine(text, line string) bool {
 		}
 	}
 	return false
+}
+
+type fakeTCPForget struct{}
+
+func (fakeTCPForget) ForgetCgroup(tcpretrans.CgroupKey) error { return nil }
+
+// Per pod: a pod's containers add up, sockets outside pods are by unit,
+// and what the kernel's map had no room for is unit="other", counted.
+func TestTCPRetransWorkloadCollector(t *testing.T) {
+	f := &fakeTCPRetrans{snaps: []*tcpretrans.Snapshot{{
+		Retransmits: map[tcpretrans.Key]uint64{synSent: 10, established: 4},
+		Cgroups: map[tcpretrans.CgroupKey]uint64{
+			{Key: synSent, Cgroup: 1}: 3, {Key: synSent, Cgroup: 2}: 2, {Key: synSent, Cgroup: 3}: 1,
+			{Key: established, Cgroup: 4}: 4,
+		},
+		CgroupMapFull: 4,
+	}}}
+	res := fakeWorkloads{
+		1: {Namespace: "ns", Pod: "web", Container: "nginx"},
+		2: {Namespace: "ns", Pod: "web", Container: "sidecar"},
+		3: {Unit: "sshd.service"},
+		4: {Container: "0123456789ab"},
+	}
+	c := NewTCPRetransWorkloadCollector(f, fakeTCPForget{}, res, time.Minute)
+	got, err := testutil.CollectAndFormat(&collectorAdapter{c}, expfmt.TypeTextPlain,
+		"ktel_tcp_retransmits_total", "ktel_label_overflow_total")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `# HELP ktel_label_overflow_total Observations exported under the label value "other" because the label had reached its cap on distinct values.
+# TYPE ktel_label_overflow_total counter
+ktel_label_overflow_total{label="cgroup",probe="tcpretrans"} 4
+# HELP ktel_tcp_retransmits_total TCP segments retransmitted, by address family, TCP state at retransmit and kind (syn, synack, data).
+# TYPE ktel_tcp_retransmits_total counter
+ktel_tcp_retransmits_total{family="ipv4",kind="syn",namespace="",pod="",state="SYN_SENT",unit="other"} 4
+ktel_tcp_retransmits_total{family="ipv4",kind="syn",namespace="",pod="",state="SYN_SENT",unit="sshd.service"} 1
+ktel_tcp_retransmits_total{family="ipv4",kind="syn",namespace="ns",pod="web",state="SYN_SENT",unit=""} 5
+ktel_tcp_retransmits_total{family="ipv6",kind="data",namespace="",pod="",state="ESTABLISHED",unit="0123456789ab"} 4
+`
+	if string(got) != want {
+		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
 }
