@@ -20,5 +20,6 @@ func RunqlatDecoder(b []byte) (Span, error) {
 		EndNs:   e.EndNs,
 		Attrs:   append(taskAttrs(e.Pid, e.Tid, e.Comm, e.ProcessComm), attribute.Int("cpu.logical_number", int(e.CPU))),
 		Metric:  metrics.RunqueueLatency,
+		Cgroup:  e.Cgroup,
 	}, nil
 }

@@ -29,5 +29,6 @@ func TCPRetransDecoder(b []byte) (Span, error) {
 			attribute.String("ktel.tcp.retransmit.kind", e.Kind.String()),
 			attribute.Int("ktel.tcp.segments", int(e.Segments)),
 		},
+		Cgroup: e.Cgroup,
 	}, nil
 }

@@ -20,6 +20,7 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.37.0"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/ktel-dev/ktel/internal/k8smeta"
 	"github.com/ktel-dev/ktel/internal/version"
 	"github.com/ktel-dev/ktel/metrics"
 )
@@ -155,10 +156,42 @@ type Span struct {
 	// observed in, which gets an exemplar pointing at this span.
 	Metric      string
 	LabelValues []string
+	// Cgroup is the cgroup v2 id of the task or socket, 0 if unknown;
+	// WithWorkloads names its workload.
+	Cgroup uint64
 }
 
 // Decoder turns one ring-buffer record into a span.
 type Decoder func(record []byte) (Span, error)
+
+// Workloads names the workload of a cgroup v2 id from caches only
+// (k8smeta.Resolver).
+type Workloads interface {
+	Resolve(cgroupID uint64) k8smeta.Labels
+}
+
+// WithWorkloads adds to the spans of dec the Kubernetes attributes of
+// their cgroup's workload (k8s.namespace.name, k8s.pod.name,
+// k8s.container.name) when it is a known pod's; nothing for cgroups
+// outside pods, unknown ones, and workloads beyond the label-set cap.
+func WithWorkloads(dec Decoder, res Workloads) Decoder {
+	return func(b []byte) (Span, error) {
+		s, err := dec(b)
+		if err != nil || s.Cgroup == 0 {
+			return s, err
+		}
+		l := res.Resolve(s.Cgroup)
+		known := func(v string) bool { return v != "" && v != k8smeta.Unknown && v != k8smeta.Overflow }
+		if !known(l.Pod) || !known(l.Namespace) {
+			return s, nil
+		}
+		s.Attrs = append(s.Attrs, semconv.K8SNamespaceName(l.Namespace), semconv.K8SPodName(l.Pod))
+		if known(l.Container) {
+			s.Attrs = append(s.Attrs, semconv.K8SContainerName(l.Container))
+		}
+		return s, nil
+	}
+}
 
 // Add starts reading events of probe from ring. Records that do not
 // decode are logged and skipped.

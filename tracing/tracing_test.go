@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +17,7 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/internal/k8smeta"
 	"github.com/ktel-dev/ktel/metrics"
 )
 
@@ -241,4 +243,37 @@ func TestNoExemplarWithoutSpan(t *testing.T) {
 		close(f.block)
 		p.Close(context.Background())
 	})
+}
+
+type fakeWorkloads map[uint64]k8smeta.Labels
+
+func (f fakeWorkloads) Resolve(id uint64) k8smeta.Labels { return f[id] }
+
+// Spans of a known pod's cgroup carry its namespace, pod and container;
+// others nothing.
+func TestWithWorkloads(t *testing.T) {
+	res := fakeWorkloads{
+		1: {Namespace: "ns", Pod: "web", Container: "nginx"},
+		2: {Namespace: "ns", Pod: "web"},
+		3: {Unit: "sshd.service"},
+		4: {Namespace: k8smeta.Unknown, Pod: k8smeta.Unknown, Container: k8smeta.Unknown},
+		5: {Namespace: k8smeta.Overflow, Pod: k8smeta.Overflow, Container: k8smeta.Overflow},
+	}
+	for id, want := range map[uint64]map[attribute.Key]string{
+		0: {}, 1: {"k8s.namespace.name": "ns", "k8s.pod.name": "web", "k8s.container.name": "nginx"},
+		2: {"k8s.namespace.name": "ns", "k8s.pod.name": "web"}, 3: {}, 4: {}, 5: {},
+	} {
+		dec := WithWorkloads(func([]byte) (Span, error) { return Span{Name: "x", Cgroup: id}, nil }, res)
+		s, err := dec(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[attribute.Key]string{}
+		for _, kv := range s.Attrs {
+			got[kv.Key] = kv.Value.AsString()
+		}
+		if !maps.Equal(got, want) {
+			t.Errorf("cgroup %d: %v, want %v", id, got, want)
+		}
+	}
 }

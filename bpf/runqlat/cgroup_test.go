@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ktel-dev/ktel/internal/cgroups"
+	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -83,11 +84,9 @@ func TestPerCgroup(t *testing.T) {
 
 	for _, v := range Variants[:3] { // the tp_btf ones, which give the task
 		t.Run(v.String(), func(t *testing.T) {
-			p, err := Load(Options{Schema: 3, Variant: &v, PerCgroup: true}, discard())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer p.Close()
+			// Spans of waits >= 100 µs carry the cgroup id too.
+			p, rd := loadWithEvents(t, Options{Schema: 3, Variant: &v, PerCgroup: true,
+				Spans: probe.SpanOptions{Threshold: 100 * time.Microsecond}})
 			read := func() *Snapshot {
 				s, err := p.Snapshot()
 				if err != nil {
@@ -138,6 +137,18 @@ func TestPerCgroup(t *testing.T) {
 			}
 			if err := p.ForgetCgroup(busy); err != nil {
 				t.Errorf("forgetting a cgroup twice: %v", err)
+			}
+			var ours int
+			for _, e := range events(t, rd) {
+				switch e.Cgroup {
+				case busy:
+					ours++
+				case idle:
+					t.Errorf("an event of the idle cgroup: %+v", e)
+				}
+			}
+			if ours == 0 {
+				t.Error("no long-wait event carries the busy cgroup's id")
 			}
 			sleeper.Process.Kill()
 			sleeper.Wait()

@@ -7,9 +7,11 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
 	"github.com/ktel-dev/ktel/internal/cgroups"
+	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -41,7 +43,9 @@ func TestPerCgroup(t *testing.T) {
 	if _, err := tcpretrans.Load(tcpretrans.Options{Peers: true, PerCgroup: true}, discard()); err == nil {
 		t.Error("loaded counting by peer and cgroup at once")
 	}
-	p := load(t, tcpretrans.Options{PerCgroup: true}, tcpretrans.Variants[0])
+	p, rd := testenv.LoadWithEvents(t, func() (*tcpretrans.Probe, error) {
+		return tcpretrans.Load(tcpretrans.Options{PerCgroup: true, Spans: probe.SpanOptions{Always: true}}, discard())
+	})
 	if _, ok := p.BoundedMaps()["tcp_rtx_cgroups"]; !ok {
 		t.Error("the cgroup map is not among the bounded maps")
 	}
@@ -77,6 +81,18 @@ func TestPerCgroup(t *testing.T) {
 		if ck.Cgroup == ids["idle"] || ck.Cgroup == ids[filepath.Base(base)] {
 			t.Errorf("%v: %d retransmits in a cgroup without sockets", ck, n)
 		}
+	}
+	var spans int
+	for _, e := range testenv.Records(t, rd, 100*time.Millisecond, tcpretrans.DecodeEvent) {
+		if e.Remote.Addr() == pair.serverAddrs[0] {
+			spans++
+			if e.Cgroup != ids["client"] {
+				t.Errorf("event of the test's SYN: cgroup %d, want the client's %d", e.Cgroup, ids["client"])
+			}
+		}
+	}
+	if spans == 0 {
+		t.Error("no event of the test's SYN retransmit")
 	}
 	if after.CgroupMapFull != 0 {
 		t.Errorf("%d retransmits found the cgroup map full", after.CgroupMapFull)

@@ -40,6 +40,7 @@ struct tcpretrans_event {
 	__u32 _pad2;
 	__u8 saddr[16]; /* network byte order; IPv4 in the first 4 */
 	__u8 daddr[16];
+	__u64 cgroup; /* the socket's cgroup v2 id (the listener's for a SYN-ACK); 0 if unknown */
 };
 
 /* Keeps the type in BTF for bpf2go -type. */
@@ -237,7 +238,8 @@ static __always_inline int fill_remote(struct peer_key *k, const struct sock_com
 
 /* emit_event records a retransmit of skc for a span. Spans of retransmits
  * have no threshold: ktel_span_wanted(0) is true exactly when they are on. */
-static __always_inline void emit_event(const struct sock_common *skc, __u8 state, __u8 kind, __u64 n)
+static __always_inline void emit_event(const struct sock *sk, const struct sock_common *skc, __u8 state, __u8 kind,
+				       __u64 n)
 {
 	struct tcpretrans_event *e;
 	__u64 now;
@@ -257,6 +259,7 @@ static __always_inline void emit_event(const struct sock_common *skc, __u8 state
 	e->state = state;
 	e->kind = kind;
 	e->segs = n;
+	e->cgroup = sock_cgroup(sk);
 	family = BPF_CORE_READ(skc, skc_family);
 	if (family == AF_INET) {
 		e->family = RT_IPV4;
@@ -297,7 +300,7 @@ static __always_inline int retransmit_skb(const struct sock *sk, const struct sk
 	k.kind = state == TCP_SYN_SENT ? RT_SYN : RT_DATA;
 	n = segs(skb);
 	count(sk, &k, n);
-	emit_event(&sk->__sk_common, k.state, k.kind, n);
+	emit_event(sk, &sk->__sk_common, k.state, k.kind, n);
 	return 0;
 }
 
@@ -309,7 +312,7 @@ static __always_inline int retransmit_synack(const struct sock *sk, const struct
 	if (fill_remote(&k, &req->__req_common))
 		return 0;
 	count(sk, &k, 1);
-	emit_event(&req->__req_common, k.state, k.kind, 1);
+	emit_event(sk, &req->__req_common, k.state, k.kind, 1);
 	return 0;
 }
 

@@ -426,6 +426,7 @@ type Event struct {
 	Key                  // family, state, kind
 	Local, Remote netip.AddrPort
 	Segments      uint32
+	Cgroup        uint64 // the socket's cgroup v2 id (the listener's for a SYN-ACK); 0 if unknown
 }
 
 // EventSize is the size of a record in the ring buffer.
@@ -455,5 +456,6 @@ func DecodeEvent(b []byte) (Event, error) {
 		Local:    netip.AddrPortFrom(addr(r.Saddr), r.Sport),
 		Remote:   netip.AddrPortFrom(addr(r.Daddr), r.Dport),
 		Segments: r.Segs,
+		Cgroup:   r.Cgroup,
 	}, nil
 }

@@ -50,6 +50,7 @@ type tcpretransTcpretransEvent struct {
 	Pad2   uint32
 	Saddr  [16]uint8
 	Daddr  [16]uint8
+	Cgroup uint64
 }
 
 // Names of all BPF objects in the ELF.

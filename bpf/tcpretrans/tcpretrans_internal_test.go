@@ -17,8 +17,16 @@ func TestStructSizes(t *testing.T) {
 	if got, want := uint32(numFamilies*numStates*numKinds), spec.Maps["tcp_retransmits"].MaxEntries; got != want {
 		t.Errorf("tcp_retransmits: Go expects %d entries, C declares %d", got, want)
 	}
-	if got := unsafe.Sizeof(tcpretransTcpretransEvent{}); got != 56 || EventSize != 56 {
-		t.Errorf("struct tcpretrans_event: Go %d bytes, C 56", got)
+	if got := unsafe.Sizeof(tcpretransTcpretransEvent{}); got != 64 || EventSize != 64 {
+		t.Errorf("struct tcpretrans_event: Go %d bytes, C 64", got)
+	}
+	if got, want := uint32(unsafe.Sizeof(tcpretransCgroupKey{})), spec.Maps["tcp_rtx_cgroups"].KeySize; got != want {
+		t.Errorf("struct cgroup_key: Go %d bytes, map key %d", got, want)
+	}
+	for want := range uint32(numFamilies * numStates * numKinds) {
+		if got := indexOfKey(keyOfIndex(want)); got != want {
+			t.Errorf("indexOfKey(keyOfIndex(%d)) = %d", want, got)
+		}
 	}
 }
 

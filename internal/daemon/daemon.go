@@ -142,7 +142,7 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		if es, ok := p.(eventSource); ok && d.tracing != nil {
 			if r, _ := lookup(name); r.decoder == nil {
 				plog.Error("events without a decoder; no spans from this probe")
-			} else if err := d.tracing.Add(name, es.Events(), r.decoder); err != nil {
+			} else if err := d.tracing.Add(name, es.Events(), d.decoder(r.decoder)); err != nil {
 				plog.Error("cannot read outlier events; no spans from this probe", "err", err)
 			}
 		}
@@ -167,6 +167,15 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 	}
 	d.gate = &gatherGate{g: prometheus.ToTransactionalGatherer(reg)}
 	return d, nil
+}
+
+// decoder is dec, adding the workload's attributes to spans when
+// workload attribution is on.
+func (d *Daemon) decoder(dec tracing.Decoder) tracing.Decoder {
+	if d.workloads == nil {
+		return dec
+	}
+	return tracing.WithWorkloads(dec, d.workloads)
 }
 
 // startWorkloads starts workload attribution when KTEL_NODE_NAME names
