@@ -5,69 +5,19 @@ import (
 	"log/slog"
 	"net/http/httptest"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/kubetest"
 	"github.com/ktel-dev/ktel/internal/testenv"
 	"github.com/ktel-dev/ktel/metrics"
 )
-
-// podCgroup makes the cgroup of a pod's container in kubelet's systemd
-// layout, below the test's own child of the v2 root, and returns it
-// opened; it goes when the test ends.
-func podCgroup(t *testing.T, base string, pod *corev1.Pod, containerID string) *os.File {
-	t.Helper()
-	dir := base
-	var made []string
-	for _, p := range []string{"kubepods.slice", "kubepods-besteffort.slice",
-		"kubepods-besteffort-pod" + strings.ReplaceAll(string(pod.UID), "-", "_") + ".slice",
-		"cri-containerd-" + containerID + ".scope"} {
-		dir = filepath.Join(dir, p)
-		if err := os.Mkdir(dir, 0o755); err == nil {
-			made = append(made, dir)
-		} else if !os.IsExist(err) {
-			t.Fatal(err)
-		}
-	}
-	t.Cleanup(func() {
-		for i := len(made) - 1; i >= 0; i-- {
-			if err := os.Remove(made[i]); err != nil {
-				t.Error(err)
-			}
-		}
-	})
-	f, err := os.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	return f
-}
-
-func startIn(t *testing.T, dir *os.File, argv ...string) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	return cmd
-}
 
 // sleeping reports whether process pid is asleep (state S).
 func sleeping(t *testing.T, pid int) bool {
@@ -97,21 +47,9 @@ func TestRunqlatPerPod(t *testing.T) {
 	web := pod("team-a", "web", "nginx", webID)
 	db := pod("default", "db", "postgres", dbID)
 
-	root, err := cgroups.V2Root()
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := filepath.Join(root, fmt.Sprintf("ktel-test-daemon-%d", os.Getpid()))
-	if err := os.Mkdir(base, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := os.Remove(base); err != nil {
-			t.Error(err)
-		}
-	})
-	webDir := podCgroup(t, base, web, webID)
-	dbDir := podCgroup(t, base, db, dbID)
+	base := testenv.TestCgroup(t, "daemon")
+	webDir := testenv.SubCgroup(t, base, testenv.KubepodsPath(string(web.UID), webID))
+	dbDir := testenv.SubCgroup(t, base, testenv.KubepodsPath(string(db.UID), dbID))
 
 	cfg := testConfig("runqlat", false)
 	cfg.NodeName, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = "node-a", time.Minute, 100
@@ -137,7 +75,7 @@ func TestRunqlatPerPod(t *testing.T) {
 
 	// The idle pod's one process runs once, then sleeps; its waits are
 	// attributed once the informer has synced and the cgroups are walked.
-	sleeper := startIn(t, dbDir, "sleep", "60")
+	sleeper := testenv.StartInCgroup(t, dbDir, "sleep", "60")
 	deadline := time.Now().Add(30 * time.Second)
 	for series(dbSeries) == 0 || !sleeping(t, sleeper.Process.Pid) {
 		if time.Now().After(deadline) {
@@ -151,8 +89,8 @@ func TestRunqlatPerPod(t *testing.T) {
 	dbBefore, webBefore := series(dbSeries), series(webSeries)
 
 	const sleeps = 300
-	spinner := startIn(t, webDir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
-	shell := startIn(t, webDir, "taskset", "-c", "0", "sh", "-c",
+	spinner := testenv.StartInCgroup(t, webDir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
+	shell := testenv.StartInCgroup(t, webDir, "taskset", "-c", "0", "sh", "-c",
 		fmt.Sprintf("i=0; while [ $i -lt %d ]; do sleep 0.001; i=$((i+1)); done", sleeps))
 	if err := shell.Wait(); err != nil {
 		t.Fatal(err)

@@ -1,0 +1,85 @@
+package main
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/ktel-dev/ktel/internal/kubetest"
+	"github.com/ktel-dev/ktel/internal/testenv"
+)
+
+// The binary with KTEL_NODE_NAME and KUBECONFIG pointing at a real API
+// server: a pod's container kept busy, and making a connection whose
+// SYN is dropped in a network namespace of the test, shows in the
+// run-queue histogram and the retransmit counter under the pod's
+// namespace, name (and container, for the histogram).
+func TestWorkloadAttribution(t *testing.T) {
+	testenv.Privileged(t)
+	c := kubetest.Start(t)
+	c.Node(t, "node-a")
+	c.Namespace(t, "team-a", nil)
+	webID := fmt.Sprintf("%064x", 0xbeef)
+	web := c.Pod(t, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "web"},
+		Spec: corev1.PodSpec{NodeName: "node-a", Containers: []corev1.Container{{Name: "nginx", Image: "registry.example/nginx"}}}})
+	c.SetPodStatus(t, "team-a", "web", kubetest.RunningStatus(web, "10.1.0.2", "containerd://"+webID))
+	dir := testenv.SubCgroup(t, testenv.TestCgroup(t, "e2e-workload"), testenv.KubepodsPath(string(web.UID), webID))
+
+	ns := fmt.Sprintf("ktel-e2e-wl-%d", time.Now().UnixNano()%1e6)
+	sb := testenv.NewSandbox(t, ns)
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		testenv.Run(t, []string{"ip", "netns", "exec", sb.NS, cmd, "-w", "5", "-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP"})
+	}
+
+	d := startDaemon(t, "KTEL_NODE_NAME=node-a", "KUBECONFIG="+c.Kubeconfig, "KTEL_PROBES=runqlat,tcpretrans",
+		"KTEL_WORKLOAD_LABEL_TTL=1m")
+
+	const sleeps = 300
+	spinner := testenv.StartInCgroup(t, dir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
+	shell := testenv.StartInCgroup(t, dir, "taskset", "-c", "0", "sh", "-c",
+		fmt.Sprintf("i=0; while [ $i -lt %d ]; do sleep 0.001; i=$((i+1)); done", sleeps))
+	// One SYN retransmit (after 1 s), then the connect is cut.
+	syn := testenv.StartInCgroup(t, dir, "ip", "netns", "exec", sb.NS, "timeout", "1.5", "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/7")
+	if err := shell.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	spinner.Process.Kill()
+	spinner.Wait()
+	if err := syn.Wait(); err == nil {
+		t.Fatal("connected through a firewall")
+	}
+
+	value := func(body, series string) uint64 {
+		re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` (\S+)$`)
+		m := re.FindStringSubmatch(body)
+		if m == nil {
+			return 0
+		}
+		f, _ := strconv.ParseFloat(m[1], 64)
+		return uint64(f)
+	}
+	waits := `ktel_runqueue_latency_seconds_count{container="nginx",namespace="team-a",pod="web",unit=""}`
+	rtx := `ktel_tcp_retransmits_total{family="ipv4",kind="syn",namespace="team-a",pod="web",state="SYN_SENT",unit=""}`
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		b, _ := d.scrape(t, "text/plain")
+		body := string(b)
+		w, r := value(body, waits), value(body, rtx)
+		if w >= sleeps && r >= 1 {
+			if value(body, "ktel_workload_pods") != 1 {
+				t.Errorf("ktel_workload_pods is not 1:\n%s", body)
+			}
+			t.Logf("pod web: %d waits, %d SYN retransmits", w, r)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pod web: %d waits (want >= %d), %d SYN retransmits (want >= 1)\n%s\nstderr:\n%s", w, sleeps, r, body, d.Stderr)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
