@@ -91,10 +91,12 @@ struct {
 /*
  * With per_cgroup: one histogram per cgroup v2 id, shared by all CPUs and
  * updated with atomic adds, so that its memory does not grow with the
- * number of CPUs: at most max_entries values of 8*(ktel_slots+1) bytes
- * (2,720 B at schema 3), allocated as cgroups appear (no prealloc): 10.6
- * MiB when full whatever the CPU count, about 1.3 MiB for a node of 110
- * pods (~500 cgroups with their containers, sandboxes and system units).
+ * number of CPUs. Entries are allocated as cgroups first wait (no
+ * prealloc): 8*(ktel_slots+1) bytes of value (2,200 at schema 3) plus the
+ * hash element, from the kernel's 4 KiB size class at schema 3 (8 KiB at
+ * 4): at most 8 MiB (16 at schema 4) when all 2048 are in use, whatever
+ * the CPU count; a node of 110 pods has about 330 cgroups with tasks (a
+ * container or two and a sandbox per pod, and system units), 1.3 MiB.
  * User space deletes the entries of cgroups idle for the label TTL. When
  * full, a new cgroup's waits go to runqueue_latency (exported as
  * unit="other") and are counted in runqlat_drops[DROP_CGROUP_FULL]. The
@@ -103,7 +105,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 2048);
 	__uint(key_size, sizeof(__u64));
 	__uint(value_size, sizeof(__u64));
 } runqueue_latency_cgroup SEC(".maps");

@@ -60,8 +60,9 @@ struct cgroup_key {
 
 /*
  * With per_cgroup: segments by (cgroup, family, state, kind), shared by
- * CPUs (atomic adds), allocated as keys appear: at most 8192 x 16 B
- * values plus keys, under 1 MiB whatever the CPU count. User space deletes
+ * CPUs (atomic adds), allocated as keys appear (a 16 B key, an 8 B value
+ * and the hash element: the kernel's 96 B size class): at most 768 KiB for
+ * the 8192 entries whatever the CPU count. User space deletes
  * the keys of cgroups idle for the label TTL. When full, a retransmit
  * whose key is not in it is counted in tcp_retransmits (exported with
  * unit="other" and in ktel_label_overflow_total{probe="tcpretrans",
