@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/kubetest"
 	"github.com/ktel-dev/ktel/internal/testenv"
 	"github.com/ktel-dev/ktel/metrics"
@@ -110,4 +112,55 @@ func TestRunqlatPerPod(t *testing.T) {
 		t.Errorf("idle pod db: %d waits while it slept", dbAfter-dbBefore)
 	}
 	t.Logf("pod web: %d waits", webAfter-webBefore)
+}
+
+// With KTEL_NODE_NAME the probes get the resolver and its counters are
+// exported, even while the API server is unreachable; Close stops it.
+// Without, probes get none.
+func TestWorkloadWiring(t *testing.T) {
+	if _, err := cgroups.V2Root(); err != nil {
+		t.Skipf("no cgroup v2 hierarchy: %v", err)
+	}
+	kc := filepath.Join(t.TempDir(), "kubeconfig")
+	// Nothing listens on port 1 of loopback: the informer keeps retrying.
+	if err := os.WriteFile(kc, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+current-context: c
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("KUBECONFIG", kc)
+	for _, node := range []string{"", "node-a"} {
+		var got metrics.Workloads
+		p := &fakeProbe{t: t}
+		s := map[string]starter{"fake": func(e env) (loaded, error) { got = e.workloads; return p, nil }}
+		cfg := testConfig("fake", false)
+		cfg.NodeName, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = node, time.Minute, 10
+		d, err := newDaemon(cfg, slog.New(slog.DiscardHandler), s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec := httptest.NewRecorder()
+		d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+		has := strings.Contains(rec.Body.String(), "ktel_workload_cgroups ")
+		if node == "" && (got != nil || has) {
+			t.Error("workload attribution on without KTEL_NODE_NAME")
+		}
+		if node != "" && (got == nil || !has) {
+			t.Errorf("KTEL_NODE_NAME set: probes got %v, workload metrics exported %v", got, has)
+		}
+		done := make(chan error, 1)
+		go func() { done <- d.Close() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Error(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("Close did not return")
+		}
+	}
 }
