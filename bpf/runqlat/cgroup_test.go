@@ -5,9 +5,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/probe"
@@ -54,6 +57,16 @@ func inCgroup(t *testing.T, dir *os.File, argv ...string) *exec.Cmd {
 	return cmd
 }
 
+// sleeping reports whether process pid is asleep (state S).
+func sleeping(t *testing.T, pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, after, _ := strings.Cut(string(b), ") ")
+	return strings.HasPrefix(after, "S")
+}
+
 func count(h Hist) (n uint64) {
 	for _, c := range h.Slots {
 		n += c
@@ -95,15 +108,21 @@ func TestPerCgroup(t *testing.T) {
 				return s
 			}
 			sleeper := inCgroup(t, idleDir, "sleep", "30")
-			// The idle cgroup's one task has run and gone to sleep.
+			// The idle cgroup's one task has run and gone to sleep: its
+			// waits are all recorded (at its switch-out or switch-in).
 			deadline := time.Now().Add(5 * time.Second)
-			for count(read().Cgroups[idle]) == 0 {
+			for count(read().Cgroups[idle]) == 0 || !sleeping(t, sleeper.Process.Pid) {
 				if time.Now().After(deadline) {
 					t.Fatal("the idle cgroup's sleep was never counted")
 				}
 				time.Sleep(10 * time.Millisecond)
 			}
 			before := read()
+			var ts unix.Timespec
+			if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+				t.Fatal(err)
+			}
+			since := uint64(ts.Nano())
 
 			const sleeps = 300
 			spinner := inCgroup(t, busyDir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
@@ -140,6 +159,9 @@ func TestPerCgroup(t *testing.T) {
 			}
 			var ours int
 			for _, e := range events(t, rd) {
+				if e.StartNs < since {
+					continue
+				}
 				switch e.Cgroup {
 				case busy:
 					ours++
