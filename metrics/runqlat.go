@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,6 +33,7 @@ type runqlatCollector struct {
 	layout    *histogram.Layout
 	forget    RunqlatCgroups
 	workloads *workloadSums[struct{}]
+	mu        sync.Mutex // serialises reads with workload sums
 	overflow  *prometheus.Desc
 	exemplars *Exemplars
 	snap      *Cached[*runqlat.Snapshot]
@@ -80,6 +82,12 @@ func NewRunqlatCollector(src RunqlatSource, perCPU bool, ex *Exemplars) Collecto
 }
 
 func (c *runqlatCollector) Update(ch chan<- prometheus.Metric) error {
+	if c.workloads != nil {
+		// Snapshots reach the workload sums in the order they were read:
+		// an older one after a newer would look like counts going down.
+		c.mu.Lock()
+		defer c.mu.Unlock()
+	}
 	s, err := c.snap.Get()
 	if err != nil {
 		return err

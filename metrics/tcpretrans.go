@@ -70,6 +70,9 @@ func NewTCPRetransWorkloadCollector(src TCPRetransSource, forget TCPRetransCgrou
 }
 
 func (c *tcpRetransCollector) updateWorkloads(ch chan<- prometheus.Metric) error {
+	// As with peers: snapshots reach the sums in the order they were read.
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	s, err := c.snap.Get()
 	if err != nil {
 		return err
