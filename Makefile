@@ -58,12 +58,12 @@ test: tools otelcol kube deploy-go-tools
 # test/deploy and test/reliability, which need the Go toolchain, the
 # OpenTelemetry Collector, a Kubernetes API server, Prometheus or systemd
 # (make test runs them here), and bpf/lb's TestKubernetes* for the same
-# reason (KERNEL_SKIP); the daemon itself is covered in the guest by the
-# check and the scrape.
+# reason, as is internal/daemon's TestRunqlatPerPod (KERNEL_SKIP); the
+# daemon itself is covered in the guest by the check and the scrape.
 # KERNEL_RUN=TestX runs only the tests matching it.
 KERNEL_TEST_PKGS = ./bpf/syscall ./bpf/runqlat ./bpf/tcpretrans ./bpf/netdev ./bpf/lb \
                    ./internal/probe ./internal/daemon ./internal/cgroups ./metrics ./tracing
-KERNEL_SKIP ?= ^TestKubernetes
+KERNEL_SKIP ?= ^(TestKubernetes|TestRunqlatPerPod)
 test-kernel: tools build
 	KTEL_BINARY=$(BINARY) KERNEL_SKIP='$(KERNEL_SKIP)' ./hack/kernel/run.sh $(KERNEL_TEST_PKGS)
 

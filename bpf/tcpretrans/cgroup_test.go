@@ -1,6 +1,7 @@
 package tcpretrans_test
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -66,8 +67,12 @@ func TestPerCgroup(t *testing.T) {
 	cmd := exec.Command("ip", "netns", "exec", pair.client, "timeout", fmt.Sprintf("%.1f", synWait.Seconds()),
 		"bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/%s/7", pair.serverAddrs[0]))
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	// timeout exits 124 when it cut the connect; anything else (bash or
+	// timeout missing, say) means no SYN was sent.
 	if out, err := cmd.CombinedOutput(); err == nil {
 		t.Fatalf("connected through a firewall: %s", out)
+	} else if ee, ok := errors.AsType[*exec.ExitError](err); !ok || ee.ExitCode() != 124 {
+		t.Fatalf("connect from the client cgroup: %v, want timeout's status 124 (the SYN dropped)\n%s", err, out)
 	}
 	after, err := p.Snapshot()
 	if err != nil {

@@ -83,14 +83,15 @@ done
 cp README.md "$root/src/"
 install -m 755 "$ktel" "$root/bin/ktel"
 
-# --- busybox, iproute2, iptables (nft) and kmod from this Debian 12 host,
+# --- busybox, iproute2, iptables (nft), kmod, bash and coreutils' timeout
+# (tests connect with bash's /dev/tcp under timeout) from this Debian 12 host,
 # with their shared libraries; the xtables extensions are loaded with
 # dlopen, so ldd does not see them.
 cp "$pkgroot/bin/busybox" "$root/bin/busybox"
 for a in $("$root/bin/busybox" --list); do
 	[[ -e $root/bin/$a ]] || ln -s busybox "$root/bin/$a"
 done
-tools=(/usr/sbin/ip /usr/sbin/tc /usr/sbin/xtables-nft-multi /usr/bin/kmod)
+tools=(/usr/sbin/ip /usr/sbin/tc /usr/sbin/xtables-nft-multi /usr/bin/kmod /usr/bin/bash /usr/bin/timeout)
 xt=/usr/lib/x86_64-linux-gnu/xtables
 for t in "${tools[@]}"; do
 	[[ -x $t ]] || { echo "test-kernel: $t missing: run scripts/install-deps.sh" >&2; exit 1; }
