@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -240,5 +241,55 @@ func TestStrip(t *testing.T) {
 	b := Translate([]*corev1.Service{gs}, []*discovery.EndpointSlice{ge}, "n")
 	if fmt.Sprint(a.Services) != fmt.Sprint(b.Services) || len(a.Services) != 1 {
 		t.Errorf("stripping changed the translation: %v, %v", a, b)
+	}
+}
+
+// While applies fail, a slice's updates keep one trigger time, the
+// earliest unapplied one: memory is bounded by the number of slices.
+func TestTriggersBounded(t *testing.T) {
+	rec := &recorder{fail: 1 << 30}
+	src, err := New(Options{Client: fake.NewSimpleClientset(), Metrics: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	update := func(name string, at time.Time) {
+		s := slice("web", name, discovery.AddressTypeIPv4, nil)
+		s.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: at.Format(time.RFC3339Nano)}
+		src.sliceChanged(s)
+	}
+	earliest := time.Now().Add(time.Millisecond)
+	for i := range 1000 {
+		update("web-a", earliest.Add(time.Duration(i)*time.Millisecond))
+		if i%100 == 0 {
+			if err := src.sync(rec.apply); err == nil {
+				t.Fatal("apply did not fail")
+			}
+		}
+	}
+	update("web-b", earliest.Add(time.Second))
+	src.triggerMu.Lock()
+	got := maps.Clone(src.triggers)
+	src.triggerMu.Unlock()
+	if len(got) != 2 || !got["ns/web-a"].Equal(earliest) || !got["ns/web-b"].Equal(earliest.Add(time.Second)) {
+		t.Fatalf("triggers %v, want ns/web-a at %v and ns/web-b", got, earliest)
+	}
+	// The first successful sync measures each slice once, from its
+	// earliest trigger, and forgets them.
+	rec.mu.Lock()
+	rec.fail = 0
+	rec.mu.Unlock()
+	if err := src.sync(rec.apply); err != nil {
+		t.Fatal(err)
+	}
+	rec.mu.Lock()
+	lat := rec.latency
+	rec.mu.Unlock()
+	if len(lat) != 2 || max(lat[0], lat[1]) < time.Since(earliest)-time.Second {
+		t.Errorf("latencies %v, want two, the longest from %v", lat, earliest)
+	}
+	src.triggerMu.Lock()
+	defer src.triggerMu.Unlock()
+	if len(src.triggers) != 0 {
+		t.Errorf("triggers %v left after a successful sync", src.triggers)
 	}
 }
