@@ -69,6 +69,11 @@ func newUDPCloser(cgroup string, reverse *ebpf.Map, maxGone int, noIter bool, lo
 		log.Info("bpf_sock_destroy unavailable (Linux 6.5+): closing connected UDP sockets to removed backends through sock_diag", "err", err)
 		return c
 	}
+	// With MapReplacements, cilium/ebpf assigns a clone of the
+	// replacement (its own file descriptor): closed, reverse stays.
+	if err := objs.LbReverse.Close(); err != nil {
+		log.Warn("close lb_reverse clone", "err", err)
+	}
 	c.iter, c.gone = objs.LbUdpDestroy, objs.LbDestroy
 	return c
 }
@@ -146,6 +151,7 @@ func (c *udpCloser) disconnect(removed []ctl.Removed) (int, error) {
 			c.warnOnce.Do(func() {
 				c.log.Warn("cannot close connected UDP sockets of removed backends: they keep sending to them", "err", err)
 			})
+			c.closed.Add(uint64(total)) // those closed before it
 			return total, err
 		}
 		if err != nil && !errors.Is(err, fs.ErrNotExist) { // the process exited
