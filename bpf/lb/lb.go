@@ -365,6 +365,10 @@ type Snapshot struct {
 	// UDPSocketsClosed counts connected UDP sockets closed because their
 	// backend left the service.
 	UDPSocketsClosed uint64
+	// UDPCloseMissed counts processes of the cgroup, per closing pass,
+	// whose network namespace could not be read or entered: their
+	// sockets were not looked at.
+	UDPCloseMissed uint64
 }
 
 // ServiceStats are one service's counters.
@@ -391,6 +395,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	s := &Snapshot{Backends: nb, ReloadSuccess: rs.Success, ReloadError: rs.Error, LastReloadSuccess: rs.LastSuccess, LastApply: rs.LastApply}
 	if p.maps.udp != nil {
 		s.UDPSocketsClosed = p.maps.udp.closed.Load()
+		s.UDPCloseMissed = p.maps.udp.missed.Load()
 	}
 
 	var maxSvc, maxB uint32
