@@ -54,7 +54,7 @@ func NewLBCollector(src LBSource) Collector {
 		datapathErr: prometheus.NewDesc("ktel_lb_datapath_errors_total",
 			"Datapath failures: reverse (recording the VIP of a socket, failed), slot (a backend slot missing, not rewritten), maglev (a Maglev table missing, picked at random), affinity (recording a client's backend for session affinity, failed), udp_close (a process of the load-balanced cgroup whose network namespace ktel could not read or enter, per pass closing UDP sockets to removed backends: hostPID and capabilities missing).", []string{"reason"}, nil),
 		udpClosed: prometheus.NewDesc("ktel_lb_udp_sockets_destroyed_total",
-			"Connected UDP sockets closed (their next send or receive fails with ECONNABORTED) because the backend they were sent to left the service.", nil, nil),
+			"Connected UDP sockets closed (their next receive fails with ECONNABORTED, a send with EDESTADDRREQ) because the backend they were sent to left the service.", nil, nil),
 	}
 }
 

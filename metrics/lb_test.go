@@ -75,7 +75,7 @@ ktel_lb_service_connections_total{service="web"} 10
 # HELP ktel_lb_services Services in the applied services file.
 # TYPE ktel_lb_services gauge
 ktel_lb_services 2
-# HELP ktel_lb_udp_sockets_destroyed_total Connected UDP sockets closed (their next send or receive fails with ECONNABORTED) because the backend they were sent to left the service.
+# HELP ktel_lb_udp_sockets_destroyed_total Connected UDP sockets closed (their next receive fails with ECONNABORTED, a send with EDESTADDRREQ) because the backend they were sent to left the service.
 # TYPE ktel_lb_udp_sockets_destroyed_total counter
 ktel_lb_udp_sockets_destroyed_total 5
 `

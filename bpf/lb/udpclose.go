@@ -30,7 +30,8 @@ import (
 // backend for its whole life. Kernels 6.5+ do it with a BPF socket
 // iterator calling bpf_sock_destroy (sockdestroy.bpf.c); older ones with
 // sock_diag's SOCK_DESTROY request, which needs CONFIG_INET_DIAG_DESTROY.
-// Either way the socket's next send or receive fails with ECONNABORTED.
+// Either way the socket's next receive (or SO_ERROR) gives ECONNABORTED
+// and a send EDESTADDRREQ: it is no longer connected.
 //
 // Sockets are looked for in the network namespaces of the processes of the
 // load-balanced cgroup (a socket iterator and sock_diag both see one
