@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"sync"
 	"sync/atomic"
@@ -291,5 +292,66 @@ func TestTriggersBounded(t *testing.T) {
 	defer src.triggerMu.Unlock()
 	if len(src.triggers) != 0 {
 		t.Errorf("triggers %v left after a successful sync", src.triggers)
+	}
+}
+
+// warnCounter counts the warnings logged with a given message.
+type warnCounter struct {
+	mu  sync.Mutex
+	msg string
+	n   int
+}
+
+func (w *warnCounter) Enabled(context.Context, slog.Level) bool { return true }
+func (w *warnCounter) Handle(_ context.Context, r slog.Record) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if r.Level == slog.LevelWarn && r.Message == w.msg {
+		w.n++
+	}
+	return nil
+}
+func (w *warnCounter) WithAttrs([]slog.Attr) slog.Handler { return w }
+func (w *warnCounter) WithGroup(string) slog.Handler      { return w }
+func (w *warnCounter) count() int                         { w.mu.Lock(); defer w.mu.Unlock(); return w.n }
+
+// Skipped objects are warned about when their counts change, not at every
+// sync.
+func TestSkippedWarnedOnChange(t *testing.T) {
+	sctp := svc("sctp", []string{"10.96.0.5"}, port("x", 9, corev1.ProtocolSCTP))
+	client := fake.NewClientset(sctp)
+	warns := &warnCounter{msg: "kubernetes objects skipped"}
+	rec := &recorder{}
+	src, err := New(Options{Client: client, MinSyncPeriod: time.Hour, Log: slog.New(warns)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Start(rec.apply); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	select {
+	case <-src.Synced():
+	case <-time.After(10 * time.Second):
+		t.Fatal("not synced")
+	}
+	// The sync loop now waits an hour for a change: these syncs are ours.
+	if n := warns.count(); n != 1 {
+		t.Fatalf("%d warnings after the first sync, want 1", n)
+	}
+	for range 3 {
+		if err := src.sync(rec.apply); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := warns.count(); n != 1 {
+		t.Errorf("%d warnings after syncs with the same skipped objects, want still 1", n)
+	}
+	src.skipped = map[string]int{SkipProtocol: 2} // as if one was deleted since
+	if err := src.sync(rec.apply); err != nil {
+		t.Fatal(err)
+	}
+	if n := warns.count(); n != 2 {
+		t.Errorf("%d warnings after the counts changed, want 2", n)
 	}
 }
