@@ -36,7 +36,7 @@ func NewExporter(collectors map[string]Collector, log *slog.Logger) *Exporter {
 		log:        log,
 		collectors: collectors,
 		duration: prometheus.NewDesc(prometheus.BuildFQName(Namespace, "scrape", "collector_duration_seconds"),
-			"Time a collector took to read its maps during this scrape.", []string{"collector"}, nil),
+			"Time a collector took during this scrape: its whole update, reading its maps and sending its metrics.", []string{"collector"}, nil),
 		success: prometheus.NewDesc(prometheus.BuildFQName(Namespace, "scrape", "collector_success"),
 			"Whether a collector succeeded during this scrape (1) or not (0).", []string{"collector"}, nil),
 	}

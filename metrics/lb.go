@@ -52,9 +52,9 @@ func NewLBCollector(src LBSource) Collector {
 		lastReload: prometheus.NewDesc("ktel_lb_config_last_reload_success_timestamp_seconds",
 			"When the services file was last applied, in seconds since the epoch.", nil, nil),
 		datapathErr: prometheus.NewDesc("ktel_lb_datapath_errors_total",
-			"Kernel-side failures: reverse (recording the VIP of a socket, failed), slot (a backend slot missing, not rewritten), maglev (a Maglev table missing, picked at random), affinity (recording a client's backend for session affinity, failed).", []string{"reason"}, nil),
+			"Datapath failures: reverse (recording the VIP of a socket, failed), slot (a backend slot missing, not rewritten), maglev (a Maglev table missing, picked at random), affinity (recording a client's backend for session affinity, failed), udp_close (a process of the load-balanced cgroup whose network namespace ktel could not read or enter, per pass closing UDP sockets to removed backends: hostPID and capabilities missing).", []string{"reason"}, nil),
 		udpClosed: prometheus.NewDesc("ktel_lb_udp_sockets_destroyed_total",
-			"Connected UDP sockets closed (their next send or receive fails with ECONNABORTED) because the backend they were sent to left the service.", nil, nil),
+			"Connected UDP sockets closed (their next receive fails with ECONNABORTED, a send with EDESTADDRREQ) because the backend they were sent to left the service.", nil, nil),
 	}
 }
 
@@ -86,6 +86,7 @@ func (c *lbCollector) Update(ch chan<- prometheus.Metric) error {
 	ch <- prometheus.MustNewConstMetric(c.datapathErr, prometheus.CounterValue, float64(s.SlotMissing), "slot")
 	ch <- prometheus.MustNewConstMetric(c.datapathErr, prometheus.CounterValue, float64(s.MaglevMissing), "maglev")
 	ch <- prometheus.MustNewConstMetric(c.datapathErr, prometheus.CounterValue, float64(s.AffinityFailed), "affinity")
+	ch <- prometheus.MustNewConstMetric(c.datapathErr, prometheus.CounterValue, float64(s.UDPCloseMissed), "udp_close")
 	ch <- prometheus.MustNewConstMetric(c.udpClosed, prometheus.CounterValue, float64(s.UDPSocketsClosed))
 	return nil
 }

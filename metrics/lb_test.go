@@ -57,12 +57,13 @@ ktel_lb_config_last_reload_success_timestamp_seconds 1.7000000005e+09
 # TYPE ktel_lb_config_reloads_total counter
 ktel_lb_config_reloads_total{result="error"} 1
 ktel_lb_config_reloads_total{result="success"} 3
-# HELP ktel_lb_datapath_errors_total Kernel-side failures: reverse (recording the VIP of a socket, failed), slot (a backend slot missing, not rewritten), maglev (a Maglev table missing, picked at random), affinity (recording a client's backend for session affinity, failed).
+# HELP ktel_lb_datapath_errors_total Datapath failures: reverse (recording the VIP of a socket, failed), slot (a backend slot missing, not rewritten), maglev (a Maglev table missing, picked at random), affinity (recording a client's backend for session affinity, failed), udp_close (a process of the load-balanced cgroup whose network namespace ktel could not read or enter, per pass closing UDP sockets to removed backends: hostPID and capabilities missing).
 # TYPE ktel_lb_datapath_errors_total counter
 ktel_lb_datapath_errors_total{reason="affinity"} 0
 ktel_lb_datapath_errors_total{reason="maglev"} 0
 ktel_lb_datapath_errors_total{reason="reverse"} 0
 ktel_lb_datapath_errors_total{reason="slot"} 2
+ktel_lb_datapath_errors_total{reason="udp_close"} 0
 # HELP ktel_lb_no_backend_total Connects and datagrams refused (ECONNREFUSED; EPERM before Linux 5.18) because the service had no backend.
 # TYPE ktel_lb_no_backend_total counter
 ktel_lb_no_backend_total{service="empty"} 4
@@ -74,7 +75,7 @@ ktel_lb_service_connections_total{service="web"} 10
 # HELP ktel_lb_services Services in the applied services file.
 # TYPE ktel_lb_services gauge
 ktel_lb_services 2
-# HELP ktel_lb_udp_sockets_destroyed_total Connected UDP sockets closed (their next send or receive fails with ECONNABORTED) because the backend they were sent to left the service.
+# HELP ktel_lb_udp_sockets_destroyed_total Connected UDP sockets closed (their next receive fails with ECONNABORTED, a send with EDESTADDRREQ) because the backend they were sent to left the service.
 # TYPE ktel_lb_udp_sockets_destroyed_total counter
 ktel_lb_udp_sockets_destroyed_total 5
 `

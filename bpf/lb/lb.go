@@ -88,7 +88,8 @@ func (o *Options) defaults() {
 // it if it fails past checking its options. Start is called once the
 // programs are attached: apply must then be called with
 // each complete set of services, from one goroutine at a time; until the
-// first call no service is balanced. Close stops the calls.
+// first call no service is balanced. Close stops the calls; it may be
+// called more than once.
 type Source interface {
 	Start(apply func([]ctl.Service) error) error
 	Close() error
@@ -162,6 +163,14 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 	if fi, err := os.Stat(opts.Cgroup); err != nil || !fi.IsDir() {
 		return nil, fmt.Errorf("cgroup %s: not a directory: %v", opts.Cgroup, err)
 	}
+	// Options checked: the Source is closed if Load fails from here on,
+	// by p.Close once p holds it.
+	srcHeld := false
+	defer func() {
+		if err != nil && !srcHeld && opts.Source != nil {
+			_ = opts.Source.Close()
+		}
+	}()
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		return nil, fmt.Errorf("possible CPUs: %w", err)
@@ -238,7 +247,7 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 		p.progs[h.name] = h.prog(&objs.lbPrograms)
 	}
 	p.maps.udp = newUDPCloser(opts.Cgroup, objs.LbReverse, opts.MaxBackends, opts.noSockDestroy, log)
-	p.src = opts.Source // closed with p, from here on even if Load fails
+	p.src, srcHeld = opts.Source, true // closed with p, from here on even if Load fails
 
 	state, err := ctl.NewState(p.maps, lim)
 	if err != nil {
@@ -356,6 +365,10 @@ type Snapshot struct {
 	// UDPSocketsClosed counts connected UDP sockets closed because their
 	// backend left the service.
 	UDPSocketsClosed uint64
+	// UDPCloseMissed counts processes of the cgroup, per closing pass,
+	// whose network namespace could not be read or entered: their
+	// sockets were not looked at.
+	UDPCloseMissed uint64
 }
 
 // ServiceStats are one service's counters.
@@ -382,6 +395,7 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	s := &Snapshot{Backends: nb, ReloadSuccess: rs.Success, ReloadError: rs.Error, LastReloadSuccess: rs.LastSuccess, LastApply: rs.LastApply}
 	if p.maps.udp != nil {
 		s.UDPSocketsClosed = p.maps.udp.closed.Load()
+		s.UDPCloseMissed = p.maps.udp.missed.Load()
 	}
 
 	var maxSvc, maxB uint32

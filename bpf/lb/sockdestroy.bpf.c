@@ -5,8 +5,9 @@
  * balancer (lb.bpf.c) sent to a backend that has since left the service:
  * without it they would keep sending to the old backend (the best-known
  * trap of socket-level load balancing, as Cilium's socket LB documents).
- * bpf_sock_destroy aborts such a socket: its next send or receive fails
- * with ECONNABORTED, and a new socket is balanced afresh.
+ * bpf_sock_destroy aborts such a socket: its next receive (or SO_ERROR)
+ * gives ECONNABORTED and a send EDESTADDRREQ (it is no longer connected),
+ * and a new socket is balanced afresh.
  *
  * A separate object from lb.bpf.c because bpf_sock_destroy needs Linux
  * 6.5: where it does not load, user space falls back to sock_diag's

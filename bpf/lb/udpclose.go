@@ -30,7 +30,8 @@ import (
 // backend for its whole life. Kernels 6.5+ do it with a BPF socket
 // iterator calling bpf_sock_destroy (sockdestroy.bpf.c); older ones with
 // sock_diag's SOCK_DESTROY request, which needs CONFIG_INET_DIAG_DESTROY.
-// Either way the socket's next send or receive fails with ECONNABORTED.
+// Either way the socket's next receive (or SO_ERROR) gives ECONNABORTED
+// and a send EDESTADDRREQ: it is no longer connected.
 //
 // Sockets are looked for in the network namespaces of the processes of the
 // load-balanced cgroup (a socket iterator and sock_diag both see one
@@ -47,6 +48,12 @@ type udpCloser struct {
 
 	closed   atomic.Uint64
 	warnOnce sync.Once
+	// missed counts the processes of the cgroup whose network namespace
+	// could not be read or entered, per closing pass (without hostPID
+	// /proc lacks them; without CAP_SYS_PTRACE and CAP_SYS_ADMIN their
+	// namespaces cannot be read or entered).
+	missed       atomic.Uint64
+	missWarnOnce sync.Once
 }
 
 // newUDPCloser loads the iterator where the kernel allows it (6.5+),
@@ -68,6 +75,11 @@ func newUDPCloser(cgroup string, reverse *ebpf.Map, maxGone int, noIter bool, lo
 	if err := spec.LoadAndAssign(&objs, opts); err != nil {
 		log.Info("bpf_sock_destroy unavailable (Linux 6.5+): closing connected UDP sockets to removed backends through sock_diag", "err", err)
 		return c
+	}
+	// With MapReplacements, cilium/ebpf assigns a clone of the
+	// replacement (its own file descriptor): closed, reverse stays.
+	if err := objs.LbReverse.Close(); err != nil {
+		log.Warn("close lb_reverse clone", "err", err)
 	}
 	c.iter, c.gone = objs.LbUdpDestroy, objs.LbDestroy
 	return c
@@ -104,9 +116,12 @@ func (c *udpCloser) disconnect(removed []ctl.Removed) (int, error) {
 			Vip:     sockdestroyRevVal{Addr: vw, Port: netPort(r.Key.VIP.Port()), Family: vf},
 		}] = true
 	}
-	nss, err := cgroupNetns(c.cgroup)
+	nss, unseen, err := cgroupNetns(c.cgroup)
 	if err != nil {
 		return 0, err
+	}
+	if unseen > 0 {
+		c.missedNetns(unseen, "a process of the cgroup not visible in /proc or its namespace not readable")
 	}
 	if c.iter != nil {
 		keys := make([]sockdestroyGoneKey, 0, len(gone))
@@ -146,15 +161,37 @@ func (c *udpCloser) disconnect(removed []ctl.Removed) (int, error) {
 			c.warnOnce.Do(func() {
 				c.log.Warn("cannot close connected UDP sockets of removed backends: they keep sending to them", "err", err)
 			})
+			c.closed.Add(uint64(total)) // those closed before it
 			return total, err
 		}
-		if err != nil && !errors.Is(err, fs.ErrNotExist) { // the process exited
+		var ne *netnsError
+		switch {
+		case err == nil, errors.Is(err, fs.ErrNotExist): // the process exited
+		case errors.As(err, &ne):
+			c.missedNetns(1, err.Error())
+		default:
 			errs = append(errs, fmt.Errorf("netns %s: %w", ns, err))
 		}
 	}
 	c.closed.Add(uint64(total))
 	return total, errors.Join(errs...)
 }
+
+// missedNetns counts n processes (or namespaces) of the cgroup whose
+// sockets could not be looked at, and warns about it once.
+func (c *udpCloser) missedNetns(n int, why string) {
+	c.missed.Add(uint64(n))
+	c.missWarnOnce.Do(func() {
+		c.log.Warn("connected UDP sockets to removed backends not closed in other network namespaces: ktel needs the host's PID namespace (hostPID) and CAP_SYS_ADMIN, CAP_SYS_PTRACE and CAP_NET_ADMIN (KTEL_KEEP_CAPABILITIES); counted in ktel_lb_datapath_errors_total{reason=\"udp_close\"}",
+			"cgroup", c.cgroup, "why", why)
+	})
+}
+
+// netnsError: a namespace could not be entered (open or setns failed).
+type netnsError struct{ err error }
+
+func (e *netnsError) Error() string { return e.err.Error() }
+func (e *netnsError) Unwrap() error { return e.err }
 
 // runIter runs the iterator once in the calling thread's namespace; it
 // writes the cookie of each socket it closed.
@@ -184,13 +221,16 @@ const ownNetns = ""
 // cgroupNetns returns a /proc/PID/ns/net path for each network namespace
 // the processes of cgroup (and of its descendants) are in, and ownNetns
 // for ktel's own, always first. A namespace ktel may not read (without
-// CAP_SYS_PTRACE, that of a process with more capabilities) is skipped.
-func cgroupNetns(cgroup string) ([]string, error) {
+// CAP_SYS_PTRACE, that of a process with more capabilities), or of a
+// process /proc does not show (ktel in its own PID namespace, without
+// hostPID), is skipped and counted in unseen; so is a process that exited
+// meanwhile.
+func cgroupNetns(cgroup string) (_ []string, unseen int, _ error) {
 	seen := map[uint64]bool{}
 	out := []string{ownNetns}
 	var self unix.Stat_t
 	if err := unix.Stat("/proc/self/ns/net", &self); err != nil {
-		return nil, fmt.Errorf("own network namespace: %w", err)
+		return nil, 0, fmt.Errorf("own network namespace: %w", err)
 	}
 	seen[self.Ino] = true
 	err := filepath.WalkDir(cgroup, func(path string, d fs.DirEntry, err error) error {
@@ -213,7 +253,11 @@ func cgroupNetns(cgroup string) ([]string, error) {
 			}
 			p := "/proc/" + f + "/ns/net"
 			var st unix.Stat_t
-			if unix.Stat(p, &st) != nil || seen[st.Ino] {
+			if err := unix.Stat(p, &st); err != nil {
+				unseen++
+				continue
+			}
+			if seen[st.Ino] {
 				continue
 			}
 			seen[st.Ino] = true
@@ -222,9 +266,9 @@ func cgroupNetns(cgroup string) ([]string, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("processes of %s: %w", cgroup, err)
+		return nil, 0, fmt.Errorf("processes of %s: %w", cgroup, err)
 	}
-	return out, nil
+	return out, unseen, nil
 }
 
 // inNetns runs f on a thread that joined the namespace at path. The thread
@@ -242,13 +286,17 @@ func inNetns(path string, f func() (int, error)) (int, error) {
 	go func() {
 		runtime.LockOSThread()
 		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
+		if errors.Is(err, unix.ENOENT) { // the process exited
 			ch <- result{err: fmt.Errorf("open: %w", err)}
+			return
+		}
+		if err != nil {
+			ch <- result{err: &netnsError{fmt.Errorf("open %s: %w", path, err)}}
 			return
 		}
 		defer unix.Close(fd)
 		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("setns: %w", err)}
+			ch <- result{err: &netnsError{fmt.Errorf("setns %s: %w", path, err)}}
 			return
 		}
 		n, err := f()

@@ -277,3 +277,20 @@ func haveSockDestroy(t *testing.T) bool {
 	}
 	return true
 }
+
+// A process that cgroup.procs lists but /proc does not show (ktel without
+// hostPID) is counted as unseen, not silently skipped.
+func TestCgroupNetnsUnseen(t *testing.T) {
+	dir := t.TempDir()
+	procs := fmt.Sprintf("%d\n%d\n", os.Getpid(), 4194399) // above any pid_max
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(procs), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	nss, unseen, err := cgroupNetns(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(nss) != 1 || nss[0] != ownNetns || unseen != 1 {
+		t.Errorf("namespaces %q, unseen %d; want only ktel's own, 1 unseen", nss, unseen)
+	}
+}

@@ -45,7 +45,7 @@ var Variants = []probe.Variant{
 // Options configure Load.
 type Options struct {
 	Schema  int            // native-histogram schema, 0..4
-	Hook    probe.Hook     // restricts the variants tried; "" or auto: all
+	Hook    probe.Hook     // restricts the variants tried; "" or auto: tp_btf
 	Variant *probe.Variant // forces one variant (benchmarks, tests)
 	// Spans configures outlier events: waits longer than the threshold.
 	Spans probe.SpanOptions

@@ -381,21 +381,28 @@ static __always_inline int enter_hash(long id)
 	return 0;
 }
 
-/* exit_hash: the syscall number, for an untimed failure, is read from regs,
- * or is tp_nr when regs is NULL (classic tracepoint). */
+/* exit_hash: the exiting syscall's number is read from regs, or is tp_nr
+ * when regs is NULL (classic tracepoint). An untimed syscall's entry leaves
+ * the thread's entry alone, so a start whose exit was missed could linger:
+ * it is finished only by the exit of the syscall it started, and dropped
+ * at any other. A number of -1 (rt_sigreturn on x86 resets it) matches
+ * any start. */
 static __always_inline int exit_hash(struct pt_regs *regs, long tp_nr, long ret)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	long nr = regs ? regs_nr(regs) : tp_nr;
 	struct start *s;
 
 	s = bpf_map_lookup_elem(&syscall_start_hash, &tid);
-	if (!s) {
-		if (is_error(ret))
-			untimed(regs ? regs_nr(regs) : tp_nr, ret);
+	if (s && (nr < 0 || s->nr == (__u32)nr)) {
+		finish(s, ret);
+		bpf_map_delete_elem(&syscall_start_hash, &tid);
 		return 0;
 	}
-	finish(s, ret);
-	bpf_map_delete_elem(&syscall_start_hash, &tid);
+	if (s) /* stale: its syscall's exit was missed */
+		bpf_map_delete_elem(&syscall_start_hash, &tid);
+	if (is_error(ret))
+		untimed(nr, ret);
 	return 0;
 }
 

@@ -95,7 +95,8 @@ type Options struct {
 
 	// Schema is the native-histogram schema of the kernel slots, 0..4.
 	Schema int
-	// Hook restricts the variants tried; HookAuto or "" tries all.
+	// Hook restricts the variants tried; HookAuto or "" is tp_btf
+	// (probe.Candidates): raw_tp and tracepoint only when named.
 	Hook probe.Hook
 	// Variant, when set, forces exactly one variant (benchmarks, tests).
 	Variant *probe.Variant

@@ -14,6 +14,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ktel-dev/ktel/internal/probe"
@@ -352,6 +353,51 @@ func TestExitedThreadsLeaveNoStart(t *testing.T) {
 			}
 			if len(left) > 0 {
 				t.Errorf("starts of %d of %d exited threads left in the map: %v", len(left), len(gone), left)
+			}
+		})
+	}
+}
+
+// In the hash variants, a start whose exit was missed is not finished by
+// the exit of another syscall (untimed syscalls leave the thread's entry
+// alone): it is dropped, and nothing is recorded for it.
+func TestStaleStartNotFinished(t *testing.T) {
+	testenv.Privileged(t)
+	testenv.Tracefs(t)
+	const timed = unix.SYS_SYSFS // timed, and called by nobody here
+	for _, v := range Variants {
+		if v.Storage != probe.StorageHash {
+			continue
+		}
+		t.Run(v.String(), func(t *testing.T) {
+			p, err := Load(Options{Schema: 3, Variant: &v, Timing: TimeList, Syscalls: []uint32{timed}}, discard())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			tid := uint32(unix.Gettid())
+			var ts unix.Timespec
+			if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+				t.Fatal(err)
+			}
+			stale := syscallStart{Nr: timed, Ts: uint64(ts.Nano()) - uint64(time.Second)}
+			// The exit of this bpf(2) call, or else getppid's, meets it.
+			if err := p.hash.StartHash.Put(tid, stale); err != nil {
+				t.Fatal(err)
+			}
+			unix.Getppid()
+			var s syscallStart
+			if err := p.hash.StartHash.Lookup(tid, &s); !errors.Is(err, ebpf.ErrKeyNotExist) {
+				t.Errorf("thread's start %+v (%v) after other syscalls exited, want none", s, err)
+			}
+			snap, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if h, ok := snap.Latency[timed]; ok && h.Count() > 0 {
+				t.Errorf("sysfs timed %d times (sum %d ns) by other syscalls' exits", h.Count(), h.SumNs)
 			}
 		})
 	}

@@ -432,11 +432,18 @@ type lbProbe struct {
 	metrics.Collector
 }
 
-func startLB(e env) (loaded, error) {
+func startLB(e env) (_ loaded, err error) {
 	src, srcMetrics, err := lbSource(e) // lbkube.go
 	if err != nil {
 		return nil, err
 	}
+	// Load closes the source only if it fails past checking its options
+	// (and a panic skips that): closed here too, Close being idempotent.
+	defer func() {
+		if err != nil && src != nil {
+			_ = src.Close()
+		}
+	}()
 	p, err := lb.Load(lb.Options{
 		Source:       src,
 		Cgroup:       e.cfg.LBCgroup,

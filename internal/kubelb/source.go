@@ -95,7 +95,13 @@ type Source struct {
 	closeOnce  sync.Once
 	syncedOnce sync.Once
 	triggerMu  sync.Mutex
-	triggers   []time.Time // last-change-trigger-times not yet applied
+	// triggers holds, per slice (namespace/name), the earliest
+	// last-change-trigger-time not yet applied, as kube-proxy keeps it:
+	// bounded by the number of slices however long applies fail.
+	triggers map[string]time.Time
+	// skipped is what the last successful sync skipped, to warn only
+	// when it changes.
+	skipped map[string]int
 }
 
 // New returns a Source over opts.Client. Nothing is watched before Start.
@@ -241,13 +247,26 @@ func (s *Source) sliceChanged(o any) {
 	if es, ok := o.(*discovery.EndpointSlice); ok {
 		if v, ok := es.Annotations[corev1.EndpointsLastChangeTriggerTime]; ok {
 			if t, err := time.Parse(time.RFC3339Nano, v); err == nil && t.After(s.started) {
-				s.triggerMu.Lock()
-				s.triggers = append(s.triggers, t)
-				s.triggerMu.Unlock()
+				s.addTriggers(map[string]time.Time{es.Namespace + "/" + es.Name: t})
 			}
 		}
 	}
 	s.changed()
+}
+
+// addTriggers merges trigger times per slice, keeping the earliest
+// unapplied one of each.
+func (s *Source) addTriggers(m map[string]time.Time) {
+	s.triggerMu.Lock()
+	defer s.triggerMu.Unlock()
+	if s.triggers == nil {
+		s.triggers = make(map[string]time.Time, len(m))
+	}
+	for k, t := range m {
+		if old, ok := s.triggers[k]; !ok || t.Before(old) {
+			s.triggers[k] = t
+		}
+	}
 }
 
 // run is the sync loop: it waits for both informers, then syncs at most
@@ -316,9 +335,7 @@ func (s *Source) sync(apply func([]lb.Service) error) error {
 	r := Translate(svcs, eps, s.opts.Node)
 	if err := apply(r.Services); err != nil {
 		// Measured when a later sync applies them.
-		s.triggerMu.Lock()
-		s.triggers = append(triggers, s.triggers...)
-		s.triggerMu.Unlock()
+		s.addTriggers(triggers)
 		return err
 	}
 	end := time.Now()
@@ -329,10 +346,12 @@ func (s *Source) sync(apply func([]lb.Service) error) error {
 		}
 		m.Synced(end, r.NoLocalEndpoints, maps.Clone(r.Skipped))
 	}
-	if len(r.Skipped) > 0 {
+	// Warned when the counts change, not on every sync.
+	if len(r.Skipped) > 0 && !maps.Equal(r.Skipped, s.skipped) {
 		reasons := slices.Sorted(maps.Keys(r.Skipped))
 		s.opts.Log.Warn("kubernetes objects skipped", "reasons", reasons, "counts", r.Skipped)
 	}
+	s.skipped = r.Skipped
 	s.opts.Log.Debug("services synced", "result", r.String(), "took", end.Sub(start))
 	s.syncedOnce.Do(func() { close(s.synced) })
 	return nil

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -240,5 +242,116 @@ func TestStrip(t *testing.T) {
 	b := Translate([]*corev1.Service{gs}, []*discovery.EndpointSlice{ge}, "n")
 	if fmt.Sprint(a.Services) != fmt.Sprint(b.Services) || len(a.Services) != 1 {
 		t.Errorf("stripping changed the translation: %v, %v", a, b)
+	}
+}
+
+// While applies fail, a slice's updates keep one trigger time, the
+// earliest unapplied one: memory is bounded by the number of slices.
+func TestTriggersBounded(t *testing.T) {
+	rec := &recorder{fail: 1 << 30}
+	src, err := New(Options{Client: fake.NewSimpleClientset(), Metrics: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	update := func(name string, at time.Time) {
+		s := slice("web", name, discovery.AddressTypeIPv4, nil)
+		s.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: at.Format(time.RFC3339Nano)}
+		src.sliceChanged(s)
+	}
+	earliest := time.Now().Add(time.Millisecond)
+	for i := range 1000 {
+		update("web-a", earliest.Add(time.Duration(i)*time.Millisecond))
+		if i%100 == 0 {
+			if err := src.sync(rec.apply); err == nil {
+				t.Fatal("apply did not fail")
+			}
+		}
+	}
+	update("web-b", earliest.Add(time.Second))
+	src.triggerMu.Lock()
+	got := maps.Clone(src.triggers)
+	src.triggerMu.Unlock()
+	if len(got) != 2 || !got["ns/web-a"].Equal(earliest) || !got["ns/web-b"].Equal(earliest.Add(time.Second)) {
+		t.Fatalf("triggers %v, want ns/web-a at %v and ns/web-b", got, earliest)
+	}
+	// The first successful sync measures each slice once, from its
+	// earliest trigger, and forgets them.
+	rec.mu.Lock()
+	rec.fail = 0
+	rec.mu.Unlock()
+	if err := src.sync(rec.apply); err != nil {
+		t.Fatal(err)
+	}
+	rec.mu.Lock()
+	lat := rec.latency
+	rec.mu.Unlock()
+	if len(lat) != 2 || max(lat[0], lat[1]) < time.Since(earliest)-time.Second {
+		t.Errorf("latencies %v, want two, the longest from %v", lat, earliest)
+	}
+	src.triggerMu.Lock()
+	defer src.triggerMu.Unlock()
+	if len(src.triggers) != 0 {
+		t.Errorf("triggers %v left after a successful sync", src.triggers)
+	}
+}
+
+// warnCounter counts the warnings logged with a given message.
+type warnCounter struct {
+	mu  sync.Mutex
+	msg string
+	n   int
+}
+
+func (w *warnCounter) Enabled(context.Context, slog.Level) bool { return true }
+func (w *warnCounter) Handle(_ context.Context, r slog.Record) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if r.Level == slog.LevelWarn && r.Message == w.msg {
+		w.n++
+	}
+	return nil
+}
+func (w *warnCounter) WithAttrs([]slog.Attr) slog.Handler { return w }
+func (w *warnCounter) WithGroup(string) slog.Handler      { return w }
+func (w *warnCounter) count() int                         { w.mu.Lock(); defer w.mu.Unlock(); return w.n }
+
+// Skipped objects are warned about when their counts change, not at every
+// sync.
+func TestSkippedWarnedOnChange(t *testing.T) {
+	sctp := svc("sctp", []string{"10.96.0.5"}, port("x", 9, corev1.ProtocolSCTP))
+	client := fake.NewClientset(sctp)
+	warns := &warnCounter{msg: "kubernetes objects skipped"}
+	rec := &recorder{}
+	src, err := New(Options{Client: client, MinSyncPeriod: time.Hour, Log: slog.New(warns)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Start(rec.apply); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	select {
+	case <-src.Synced():
+	case <-time.After(10 * time.Second):
+		t.Fatal("not synced")
+	}
+	// The sync loop now waits an hour for a change: these syncs are ours.
+	if n := warns.count(); n != 1 {
+		t.Fatalf("%d warnings after the first sync, want 1", n)
+	}
+	for range 3 {
+		if err := src.sync(rec.apply); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := warns.count(); n != 1 {
+		t.Errorf("%d warnings after syncs with the same skipped objects, want still 1", n)
+	}
+	src.skipped = map[string]int{SkipProtocol: 2} // as if one was deleted since
+	if err := src.sync(rec.apply); err != nil {
+		t.Fatal(err)
+	}
+	if n := warns.count(); n != 2 {
+		t.Errorf("%d warnings after the counts changed, want 2", n)
 	}
 }

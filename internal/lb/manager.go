@@ -23,8 +23,12 @@ type Manager struct {
 	source string // NewSourceManager
 	log    *slog.Logger
 
-	mu       sync.Mutex
-	state    *State
+	mu    sync.Mutex
+	state *State
+	// closeMu serializes the closing of UDP sockets to removed backends,
+	// done after mu is released so that Services and Stats (scrapes) do
+	// not wait for it.
+	closeMu  sync.Mutex
 	last     []byte // content of the last file read by the watcher
 	ok, bad  uint64
 	lastOK   time.Time
@@ -54,19 +58,21 @@ func NewManager(file string, state *State, log *slog.Logger) *Manager {
 // configuration stays in place.
 func (m *Manager) Reload() error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	data, err := os.ReadFile(m.file)
 	if err != nil {
+		m.mu.Unlock()
 		return m.failed(fmt.Errorf("read services file: %w", err))
 	}
-	return m.apply(data)
+	a, err := m.apply(data)
+	m.mu.Unlock()
+	m.closeUDP(a)
+	return err
 }
 
 // reloadIfChanged reloads only when the file's content differs from the
 // last read: editors and Kubernetes fire several events per change.
 func (m *Manager) reloadIfChanged() {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	m.checks++
 	data, err := os.ReadFile(m.file)
 	if err != nil {
@@ -74,25 +80,31 @@ func (m *Manager) reloadIfChanged() {
 			m.last = nil
 			_ = m.failed(fmt.Errorf("read services file: %w", err))
 		}
+		m.mu.Unlock()
 		return
 	}
 	if m.last != nil && bytes.Equal(data, m.last) {
+		m.mu.Unlock()
 		return
 	}
-	_ = m.apply(data)
+	a, _ := m.apply(data)
+	m.mu.Unlock()
+	m.closeUDP(a)
 }
 
-func (m *Manager) apply(data []byte) error {
+// apply parses and applies data, with mu held. The caller runs closeUDP
+// on the result after releasing mu, whether or not apply failed.
+func (m *Manager) apply(data []byte) (Applied, error) {
 	m.last = data
 	start := time.Now()
 	svcs, err := Parse(m.file, data)
 	if err != nil {
-		return m.failed(err)
+		return Applied{}, m.failed(err)
 	}
 	parsed := time.Now()
 	a, err := m.state.Apply(svcs)
 	if err != nil {
-		return m.failed(err)
+		return a, m.failed(err)
 	}
 	m.applyDur = time.Since(parsed)
 	m.ok++
@@ -104,11 +116,26 @@ func (m *Manager) apply(data []byte) error {
 	m.log.Info("services applied", "file", m.file, "services", len(svcs), "backends", m.backends,
 		"written", a.Written, "deleted", a.Deleted, "slots_written", a.Slots,
 		"parse_took", parsed.Sub(start), "apply_took", m.applyDur,
-		"udp_backends_removed", a.UDPRemoved, "udp_sockets_closed", a.UDPClosed)
+		"udp_backends_removed", a.UDPRemoved)
+	return a, nil
+}
+
+// closeUDP closes the connected UDP sockets to the backends the apply a
+// removed, without mu, and logs the result: for the services file and
+// for ApplyServices alike.
+func (m *Manager) closeUDP(a Applied) {
+	if a.UDPRemoved == 0 {
+		return
+	}
+	m.closeMu.Lock()
+	defer m.closeMu.Unlock()
+	start := time.Now()
+	m.state.CloseUDP(&a)
+	m.log.Info("connected UDP sockets to removed backends closed", "udp_backends_removed", a.UDPRemoved,
+		"udp_sockets_closed", a.UDPClosed, "took", time.Since(start))
 	if a.UDPCloseErr != nil {
 		m.log.Warn("connected UDP sockets to removed backends not all closed", "err", a.UDPCloseErr)
 	}
-	return nil
 }
 
 func (m *Manager) failed(err error) error {

@@ -16,6 +16,12 @@ func NewSourceManager(source string, state *State, log *slog.Logger) *Manager {
 // ApplyServices applies svcs as Reload applies a file, counted in the same
 // statistics. On error the previous services stay in place.
 func (m *Manager) ApplyServices(svcs []Service) error {
+	a, err := m.applyServices(svcs)
+	m.closeUDP(a) // without mu: scrapes do not wait for it
+	return err
+}
+
+func (m *Manager) applyServices(svcs []Service) (Applied, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	start := time.Now()
@@ -24,7 +30,7 @@ func (m *Manager) ApplyServices(svcs []Service) error {
 		m.bad++
 		m.log.Error("services rejected; the previous ones keep serving", "source", m.source,
 			"err", strings.ReplaceAll(err.Error(), "\n", "; "))
-		return err
+		return a, err
 	}
 	m.applyDur = time.Since(start)
 	m.ok++
@@ -35,7 +41,8 @@ func (m *Manager) ApplyServices(svcs []Service) error {
 	}
 	if a.Written > 0 || a.Deleted > 0 {
 		m.log.Info("services applied", "source", m.source, "services", len(svcs), "backends", m.backends,
-			"written", a.Written, "deleted", a.Deleted, "slots_written", a.Slots, "apply_took", m.applyDur)
+			"written", a.Written, "deleted", a.Deleted, "slots_written", a.Slots, "apply_took", m.applyDur,
+			"udp_backends_removed", a.UDPRemoved)
 	}
-	return nil
+	return a, nil
 }

@@ -1,9 +1,12 @@
 package lb
 
 import (
+	"bytes"
 	"errors"
 	"log/slog"
 	"net/netip"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -40,4 +43,75 @@ func TestSourceManager(t *testing.T) {
 	if rs := m.Stats(); rs.Success != 1 || rs.Error != 1 || rs.LastSuccess.IsZero() {
 		t.Errorf("stats %+v, want 1 success, 1 error", rs)
 	}
+}
+
+// slowCloser is a datapath whose UDP closing waits for release.
+type slowCloser struct {
+	*fakeDatapath
+	entered, release chan struct{}
+}
+
+func (d slowCloser) DisconnectUDP(removed []Removed) (int, error) {
+	close(d.entered)
+	<-d.release
+	return len(removed), nil
+}
+
+// Closing UDP sockets to removed backends happens after the Manager's lock
+// is released: Services (what a scrape reads) does not wait for it. Its
+// result is logged.
+func TestApplyServicesClosesUDPUnlocked(t *testing.T) {
+	now := time.Unix(0, 0)
+	d := slowCloser{newFake(t, &now), make(chan struct{}), make(chan struct{})}
+	s, err := NewState(d, Limits{MaxServices: 2, MaxSlots: 4, MaxCounters: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	m := NewSourceManager("kubernetes", s, slog.New(slog.NewTextHandler(&logs, nil)))
+	dns := udpSvc("ns/dns:dns", "10.96.0.10:53", "10.0.0.1:53", "10.0.0.2:53")
+	if err := m.ApplyServices([]Service{dns}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- m.ApplyServices([]Service{udpSvc("ns/dns:dns", "10.96.0.10:53", "10.0.0.2:53")}) }()
+	select {
+	case <-d.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("UDP closing not started")
+	}
+	got := make(chan int, 1)
+	go func() { _, n := m.Services(); _ = m.Stats(); got <- n }()
+	select {
+	case n := <-got:
+		if n != 1 {
+			t.Errorf("%d backends while closing, want the new set's 1", n)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Services blocked by UDP closing")
+	}
+	close(d.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if out := logs.String(); !strings.Contains(out, "udp_backends_removed=1 udp_sockets_closed=1") {
+		t.Errorf("UDP closing not logged:\n%s", out)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -282,9 +282,25 @@ type Applied struct {
 	Slots   int // backend slots written
 	// UDPRemoved are backends that left UDP services, UDPClosed the
 	// connected sockets to them closed, and UDPCloseErr why not all could
-	// be: the configuration is applied regardless.
+	// be: the configuration is applied regardless. Apply leaves the
+	// closing to CloseUDP, which the caller runs without the lock that
+	// serializes applies: it walks network namespaces and sockets.
 	UDPRemoved, UDPClosed int
 	UDPCloseErr           error
+
+	udpRemoved []Removed // for CloseUDP
+}
+
+// CloseUDP closes the connected UDP sockets sent to the backends that the
+// apply a removed from UDP services, and records the result in a. It
+// reads no State field: it may run while another Apply does, though
+// CloseUDP calls must not overlap each other.
+func (s *State) CloseUDP(a *Applied) {
+	if len(a.udpRemoved) == 0 {
+		return
+	}
+	a.UDPClosed, a.UDPCloseErr = s.dp.DisconnectUDP(a.udpRemoved)
+	a.udpRemoved = nil
 }
 
 // Apply makes svcs the configuration, atomically per service: a connect
@@ -501,16 +517,13 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 	s.orphans = orphans
 	removed := removedUDP(s.live, next)
 	s.live = next
-	a := Applied{Written: len(entries), Deleted: len(del), Slots: len(slotIdx), UDPRemoved: len(removed)}
+	a := Applied{Written: len(entries), Deleted: len(del), Slots: len(slotIdx), UDPRemoved: len(removed), udpRemoved: removed}
 	// A counter is reused only after the quarantine, so clearing now is
 	// never late for a new owner.
 	if len(cleared) > 0 {
 		if err := s.dp.ClearMembers(cleared, clearedAddr); err != nil {
 			delErr = errors.Join(delErr, fmt.Errorf("clear backend members (affinity may still choose them): %w", err))
 		}
-	}
-	if len(removed) > 0 {
-		a.UDPClosed, a.UDPCloseErr = s.dp.DisconnectUDP(removed)
 	}
 	if delErr != nil {
 		return a, fmt.Errorf("delete removed services (they keep their old backends): %w", delErr)

@@ -498,6 +498,10 @@ func TestApplyAffinityAndRemovedUDP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(f.removed) != 0 || a.UDPClosed != 0 {
+		t.Errorf("Apply closed UDP sockets itself: %v", f.removed)
+	}
+	s.CloseUDP(&a)
 	if a.UDPRemoved != 2 || a.UDPClosed != 2 || a.UDPCloseErr != nil {
 		t.Errorf("applied %+v", a)
 	}
@@ -522,6 +526,7 @@ func TestApplyAffinityAndRemovedUDP(t *testing.T) {
 	*now = now.Add(10 * time.Millisecond)
 	f.failOn = "DisconnectUDP"
 	a, err = s.Apply([]Service{web})
+	s.CloseUDP(&a)
 	if err != nil || a.UDPRemoved != 2 || a.UDPCloseErr == nil {
 		t.Errorf("apply with a failing disconnect: %+v %v", a, err)
 	}

@@ -45,6 +45,12 @@ var probeOf = []struct{ prefix, probe string }{
 	{"ktel_label_overflow_", "tcpretrans"},
 	{"ktel_net_", "netdev"},
 	{"ktel_lb_", "lb"},
+	// The load balancer's Kubernetes source (KTEL_LB_SOURCE=kubernetes),
+	// which the ktel under test does not run: never in the binary's list.
+	{"ktel_lb_sync_", "lb-kubernetes"},
+	{"ktel_lb_services_no_local_", "lb-kubernetes"},
+	{"ktel_lb_network_programming_", "lb-kubernetes"},
+	{"ktel_lb_kubernetes_", "lb-kubernetes"},
 }
 
 // query is one PromQL expression to run, and where it comes from.
