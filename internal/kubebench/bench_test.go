@@ -89,6 +89,9 @@ func TestBenchKube(t *testing.T) {
 		t.Fatalf("%s: %v", churnEnv, err)
 	}
 	proxies := strings.Split(setting(modesEnv, "ktel,iptables,nftables"), ",")
+	if slices.Contains(proxies, "ktel") {
+		testenv.KtelBinary(t) // built now, not in ktel's start-up time
+	}
 
 	c := kubetest.StartWith(t, kubetest.Options{ServiceCIDR: "10.96.0.0/16"})
 	c.Node(t, node)
