@@ -372,13 +372,16 @@ func (b *bench) startKubeProxy(t *testing.T, sb *testenv.Sandbox, bin, mode stri
 			t.Logf("kube-proxy log:\n%s", tailLines(string(data), 40))
 		}
 	})
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
-		DialContext: func(_ context.Context, network, addr string) (net.Conn, error) {
-			return testenv.InNetns(sb.NS, func() (net.Conn, error) { return net.DialTimeout(network, addr, 2*time.Second) })
-		},
-		DisableKeepAlives: true,
-	}}
-	return proc{pid: cmd.Process.Pid, metrics: func() (string, error) { return get(client, "http://127.0.0.1:"+kpMetrics+"/metrics") }}
+	// curl inside the namespace: a Go dial from a thread in the namespace
+	// was refused now and then, as if made from the host's.
+	metrics := func() (string, error) {
+		out, err := exec.Command("ip", "netns", "exec", sb.NS, "curl", "-sSf", "-m", "5", "http://127.0.0.1:"+kpMetrics+"/metrics").Output()
+		if err != nil {
+			return "", fmt.Errorf("curl kube-proxy metrics: %w", err)
+		}
+		return string(out), nil
+	}
+	return proc{pid: cmd.Process.Pid, metrics: metrics}
 }
 
 func get(c *http.Client, url string) (string, error) {
