@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench bench-lb fuzz otelcol kube test-kernel deploy-tools deploy-go-tools deploy-check reliability soak vet tools clean
+.PHONY: all build generate generate-check run test test-unit bench bench-lb bench-kube fuzz otelcol kube test-kernel deploy-tools deploy-go-tools deploy-check reliability soak vet tools clean
 
 all: build
 
@@ -122,6 +122,16 @@ soak: build
 # network namespaces and child cgroups it creates and removes. As root.
 bench-lb: tools
 	$(GO) run ./cmd/ktel-bench-lb -svg cmd/ktel-bench-lb/bench-lb.svg
+
+# The lb probe fed by a real API server (KTEL_LB_SOURCE=kubernetes) against
+# kube-proxy from the same release, in its iptables and nftables modes, each
+# in a network namespace of its own: programming latency, connect latency and
+# RSS with 1, 100 and 10,000 Services (internal/kubebench; about 20 minutes
+# on two cores). Not part of CI. As root. BENCHKUBEFLAGS passes environment,
+# e.g. BENCHKUBEFLAGS="KTEL_BENCH_KUBE_SIZES=1,100 KTEL_BENCH_KUBE_CHURN=10".
+BENCHKUBEFLAGS ?=
+bench-kube: kube
+	env KTEL_PRIVILEGED_TESTS=1 KTEL_BENCH_KUBE=1 $(BENCHKUBEFLAGS) $(GO) test -count=1 -v -timeout 60m -run '^TestBenchKube$$' ./internal/kubebench/
 
 # Every overhead measurement side by side (see BENCHMARKS.md), e.g.
 # make bench BENCHFLAGS="-busy 20s -out /tmp/bench.md".

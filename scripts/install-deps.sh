@@ -12,7 +12,7 @@
 # when everything is present.
 set -euo pipefail
 
-packages=(clang-19 llvm-19 libbpf-dev bpftool prometheus iptables iproute2 curl util-linux
+packages=(clang-19 llvm-19 libbpf-dev bpftool prometheus iptables nftables iproute2 curl util-linux
 	systemd linux-libc-dev linux-libc-dev-arm64-cross redis-server redis-tools qemu-system-x86 kmod)
 
 missing=()

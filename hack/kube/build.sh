@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes control plane that ktel's tests run (internal/kubetest):
 # etcd, kube-apiserver, kube-controller-manager and kubectl at pinned versions,
-# into .cache/kube/bin (git-ignored). Idempotent: does nothing when the
+# and kube-proxy from the same release for the load balancer's benchmark
+# (make bench-kube), into .cache/kube/bin (git-ignored). Idempotent: does nothing when the
 # binaries exist and were built from the same versions and this script.
 #
 # k8s.io/kubernetes requires its staging modules (k8s.io/api, client-go, ...)
@@ -34,12 +35,12 @@ GO=${GO:-go}
 export GOTOOLCHAIN=local GOWORK=off GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
 
 # Bump when the way the binaries are built changes.
-RECIPE=2
+RECIPE=3
 want="kube $KUBE_VERSION $KUBE_STAGING_VERSION etcd $ETCD_VERSION $("$GO" env GOVERSION) recipe $RECIPE"
 mkdir -p "$out"
 exec 9>"$cache/kube.lock"
 flock 9
-tools=(etcd kube-apiserver kube-controller-manager kubectl)
+tools=(etcd kube-apiserver kube-controller-manager kubectl kube-proxy)
 uptodate() {
 	[[ -f $stamp && $(<"$stamp") == "$want" ]] || return 1
 	local t
@@ -66,6 +67,7 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
@@ -91,7 +93,7 @@ GO
 	for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 		ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
 	done
-	for t in kube-apiserver kube-controller-manager kubectl; do
+	for t in kube-apiserver kube-controller-manager kubectl kube-proxy; do
 		echo "kube: compiling $t" >&2
 		"$GO" build -trimpath -ldflags="$ldflags" -o "../bin/$t" "k8s.io/kubernetes/cmd/$t"
 	done
@@ -119,5 +121,6 @@ GO
 "$bin/etcd" --version >&2
 "$bin/kube-apiserver" --version >&2
 "$bin/kubectl" version --client >&2
+"$bin/kube-proxy" --version >&2
 echo "$want" >"$stamp"
 echo "kube: built $bin in $((SECONDS - start))s" >&2

@@ -115,6 +115,26 @@ func Gate(tb testing.TB) {
 // removed, when tb ends.
 func Start(tb testing.TB) *Cluster {
 	tb.Helper()
+	return StartWith(tb, Options{})
+}
+
+// Options change what StartWith starts.
+type Options struct {
+	// ServiceCIDR is the range ClusterIPs are allocated from; empty is
+	// DefaultServiceCIDR. A benchmark with thousands of Services needs a
+	// wider one.
+	ServiceCIDR string
+}
+
+// DefaultServiceCIDR is the ClusterIP range of Start.
+const DefaultServiceCIDR = "10.0.0.0/24"
+
+// StartWith is Start with options.
+func StartWith(tb testing.TB, opts Options) *Cluster {
+	tb.Helper()
+	if opts.ServiceCIDR == "" {
+		opts.ServiceCIDR = DefaultServiceCIDR
+	}
 	Gate(tb)
 	c := &Cluster{Dir: tb.TempDir(), bin: BinDir(tb), StartTimes: map[string]time.Duration{}}
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
@@ -163,7 +183,7 @@ func Start(tb testing.TB) *Cluster {
 		"--service-account-issuer=https://kubernetes.default.svc",
 		"--service-account-key-file="+saPub,
 		"--service-account-signing-key-file="+saKey,
-		"--service-cluster-ip-range=10.0.0.0/24",
+		"--service-cluster-ip-range="+opts.ServiceCIDR,
 		// No other API server updates the kubernetes Service's endpoints,
 		// and this one must not advertise itself there.
 		"--endpoint-reconciler-type=none",
