@@ -131,7 +131,7 @@ bench-lb: tools
 # e.g. BENCHKUBEFLAGS="KTEL_BENCH_KUBE_SIZES=1,100 KTEL_BENCH_KUBE_CHURN=10".
 BENCHKUBEFLAGS ?=
 bench-kube: kube
-	env KTEL_PRIVILEGED_TESTS=1 KTEL_BENCH_KUBE=1 $(BENCHKUBEFLAGS) $(GO) test -count=1 -v -timeout 60m -run '^TestBenchKube$$' ./internal/kubebench/
+	env KTEL_PRIVILEGED_TESTS=1 KTEL_BENCH_KUBE=1 $(BENCHKUBEFLAGS) $(GO) test -tags kubebench -count=1 -v -timeout 60m -run '^TestBenchKube$$' ./internal/kubebench/
 
 # Every overhead measurement side by side (see BENCHMARKS.md), e.g.
 # make bench BENCHFLAGS="-busy 20s -out /tmp/bench.md".

@@ -1,3 +1,5 @@
+//go:build kubebench
+
 package kubebench
 
 import (

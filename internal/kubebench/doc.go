@@ -3,6 +3,7 @@
 // release, in its iptables and nftables modes, against one real control
 // plane (internal/kubetest): network-programming latency while endpoints
 // churn, connect latency and resident memory, for 1 to 10,000 Services.
-// Everything is in its test (TestBenchKube, make bench-kube), which skips
-// unless KTEL_BENCH_KUBE=1; BENCHMARKS-lb.md has the results.
+// Everything is in its test (TestBenchKube, make bench-kube), built only
+// with the kubebench tag so that `go test ./...` neither runs nor skips it,
+// and run only with KTEL_BENCH_KUBE=1; BENCHMARKS-lb.md has the results.
 package kubebench
