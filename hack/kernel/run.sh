@@ -25,7 +25,7 @@ pkgs=("$@")
 
 ktel=${KTEL_BINARY:-bin/ktel}
 cache=$PWD/.cache/kernel
-timeout=${KERNEL_TIMEOUT:-15m}
+timeout=${KERNEL_TIMEOUT:-40m}
 accel=${KERNEL_ACCEL:-tcg,thread=single}
 log=$cache/console.log
 start=$SECONDS
@@ -83,6 +83,31 @@ done
 cp README.md "$root/src/"
 install -m 755 "$ktel" "$root/bin/ktel"
 
+# --- What the end-to-end tests run, found through the variables
+# hack/kernel/init sets: the OpenTelemetry Collector (make otelcol,
+# KTEL_OTELCOL), the Kubernetes control plane (make kube, KTEL_KUBE_BIN) and
+# the prebuilt ktel (KTEL_TEST_BINARY) instead of a go build. Copied only
+# when a test package needs them.
+need_otelcol=0 need_kube=0
+for p in "${pkgs[@]}"; do
+	case ${p#./} in
+	cmd/ktel | internal/otelcoltest) need_otelcol=1 ;;&
+	cmd/ktel | bpf/lb | internal/k8smeta) need_kube=1 ;;
+	esac
+done
+if ((need_otelcol)); then
+	[[ -x .cache/otelcol/otelcol-ktel ]] || { echo "test-kernel: no .cache/otelcol/otelcol-ktel: run make otelcol" >&2; exit 1; }
+	mkdir -p "$root/opt/otelcol"
+	cp .cache/otelcol/otelcol-ktel "$root/opt/otelcol/"
+fi
+if ((need_kube)); then
+	for b in etcd kube-apiserver kube-controller-manager kubectl; do
+		[[ -x .cache/kube/bin/$b ]] || { echo "test-kernel: no .cache/kube/bin/$b: run make kube" >&2; exit 1; }
+	done
+	mkdir -p "$root/opt/kube/bin"
+	cp .cache/kube/bin/* "$root/opt/kube/bin/"
+fi
+
 # --- busybox, iproute2, iptables (nft), kmod, bash and coreutils' timeout
 # (tests connect with bash's /dev/tcp under timeout) from this Debian 12 host,
 # with their shared libraries; the xtables extensions are loaded with
@@ -91,7 +116,9 @@ cp "$pkgroot/bin/busybox" "$root/bin/busybox"
 for a in $("$root/bin/busybox" --list); do
 	[[ -e $root/bin/$a ]] || ln -s busybox "$root/bin/$a"
 done
-tools=(/usr/sbin/ip /usr/sbin/tc /usr/sbin/xtables-nft-multi /usr/bin/kmod /usr/bin/bash /usr/bin/timeout)
+# promtool (cmd/ktel checks a scrape with it) and setpriv (cmd/ktel runs
+# ktel unprivileged with it) too.
+tools=(/usr/sbin/ip /usr/sbin/tc /usr/sbin/xtables-nft-multi /usr/bin/kmod /usr/bin/bash /usr/bin/timeout /usr/bin/promtool /usr/bin/setpriv)
 xt=/usr/lib/x86_64-linux-gnu/xtables
 for t in "${tools[@]}"; do
 	[[ -x $t ]] || { echo "test-kernel: $t missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -136,7 +163,7 @@ ls -l --block-size=M "$cache/initramfs.cpio.gz" | awk '{print "== test-kernel: i
 step "boot $kver under qemu ($accel)"
 cmdline="console=ttyS0 panic=-1 loglevel=4 ktel.run=${KERNEL_RUN:-} ktel.skip=${KERNEL_SKIP:-}"
 set +e
-timeout --foreground -k 10s "$timeout" qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m 2G \
+timeout --foreground -k 10s "$timeout" qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m "${KERNEL_MEMORY:-6G}" \
 	-nographic -no-reboot -kernel "$kernel" -initrd "$cache/initramfs.cpio.gz" \
 	-append "$cmdline" </dev/null 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}

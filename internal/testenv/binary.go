@@ -18,11 +18,23 @@ var built struct {
 	err  error
 }
 
+// BinaryEnv names a prebuilt static ktel that KtelBinary returns instead
+// of building one: where there is no Go toolchain, as in the guest of
+// make test-kernel.
+const BinaryEnv = "KTEL_TEST_BINARY"
+
 // KtelBinary builds cmd/ktel once per test process, as the Makefile does
 // (static, so that ktel can drop the capabilities of every thread), and
-// returns its path. Main removes it.
+// returns its path; Main removes it. With $KTEL_TEST_BINARY set, it
+// returns that binary instead.
 func KtelBinary(tb testing.TB) string {
 	tb.Helper()
+	if bin := os.Getenv(BinaryEnv); bin != "" {
+		if _, err := os.Stat(bin); err != nil {
+			tb.Fatalf("%s: %v", BinaryEnv, err)
+		}
+		return bin
+	}
 	built.once.Do(func() {
 		built.dir, built.err = os.MkdirTemp("", "ktel-test-")
 		if built.err != nil {
