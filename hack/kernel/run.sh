@@ -8,11 +8,15 @@
 # the kernel and busybox are Debian packages fetched with apt-get download
 # and unpacked into the git-ignored .cache/kernel/. The guest boots an
 # initramfs holding busybox, the static ktel, the tests compiled with
-# `go test -c`, iproute2, iptables (nft) and kmod with their libraries, and
-# the kernel's modules; hack/kernel/init runs it all and powers off.
+# `go test -c`, iproute2, iptables (nft), kmod, promtool and setpriv with
+# their libraries, the OpenTelemetry Collector and the Kubernetes control
+# plane (.cache/otelcol, .cache/kube) when a package needs them, and the
+# kernel's modules; hack/kernel/init runs it all and powers off.
 #
 # Environment: KTEL_BINARY (static ktel, default bin/ktel), KERNEL_TIMEOUT
-# (the whole boot, default 15m; a run takes about 3 minutes), KERNEL_RUN
+# (the whole boot, default 40m; a run takes about RUNTIME_PLACEHOLDER),
+# KERNEL_MEMORY (the guest's, default 6G: the initramfs alone unpacks to
+# about 1 GiB), KERNEL_RUN
 # (a -test.run pattern: only those tests, verbose, and no check or scrape),
 # KERNEL_SKIP (a -test.skip pattern, without spaces: tests not run at all),
 # KERNEL_ACCEL (default tcg,thread=single: qemu's multi-threaded TCG froze
