@@ -14,9 +14,9 @@
 # kernel's modules; hack/kernel/init runs it all and powers off.
 #
 # Environment: KTEL_BINARY (static ktel, default bin/ktel), KERNEL_TIMEOUT
-# (the whole boot, default 40m; a run takes about RUNTIME_PLACEHOLDER),
+# (the whole boot, default 40m; a run takes about 18 minutes),
 # KERNEL_MEMORY (the guest's, default 6G: the initramfs alone unpacks to
-# about 1 GiB), KERNEL_RUN
+# about 0.8 GiB), KERNEL_RUN
 # (a -test.run pattern: only those tests, verbose, and no check or scrape),
 # KERNEL_SKIP (a -test.skip pattern, without spaces: tests not run at all),
 # KERNEL_ACCEL (default tcg,thread=single: qemu's multi-threaded TCG froze
