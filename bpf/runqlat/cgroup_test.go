@@ -3,10 +3,8 @@ package runqlat
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -40,21 +38,6 @@ func testCgroup(t *testing.T, base, name string) (dir *os.File, id uint64) {
 		t.Fatal(err)
 	}
 	return f, id
-}
-
-// inCgroup starts argv in the cgroup dir (clone3's CLONE_INTO_CGROUP).
-func inCgroup(t *testing.T, dir *os.File, argv ...string) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	return cmd
 }
 
 // sleeping reports whether process pid is asleep (state S).
@@ -107,7 +90,7 @@ func TestPerCgroup(t *testing.T) {
 				}
 				return s
 			}
-			sleeper := inCgroup(t, idleDir, "sleep", "30")
+			sleeper := testenv.StartInCgroup(t, idleDir, "sleep", "30")
 			// The idle cgroup's one task has run and gone to sleep: its
 			// waits are all recorded (at its switch-out or switch-in).
 			deadline := time.Now().Add(5 * time.Second)
@@ -125,8 +108,8 @@ func TestPerCgroup(t *testing.T) {
 			since := uint64(ts.Nano())
 
 			const sleeps = 300
-			spinner := inCgroup(t, busyDir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
-			shell := inCgroup(t, busyDir, "taskset", "-c", "0", "sh", "-c",
+			spinner := testenv.StartInCgroup(t, busyDir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
+			shell := testenv.StartInCgroup(t, busyDir, "taskset", "-c", "0", "sh", "-c",
 				fmt.Sprintf("i=0; while [ $i -lt %d ]; do sleep 0.001; i=$((i+1)); done", sleeps))
 			if err := shell.Wait(); err != nil {
 				t.Fatal(err)
