@@ -32,6 +32,7 @@
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include "reverse.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -94,21 +95,6 @@ struct aff_val {
 	__u32 _pad;
 };
 
-struct rev_key {
-	__u64 cookie;  /* socket cookie */
-	__u32 addr[4]; /* backend, as in struct backend */
-	__u16 port;
-	__u8 family;
-	__u8 _pad[5];
-};
-
-struct rev_val {
-	__u32 addr[4]; /* VIP, as in struct svc_key */
-	__u16 port;
-	__u8 family;
-	__u8 _pad;
-};
-
 struct svc_stats {
 	__u64 connections; /* connects and unconnected UDP datagrams sent */
 	__u64 no_backend;  /* of those, refused: the service had no backend */
@@ -157,16 +143,6 @@ struct {
 	__type(key, __u32);
 	__array(values, struct maglev_inner);
 } lb_maglev SEC(".maps");
-
-/* When full, the least recently used entry is evicted: that socket's
- * getpeername (or UDP reply source) then shows the backend, not the VIP.
- * Cookies are never reused, so entries of closed sockets only age out. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1);
-	__type(key, struct rev_key);
-	__type(value, struct rev_val);
-} lb_reverse SEC(".maps");
 
 /* Indexed like lb_backend_stats. */
 struct {

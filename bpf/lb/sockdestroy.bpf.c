@@ -20,6 +20,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
+#include "reverse.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -31,34 +32,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
-/* As in lb.bpf.c; lb_reverse is that object's map, shared. */
-struct rev_key {
-	__u64 cookie;
-	__u32 addr[4];
-	__u16 port;
-	__u8 family;
-	__u8 _pad[5];
-};
-
-struct rev_val {
-	__u32 addr[4];
-	__u16 port;
-	__u8 family;
-	__u8 _pad;
-};
-
 /* A backend that left the service at a VIP (UDP). */
 struct gone_key {
 	struct rev_val backend;
 	struct rev_val vip;
 };
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1);
-	__type(key, struct rev_key);
-	__type(value, struct rev_val);
-} lb_reverse SEC(".maps");
 
 /* Sized by user space; refilled before each run. */
 struct {
