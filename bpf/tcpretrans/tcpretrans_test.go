@@ -364,17 +364,7 @@ func TestPeerCap(t *testing.T) {
 	c := metrics.NewTCPRetransCollector(p, true, maxPeers)
 
 	pr := newPair(t, 4)
-	firewall(t, pr.server, "INPUT", "-p", "tcp", "--syn", "-j", "DROP")
-	var wg sync.WaitGroup
-	for _, a := range pr.serverAddrs {
-		wg.Go(func() {
-			if c, err := dial(pr, netip.AddrPortFrom(a, 7), synWait); err == nil {
-				c.Close()
-				t.Errorf("connected to %s through a firewall", a)
-			}
-		})
-	}
-	wg.Wait()
+	synToEachAddr(t, pr)
 
 	ch := make(chan prometheus.Metric, 1000)
 	if err := c.Update(ch); err != nil {
@@ -423,17 +413,7 @@ func TestPeerMapFull(t *testing.T) {
 	defer p.Close()
 
 	pr := newPair(t, 4)
-	firewall(t, pr.server, "INPUT", "-p", "tcp", "--syn", "-j", "DROP")
-	var wg sync.WaitGroup
-	for _, a := range pr.serverAddrs {
-		wg.Go(func() {
-			if c, err := dial(pr, netip.AddrPortFrom(a, 7), synWait); err == nil {
-				c.Close()
-				t.Errorf("connected to %s through a firewall", a)
-			}
-		})
-	}
-	wg.Wait()
+	synToEachAddr(t, pr)
 
 	s, err := p.Snapshot()
 	if err != nil {
@@ -494,3 +474,21 @@ func TestLoadWithoutPeers(t *testing.T) {
 }
 
 func itoa(n uint16) string { return strconv.Itoa(int(n)) }
+
+// synToEachAddr sends SYNs that the server's firewall drops to each of
+// its addresses at once, so that each peer gets SYN retransmits, and
+// waits for the connects to fail.
+func synToEachAddr(t *testing.T, pr *pair) {
+	t.Helper()
+	firewall(t, pr.server, "INPUT", "-p", "tcp", "--syn", "-j", "DROP")
+	var wg sync.WaitGroup
+	for _, a := range pr.serverAddrs {
+		wg.Go(func() {
+			if c, err := dial(pr, netip.AddrPortFrom(a, 7), synWait); err == nil {
+				c.Close()
+				t.Errorf("connected to %s through a firewall", a)
+			}
+		})
+	}
+	wg.Wait()
+}

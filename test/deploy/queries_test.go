@@ -458,20 +458,7 @@ func startKtel(t *testing.T, have []string, w *workload) string {
 	cmd := exec.Command(binary(t))
 	cmd.Env = env
 	cmd.Stderr = &w.ktelStderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	})
+	done := startUntilCleanup(t, cmd, func() { cmd.Process.Signal(syscall.SIGTERM) }, 10*time.Second)
 	waitHTTP(t, "http://"+addr+"/healthz", done, &w.ktelStderr)
 	return addr
 }
@@ -544,20 +531,7 @@ scrape_configs:
 	s := &promServer{name: name, url: "http://" + addr, log: &syncBuf{}}
 	cmd := exec.Command(prometheusBin, args...)
 	cmd.Stdout, cmd.Stderr = s.log, s.log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	})
+	done := startUntilCleanup(t, cmd, func() { cmd.Process.Signal(syscall.SIGTERM) }, 10*time.Second)
 	waitHTTP(t, s.url+"/-/ready", done, s.log)
 	return s
 }

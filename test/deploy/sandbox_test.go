@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -50,20 +51,30 @@ func (sb *sandbox) startClient(t *testing.T, vips ...string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The client stops at end of input.
+	startUntilCleanup(t, cmd, func() { stdin.Close() }, 5*time.Second)
+}
+
+// startUntilCleanup starts cmd and stops it when the test ends: stop
+// asks it to, and it is killed if it has not exited within grace. The
+// returned channel is closed when it has exited.
+func startUntilCleanup(t *testing.T, cmd *exec.Cmd, stop func(), grace time.Duration) <-chan struct{} {
+	t.Helper()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
 	t.Cleanup(func() {
-		stdin.Close() // the client stops at end of input
+		stop()
 		select {
 		case <-done:
-		case <-time.After(5 * time.Second):
+		case <-time.After(grace):
 			cmd.Process.Kill()
 			<-done
 		}
 	})
+	return done
 }
 
 // TestHelperLBClient is the sandbox's client process; it does nothing in
