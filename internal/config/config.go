@@ -71,9 +71,9 @@ type Config struct {
 	SyscallCgroups    string `envconfig:"KTEL_SYSCALL_CGROUPS" default:"" values:"comma-separated cgroup v2 directories (at most 1024)" desc:"With KTEL_SYSCALL_TIMING=cgroup, the cgroups whose processes' syscalls are timed: processes directly in one of these, not in their descendants (name a container's own cgroup, not its pod's). Read at start."`
 
 	RunqlatHook   string `envconfig:"KTEL_RUNQLAT_HOOK" default:"auto" values:"auto|tp_btf|raw_tp|tracepoint" desc:"How the runqlat probe attaches. auto: tp_btf, with the cheapest storage this kernel has (see Kernel requirements in README); raw_tp and tracepoint (which needs tracefs) only when named."`
-	RunqlatPerCPU bool   `envconfig:"KTEL_RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs. Ignored with workload attribution (KTEL_NODE_NAME)."`
+	RunqlatPerCPU bool   `envconfig:"KTEL_RUNQLAT_PER_CPU" default:"false" values:"true|false" desc:"Break ktel_runqueue_latency_seconds down by CPU (label cpu). Multiplies its series by the number of CPUs. Ignored with workload attribution (KTEL_WORKLOAD_ATTRIBUTION)."`
 
-	TCPRetransPeers    bool `envconfig:"KTEL_TCPRETRANS_PEERS" default:"false" values:"true|false" desc:"Break ktel_tcp_retransmits_total down by remote address:port (label peer), capped by KTEL_TCPRETRANS_MAX_PEERS. With workload attribution (KTEL_NODE_NAME), by peer instead of by pod."`
+	TCPRetransPeers    bool `envconfig:"KTEL_TCPRETRANS_PEERS" default:"false" values:"true|false" desc:"Break ktel_tcp_retransmits_total down by remote address:port (label peer), capped by KTEL_TCPRETRANS_MAX_PEERS. With workload attribution (KTEL_WORKLOAD_ATTRIBUTION), by peer instead of by workload."`
 	TCPRetransMaxPeers int  `envconfig:"KTEL_TCPRETRANS_MAX_PEERS" default:"100" values:"1..4096" desc:"Distinct peer label values; retransmits to further peers are counted as peer=\"other\" and in ktel_label_overflow_total."`
 
 	Interfaces          string `envconfig:"KTEL_INTERFACES" default:"" values:"comma-separated names or globs (eth0,veth*,lxc*)" desc:"Interfaces the netdev probe counts; ones that appear later are attached, removed ones forgotten. Empty: netdev is not started."`
@@ -95,7 +95,8 @@ type Config struct {
 	LBSource string `envconfig:"KTEL_LB_SOURCE" default:"file" values:"file|kubernetes" desc:"Where the lb probe's services come from: KTEL_LB_SERVICES_FILE, or the Services and EndpointSlices of the Kubernetes API server (see the lb probe in README), through the kubeconfig file in KUBECONFIG or else the Pod's service account. Setting kubernetes starts lb unless KTEL_PROBES says otherwise."`
 
 	// Workload attribution (internal/k8smeta).
-	NodeName             string        `envconfig:"KTEL_NODE_NAME" default:"" values:"a Kubernetes node name, or empty" desc:"This node's name (the downward API's spec.nodeName, as the manifests set it). Set: workload attribution is on: ktel watches this node's pods, through the kubeconfig in KUBECONFIG or else the pod's service account, and ktel_runqueue_latency_seconds and ktel_tcp_retransmits_total are by workload (namespace, pod, container; unit outside pods), spans carry k8s.* attributes. Empty: attribution is off; series stay node-level. With KTEL_LB_SOURCE=kubernetes, endpoints on this node are local (internalTrafficPolicy Local); empty there means the host name, as kube-proxy assumes."`
+	WorkloadAttribution  string        `envconfig:"KTEL_WORKLOAD_ATTRIBUTION" default:"auto" values:"auto|cgroup|off" desc:"Workload attribution: ktel_runqueue_latency_seconds and ktel_tcp_retransmits_total by the workload of the task or socket, spans with its k8s.* attributes (see Workload attribution in README). auto: on with KTEL_NODE_NAME (Kubernetes: namespace, pod, container from this node's pods; unit outside pods), off without. cgroup: on, from cgroup paths alone, with no API server even where KTEL_NODE_NAME is set: unit (a systemd unit such as redis-server.service) or container (a container id's first 12 digits, for Docker, Podman, containerd, CRI-O and pods' containers). Costs a kernel map of per-cgroup histograms (allocated as cgroups first wait; about 2.2 KiB each at schema 3, at most 2048) and a series per unit or container with tasks. off: node-level series, even with KTEL_NODE_NAME."`
+	NodeName             string        `envconfig:"KTEL_NODE_NAME" default:"" values:"a Kubernetes node name, or empty" desc:"This node's name (the downward API's spec.nodeName, as the manifests set it). Set, with KTEL_WORKLOAD_ATTRIBUTION=auto: workload attribution by pod: ktel watches this node's pods, through the kubeconfig in KUBECONFIG or else the pod's service account, and ktel_runqueue_latency_seconds and ktel_tcp_retransmits_total are by workload (namespace, pod, container; unit outside pods), spans carry k8s.* attributes. Empty: attribution follows KTEL_WORKLOAD_ATTRIBUTION (auto: off; series stay node-level). With KTEL_LB_SOURCE=kubernetes, endpoints on this node are local (internalTrafficPolicy Local); empty there means the host name, as kube-proxy assumes."`
 	WorkloadLabelTTL     time.Duration `envconfig:"KTEL_WORKLOAD_LABEL_TTL" default:"2m" values:"duration >= 1s" desc:"How long a deleted pod, a removed cgroup and an unused label set stay resolvable; a workload's labels go this long after it does."`
 	WorkloadMaxLabelSets int           `envconfig:"KTEL_WORKLOAD_MAX_LABEL_SETS" default:"2000" values:"1..1000000" desc:"Distinct workload label sets (namespace/pod/container, or unit) at once; further workloads are labelled \"other\" and counted."`
 
@@ -215,6 +216,25 @@ func (c *Config) KeepCaps() (set caps.Set, auto bool, err error) {
 	}
 }
 
+// Workload attribution sources (Config.Workloads).
+const (
+	WorkloadsOff        = ""           // node-level series
+	WorkloadsKubernetes = "kubernetes" // this node's pods, and cgroup paths
+	WorkloadsCgroup     = "cgroup"     // cgroup paths alone
+)
+
+// Workloads is where workload attribution names cgroups from, by
+// KTEL_WORKLOAD_ATTRIBUTION and KTEL_NODE_NAME.
+func (c *Config) Workloads() string {
+	switch {
+	case c.WorkloadAttribution == "cgroup":
+		return WorkloadsCgroup
+	case c.WorkloadAttribution == "auto" && c.NodeName != "":
+		return WorkloadsKubernetes
+	}
+	return WorkloadsOff
+}
+
 // SlogLevel is LogLevel as a slog.Level.
 func (c *Config) SlogLevel() slog.Level {
 	var l slog.Level
@@ -253,6 +273,9 @@ func (c *Config) Validate(probes []Probe) error {
 	enabled := c.EnabledProbes()
 	if c.NodeName != "" && !isDNSSubdomain(c.NodeName) {
 		bad("NODE_NAME", c.NodeName, "not a node name (lower-case letters, digits, '-' and '.', at most 253)")
+	}
+	if !OneOf(c.WorkloadAttribution, "auto", "cgroup", "off") {
+		bad("WORKLOAD_ATTRIBUTION", c.WorkloadAttribution, "")
 	}
 	if c.WorkloadLabelTTL < time.Second {
 		bad("WORKLOAD_LABEL_TTL", c.WorkloadLabelTTL.String(), "below 1s")

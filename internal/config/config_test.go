@@ -57,9 +57,25 @@ func TestDefaults(t *testing.T) {
 		HistogramSchema: 3, BPFStats: false, SyscallHook: "auto", SyscallTiming: "sample", SyscallSampleRate: 64, RunqlatHook: "auto", RunqlatPerCPU: false,
 		SyscallSpanThreshold: 100 * time.Millisecond, RunqlatSpanThreshold: 50 * time.Millisecond,
 		SpanRateLimit: 1000, SpanQueueSize: 4096,
-		WorkloadLabelTTL: 2 * time.Minute, WorkloadMaxLabelSets: 2000}
+		WorkloadAttribution: "auto", WorkloadLabelTTL: 2 * time.Minute, WorkloadMaxLabelSets: 2000}
 	if *c != want {
 		t.Errorf("defaults %+v, want %+v", *c, want)
+	}
+}
+
+func TestWorkloads(t *testing.T) {
+	for _, tc := range []struct{ attribution, node, want string }{
+		{"auto", "", WorkloadsOff},
+		{"auto", "node-a", WorkloadsKubernetes},
+		{"cgroup", "", WorkloadsCgroup},
+		{"cgroup", "node-a", WorkloadsCgroup},
+		{"off", "node-a", WorkloadsOff},
+		{"off", "", WorkloadsOff},
+	} {
+		c := Config{WorkloadAttribution: tc.attribution, NodeName: tc.node}
+		if got := c.Workloads(); got != tc.want {
+			t.Errorf("KTEL_WORKLOAD_ATTRIBUTION=%s KTEL_NODE_NAME=%s: %q, want %q", tc.attribution, tc.node, got, tc.want)
+		}
 	}
 }
 
@@ -130,6 +146,11 @@ func TestValidation(t *testing.T) {
 		{"KTEL_NODE_NAME", "Node_1", false},
 		{"KTEL_NODE_NAME", "-node", false},
 		{"KTEL_NODE_NAME", "a..b", false},
+		{"KTEL_WORKLOAD_ATTRIBUTION", "auto", true},
+		{"KTEL_WORKLOAD_ATTRIBUTION", "cgroup", true},
+		{"KTEL_WORKLOAD_ATTRIBUTION", "off", true},
+		{"KTEL_WORKLOAD_ATTRIBUTION", "systemd", false},
+		{"KTEL_WORKLOAD_ATTRIBUTION", "", false},
 		{"KTEL_WORKLOAD_LABEL_TTL", "1s", true},
 		{"KTEL_WORKLOAD_LABEL_TTL", "999ms", false},
 		{"KTEL_WORKLOAD_LABEL_TTL", "long", false},

@@ -178,31 +178,36 @@ func (d *Daemon) decoder(dec tracing.Decoder) tracing.Decoder {
 	return tracing.WithWorkloads(dec, d.workloads)
 }
 
-// startWorkloads starts workload attribution when KTEL_NODE_NAME names
-// this node: a resolver of cgroup ids to pods (and, outside pods, systemd
-// units) that probes key their kernel counters by. Off Kubernetes it is
-// off, and metrics keep their node-level series. A host without a cgroup
-// v2 hierarchy has no ids to resolve: attribution is then unavailable,
+// startWorkloads starts workload attribution (KTEL_WORKLOAD_ATTRIBUTION):
+// a resolver of cgroup ids that probes key their kernel counters by, to
+// this node's pods when KTEL_NODE_NAME names it (and, outside pods,
+// systemd units), or to units and containers from cgroup paths alone.
+// Off, metrics keep their node-level series. A host without a cgroup v2
+// hierarchy has no ids to resolve: attribution is then unavailable,
 // logged, and the probes run node-level.
 func (d *Daemon) startWorkloads() error {
-	if d.cfg.NodeName == "" {
+	source := d.cfg.Workloads()
+	if source == config.WorkloadsOff {
 		return nil
 	}
 	log := d.log.With("component", "workload")
-	// client-go logs through klog; route it to ktel's logger.
-	klog.SetSlogLogger(log.With("component", "client-go"))
-	r, err := k8smeta.New(k8smeta.Options{
-		NodeName:     d.cfg.NodeName,
+	opts := k8smeta.Options{
 		TTL:          d.cfg.WorkloadLabelTTL,
 		MaxLabelSets: d.cfg.WorkloadMaxLabelSets,
 		Logger:       log,
-	})
+	}
+	if source == config.WorkloadsKubernetes {
+		opts.NodeName = d.cfg.NodeName
+		// client-go logs through klog; route it to ktel's logger.
+		klog.SetSlogLogger(log.With("component", "client-go"))
+	}
+	r, err := k8smeta.New(opts)
 	if errors.Is(err, cgroups.ErrNoV2) {
 		log.Warn("workload attribution unavailable: no cgroup v2 hierarchy (a cgroup v1-only host); metrics stay node-level", "err", err)
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("workload attribution (KTEL_NODE_NAME=%s): %w", d.cfg.NodeName, err)
+		return fmt.Errorf("workload attribution (%s): %w", source, err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d.workloads, d.stopWorkloads, d.workloadsDone = r, cancel, make(chan struct{})
@@ -212,7 +217,7 @@ func (d *Daemon) startWorkloads() error {
 			log.Error("workload attribution stopped; cgroups are labelled from what it had", "err", err)
 		}
 	}()
-	log.Info("workload attribution on", "node", d.cfg.NodeName)
+	log.Info("workload attribution on", "source", source, "node", opts.NodeName)
 	return nil
 }
 

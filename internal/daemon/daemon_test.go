@@ -24,7 +24,8 @@ import (
 
 func testConfig(probes string, stats bool) *config.Config {
 	return &config.Config{ListenAddress: "127.0.0.1:0", Probes: probes, LogLevel: "debug", LogFormat: "text",
-		HistogramSchema: 3, BPFStats: stats, SyscallHook: "auto", RunqlatHook: "auto", MaxScrapes: 10}
+		HistogramSchema: 3, BPFStats: stats, SyscallHook: "auto", RunqlatHook: "auto", MaxScrapes: 10,
+		WorkloadAttribution: "auto"}
 }
 
 func failing(err error) starter {

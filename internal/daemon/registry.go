@@ -369,7 +369,7 @@ func startRunqlat(e env) (loaded, error) {
 	e.log.Info("probe attached", "variant", p.Variant().String(), "per_workload", e.workloads != nil)
 	if e.workloads != nil {
 		if e.cfg.RunqlatPerCPU {
-			e.log.Warn("KTEL_RUNQLAT_PER_CPU is ignored with workload attribution (KTEL_NODE_NAME set): the histogram is per workload")
+			e.log.Warn("KTEL_RUNQLAT_PER_CPU is ignored with workload attribution (KTEL_WORKLOAD_ATTRIBUTION): the histogram is per workload")
 		}
 		return runqlatProbe{p, metrics.NewRunqlatWorkloadCollector(p, p, e.workloads, e.cfg.WorkloadLabelTTL, e.exemplars)}, nil
 	}

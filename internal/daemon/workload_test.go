@@ -16,6 +16,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ktel-dev/ktel/internal/cgroups"
+	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/kubetest"
 	"github.com/ktel-dev/ktel/internal/testenv"
 	"github.com/ktel-dev/ktel/metrics"
@@ -55,6 +56,32 @@ func TestRunqlatPerPod(t *testing.T) {
 
 	cfg := testConfig("runqlat", false)
 	cfg.NodeName, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = "node-a", time.Minute, 100
+	busyAndIdle(t, cfg, webDir, dbDir,
+		`container="nginx",namespace="team-a",pod="web",unit=""`,
+		`container="postgres",namespace="default",pod="db",unit=""`)
+}
+
+// Off Kubernetes, with KTEL_WORKLOAD_ATTRIBUTION=cgroup: the run-queue
+// histogram of a systemd-like unit kept busy moves, labelled with the
+// unit's name from its cgroup path alone, while an idle unit's does not.
+func TestRunqlatPerUnit(t *testing.T) {
+	testenv.Privileged(t)
+	base := testenv.TestCgroup(t, "unit")
+	busy := testenv.SubCgroup(t, base, "ktel-test.slice/foo.service")
+	idle := testenv.SubCgroup(t, base, "ktel-test.slice/bar.service")
+	cfg := testConfig("runqlat", false)
+	cfg.WorkloadAttribution, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = "cgroup", time.Minute, 100
+	busyAndIdle(t, cfg, busy, idle,
+		`container="",namespace="",pod="",unit="foo.service"`,
+		`container="",namespace="",pod="",unit="bar.service"`)
+}
+
+// busyAndIdle starts a daemon with cfg and asserts that the run-queue
+// series busySeries (labels as exposed) counts at least every wait of a
+// shell sleeping 300 times on a CPU kept busy by a spinner, both in cgroup
+// busy, while idleSeries, of a sleeper in cgroup idle, stays put.
+func busyAndIdle(t *testing.T, cfg *config.Config, busy, idle *os.File, busySeries, idleSeries string) {
+	t.Helper()
 	d, err := newDaemon(cfg, slog.New(slog.DiscardHandler), starters())
 	if err != nil {
 		t.Fatal(err)
@@ -72,27 +99,26 @@ func TestRunqlatPerPod(t *testing.T) {
 		}
 		return n
 	}
-	webSeries := `container="nginx",namespace="team-a",pod="web",unit=""`
-	dbSeries := `container="postgres",namespace="default",pod="db",unit=""`
 
-	// The idle pod's one process runs once, then sleeps; its waits are
-	// attributed once the informer has synced and the cgroups are walked.
-	sleeper := testenv.StartInCgroup(t, dbDir, "sleep", "60")
+	// The idle workload's one process runs once, then sleeps; its waits
+	// are attributed once the cgroups are walked (and, on Kubernetes, the
+	// informer has synced).
+	sleeper := testenv.StartInCgroup(t, idle, "sleep", "60")
 	deadline := time.Now().Add(30 * time.Second)
-	for series(dbSeries) == 0 || !sleeping(t, sleeper.Process.Pid) {
+	for series(idleSeries) == 0 || !sleeping(t, sleeper.Process.Pid) {
 		if time.Now().After(deadline) {
-			t.Fatal("the idle pod's series never appeared")
+			t.Fatal("the idle workload's series never appeared")
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	// Its last wait was recorded when it went to sleep; scrapes read maps
 	// at most metrics.DefaultMaxAge old: let that pass, once.
 	time.Sleep(metrics.DefaultMaxAge + 100*time.Millisecond)
-	dbBefore, webBefore := series(dbSeries), series(webSeries)
+	idleBefore, busyBefore := series(idleSeries), series(busySeries)
 
 	const sleeps = 300
-	spinner := testenv.StartInCgroup(t, webDir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
-	shell := testenv.StartInCgroup(t, webDir, "taskset", "-c", "0", "sh", "-c",
+	spinner := testenv.StartInCgroup(t, busy, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
+	shell := testenv.StartInCgroup(t, busy, "taskset", "-c", "0", "sh", "-c",
 		fmt.Sprintf("i=0; while [ $i -lt %d ]; do sleep 0.001; i=$((i+1)); done", sleeps))
 	if err := shell.Wait(); err != nil {
 		t.Fatal(err)
@@ -100,23 +126,23 @@ func TestRunqlatPerPod(t *testing.T) {
 	spinner.Process.Kill()
 	spinner.Wait()
 
-	var webAfter uint64
+	var busyAfter uint64
 	deadline = time.Now().Add(10 * time.Second)
-	for webAfter = series(webSeries); webAfter-webBefore < sleeps; webAfter = series(webSeries) {
+	for busyAfter = series(busySeries); busyAfter-busyBefore < sleeps; busyAfter = series(busySeries) {
 		if time.Now().After(deadline) {
-			t.Fatalf("pod web: %d waits, want at least %d", webAfter-webBefore, sleeps)
+			t.Fatalf("%s: %d waits, want at least %d", busySeries, busyAfter-busyBefore, sleeps)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if dbAfter := series(dbSeries); dbAfter != dbBefore {
-		t.Errorf("idle pod db: %d waits while it slept", dbAfter-dbBefore)
+	if idleAfter := series(idleSeries); idleAfter != idleBefore {
+		t.Errorf("idle %s: %d waits while it slept", idleSeries, idleAfter-idleBefore)
 	}
-	t.Logf("pod web: %d waits", webAfter-webBefore)
+	t.Logf("%s: %d waits", busySeries, busyAfter-busyBefore)
 }
 
-// With KTEL_NODE_NAME the probes get the resolver and its counters are
-// exported, even while the API server is unreachable; Close stops it.
-// Without, probes get none.
+// With KTEL_NODE_NAME (or KTEL_WORKLOAD_ATTRIBUTION=cgroup) the probes get
+// the resolver and its counters are exported, even while the API server is
+// unreachable; Close stops it. Without, or with "off", probes get none.
 func TestWorkloadWiring(t *testing.T) {
 	if _, err := cgroups.V2Root(); err != nil {
 		t.Skipf("no cgroup v2 hierarchy: %v", err)
@@ -133,12 +159,17 @@ current-context: c
 		t.Fatal(err)
 	}
 	t.Setenv("KUBECONFIG", kc)
-	for _, node := range []string{"", "node-a"} {
+	for _, tc := range []struct {
+		attribution, node string
+		on                bool
+	}{
+		{"auto", "", false}, {"auto", "node-a", true}, {"cgroup", "", true}, {"cgroup", "node-a", true}, {"off", "node-a", false},
+	} {
 		var got metrics.Workloads
 		p := &fakeProbe{t: t}
 		s := map[string]starter{"fake": func(e env) (loaded, error) { got = e.workloads; return p, nil }}
 		cfg := testConfig("fake", false)
-		cfg.NodeName, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = node, time.Minute, 10
+		cfg.WorkloadAttribution, cfg.NodeName, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = tc.attribution, tc.node, time.Minute, 10
 		d, err := newDaemon(cfg, slog.New(slog.DiscardHandler), s)
 		if err != nil {
 			t.Fatal(err)
@@ -146,11 +177,9 @@ current-context: c
 		rec := httptest.NewRecorder()
 		d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 		has := strings.Contains(rec.Body.String(), "ktel_workload_cgroups ")
-		if node == "" && (got != nil || has) {
-			t.Error("workload attribution on without KTEL_NODE_NAME")
-		}
-		if node != "" && (got == nil || !has) {
-			t.Errorf("KTEL_NODE_NAME set: probes got %v, workload metrics exported %v", got, has)
+		if on := got != nil; on != tc.on || has != tc.on {
+			t.Errorf("KTEL_WORKLOAD_ATTRIBUTION=%s KTEL_NODE_NAME=%s: probes got a resolver %v, workload metrics exported %v; want %v",
+				tc.attribution, tc.node, on, has, tc.on)
 		}
 		done := make(chan error, 1)
 		go func() { done <- d.Close() }()

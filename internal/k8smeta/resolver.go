@@ -1,8 +1,9 @@
 // Package k8smeta attributes cgroups to workloads: a cgroup v2 id (what
 // ktel's BPF programs read) becomes namespace/pod/container labels on
 // Kubernetes, from an informer on this node's pods, or a systemd unit or
-// container id elsewhere. Resolve answers from caches only, so a scrape
-// never waits for the API server or the file system.
+// container id elsewhere; without a node name it reads cgroup paths only.
+// Resolve answers from caches only, so a scrape never waits for the API
+// server or the file system.
 package k8smeta
 
 import (
@@ -11,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,7 +50,9 @@ type Labels struct {
 // Options configure a Resolver.
 type Options struct {
 	// NodeName is this node's name (spec.nodeName of its pods). Empty:
-	// no Kubernetes; pods' cgroups resolve to Unknown.
+	// no API server, labels from cgroup paths only: a pod's container
+	// gets its short container id (as containers of other runtimes do)
+	// and a pod's own cgroup its last path component as unit.
 	NodeName string
 	// Kubeconfig is a kubeconfig file; empty: $KUBECONFIG, else the
 	// in-cluster configuration. Client, when set, is used instead.
@@ -264,6 +268,13 @@ func (r *Resolver) Resolve(id uint64) Labels {
 	w := c.Workload
 	var l Labels
 	switch {
+	case w.Kube() && r.client == nil:
+		// No API server to name the pod: what the path says.
+		if w.ContainerID != "" {
+			l.Container = shortID(w.ContainerID)
+		} else {
+			l.Unit = path.Base(c.Path)
+		}
 	case w.Kube():
 		var ok bool
 		var podGone time.Time
@@ -281,7 +292,7 @@ func (r *Resolver) Resolve(id uint64) Labels {
 		}
 		gone = earliest(gone, podGone)
 	case w.ContainerID != "":
-		l.Container = w.ContainerID[:12]
+		l.Container = shortID(w.ContainerID)
 	default:
 		l.Unit = w.Unit
 	}
@@ -291,6 +302,12 @@ func (r *Resolver) Resolve(id uint64) Labels {
 	}
 	return r.admit(l, now, exp)
 }
+
+// shortID is a container id's first 12 digits, the short form that
+// docker ps, podman ps and crictl ps show. Cgroup paths carry ids, not
+// container names, and the names live in each runtime's own store, which
+// a scrape must not wait on.
+func shortID(id string) string { return id[:min(12, len(id))] }
 
 // admit counts l against the cap: a label set lives until exp, refreshed
 // on every use, and lapses after.

@@ -150,6 +150,53 @@ func TestResolve(t *testing.T) {
 	}
 }
 
+// Without a node name (off Kubernetes) labels come from cgroup paths only:
+// units, and short container ids for containers of any runtime, pods'
+// included; the cap holds as on Kubernetes.
+func TestResolvePathsOnly(t *testing.T) {
+	root := t.TempDir()
+	// Ids that differ in their first 12 digits.
+	a, b, c := strings.Repeat("a", 64), strings.Repeat("b", 64), strings.Repeat("c", 64)
+	ids := map[string]uint64{
+		"redis":   mkdir(t, root, "system.slice/redis-server.service"),
+		"child":   mkdir(t, root, "system.slice/redis-server.service/worker"),
+		"session": mkdir(t, root, "user.slice/user-1000.slice/session-3.scope"),
+		"docker":  mkdir(t, root, "system.slice/docker-"+a+".scope"),
+		"podman":  mkdir(t, root, "machine.slice/libpod-"+b+".scope/container"),
+		"kube":    mkdir(t, root, "kubepods/besteffort/pod"+uid(1)+"/"+c),
+		"podcg":   mkdir(t, root, "kubepods/besteffort/pod"+uid(2)),
+		"extra":   mkdir(t, root, "system.slice/cron.service"),
+	}
+	r, err := New(Options{Root: root, TTL: time.Minute, MaxLabelSets: 6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		want Labels
+	}{
+		{"redis", Labels{Unit: "redis-server.service"}},
+		{"child", Labels{Unit: "redis-server.service"}},
+		{"session", Labels{Unit: "session-3.scope"}},
+		{"docker", Labels{Container: a[:12]}},
+		{"podman", Labels{Container: b[:12]}},
+		{"kube", Labels{Container: c[:12]}},
+		{"podcg", Labels{Unit: "pod" + uid(2)}},
+		// The seventh label set is beyond the cap of 6.
+		{"extra", Labels{Unit: Overflow}},
+	} {
+		if got := r.Resolve(ids[tc.name]); got != tc.want {
+			t.Errorf("%s: Resolve = %+v, want %+v", tc.name, got, tc.want)
+		}
+	}
+	if st := r.Stats(); st.Overflows != 1 || st.LabelSets != 6 || st.UnknownPods != 0 {
+		t.Errorf("stats %+v: want 1 overflow, 6 label sets, no unknown pod", st)
+	}
+}
+
 func TestStripPod(t *testing.T) {
 	p := testPod(1, "ns")
 	p.Labels = map[string]string{"a": "b"}
