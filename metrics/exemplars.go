@@ -53,6 +53,34 @@ func (s *Exemplars) Observe(metric string, labelValues []string, e Exemplar) {
 	m[classicBucket(e.Value)] = e
 }
 
+// Retain forgets the exemplars of metric's series that are neither in live
+// (label values, as given to Observe) nor observed since: series of
+// workloads that came and went would otherwise keep theirs for ever.
+func (s *Exemplars) Retain(metric string, live [][]string, since time.Time) {
+	if s == nil {
+		return
+	}
+	keep := make(map[string]bool, len(live))
+	for _, v := range live {
+		keep[seriesKey(metric, v)] = true
+	}
+	prefix := metric + "\x00"
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, m := range s.series {
+		if keep[k] || !strings.HasPrefix(k, prefix) {
+			continue
+		}
+		recent := false
+		for _, e := range m {
+			recent = recent || !e.Time.Before(since)
+		}
+		if !recent {
+			delete(s.series, k)
+		}
+	}
+}
+
 // classicBounds are computed once: classicBucket runs for every span.
 var classicBounds = histogram.ClassicBounds()
 

@@ -49,6 +49,8 @@ type runqlatCollector struct {
 // goes when none of its workload's cgroups is left). Waits the kernel
 // could not key by cgroup (its map full) are exported as unit="other" and
 // counted in ktel_label_overflow_total{probe="runqlat",label="cgroup"}.
+// Exemplars, when not nil, supply each series' exemplars: spans whose
+// LabelValues are the workload's (WorkloadLabelValues).
 func NewRunqlatWorkloadCollector(src RunqlatSource, forget RunqlatCgroups, res Workloads, ttl time.Duration, ex *Exemplars) Collector {
 	c := NewRunqlatCollector(src, false, ex).(*runqlatCollector)
 	c.forget = forget
@@ -141,13 +143,18 @@ func (c *runqlatCollector) updateWorkloads(ch chan<- prometheus.Metric, s *runql
 		}
 		series[sk] = v
 	}
+	live := make([][]string, 0, len(series))
 	for sk, v := range series {
-		m, err := newLatencyHistogram(c.latency, c.layout, v[:n], v[n], nil, workloadValues(sk.labels)...)
+		values := WorkloadLabelValues(sk.labels)
+		live = append(live, values)
+		m, err := newLatencyHistogram(c.latency, c.layout, v[:n], v[n], c.exemplars.forSeries(RunqueueLatency, values), values...)
 		if err != nil {
 			m = prometheus.NewInvalidMetric(c.latency, err)
 		}
 		ch <- m
 	}
+	// Exemplars of workloads gone for the TTL go with their series.
+	c.exemplars.Retain(RunqueueLatency, live, c.workloads.now().Add(-c.workloads.ttl))
 	ch <- prometheus.MustNewConstMetric(c.overflow, prometheus.CounterValue, float64(s.CgroupsFull))
 	if len(errs) > 0 {
 		return fmt.Errorf("forget idle cgroups: %w", errors.Join(errs...))

@@ -25,7 +25,10 @@ type WorkloadStats interface {
 // unit names a cgroup outside pods (a systemd unit, "unknown", "other").
 var workloadLabels = []string{"namespace", "pod", "container", "unit"}
 
-func workloadValues(l k8smeta.Labels) []string {
+// WorkloadLabelValues are the values of a workload's labels on a
+// per-workload series, in the series' label order: what an exemplar of
+// that series is keyed by.
+func WorkloadLabelValues(l k8smeta.Labels) []string {
 	return []string{l.Namespace, l.Pod, l.Container, l.Unit}
 }
 

@@ -1,12 +1,14 @@
 package metrics
 
 import (
+	"bytes"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/ktel-dev/ktel/bpf/runqlat"
@@ -125,6 +127,65 @@ func TestRunqlatWorkloadCollector(t *testing.T) {
 	}
 	if problems, err := testutil.CollectAndLint(&collectorAdapter{c}); err != nil || len(problems) > 0 {
 		t.Errorf("lint: %v %v", problems, err)
+	}
+}
+
+// Exemplars of spans observed under a workload's label values show on that
+// workload's series only; once the workload's series is gone and its
+// exemplars are older than the TTL, the store forgets them.
+func TestRunqlatWorkloadExemplars(t *testing.T) {
+	f := newFakeRunqlat(t)
+	l := f.layout
+	h := func(ns uint64) runqlat.Hist {
+		s := make([]uint64, l.Slots())
+		s[l.Slot(ns)] = 1
+		return runqlat.Hist{Slots: s, SumNs: ns}
+	}
+	f.snap.Cgroups = map[uint64]runqlat.Hist{10: h(80_000_000), 11: h(3000)}
+	web, cron := k8smeta.Labels{Namespace: "ns", Pod: "web", Container: "nginx"}, k8smeta.Labels{Unit: "cron.service"}
+	res := fakeWorkloads{10: web, 11: cron}
+	ex := NewExemplars()
+	ex.Observe(RunqueueLatency, WorkloadLabelValues(web), Exemplar{Value: 0.08, TraceID: "0af7651916cd43dd8448eb211c80319c",
+		SpanID: "b7ad6b7169203331", Time: time.Now()})
+	// A workload that has no series (gone, or never had one), with an
+	// exemplar older than the TTL.
+	gone := k8smeta.Labels{Unit: "gone.service"}
+	ex.Observe(RunqueueLatency, WorkloadLabelValues(gone), Exemplar{Value: 0.06, TraceID: "1af7651916cd43dd8448eb211c80319c",
+		SpanID: "c7ad6b7169203331", Time: time.Now().Add(-2 * time.Minute)})
+
+	mfs, err := gathered(NewRunqlatWorkloadCollector(f, &fakeForget{}, res, time.Minute, ex)).Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	enc := expfmt.NewEncoder(&buf, expfmt.NewFormat(expfmt.TypeOpenMetrics))
+	for _, mf := range mfs {
+		if mf.GetName() != RunqueueLatency {
+			continue
+		}
+		if err := enc.Encode(mf); err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range mf.Metric {
+			n := len(m.Histogram.Exemplars)
+			isWeb := slices.ContainsFunc(m.Label, func(lp *dto.LabelPair) bool { return lp.GetValue() == "web" })
+			if isWeb && n != 1 || !isWeb && n != 0 {
+				t.Errorf("%v: %d native exemplars", m.Label, n)
+			}
+		}
+	}
+	want := `ktel_runqueue_latency_seconds_bucket{container="nginx",namespace="ns",pod="web",unit="",le="0.125"} 1 # {trace_id="0af7651916cd43dd8448eb211c80319c",span_id="b7ad6b7169203331"} 0.08`
+	if !strings.Contains(buf.String(), want) {
+		t.Errorf("OpenMetrics output lacks\n%s\nin\n%s", want, buf.String())
+	}
+	if strings.Count(buf.String(), "trace_id=") != 1 {
+		t.Errorf("exemplars on other series:\n%s", buf.String())
+	}
+	if ex.Lookup(RunqueueLatency, WorkloadLabelValues(gone)) != nil {
+		t.Error("a gone workload's exemplar outlived its TTL")
+	}
+	if ex.Lookup(RunqueueLatency, WorkloadLabelValues(web)) == nil {
+		t.Error("a live workload's exemplar was forgotten")
 	}
 }
 

@@ -8,7 +8,7 @@ import (
 )
 
 // RunqlatDecoder makes a span of a long run-queue wait, linked from the
-// run-queue histogram.
+// run-queue histogram (its workload's series with workload attribution).
 func RunqlatDecoder(b []byte) (Span, error) {
 	e, err := runqlat.DecodeEvent(b)
 	if err != nil {
@@ -21,5 +21,7 @@ func RunqlatDecoder(b []byte) (Span, error) {
 		Attrs:   append(taskAttrs(e.Pid, e.Tid, e.Comm, e.ProcessComm), attribute.Int("cpu.logical_number", int(e.CPU))),
 		Metric:  metrics.RunqueueLatency,
 		Cgroup:  e.Cgroup,
+		// The histogram is per workload whenever attribution is on.
+		ByWorkload: true,
 	}, nil
 }

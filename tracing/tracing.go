@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -159,6 +160,11 @@ type Span struct {
 	// Cgroup is the cgroup v2 id of the task or socket, 0 if unknown;
 	// WithWorkloads names its workload.
 	Cgroup uint64
+	// ByWorkload says that Metric is per workload when workload
+	// attribution is on: WithWorkloads then appends the workload's label
+	// values (metrics.WorkloadLabelValues) to LabelValues, so that the
+	// exemplar lands on the series of the span's own workload.
+	ByWorkload bool
 }
 
 // Decoder turns one ring-buffer record into a span.
@@ -173,14 +179,21 @@ type Workloads interface {
 // WithWorkloads adds to the spans of dec the Kubernetes attributes of
 // their cgroup's workload (k8s.namespace.name, k8s.pod.name,
 // k8s.container.name) when it is a known pod's; nothing for cgroups
-// outside pods, unknown ones, and workloads beyond the label-set cap.
+// outside pods, unknown ones, and workloads beyond the label-set cap. The
+// exemplar of a span ByWorkload goes to its workload's series, whatever
+// the workload (unit, unknown, other included), as the collector names it.
 func WithWorkloads(dec Decoder, res Workloads) Decoder {
 	return func(b []byte) (Span, error) {
 		s, err := dec(b)
-		if err != nil || s.Cgroup == 0 {
+		if err != nil || s.Cgroup == 0 && !s.ByWorkload {
 			return s, err
 		}
+		// Cgroup 0 (a hook that does not give the task) is resolved as the
+		// collector resolves the kernel's key 0: unknown.
 		l := res.Resolve(s.Cgroup)
+		if s.ByWorkload {
+			s.LabelValues = append(slices.Clip(s.LabelValues), metrics.WorkloadLabelValues(l)...)
+		}
 		known := func(v string) bool { return v != "" && v != k8smeta.Unknown && v != k8smeta.Overflow }
 		if !known(l.Pod) || !known(l.Namespace) {
 			return s, nil

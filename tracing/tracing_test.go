@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +17,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
+	"github.com/ktel-dev/ktel/bpf/runqlat"
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/internal/k8smeta"
 	"github.com/ktel-dev/ktel/metrics"
@@ -292,5 +294,36 @@ func TestWithWorkloads(t *testing.T) {
 		if !maps.Equal(got, want) {
 			t.Errorf("cgroup %d: %v, want %v", id, got, want)
 		}
+	}
+}
+
+// A span ByWorkload (a run-queue wait) takes its workload's label values,
+// whatever the workload, so that its exemplar lands on that workload's
+// series; other spans keep theirs.
+func TestWithWorkloadsExemplarSeries(t *testing.T) {
+	res := fakeWorkloads{
+		1: {Namespace: "ns", Pod: "web", Container: "nginx"},
+		3: {Unit: "sshd.service"},
+		0: {Unit: k8smeta.Unknown},
+	}
+	for _, tc := range []struct {
+		span Span
+		want []string
+	}{
+		{Span{Cgroup: 1, ByWorkload: true}, []string{"ns", "web", "nginx", ""}},
+		{Span{Cgroup: 3, ByWorkload: true}, []string{"", "", "", "sshd.service"}},
+		{Span{Cgroup: 0, ByWorkload: true}, []string{"", "", "", k8smeta.Unknown}},
+		{Span{Cgroup: 1, LabelValues: []string{"read"}}, []string{"read"}},
+	} {
+		s, err := WithWorkloads(func([]byte) (Span, error) { return tc.span, nil }, res)(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(s.LabelValues, tc.want) {
+			t.Errorf("%+v: label values %q, want %q", tc.span, s.LabelValues, tc.want)
+		}
+	}
+	if s, _ := RunqlatDecoder(make([]byte, runqlat.EventSize)); !s.ByWorkload {
+		t.Error("run-queue spans are not by workload")
 	}
 }

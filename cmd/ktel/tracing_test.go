@@ -362,3 +362,49 @@ func dialFrom(t *testing.T, ns, addr string, timeout time.Duration) {
 		t.Fatalf("dial %s from %s: %v, want a timeout (the SYN dropped)", addr, ns, err)
 	}
 }
+
+// Off Kubernetes with KTEL_WORKLOAD_ATTRIBUTION=cgroup, a long run-queue
+// wait in a systemd-like unit becomes a span, and that unit's run-queue
+// series (not another's) carries the exemplar pointing at it.
+func TestRunqlatWorkloadExemplar(t *testing.T) {
+	testenv.Privileged(t)
+	c := otelcoltest.Start(t)
+	base := testenv.TestCgroup(t, "e2e-unit")
+	busy := testenv.SubCgroup(t, base, "ktel-test.slice/foo.service")
+	d := startDaemon(t, tracingEnv(c, "http/protobuf", "KTEL_PROBES=runqlat", "KTEL_WORKLOAD_ATTRIBUTION=cgroup",
+		"KTEL_RUNQLAT_SPAN_THRESHOLD=1ms")...)
+
+	// A spinner and, at the lowest priority, a shell sleeping 1 ms at a
+	// time on the same CPU: its wakeups wait behind the spinner's slices.
+	spinner := testenv.StartInCgroup(t, busy, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
+	defer spinner.Process.Kill()
+	sleeper := testenv.StartInCgroup(t, busy, "taskset", "-c", "0", "nice", "-n", "19", "sh", "-c",
+		"i=0; while [ $i -lt 3000 ]; do sleep 0.001; i=$((i+1)); done")
+	defer sleeper.Process.Kill()
+
+	re := regexp.MustCompile(`(?m)^ktel_runqueue_latency_seconds_bucket\{([^}]*)\} \d+ # \{trace_id="([0-9a-f]{32})",span_id="[0-9a-f]{16}"\} (\S+)`)
+	foo := `container="",namespace="",pod="",unit="foo.service",`
+	var trace string
+	started := time.Now()
+	deadline := started.Add(30 * time.Second)
+	for trace == "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("no exemplar on foo.service's run-queue series:\n%s", grepLines(scrapeOpenMetrics(t, d), "foo.service"))
+		}
+		time.Sleep(200 * time.Millisecond)
+		for _, m := range re.FindAllStringSubmatch(scrapeOpenMetrics(t, d), -1) {
+			if strings.HasPrefix(m[1], foo) {
+				trace = m[2]
+			}
+		}
+	}
+	t.Logf("exemplar on foo.service's series after %v", time.Since(started).Round(time.Millisecond))
+	spans := c.WaitForSpans(t, 10*time.Second, func(s []otelcoltest.Span) bool {
+		return slices.ContainsFunc(s, func(sp otelcoltest.Span) bool { return sp.TraceID == trace })
+	})
+	for _, s := range spans {
+		if s.TraceID == trace && s.Name != "runqueue wait" {
+			t.Errorf("exemplar points at a %q span", s.Name)
+		}
+	}
+}
