@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
+	"github.com/ktel-dev/ktel/internal/kubeclient"
 	"github.com/ktel-dev/ktel/internal/kubelb"
 	"github.com/ktel-dev/ktel/internal/kubetest"
 )
@@ -332,7 +333,7 @@ func TestKubernetesAPIServerAway(t *testing.T) {
 	vip := svc.Spec.ClusterIP + ":80"
 
 	proxy := c.Proxy(t, true)
-	rc, err := kubelb.RESTConfig(c.WriteKubeconfig(t, t.TempDir()+"/kubeconfig", "https://"+proxy.Addr))
+	rc, err := kubeclient.Config(c.WriteKubeconfig(t, t.TempDir()+"/kubeconfig", "https://"+proxy.Addr))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -197,7 +197,7 @@ func (d *Daemon) startWorkloads() error {
 		Logger:       log,
 	}
 	if source == config.WorkloadsKubernetes {
-		opts.NodeName = d.cfg.NodeName
+		opts.NodeName, opts.Kubeconfig = d.cfg.NodeName, os.Getenv("KUBECONFIG")
 		// client-go logs through klog; route it to ktel's logger.
 		klog.SetSlogLogger(log.With("component", "client-go"))
 	}

@@ -7,6 +7,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/ktel-dev/ktel/bpf/lb"
+	"github.com/ktel-dev/ktel/internal/kubeclient"
 	"github.com/ktel-dev/ktel/internal/kubelb"
 	"github.com/ktel-dev/ktel/metrics"
 )
@@ -18,7 +19,7 @@ func lbSource(e env) (lb.Source, metrics.Collector, error) {
 	if e.cfg.LBSource != "kubernetes" {
 		return nil, nil, nil
 	}
-	rc, err := kubelb.RESTConfig(os.Getenv("KUBECONFIG"))
+	rc, err := kubeclient.Config(os.Getenv("KUBECONFIG"))
 	if err != nil {
 		return nil, nil, err
 	}

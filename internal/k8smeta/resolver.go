@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path"
 	"sync"
 	"sync/atomic"
@@ -21,11 +20,10 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/ktel-dev/ktel/internal/cgroups"
+	"github.com/ktel-dev/ktel/internal/kubeclient"
 )
 
 // Label values that stand for no workload in particular.
@@ -54,8 +52,9 @@ type Options struct {
 	// gets its short container id (as containers of other runtimes do)
 	// and a pod's own cgroup its last path component as unit.
 	NodeName string
-	// Kubeconfig is a kubeconfig file; empty: $KUBECONFIG, else the
-	// in-cluster configuration. Client, when set, is used instead.
+	// Kubeconfig is the value of $KUBECONFIG (kubeclient.Config): one or
+	// more files; empty: the in-cluster configuration. Client, when set,
+	// is used instead.
 	Kubeconfig string
 	Client     kubernetes.Interface
 	// Root is the cgroup v2 mount point; empty: from /proc/self/mountinfo.
@@ -139,12 +138,10 @@ func New(opts Options) (*Resolver, error) {
 	if opts.NodeName != "" {
 		client := opts.Client
 		if client == nil {
-			cfg, err := restConfig(opts.Kubeconfig)
+			cfg, err := kubeclient.Config(opts.Kubeconfig)
 			if err != nil {
 				return nil, fmt.Errorf("k8smeta: %w", err)
 			}
-			cfg.UserAgent = "ktel"
-			cfg.ContentType = "application/vnd.kubernetes.protobuf"
 			if client, err = kubernetes.NewForConfig(cfg); err != nil {
 				return nil, fmt.Errorf("k8smeta: %w", err)
 			}
@@ -152,18 +149,6 @@ func New(opts Options) (*Resolver, error) {
 		r.client = client
 	}
 	return r, nil
-}
-
-// restConfig reads kubeconfig, else $KUBECONFIG, else the in-cluster
-// configuration (the pod's service account).
-func restConfig(kubeconfig string) (*rest.Config, error) {
-	if kubeconfig == "" {
-		kubeconfig = os.Getenv("KUBECONFIG")
-	}
-	if kubeconfig != "" {
-		return clientcmd.BuildConfigFromFlags("", kubeconfig)
-	}
-	return rest.InClusterConfig()
 }
 
 // Run watches this node's pods and walks the cgroup hierarchy until ctx

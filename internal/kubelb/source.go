@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -18,9 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
-	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/ktel-dev/ktel/internal/lb"
 )
@@ -174,31 +171,6 @@ func (m multiFactory) Shutdown() {
 	for _, f := range m {
 		f.Shutdown()
 	}
-}
-
-// RESTConfig is the client configuration from a kubeconfig file (as
-// $KUBECONFIG: paths separated by colons), or, when kubeconfig is empty,
-// the Pod's service account (in-cluster).
-func RESTConfig(kubeconfig string) (*rest.Config, error) {
-	var (
-		c   *rest.Config
-		err error
-	)
-	if kubeconfig != "" {
-		rules := &clientcmd.ClientConfigLoadingRules{Precedence: filepath.SplitList(kubeconfig)}
-		c, err = clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, nil).ClientConfig()
-	} else {
-		c, err = rest.InClusterConfig()
-	}
-	if err != nil {
-		return nil, fmt.Errorf("kubernetes client configuration: %w", err)
-	}
-	c.UserAgent = "ktel"
-	// Protobuf costs the API server and ktel less than JSON for lists of
-	// thousands of slices.
-	c.ContentType = "application/vnd.kubernetes.protobuf"
-	c.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
-	return c, nil
 }
 
 // Start starts the informers and the sync loop, which calls apply with
