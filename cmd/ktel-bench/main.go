@@ -41,7 +41,7 @@ type config struct {
 }
 
 // benchmarks in the order they run; -only picks some.
-var benchmarks = []string{"syscall", "runqlat", "redis", "netdev", "scrape", "accuracy"}
+var benchmarks = []string{"syscall", "runqlat", "redis", "netdev", "scrape", "attribution", "accuracy"}
 
 type options struct {
 	rounds, calls, trips, cpu, packets int
@@ -124,6 +124,9 @@ func main() {
 	}
 	if want("scrape") {
 		runScrapeBench(w, log, sum, o)
+	}
+	if want("attribution") {
+		runAttributionBench(w, log, sum)
 	}
 	if want("accuracy") {
 		runAccuracyBench(w, log, sum, o)
