@@ -13,6 +13,7 @@ import (
 
 	"github.com/ktel-dev/ktel/bpf/runqlat"
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
+	"github.com/ktel-dev/ktel/internal/histogram"
 	"github.com/ktel-dev/ktel/internal/k8smeta"
 )
 
@@ -93,17 +94,19 @@ type fakeForget struct{ ids []uint64 }
 
 func (f *fakeForget) ForgetCgroup(id uint64) error { f.ids = append(f.ids, id); return nil }
 
+// oneWait is a histogram of one wait of ns.
+func oneWait(l *histogram.Layout, ns uint64) runqlat.Hist {
+	s := make([]uint64, l.Slots())
+	s[l.Slot(ns)] = 1
+	return runqlat.Hist{Slots: s, SumNs: ns}
+}
+
 // Per workload, the histogram has namespace, pod, container and unit
 // labels; unknown cgroups are unit="unknown", and waits the kernel could
 // not key by cgroup unit="other", counted.
 func TestRunqlatWorkloadCollector(t *testing.T) {
 	f := newFakeRunqlat(t)
-	l := f.layout
-	h := func(ns uint64) runqlat.Hist {
-		s := make([]uint64, l.Slots())
-		s[l.Slot(ns)] = 1
-		return runqlat.Hist{Slots: s, SumNs: ns}
-	}
+	h := func(ns uint64) runqlat.Hist { return oneWait(f.layout, ns) }
 	f.snap.Cgroups = map[uint64]runqlat.Hist{10: h(3000), 11: h(3000), 12: h(5_000_000)}
 	f.snap.CgroupsFull = 3 // Total has 3 waits
 	res := fakeWorkloads{10: {Namespace: "ns", Pod: "web", Container: "nginx"}, 11: {Unit: "kubelet.service"}}
@@ -135,12 +138,7 @@ func TestRunqlatWorkloadCollector(t *testing.T) {
 // exemplars are older than the TTL, the store forgets them.
 func TestRunqlatWorkloadExemplars(t *testing.T) {
 	f := newFakeRunqlat(t)
-	l := f.layout
-	h := func(ns uint64) runqlat.Hist {
-		s := make([]uint64, l.Slots())
-		s[l.Slot(ns)] = 1
-		return runqlat.Hist{Slots: s, SumNs: ns}
-	}
+	h := func(ns uint64) runqlat.Hist { return oneWait(f.layout, ns) }
 	f.snap.Cgroups = map[uint64]runqlat.Hist{10: h(80_000_000), 11: h(3000)}
 	web, cron := k8smeta.Labels{Namespace: "ns", Pod: "web", Container: "nginx"}, k8smeta.Labels{Unit: "cron.service"}
 	res := fakeWorkloads{10: web, 11: cron}

@@ -41,59 +41,52 @@ const (
 // processes in 330 cgroups of kubelet's layout, below a cgroup of the
 // bench's own), the series a scrape then holds, and the scrape's time.
 func runAttributionBench(w io.Writer, log *slog.Logger, sum *summary) {
+	if err := attribution(w, log, sum); err != nil {
+		fmt.Fprintln(w, "attribution:", err)
+	}
+}
+
+func attribution(w io.Writer, log *slog.Logger, sum *summary) error {
 	fmt.Fprintf(w, "\nworkload attribution, a %d-pod node: %d cgroups of kubelet's systemd layout (a sandbox and %d containers per pod, containerd) below a cgroup of the bench's own, each running /bin/true once (its first wait creates its histogram); kernel memory as the kernel reports it (memlock of each map the probe's programs use, as bpftool map show); scrapes in-process, 1.1 s apart so that each reads the maps\n\n",
 		benchPods, benchPods*(1+benchContainers), benchContainers)
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
-		fmt.Fprintln(w, "attribution:", err)
-		return
+		return err
 	}
 
 	// Node-level first: what attribution adds is the difference.
 	base := map[string]memUse{}
-	node, err := runqlat.Load(runqlat.Options{Schema: 3}, log)
-	if err != nil {
-		fmt.Fprintln(w, "attribution: runqlat:", err)
-		return
-	}
-	base["runqlat"], err = probeMemory(node.Programs(), ncpu)
-	node.Close()
-	if err != nil {
-		fmt.Fprintln(w, "attribution: runqlat:", err)
-		return
-	}
-	rtx, err := tcpretrans.Load(tcpretrans.Options{}, log)
-	if err != nil {
-		fmt.Fprintln(w, "attribution: tcpretrans:", err)
-		return
-	}
-	base["tcpretrans"], err = probeMemory(rtx.Programs(), ncpu)
-	rtx.Close()
-	if err != nil {
-		fmt.Fprintln(w, "attribution: tcpretrans:", err)
-		return
+	for name, load := range map[string]func() (programs, error){
+		"runqlat":    func() (programs, error) { return runqlat.Load(runqlat.Options{Schema: 3}, log) },
+		"tcpretrans": func() (programs, error) { return tcpretrans.Load(tcpretrans.Options{}, log) },
+	} {
+		p, err := load()
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		base[name], err = probeMemory(p.Programs(), ncpu)
+		p.Close()
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
 	}
 
 	dirs, ids, cleanup, err := podCgroups()
 	defer cleanup()
 	if err != nil {
-		fmt.Fprintln(w, "attribution: cgroups:", err)
-		return
+		return fmt.Errorf("cgroups: %w", err)
 	}
 	p, err := runqlat.Load(runqlat.Options{Schema: 3, PerCgroup: true}, log)
 	if err != nil {
-		fmt.Fprintln(w, "attribution: runqlat per cgroup:", err)
-		return
+		return fmt.Errorf("runqlat per cgroup: %w", err)
 	}
 	defer p.Close()
 	if err := runIn(dirs); err != nil {
-		fmt.Fprintln(w, "attribution: run in cgroups:", err)
-		return
+		return fmt.Errorf("run in cgroups: %w", err)
 	}
 	snap, err := p.Snapshot()
 	if err != nil {
-		fmt.Fprintln(w, "attribution:", err)
-		return
+		return err
 	}
 	ours := 0
 	for _, id := range ids {
@@ -103,8 +96,7 @@ func runAttributionBench(w io.Writer, log *slog.Logger, sum *summary) {
 	}
 	perRunqlat, err := probeMemory(p.Programs(), ncpu)
 	if err != nil {
-		fmt.Fprintln(w, "attribution:", err)
-		return
+		return err
 	}
 
 	// tcpretrans: a node's retransmits come from few of its pods; the map
@@ -113,18 +105,15 @@ func runAttributionBench(w io.Writer, log *slog.Logger, sum *summary) {
 	// any real node would hold.
 	rp, err := tcpretrans.Load(tcpretrans.Options{PerCgroup: true}, log)
 	if err != nil {
-		fmt.Fprintln(w, "attribution: tcpretrans per cgroup:", err)
-		return
+		return fmt.Errorf("tcpretrans per cgroup: %w", err)
 	}
 	defer rp.Close()
 	if err := fillRetransCgroups(rp.Programs(), ids); err != nil {
-		fmt.Fprintln(w, "attribution: fill tcp_rtx_cgroups:", err)
-		return
+		return fmt.Errorf("fill tcp_rtx_cgroups: %w", err)
 	}
 	perRtx, err := probeMemory(rp.Programs(), ncpu)
 	if err != nil {
-		fmt.Fprintln(w, "attribution:", err)
-		return
+		return err
 	}
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
@@ -145,7 +134,13 @@ func runAttributionBench(w io.Writer, log *slog.Logger, sum *summary) {
 	sum.add("attribution", "kernel memory, runqlat per cgroup, whole probe, 2 CPUs", []float64{perRunqlat.at(2) / (1 << 20)}, "MiB", "", nil,
 		fmt.Sprintf("%.0f KiB fixed + %.0f KiB per CPU", perRunqlat.fixed/1024, perRunqlat.perCPU/1024))
 
-	scrapeWorkloads(w, log, sum, p)
+	return scrapeWorkloads(w, log, sum, p)
+}
+
+// programs is a loaded probe.
+type programs interface {
+	Programs() map[string]*ebpf.Program
+	Close() error
 }
 
 // memUse is the memlock of a probe's maps: the part of per-CPU maps,
@@ -157,15 +152,14 @@ type memUse struct {
 
 func (m memUse) at(cpus int) float64 { return m.fixed + m.perCPU*float64(cpus) }
 
-// probeMemory sums the memlock of the maps progs use, as the kernel
-// reports it (bpftool map show: memlock).
-func probeMemory(progs map[string]*ebpf.Program, ncpu int) (memUse, error) {
-	var m memUse
+// eachMap calls f with each map that progs use, once, and its info; the
+// map is closed after f returns, unless f keeps it (returns true).
+func eachMap(progs map[string]*ebpf.Program, f func(*ebpf.Map, *ebpf.MapInfo) (keep bool, err error)) error {
 	seen := map[ebpf.MapID]bool{}
 	for _, prog := range progs {
 		info, err := prog.Info()
 		if err != nil {
-			return m, err
+			return err
 		}
 		ids, _ := info.MapIDs()
 		for _, id := range ids {
@@ -173,53 +167,63 @@ func probeMemory(progs map[string]*ebpf.Program, ncpu int) (memUse, error) {
 				continue
 			}
 			seen[id] = true
-			mp, err := ebpf.NewMapFromID(id)
+			m, err := ebpf.NewMapFromID(id)
 			if err != nil {
-				return m, err
+				return err
 			}
-			mi, err := mp.Info()
-			mp.Close()
+			mi, err := m.Info()
+			keep := false
+			if err == nil {
+				keep, err = f(m, mi)
+			}
+			if !keep {
+				m.Close()
+			}
 			if err != nil {
-				return m, err
-			}
-			mem, ok := mi.Memlock()
-			if !ok {
-				return m, fmt.Errorf("map %s: no memlock in fdinfo", mi.Name)
-			}
-			m.maps++
-			switch mi.Type {
-			case ebpf.PerCPUArray, ebpf.PerCPUHash, ebpf.LRUCPUHash:
-				m.perCPU += float64(mem) / float64(ncpu)
-			default:
-				m.fixed += float64(mem)
+				return err
 			}
 		}
 	}
-	return m, nil
+	return nil
+}
+
+// probeMemory sums the memlock of the maps progs use, as the kernel
+// reports it (bpftool map show: memlock).
+func probeMemory(progs map[string]*ebpf.Program, ncpu int) (memUse, error) {
+	var u memUse
+	err := eachMap(progs, func(_ *ebpf.Map, mi *ebpf.MapInfo) (bool, error) {
+		mem, ok := mi.Memlock()
+		if !ok {
+			return false, fmt.Errorf("map %s: no memlock in fdinfo", mi.Name)
+		}
+		u.maps++
+		switch mi.Type {
+		case ebpf.PerCPUArray, ebpf.PerCPUHash, ebpf.LRUCPUHash:
+			u.perCPU += float64(mem) / float64(ncpu)
+		default:
+			u.fixed += float64(mem)
+		}
+		return false, nil
+	})
+	return u, err
 }
 
 // mapNamed returns the map named name (the kernel keeps 15 characters)
 // among those progs use.
 func mapNamed(progs map[string]*ebpf.Program, name string) (*ebpf.Map, error) {
 	name = name[:min(len(name), 15)]
-	for _, prog := range progs {
-		info, err := prog.Info()
-		if err != nil {
-			return nil, err
+	var found *ebpf.Map
+	err := eachMap(progs, func(m *ebpf.Map, mi *ebpf.MapInfo) (bool, error) {
+		if found == nil && mi.Name == name {
+			found = m
+			return true, nil
 		}
-		ids, _ := info.MapIDs()
-		for _, id := range ids {
-			mp, err := ebpf.NewMapFromID(id)
-			if err != nil {
-				return nil, err
-			}
-			if mi, err := mp.Info(); err == nil && mi.Name == name {
-				return mp, nil
-			}
-			mp.Close()
-		}
+		return false, nil
+	})
+	if err == nil && found == nil {
+		err = fmt.Errorf("no map %s", name)
 	}
-	return nil, fmt.Errorf("no map %s", name)
+	return found, err
 }
 
 // fillRetransCgroups inserts two counters (struct cgroup_key: the cgroup
@@ -319,15 +323,13 @@ func runIn(dirs []string) error {
 // cgroup paths (KTEL_WORKLOAD_ATTRIBUTION=cgroup: no API server, the same
 // number of label sets as on Kubernetes, one per cgroup with tasks), with
 // the daemon's exporter and handler, and scrapes it.
-func scrapeWorkloads(w io.Writer, log *slog.Logger, sum *summary, p *runqlat.Probe) {
+func scrapeWorkloads(w io.Writer, log *slog.Logger, sum *summary, p *runqlat.Probe) error {
 	res, err := k8smeta.New(k8smeta.Options{TTL: 2 * time.Minute, MaxLabelSets: 2000})
 	if err != nil {
-		fmt.Fprintln(w, "attribution: resolver:", err)
-		return
+		return fmt.Errorf("resolver: %w", err)
 	}
 	if err := res.Refresh(); err != nil {
-		fmt.Fprintln(w, "attribution: resolver:", err)
-		return
+		return fmt.Errorf("resolver: %w", err)
 	}
 	reg, _ := metrics.NewRegistry("bench", "bench", "bench")
 	cs := map[string]metrics.Collector{
@@ -347,21 +349,18 @@ func scrapeWorkloads(w io.Writer, log *slog.Logger, sum *summary, p *runqlat.Pro
 		}
 		d, n, err := scrape(client, srv.URL, acceptProto)
 		if err != nil {
-			fmt.Fprintln(w, "attribution scrape:", err)
-			return
+			return fmt.Errorf("scrape: %w", err)
 		}
 		proto, protoKiB = append(proto, d), float64(n)/1024
 	}
 	time.Sleep(metrics.DefaultMaxAge + 100*time.Millisecond)
 	text, textBytes, err := scrape(client, srv.URL, acceptText)
 	if err != nil {
-		fmt.Fprintln(w, "attribution scrape:", err)
-		return
+		return fmt.Errorf("scrape: %w", err)
 	}
 	mfs, err := reg.Gather()
 	if err != nil {
-		fmt.Fprintln(w, "attribution gather:", err)
-		return
+		return fmt.Errorf("gather: %w", err)
 	}
 	var histograms, bench, all, lines int
 	for _, mf := range mfs {
@@ -389,4 +388,5 @@ func scrapeWorkloads(w io.Writer, log *slog.Logger, sum *summary, p *runqlat.Pro
 		fmt.Sprintf("%d of the pods' cgroups, %d series in all, %d text lines for the histograms", bench, all, lines))
 	sum.add("attribution", fmt.Sprintf("/metrics latency, %d pods' run-queue histograms, protobuf", benchPods), proto, "ms", "", nil,
 		fmt.Sprintf("client_golang; %.0f KiB; text %.1f ms, %.0f KiB", protoKiB, text, float64(textBytes)/1024))
+	return nil
 }
