@@ -73,6 +73,7 @@ func invalidCases(t *testing.T) []invalidCase {
 		{v: "KTEL_LB_MAX_SOCKETS", value: "16777217"},
 		{v: "KTEL_LB_SOURCE", value: "etcd"},
 		{v: "KTEL_NODE_NAME", value: "Node_1"},
+		{v: "KTEL_WORKLOAD_ATTRIBUTION", value: "systemd"},
 		{v: "KTEL_WORKLOAD_LABEL_TTL", value: "500ms"},
 		{v: "KTEL_WORKLOAD_MAX_LABEL_SETS", value: "0"},
 		{v: "KTEL_SYSCALL_SPAN_THRESHOLD", value: "-1s"},
