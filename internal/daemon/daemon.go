@@ -129,7 +129,7 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		plog := log.With("probe", name)
 		e := env{cfg: cfg, log: plog, exemplars: exemplars, spans: d.tracing != nil}
 		if d.workloads != nil {
-			e.workloads = d.workloads
+			e.workloads, e.pods = d.workloads, d.workloads
 		}
 		p, err := start(starters, name, e)
 		if err != nil {
