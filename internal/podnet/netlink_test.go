@@ -92,7 +92,7 @@ func TestNetlinkResolve(t *testing.T) {
 	}
 
 	pods := []netip.Addr{ip("10.200.0.2"), ip("10.201.0.2"), ip("10.1.2.3")}
-	byIndex, errs, err := resolve(n, pods)
+	byIndex, _, errs, err := resolve(n, pods)
 	if err != nil || errs.peer != nil {
 		t.Fatalf("resolve: %v %+v", err, errs)
 	}

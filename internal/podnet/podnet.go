@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -73,10 +74,12 @@ type resolveErrors struct {
 //     entering that namespace or knowing any of its processes: bridge
 //     plugins (flannel, the bridge plugin, where routes lead to the
 //     bridge), and any veth the first way missed.
-func resolve(n Net, podIPs []netip.Addr) (map[int][]netip.Addr, resolveErrors, error) {
+//
+// It also returns the pod-side interfaces it could not map.
+func resolve(n Net, podIPs []netip.Addr) (_ map[int][]netip.Addr, unmapped []int, _ resolveErrors, _ error) {
 	links, err := n.Links()
 	if err != nil {
-		return nil, resolveErrors{}, fmt.Errorf("list links: %w", err)
+		return nil, nil, resolveErrors{}, fmt.Errorf("list links: %w", err)
 	}
 	podIPs = slices.SortedFunc(slices.Values(podIPs), netip.Addr.Compare)
 	var errs resolveErrors
@@ -98,18 +101,20 @@ func resolve(n Net, podIPs []netip.Addr) (map[int][]netip.Addr, resolveErrors, e
 		addrs, err := n.PeerAddrs(l.NetNsID, l.Peer)
 		if err != nil {
 			errs.peer = cmpErr(errs.peer, fmt.Errorf("addresses of the peer of interface %d: %w", idx, err))
-			continue
 		}
 		for _, a := range addrs {
 			if _, ok := slices.BinarySearchFunc(podIPs, a, netip.Addr.Compare); ok {
 				out[idx] = append(out[idx], a)
 			}
 		}
+		if len(out[idx]) == 0 {
+			unmapped = append(unmapped, idx)
+		}
 	}
 	for idx := range out {
 		slices.SortFunc(out[idx], netip.Addr.Compare)
 	}
-	return out, errs, nil
+	return out, unmapped, errs, nil
 }
 
 func cmpErr(first, err error) error {
@@ -122,6 +127,15 @@ func cmpErr(first, err error) error {
 // DefaultResync is how often Mapper resolves without being told of a
 // change: routes and addresses change without a pod or link event too.
 const DefaultResync = 30 * time.Second
+
+// A pod-side interface that appeared within newLink and is not mapped
+// yet makes Mapper resolve again after retry: a CNI plugin creates the
+// veth first and gives the pod its address after, which no event in this
+// namespace tells.
+const (
+	newLink = 15 * time.Second
+	retry   = time.Second
+)
 
 // Mapper keeps the pods' interfaces resolved: again whenever pods'
 // addresses change, whenever it is told that interfaces did, and every
@@ -144,30 +158,37 @@ func NewMapper(n Net, pods Pods, log *slog.Logger) *Mapper {
 }
 
 // Run resolves at once, then on every signal of links (interfaces added
-// or removed), of the pods, and every resync, until ctx ends.
+// or removed), of the pods, every resync, and soon again while a new
+// pod-side interface is not mapped, until ctx ends.
 func (m *Mapper) Run(ctx context.Context, links <-chan struct{}) {
 	tick := time.NewTicker(m.resync)
 	defer tick.Stop()
-	var last resolveErrors
+	var warned resolveErrors
+	unmapped := map[int]time.Time{} // pod-side interfaces not mapped, by when first seen
 	for {
-		m.refresh(&last)
+		var soon <-chan time.Time
+		if m.refresh(&warned, unmapped) {
+			soon = time.After(retry)
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-links:
 		case <-m.pods.PodsChanged():
 		case <-tick.C:
+		case <-soon:
 		}
 	}
 }
 
-// refresh resolves once. A kind of error is logged as a warning the
-// first time, at debug level after.
-func (m *Mapper) refresh(warned *resolveErrors) {
-	byIndex, errs, err := resolve(m.net, m.pods.PodIPs())
+// refresh resolves once, and reports whether a pod-side interface first
+// seen within newLink is still unmapped. A kind of error is logged as a
+// warning the first time, at debug level after.
+func (m *Mapper) refresh(warned *resolveErrors, unmapped map[int]time.Time) (pending bool) {
+	byIndex, missing, errs, err := resolve(m.net, m.pods.PodIPs())
 	if err != nil {
 		m.log.Warn("cannot map interfaces to pods; labels kept from the last mapping", "err", err)
-		return
+		return false
 	}
 	m.mu.Lock()
 	m.byIndex = byIndex
@@ -176,6 +197,19 @@ func (m *Mapper) refresh(warned *resolveErrors) {
 	m.mu.Unlock()
 	m.logOnce(errs.route, &warned.route, "route lookup of a pod's address failed")
 	m.logOnce(errs.peer, &warned.peer, "cannot list the addresses in a veth peer's network namespace; bridge-attached pods' interfaces stay unlabelled")
+
+	now := time.Now()
+	seen := maps.Clone(unmapped)
+	clear(unmapped)
+	for _, idx := range missing {
+		first, ok := seen[idx]
+		if !ok {
+			first = now
+		}
+		unmapped[idx] = first
+		pending = pending || now.Sub(first) < newLink
+	}
+	return pending
 }
 
 func (m *Mapper) logOnce(err error, warned *error, msg string) {

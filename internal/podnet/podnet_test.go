@@ -85,7 +85,7 @@ func node() *fakeNet {
 
 func TestResolve(t *testing.T) {
 	pods := []netip.Addr{ip("fd00::5"), ip("10.0.0.5"), ip("10.244.0.2"), ip("10.244.0.3"), ip("10.9.0.1"), ip("10.0.0.99")}
-	got, errs, err := resolve(node(), pods)
+	got, unmapped, errs, err := resolve(node(), pods)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,11 +100,14 @@ func TestResolve(t *testing.T) {
 	if errs.route == nil || errs.peer != nil {
 		t.Errorf("errors %+v: want the unroutable address's only", errs)
 	}
+	if fmt.Sprint(unmapped) != "[13]" {
+		t.Errorf("unmapped pod-side interfaces %v, want the stranger's [13]", unmapped)
+	}
 
 	// Without peer addresses (a kernel before 4.20): routed pods only.
 	n := node()
 	n.peerErr = errors.New("invalid argument")
-	got, errs, _ = resolve(n, pods)
+	got, _, errs, _ = resolve(n, pods)
 	if fmt.Sprint(got) != fmt.Sprint(map[int][]netip.Addr{10: {ip("10.0.0.5"), ip("fd00::5")}}) || errs.peer == nil {
 		t.Errorf("without peer addresses: %v, %+v", got, errs)
 	}
@@ -208,6 +211,19 @@ func TestMapper(t *testing.T) {
 	n.peers[[2]int{4, 2}] = []netip.Addr{ip("10.244.0.9")}
 	n.mu.Unlock()
 	waitFor(func() { links <- struct{}{} }, 20, "team-c", "cache")
+
+	// A veth whose pod gets its address only after the veth appeared,
+	// with no event of the pod or link after: found by the retry.
+	pods.set("10.244.0.10", k8smeta.Labels{Namespace: "team-c", Pod: "late"})
+	n.mu.Lock()
+	n.links[21] = Link{Index: 21, Kind: "veth", NetNsID: 5, Peer: 2}
+	n.mu.Unlock()
+	links <- struct{}{}
+	<-m.Resolved()
+	n.mu.Lock()
+	n.peers[[2]int{5, 2}] = []netip.Addr{ip("10.244.0.10")}
+	n.mu.Unlock()
+	waitFor(nil, 21, "team-c", "late")
 
 	// The pod is forgotten (deleted, and its TTL passed): no labels.
 	waitFor(func() { pods.set("10.0.0.5", k8smeta.Labels{}) }, 10, "", "")
