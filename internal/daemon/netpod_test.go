@@ -1,8 +1,10 @@
 package daemon
 
 import (
+	"bytes"
 	"fmt"
 	"log/slog"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -158,6 +160,18 @@ func TestNetdevPerPod(t *testing.T) {
 	waitFor("veth-x's unlabelled series", func() bool { return udpOut("veth-x", "", "") == n })
 	if got := udpOut("veth-x", "kube-system", "agent"); got != -1 {
 		t.Errorf("veth-x labelled with the hostNetwork pod (%d packets)", got)
+	}
+
+	// The exposition, pod labels and all, passes promtool's lint.
+	rec := httptest.NewRecorder()
+	d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	cmd := exec.Command("promtool", "check", "metrics")
+	cmd.Stdin = bytes.NewReader(rec.Body.Bytes())
+	if out, err := cmd.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) > 0 {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
+	if !strings.Contains(rec.Body.String(), `interface="veth-db",namespace="default",pod="db"`) {
+		t.Errorf("no veth-db series with its pod in the exposition:\n%s", rec.Body.String())
 	}
 }
 
