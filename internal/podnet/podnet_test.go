@@ -228,3 +228,29 @@ func TestMapper(t *testing.T) {
 	// The pod is forgotten (deleted, and its TTL passed): no labels.
 	waitFor(func() { pods.set("10.0.0.5", k8smeta.Labels{}) }, 10, "", "")
 }
+
+// A pod-side interface not mapped makes the mapper try again soon, for
+// newLink after it first saw it, and not after.
+func TestRetryNewLinks(t *testing.T) {
+	pods := &fakePods{byIP: map[netip.Addr]k8smeta.Labels{ip("10.0.0.5"): {Namespace: "team-a", Pod: "web"}}, changed: make(chan struct{}, 1)}
+	m := NewMapper(node(), pods, slog.New(slog.DiscardHandler))
+	var warned resolveErrors
+	unmapped := map[int]time.Time{}
+	// 11, 12 (no pod has their peers' addresses yet) and 13 (no pod's).
+	if !m.refresh(&warned, unmapped) || len(unmapped) != 3 {
+		t.Fatalf("new unmapped interfaces %v: no retry", unmapped)
+	}
+	first := unmapped[13]
+	if !m.refresh(&warned, unmapped) || unmapped[13] != first {
+		t.Errorf("second try: first seen %v, was %v", unmapped[13], first)
+	}
+	for idx := range unmapped {
+		unmapped[idx] = time.Now().Add(-newLink)
+	}
+	if m.refresh(&warned, unmapped) {
+		t.Errorf("retrying interfaces unmapped for %v", newLink)
+	}
+	if warned.route != nil || warned.peer != nil {
+		t.Errorf("errors %+v", warned)
+	}
+}
