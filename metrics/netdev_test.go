@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -36,7 +37,7 @@ func newFakeNetdev(sizes bool) *fakeNetdev {
 }
 
 func TestNetdevCollector(t *testing.T) {
-	c := &collectorAdapter{NewNetdevCollector(newFakeNetdev(false))}
+	c := &collectorAdapter{NewNetdevCollector(newFakeNetdev(false), nil)}
 	want := `
 # HELP ktel_net_packets_total Packets seen on an interface, by direction, protocol class and CPU (a GSO packet counts once).
 # TYPE ktel_net_packets_total counter
@@ -69,7 +70,7 @@ ktel_net_packets_missed_total 1
 }
 
 func TestNetdevCollectorSizes(t *testing.T) {
-	c := &collectorAdapter{NewNetdevCollector(newFakeNetdev(true))}
+	c := &collectorAdapter{NewNetdevCollector(newFakeNetdev(true), nil)}
 	bucket := func(dir, le, n string) string {
 		return `ktel_net_packet_size_bytes_bucket{direction="` + dir + `",interface="eth0",le="` + le + `"} ` + n + "\n"
 	}
@@ -93,4 +94,69 @@ ktel_net_packet_size_bytes_count{direction="ingress",interface="eth0"} 3
 	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
 		t.Errorf("lint: %v %v", err, problems)
 	}
+}
+
+type fakeNetdevPods map[int][2]string
+
+func (f fakeNetdevPods) PodOf(ifindex int) (string, string) { return f[ifindex][0], f[ifindex][1] }
+
+// With pods, every per-interface series carries namespace and pod: the
+// pod's for its veth, empty for other interfaces.
+func TestNetdevCollectorPods(t *testing.T) {
+	src := newFakeNetdev(true)
+	veth := src.snap.Interfaces[0]
+	veth.Name, veth.Index = "cali1a2b3c", 9
+	src.snap.Interfaces = append(src.snap.Interfaces, veth)
+	c := &collectorAdapter{NewNetdevCollector(src, fakeNetdevPods{9: {"team-a", "web"}})}
+	want := `
+# HELP ktel_net_packets_total Packets seen on an interface, by direction, protocol class and CPU (a GSO packet counts once).
+# TYPE ktel_net_packets_total counter
+ktel_net_packets_total{cpu="0",direction="egress",interface="cali1a2b3c",namespace="team-a",pod="web",protocol="ipv4_udp"} 3
+ktel_net_packets_total{cpu="0",direction="egress",interface="eth0",namespace="",pod="",protocol="ipv4_udp"} 3
+ktel_net_packets_total{cpu="0",direction="ingress",interface="cali1a2b3c",namespace="team-a",pod="web",protocol="arp"} 1
+ktel_net_packets_total{cpu="0",direction="ingress",interface="eth0",namespace="",pod="",protocol="arp"} 1
+ktel_net_packets_total{cpu="1",direction="egress",interface="cali1a2b3c",namespace="team-a",pod="web",protocol="ipv4_udp"} 1
+ktel_net_packets_total{cpu="1",direction="egress",interface="eth0",namespace="",pod="",protocol="ipv4_udp"} 1
+ktel_net_packets_total{cpu="1",direction="ingress",interface="cali1a2b3c",namespace="team-a",pod="web",protocol="ipv6_icmp"} 2
+ktel_net_packets_total{cpu="1",direction="ingress",interface="eth0",namespace="",pod="",protocol="ipv6_icmp"} 2
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want), "ktel_net_packets_total"); err != nil {
+		t.Error(err)
+	}
+	// Two interfaces' two directions; idle veth1's are left out.
+	if n := testutil.CollectAndCount(c, "ktel_net_packet_size_bytes"); n != 4 {
+		t.Errorf("%d size histograms, want 4", n)
+	}
+	sizes := `
+# HELP ktel_net_packet_size_bytes Frame sizes seen on an interface, link-layer header included (KTEL_NETDEV_PACKET_SIZES).
+# TYPE ktel_net_packet_size_bytes histogram
+`
+	for _, b := range []string{"64", "128", "256", "512", "1024", "2048", "4096", "8192", "16384", "32768", "65536", "+Inf"} {
+		n := "3"
+		if b == "64" {
+			n = "1"
+		}
+		sizes += `ktel_net_packet_size_bytes_bucket{direction="ingress",interface="cali1a2b3c",namespace="team-a",pod="web",le="` + b + `"} ` + n + "\n"
+	}
+	sizes += `ktel_net_packet_size_bytes_sum{direction="ingress",interface="cali1a2b3c",namespace="team-a",pod="web"} 214
+ktel_net_packet_size_bytes_count{direction="ingress",interface="cali1a2b3c",namespace="team-a",pod="web"} 3
+`
+	only := &collectorAdapter{NewNetdevCollector(&fakeNetdev{snap: &netdev.Snapshot{Interfaces: []netdev.Interface{ingressOnly(veth)}}}, fakeNetdevPods{9: {"team-a", "web"}})}
+	if err := testutil.CollectAndCompare(only, strings.NewReader(sizes), "ktel_net_packet_size_bytes"); err != nil {
+		t.Error(err)
+	}
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", err, problems)
+	}
+}
+
+// ingressOnly is i without its egress counts.
+func ingressOnly(i netdev.Interface) netdev.Interface {
+	i.PerCPU = slices.Clone(i.PerCPU)
+	i.SizesPerCPU = slices.Clone(i.SizesPerCPU)
+	for cpu := range i.PerCPU {
+		i.PerCPU[cpu][netdev.Egress] = [netdev.NumProtocols]netdev.Counter{}
+		i.SizesPerCPU[cpu][netdev.Egress] = [netdev.NumSizes]uint64{}
+	}
+	return i
 }

@@ -233,6 +233,9 @@ type Probe struct {
 	mu       sync.Mutex
 	names    map[int]ifaceInfo // attached interfaces by ifindex
 	overflow atomic.Uint64
+	// changes receives, coalesced, when an interface is attached,
+	// detached or renamed.
+	changes chan struct{}
 
 	stop     chan struct{}
 	done     chan struct{} // closed when the watcher has detached everything
@@ -268,6 +271,7 @@ func Load(opts Options, log *slog.Logger) (*Probe, error) {
 		sizes:    opts.PacketSizes,
 		nsFD:     -1,
 		names:    map[int]ifaceInfo{},
+		changes:  make(chan struct{}, 1),
 	}
 	switch p.hook {
 	case "":
@@ -427,6 +431,17 @@ func (p *Probe) clearSlot(ifindex int) error {
 		return fmt.Errorf("clear slot of interface %d: %w", ifindex, err)
 	}
 	return nil
+}
+
+// Changes receives after interfaces were attached, detached or renamed.
+// Sends are coalesced, and there is one channel: for one consumer.
+func (p *Probe) Changes() <-chan struct{} { return p.changes }
+
+func (p *Probe) changed() {
+	select {
+	case p.changes <- struct{}{}:
+	default:
+	}
 }
 
 // Interfaces returns the names of the attached interfaces, sorted.

@@ -379,6 +379,22 @@ func TestHotplug(t *testing.T) {
 		t.Fatalf("attached to %q before any interface existed", got)
 	}
 	ids := programIDs(t, p)
+	// Changes tells of each attachment and removal (podnet relabels then).
+	drain := func() {
+		select {
+		case <-p.Changes():
+		default:
+		}
+	}
+	changed := func(what string) {
+		t.Helper()
+		select {
+		case <-p.Changes():
+		case <-time.After(5 * time.Second): // signalled just after the change
+			t.Errorf("%s: no change signalled", what)
+		}
+	}
+	drain()
 
 	a, b := fmt.Sprintf("kh%dx", pid), fmt.Sprintf("kp%dx", pid)
 	start := time.Now()
@@ -389,6 +405,7 @@ func TestHotplug(t *testing.T) {
 		t.Fatalf("%s not attached within 5 s of its creation", a)
 	}
 	t.Logf("attached %v after creation began", time.Since(start))
+	changed("attached")
 	sendUDP(t, ea, eb, n, size, 1)
 	i := find(t, snapshot(t, p), a)
 	udp4, _ := ProtocolByName("ipv4_udp")
@@ -410,10 +427,12 @@ func TestHotplug(t *testing.T) {
 		t.Errorf("%d links, want %d", n, wantLinks)
 	}
 
+	drain()
 	sh(t, "ip", "-n", nsA, "link", "del", a)
 	if !waitFor(5*time.Second, func() bool { return len(p.Interfaces()) == 0 }) {
 		t.Fatalf("%s still attached 5 s after its removal", a)
 	}
+	changed("removed")
 	if s := snapshot(t, p); len(s.Interfaces) != 0 {
 		t.Errorf("%d interfaces in snapshot after removal", len(s.Interfaces))
 	}

@@ -339,6 +339,7 @@ func (w *watcher) publish(a *attachment) {
 	w.mu.Lock()
 	w.names[a.index] = ifaceInfo{name: a.name, ingress: a.ingress, egress: a.egress, slot: a.slot}
 	w.mu.Unlock()
+	w.changed()
 }
 
 // detach removes what attach made. gone says the device no longer exists
@@ -356,6 +357,7 @@ func (w *watcher) detach(a *attachment, gone bool) {
 	w.mu.Lock()
 	delete(w.names, a.index)
 	w.mu.Unlock()
+	w.changed()
 	// A program still running may count into the slot after this: see
 	// free.
 	if err := w.clearSlot(a.index); err != nil {

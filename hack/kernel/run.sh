@@ -141,8 +141,9 @@ printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 printf '127.0.0.1 localhost\n::1 localhost\n' >"$root/etc/hosts"
 
 # --- Modules the tests and the probes need, with what they depend on.
-# inet_diag and udp_diag: lb closes UDP sockets through sock_diag before 6.5.
-mods=(veth sch_ingress cls_bpf nf_tables nft_compat inet_diag udp_diag)
+# inet_diag and udp_diag: lb closes UDP sockets through sock_diag before 6.5;
+# bridge: podnet's tests wire a bridge plugin's pod.
+mods=(veth bridge sch_ingress cls_bpf nf_tables nft_compat inet_diag udp_diag)
 mkdir -p "$root/lib/modules/$kver"
 cp "$pkgroot/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/" 2>/dev/null || true
 depmod -b "$pkgroot" "$kver"

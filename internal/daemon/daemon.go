@@ -130,6 +130,11 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		e := env{cfg: cfg, log: plog, exemplars: exemplars, spans: d.tracing != nil}
 		if d.workloads != nil {
 			e.workloads = d.workloads
+			// Pods' addresses come from the API server; with cgroup
+			// paths alone netdev's series keep their labels.
+			if cfg.Workloads() == config.WorkloadsKubernetes {
+				e.pods = d.workloads
+			}
 		}
 		p, err := start(starters, name, e)
 		if err != nil {

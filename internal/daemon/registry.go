@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -24,6 +25,7 @@ import (
 	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/config"
 	lbctl "github.com/ktel-dev/ktel/internal/lb"
+	"github.com/ktel-dev/ktel/internal/podnet"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/metrics"
 	"github.com/ktel-dev/ktel/tracing"
@@ -52,6 +54,8 @@ type env struct {
 	spans     bool
 	// workloads names cgroups when workload attribution is on; nil: off.
 	workloads metrics.Workloads
+	// pods are this node's pods' addresses, with workload attribution.
+	pods podnet.Pods
 }
 
 // spanOptions enables outlier events above threshold when spans are on.
@@ -405,6 +409,14 @@ func startTCPRetrans(e env) (loaded, error) {
 type netdevProbe struct {
 	*netdev.Probe
 	metrics.Collector
+	stopPods func() // stops labelling interfaces with pods; nil: none
+}
+
+func (p netdevProbe) Close() error {
+	if p.stopPods != nil {
+		p.stopPods()
+	}
+	return p.Probe.Close()
 }
 
 func startNetdev(e env) (loaded, error) {
@@ -424,8 +436,39 @@ func startNetdev(e env) (loaded, error) {
 		return nil, err
 	}
 	e.log.Info("probe attached", "interfaces", p.Interfaces())
-	return netdevProbe{p, metrics.NewNetdevCollector(p)}, nil
+	if e.pods == nil {
+		return netdevProbe{p, metrics.NewNetdevCollector(p, nil), nil}, nil
+	}
+	pods, stop := netdevPods(e, p)
+	return netdevProbe{p, metrics.NewNetdevCollector(p, pods), stop}, nil
 }
+
+// netdevPods labels the interfaces of netdev's namespace that are pods'
+// veths with their pods (podnet), until stop. Without netlink there, the
+// series keep the labels with empty values.
+func netdevPods(e env, p *netdev.Probe) (metrics.NetdevPods, func()) {
+	n, err := podnet.OpenNetlink(e.cfg.NetdevNetNS)
+	if err != nil {
+		e.log.Warn("interfaces are not labelled with their pods", "err", err)
+		return noPods{}, nil
+	}
+	m := podnet.NewMapper(n, e.pods, e.log.With("component", "podnet"))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		m.Run(ctx, p.Changes())
+	}()
+	return m, func() {
+		cancel()
+		<-done
+		n.Close()
+	}
+}
+
+type noPods struct{}
+
+func (noPods) PodOf(int) (string, string) { return "", "" }
 
 type lbProbe struct {
 	*lb.Probe

@@ -1,6 +1,8 @@
 package k8smeta
 
 import (
+	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -21,11 +23,19 @@ type podStore struct {
 	mu         sync.RWMutex
 	pods       map[types.UID]*podEntry
 	containers map[string]*containerEntry
+	// ips are the pods holding each address, in a network namespace of
+	// their own (hostNetwork pods have the node's): a deleted pod's
+	// address, within the TTL, may already be a new pod's.
+	ips map[netip.Addr][]*podEntry
+	// changed receives, coalesced, when a pod's addresses or names may
+	// have changed.
+	changed chan struct{}
 }
 
 type podEntry struct {
 	namespace, name string
 	ids             map[string]struct{} // container ids, current and recent
+	ips             []netip.Addr        // none for hostNetwork pods
 	gone            time.Time
 }
 
@@ -36,7 +46,8 @@ type containerEntry struct {
 }
 
 func newPodStore(ttl time.Duration, now func() time.Time) *podStore {
-	return &podStore{ttl: ttl, now: now, pods: map[types.UID]*podEntry{}, containers: map[string]*containerEntry{}}
+	return &podStore{ttl: ttl, now: now, pods: map[types.UID]*podEntry{}, containers: map[string]*containerEntry{},
+		ips: map[netip.Addr][]*podEntry{}, changed: make(chan struct{}, 1)}
 }
 
 // stripPod is the informer's transform: it keeps only what attribution
@@ -49,6 +60,11 @@ func stripPod(obj any) (any, error) {
 	out := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{
 		Name: p.Name, Namespace: p.Namespace, UID: p.UID, ResourceVersion: p.ResourceVersion,
 	}}
+	// The addresses name the pod's interfaces (netdev); a hostNetwork
+	// pod's are the node's.
+	out.Spec.HostNetwork = p.Spec.HostNetwork
+	out.Status.PodIP = p.Status.PodIP
+	out.Status.PodIPs = p.Status.PodIPs
 	out.Status.ContainerStatuses = stripStatuses(p.Status.ContainerStatuses)
 	out.Status.InitContainerStatuses = stripStatuses(p.Status.InitContainerStatuses)
 	out.Status.EphemeralContainerStatuses = stripStatuses(p.Status.EphemeralContainerStatuses)
@@ -72,6 +88,25 @@ func containerID(s string) string {
 		return id
 	}
 	return s
+}
+
+// podIPs are the addresses of a pod with a network namespace of its own,
+// parsed; none for hostNetwork pods.
+func podIPs(p *corev1.Pod) []netip.Addr {
+	if p.Spec.HostNetwork {
+		return nil
+	}
+	var out []netip.Addr
+	add := func(s string) {
+		if a, err := netip.ParseAddr(s); err == nil && !slices.Contains(out, a.Unmap()) {
+			out = append(out, a.Unmap())
+		}
+	}
+	for _, ip := range p.Status.PodIPs {
+		add(ip.IP)
+	}
+	add(p.Status.PodIP) // servers before podIPs (1.16) set only this
+	return out
 }
 
 // handler is the informer's event handler.
@@ -112,6 +147,11 @@ func (s *podStore) upsert(obj any) {
 		e = &podEntry{ids: map[string]struct{}{}}
 		s.pods[p.UID] = e
 	}
+	ips := podIPs(p)
+	if !ok || !e.gone.IsZero() || !slices.Equal(ips, e.ips) {
+		s.setIPs(e, ips)
+		s.notify()
+	}
 	e.namespace, e.name, e.gone = p.Namespace, p.Name, time.Time{}
 	for id := range e.ids {
 		if _, ok := current[id]; !ok {
@@ -137,6 +177,7 @@ func (s *podStore) remove(uid types.UID) {
 	if e.gone.IsZero() {
 		e.gone = now
 	}
+	s.notify()
 	for id := range e.ids {
 		if c := s.containers[id]; c != nil && c.gone.IsZero() {
 			c.gone = now
@@ -159,6 +200,7 @@ func (s *podStore) sweep(now time.Time) {
 			for id := range e.ids {
 				delete(s.containers, id)
 			}
+			s.setIPs(e, nil)
 			delete(s.pods, uid)
 		}
 	}
@@ -190,6 +232,59 @@ func (s *podStore) pod(uid string) (namespace, name string, gone time.Time, ok b
 		return "", "", time.Time{}, false
 	}
 	return e.namespace, e.name, e.gone, true
+}
+
+// setIPs gives e the addresses ips in the address index; s.mu is held.
+func (s *podStore) setIPs(e *podEntry, ips []netip.Addr) {
+	for _, a := range e.ips {
+		if l := slices.DeleteFunc(s.ips[a], func(o *podEntry) bool { return o == e }); len(l) > 0 {
+			s.ips[a] = l
+		} else {
+			delete(s.ips, a)
+		}
+	}
+	e.ips = ips
+	for _, a := range ips {
+		s.ips[a] = append(s.ips[a], e)
+	}
+}
+
+func (s *podStore) notify() {
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+// byIP returns the pod with address ip, and when it was deleted (zero
+// while it exists): a pod that exists before deleted ones, and among
+// those the last deleted.
+func (s *podStore) byIP(ip netip.Addr) (namespace, name string, gone time.Time, ok bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var best *podEntry
+	for _, e := range s.ips[ip.Unmap()] {
+		if best == nil || (!best.gone.IsZero() && (e.gone.IsZero() || e.gone.After(best.gone))) {
+			best = e
+		}
+	}
+	if best == nil {
+		return "", "", time.Time{}, false
+	}
+	return best.namespace, best.name, best.gone, true
+}
+
+// addrs returns every address of this node's pods (deleted ones within
+// the TTL included).
+func (s *podStore) addrs() []netip.Addr {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]netip.Addr, 0, len(s.ips))
+	for a := range s.ips {
+		out = append(out, a)
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out
 }
 
 func (s *podStore) len() (pods, containers int) {

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"path"
 	"sync"
 	"sync/atomic"
@@ -293,6 +294,35 @@ func (r *Resolver) Resolve(id uint64) Labels {
 // container names, and the names live in each runtime's own store, which
 // a scrape must not wait on.
 func shortID(id string) string { return id[:min(12, len(id))] }
+
+// PodIPs returns the addresses of this node's pods that have a network
+// namespace of their own (not hostNetwork), deleted ones within the TTL
+// included, sorted.
+func (r *Resolver) PodIPs() []netip.Addr { return r.pods.addrs() }
+
+// PodsChanged receives after pods' addresses may have changed: a pod
+// added, deleted or given addresses. Sends are coalesced, and there is
+// one channel: for one consumer.
+func (r *Resolver) PodsChanged() <-chan struct{} { return r.pods.changed }
+
+// PodByIP returns the Namespace and Pod labels of the pod of this node
+// that has address ip, from the informer's cache only, counted against
+// the label-set cap like Resolve's (Overflow beyond it); false when no
+// pod (or a deleted one within the TTL) has it.
+func (r *Resolver) PodByIP(ip netip.Addr) (Labels, bool) {
+	ns, name, gone, ok := r.pods.byIP(ip)
+	if !ok {
+		return Labels{}, false
+	}
+	now := r.opts.Now()
+	exp := now.Add(r.opts.TTL)
+	if !gone.IsZero() {
+		exp = gone.Add(r.opts.TTL)
+	}
+	l := r.admit(Labels{Namespace: ns, Pod: name}, now, exp)
+	l.Container = ""
+	return l, true
+}
 
 // admit counts l against the cap: a label set lives until exp, refreshed
 // on every use, and lapses after.

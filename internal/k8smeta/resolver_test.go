@@ -202,6 +202,8 @@ func TestStripPod(t *testing.T) {
 	p.Labels = map[string]string{"a": "b"}
 	p.Spec.Containers[0].Env = []corev1.EnvVar{{Name: "X", Value: "y"}}
 	p.Status.ContainerStatuses[0].Image = "img"
+	p.Status.PodIP, p.Status.PodIPs = "10.1.0.5", []corev1.PodIP{{IP: "10.1.0.5"}, {IP: "fd00::5"}}
+	p.Status.HostIP = "192.0.2.1"
 	out, err := stripPod(p)
 	if err != nil {
 		t.Fatal(err)
@@ -212,6 +214,9 @@ func TestStripPod(t *testing.T) {
 	}
 	if got := s.Status.ContainerStatuses; len(got) != 1 || !reflect.DeepEqual(got[0], corev1.ContainerStatus{Name: "app", ContainerID: "containerd://" + hexID(1)}) {
 		t.Errorf("container statuses %+v", got)
+	}
+	if s.Status.PodIP != p.Status.PodIP || !reflect.DeepEqual(s.Status.PodIPs, p.Status.PodIPs) || s.Status.HostIP != "" {
+		t.Errorf("addresses: pod IP %q, pod IPs %v, host IP %q", s.Status.PodIP, s.Status.PodIPs, s.Status.HostIP)
 	}
 }
 
