@@ -246,19 +246,10 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 
 // readCgroups reads the per-cgroup histograms.
 func (p *Probe) readCgroups() (map[uint64]Hist, error) {
-	n := p.layout.Slots()
 	out := map[uint64]Hist{}
-	var id uint64
-	buf := make([]byte, probe.HistValueSize(p.layout))
-	it := p.maps.Cgroups.Iterate()
-	for it.Next(&id, &buf) {
-		h := Hist{Slots: make([]uint64, n), SumNs: binary.NativeEndian.Uint64(buf[8*n:])}
-		for k := range n {
-			h.Slots[k] = binary.NativeEndian.Uint64(buf[8*k:])
-		}
-		out[id] = h
-	}
-	if err := it.Err(); err != nil {
+	if err := probe.ReadHistHash(p.maps.Cgroups, p.layout, func(id uint64, slots []uint64, sum uint64) {
+		out[id] = Hist{Slots: slots, SumNs: sum}
+	}); err != nil {
 		return nil, fmt.Errorf("read runqueue_latency_cgroup: %w", err)
 	}
 	return out, nil

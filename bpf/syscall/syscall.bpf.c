@@ -60,6 +60,7 @@ const struct syscall_event *unused_syscall_event __attribute__((unused));
 enum drop_reason {
 	DROP_ERRORS_FULL = 0, /* syscall_errors had no room for a new key */
 	DROP_START_FULL = 1,  /* no task storage for a switched-out start: not timed */
+	DROP_CGROUP_FULL = 2, /* syscall_latency_cgroup full: timed node-level */
 	DROP_REASONS,
 };
 
@@ -120,6 +121,45 @@ struct {
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(__u64));
 } syscall_latency SEC(".maps");
+
+/* A container's (cgroup's) syscall, in syscall_latency_cgroup. */
+struct cgroup_key {
+	__u64 cgroup; /* cgroup v2 id of the calling thread */
+	__u32 nr;
+	__u32 _pad;
+};
+
+/*
+ * Per container (KTEL_SYSCALL_PER_CONTAINER): the histograms of the timed
+ * syscalls by cgroup v2 id of the calling thread and syscall number,
+ * written by the exit programs of the "_cg" variants only (the default
+ * ones never touch it, and user space does not create it then). Shared by
+ * all CPUs and updated with atomic adds, so that its memory does not grow
+ * with the number of CPUs; entries are allocated as a cgroup first makes
+ * a timed syscall of a kind (no prealloc): 8*(ktel_slots+1) bytes of value
+ * (2,200 at schema 3) plus the hash element, from the kernel's 4 KiB size
+ * class at schema 3 (8 KiB at 4): at most 8 MiB (16 at schema 4) with all
+ * 2048 in use, whatever the CPU count. User space deletes the entries idle
+ * for the label TTL. When full, a new (cgroup, syscall)'s timed calls go
+ * to syscall_latency (exported as unit="other") and are counted in
+ * syscall_drops[DROP_CGROUP_FULL]. The value size is set by user space.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 2048);
+	__type(key, struct cgroup_key);
+	__uint(value_size, sizeof(__u64));
+} syscall_latency_cgroup SEC(".maps");
+
+/* An all-zero histogram, to insert a (cgroup, syscall)'s first one from:
+ * it is larger than the stack. Never written. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u64));
+} syscall_zero SEC(".maps");
 
 struct errors_key {
 	__u32 nr;
@@ -324,8 +364,41 @@ static __always_inline void untimed(long nr, long ret)
 		record_error(nr, ret);
 }
 
-static __always_inline void record(__u32 nr, __u64 start, __u64 end, long ret)
+/* record_cgroup adds delta to the calling thread's cgroup's histogram of
+ * syscall nr, and returns false if syscall_latency_cgroup has no room for
+ * it. */
+static __always_inline bool record_cgroup(__u32 nr, __u64 delta)
 {
+	struct cgroup_key key = { .cgroup = bpf_get_current_cgroup_id(), .nr = nr };
+	__u32 zero = 0;
+	__u64 *hist, *z;
+
+	hist = bpf_map_lookup_elem(&syscall_latency_cgroup, &key);
+	if (!hist) {
+		z = bpf_map_lookup_elem(&syscall_zero, &zero);
+		if (z)
+			bpf_map_update_elem(&syscall_latency_cgroup, &key, z, BPF_NOEXIST);
+		hist = bpf_map_lookup_elem(&syscall_latency_cgroup, &key);
+	}
+	if (!hist) {
+		count_drop(DROP_CGROUP_FULL);
+		return false;
+	}
+	ktel_hist_add_atomic(hist, delta);
+	return true;
+}
+
+/* record sorts a timed syscall into its histogram: this CPU's, or with cg
+ * (the per-container programs, a constant) its cgroup's. */
+static __always_inline void record(__u32 nr, __u64 start, __u64 end, long ret, bool cg)
+{
+	if (cg && record_cgroup(nr, end - start)) {
+		if (ktel_span_wanted(end - start))
+			emit_event(nr, start, end, ret);
+		if (is_error(ret))
+			record_error(nr, ret);
+		return;
+	}
 	__u32 key = bpf_get_smp_processor_id() * MAX_SYSCALLS + (nr & (MAX_SYSCALLS - 1));
 	__u64 delta = end - start, *hist = bpf_map_lookup_elem(&syscall_latency, &key);
 
@@ -347,14 +420,14 @@ static __always_inline void enter(struct start *s, long id)
 
 /* finish measures the syscall that s started; ts is cleared so that an exit
  * without a matching enter (a syscall that began before attach) is skipped. */
-static __always_inline void finish(struct start *s, long ret)
+static __always_inline void finish(struct start *s, long ret, bool cg)
 {
 	__u64 ts = s->ts;
 
 	if (!ts)
 		return;
 	s->ts = 0;
-	record(s->nr, ts, bpf_ktime_get_ns(), ret);
+	record(s->nr, ts, bpf_ktime_get_ns(), ret, cg);
 }
 
 /* The syscalls that never return (exit, exit_group), numbered by user
@@ -387,7 +460,7 @@ static __always_inline int enter_hash(long id)
  * it is finished only by the exit of the syscall it started, and dropped
  * at any other. A number of -1 (rt_sigreturn on x86 resets it) matches
  * any start. */
-static __always_inline int exit_hash(struct pt_regs *regs, long tp_nr, long ret)
+static __always_inline int exit_hash(struct pt_regs *regs, long tp_nr, long ret, bool cg)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	long nr = regs ? regs_nr(regs) : tp_nr;
@@ -395,7 +468,7 @@ static __always_inline int exit_hash(struct pt_regs *regs, long tp_nr, long ret)
 
 	s = bpf_map_lookup_elem(&syscall_start_hash, &tid);
 	if (s && (nr < 0 || s->nr == (__u32)nr)) {
-		finish(s, ret);
+		finish(s, ret, cg);
 		bpf_map_delete_elem(&syscall_start_hash, &tid);
 		return 0;
 	}
@@ -406,13 +479,13 @@ static __always_inline int exit_hash(struct pt_regs *regs, long tp_nr, long ret)
 	return 0;
 }
 
-static __always_inline int exit_task(struct pt_regs *regs, long ret)
+static __always_inline int exit_task(struct pt_regs *regs, long ret, bool cg)
 {
 	struct start *s;
 
 	s = bpf_task_storage_get(&syscall_start_task, bpf_get_current_task_btf(), 0, 0);
 	if (s && s->ts)
-		finish(s, ret);
+		finish(s, ret, cg);
 	else if (is_error(ret))
 		untimed(regs_nr(regs), ret);
 	return 0;
@@ -441,8 +514,7 @@ int BPF_PROG(sys_enter_btf_cpu, struct pt_regs *regs, long id)
 	return 0;
 }
 
-SEC("tp_btf/sys_exit")
-int BPF_PROG(sys_exit_btf_cpu, struct pt_regs *regs, long ret)
+static __always_inline int exit_cpu(struct pt_regs *regs, long ret, bool cg)
 {
 	__u32 zero = 0;
 	struct start *c;
@@ -453,13 +525,27 @@ int BPF_PROG(sys_exit_btf_cpu, struct pt_regs *regs, long ret)
 	if (c->inflight) {
 		c->inflight = 0;
 		if (c->ts)
-			finish(c, ret);
+			finish(c, ret, cg);
 		else if (is_error(ret))
 			untimed(c->nr, ret);
 		return 0;
 	}
 	/* Switched out since its entry: a timed start is in task storage. */
-	return exit_task(regs, ret);
+	return exit_task(regs, ret, cg);
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit_btf_cpu, struct pt_regs *regs, long ret)
+{
+	return exit_cpu(regs, ret, false);
+}
+
+/* The per-container exit programs: each variant's, with cg set. Their
+ * enter programs are the variant's own. */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit_btf_cpu_cg, struct pt_regs *regs, long ret)
+{
+	return exit_cpu(regs, ret, true);
 }
 
 /* syscall_switch_btf_cpu moves the start of the syscall in flight on this
@@ -498,7 +584,13 @@ int BPF_PROG(sys_enter_btf_hash, struct pt_regs *regs, long id)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit_btf_hash, struct pt_regs *regs, long ret)
 {
-	return exit_hash(regs, -1, ret);
+	return exit_hash(regs, -1, ret, false);
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit_btf_hash_cg, struct pt_regs *regs, long ret)
+{
+	return exit_hash(regs, -1, ret, true);
 }
 
 SEC("raw_tp/sys_enter")
@@ -510,7 +602,13 @@ int BPF_PROG(sys_enter_raw_hash, struct pt_regs *regs, long id)
 SEC("raw_tp/sys_exit")
 int BPF_PROG(sys_exit_raw_hash, struct pt_regs *regs, long ret)
 {
-	return exit_hash(regs, -1, ret);
+	return exit_hash(regs, -1, ret, false);
+}
+
+SEC("raw_tp/sys_exit")
+int BPF_PROG(sys_exit_raw_hash_cg, struct pt_regs *regs, long ret)
+{
+	return exit_hash(regs, -1, ret, true);
 }
 
 SEC("tracepoint/raw_syscalls/sys_enter")
@@ -522,5 +620,11 @@ int sys_enter_tp_hash(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/raw_syscalls/sys_exit")
 int sys_exit_tp_hash(struct trace_event_raw_sys_exit *ctx)
 {
-	return exit_hash(NULL, ctx->id, ctx->ret);
+	return exit_hash(NULL, ctx->id, ctx->ret, false);
+}
+
+SEC("tracepoint/raw_syscalls/sys_exit")
+int sys_exit_tp_hash_cg(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_hash(NULL, ctx->id, ctx->ret, true);
 }

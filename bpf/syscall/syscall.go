@@ -7,8 +7,10 @@ package syscall
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"unsafe"
 
@@ -26,6 +28,7 @@ const MaxSyscalls = 512
 const (
 	dropErrorsFull = iota
 	dropStartFull
+	dropCgroupFull
 	dropReasons
 )
 
@@ -60,6 +63,20 @@ var Variants = []probe.Variant{
 	{Hook: probe.HookTracepoint, Storage: probe.StorageHash, Programs: pair("sys_enter_tp_hash", "sys_exit_tp_hash")},
 }
 
+// perCgroup is variant v with the exit program that keys the histograms
+// by the caller's cgroup (the "_cg" programs in C); its other programs are
+// v's own.
+func perCgroup(v probe.Variant) probe.Variant {
+	progs := slices.Clone(v.Programs)
+	for i, p := range progs {
+		if p.Tracepoint == "sys_exit" {
+			progs[i].Name += "_cg"
+		}
+	}
+	v.Programs = progs
+	return v
+}
+
 // Timing is which syscalls are timed; every syscall is counted.
 type Timing string
 
@@ -92,6 +109,12 @@ type Options struct {
 	Syscalls []uint32
 	// Cgroups are the cgroup v2 ids timed in TimeCgroup.
 	Cgroups []uint64
+	// PerCgroup keeps the histograms of the timed syscalls per cgroup v2
+	// id of the caller and syscall (Snapshot.Cgroups), up to
+	// MaxCgroupHists of them, instead of per CPU and syscall. It loads
+	// each variant with its per-cgroup exit program; the default
+	// programs are untouched.
+	PerCgroup bool
 
 	// Schema is the native-histogram schema of the kernel slots, 0..4.
 	Schema int
@@ -116,6 +139,15 @@ type maps struct {
 	Bss       *ebpf.Map `ebpf:".bss"` // holds syscall_seen
 }
 
+// cgroupMaps is the per-cgroup histogram map (Options.PerCgroup).
+type cgroupMaps struct {
+	Latency *ebpf.Map `ebpf:"syscall_latency_cgroup"`
+}
+
+// MaxCgroupHists bounds the (cgroup, syscall) histograms of
+// Options.PerCgroup (max_entries of syscall_latency_cgroup in C).
+const MaxCgroupHists = 2048
+
 // hashMaps is the start map of the hash variants, whose fill is watched.
 type hashMaps struct {
 	StartHash *ebpf.Map `ebpf:"syscall_start_hash"`
@@ -128,7 +160,8 @@ type Probe struct {
 	ncpu    int
 	objs    *probe.Loaded
 	maps    maps
-	hash    hashMaps // with a hash variant
+	hash    hashMaps   // with a hash variant
+	cgroups cgroupMaps // with Options.PerCgroup
 
 	seenOff int // of syscall_seen in .bss
 
@@ -149,7 +182,18 @@ type Probe struct {
 // returned, wrapping probe.ErrUnsupported if the kernel lacks what every
 // variant needs.
 func Load(opts Options, log *slog.Logger) (*Probe, error) {
-	return probe.LoadHistogramProbe(opts.Schema, Variants, opts.Hook, opts.Variant, log,
+	variants, forced := Variants, opts.Variant
+	if opts.PerCgroup {
+		variants = make([]probe.Variant, len(Variants))
+		for i, v := range Variants {
+			variants[i] = perCgroup(v)
+		}
+		if forced != nil {
+			v := perCgroup(*forced)
+			forced = &v
+		}
+	}
+	return probe.LoadHistogramProbe(opts.Schema, variants, opts.Hook, forced, log,
 		func(layout *histogram.Layout, v probe.Variant, ncpu int) (*Probe, error) {
 			return load(layout, v, ncpu, opts)
 		})
@@ -202,6 +246,8 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, opts Options) (*P
 	}
 	specs.SyscallLatency.MaxEntries = uint32(ncpu * MaxSyscalls)
 	specs.SyscallCount.MaxEntries = uint32(ncpu * MaxSyscalls)
+	specs.SyscallLatencyCgroup.ValueSize = specs.SyscallLatency.ValueSize
+	specs.SyscallZero.ValueSize = specs.SyscallLatency.ValueSize
 	if err := setTiming(&specs, opts); err != nil {
 		return nil, err
 	}
@@ -223,6 +269,9 @@ func load(layout *histogram.Layout, v probe.Variant, ncpu int, opts Options) (*P
 	to := []any{&p.maps}
 	if v.Storage == probe.StorageHash {
 		to = append(to, &p.hash)
+	}
+	if opts.PerCgroup {
+		to = append(to, &p.cgroups)
 	}
 	if p.objs, err = probe.LoadVariant(spec, v, to...); err != nil {
 		return nil, err
@@ -263,6 +312,9 @@ func (p *Probe) BoundedMaps() map[string]*ebpf.Map {
 	if p.hash.StartHash != nil {
 		m["syscall_start_hash"] = p.hash.StartHash
 	}
+	if p.cgroups.Latency != nil {
+		m["syscall_latency_cgroup"] = p.cgroups.Latency
+	}
 	return m
 }
 
@@ -302,8 +354,15 @@ type Snapshot struct {
 	// are absent.
 	Counts map[uint32]uint64
 	// Latency of the timed syscalls by number; syscalls never timed are
-	// absent.
+	// absent. With Options.PerCgroup, only those timed while
+	// syscall_latency_cgroup was full (CgroupsFull).
 	Latency map[uint32]Hist
+	// Cgroups are the histograms by cgroup and syscall
+	// (Options.PerCgroup).
+	Cgroups map[CgroupKey]Hist
+	// CgroupsFull counts timed syscalls recorded in Latency because
+	// syscall_latency_cgroup had no room for their (cgroup, syscall).
+	CgroupsFull uint64
 	// Errors counts failed syscalls.
 	Errors map[ErrorKey]uint64
 	// ErrorsDropped counts failures not recorded because syscall_errors
@@ -360,13 +419,38 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read syscall_drops: %w", err)
 	}
-	s.ErrorsDropped, s.StartsDropped = drops[dropErrorsFull], drops[dropStartFull]
+	s.ErrorsDropped, s.StartsDropped, s.CgroupsFull = drops[dropErrorsFull], drops[dropStartFull], drops[dropCgroupFull]
+	if p.cgroups.Latency != nil {
+		s.Cgroups = map[CgroupKey]Hist{}
+		if err := probe.ReadHistHash(p.cgroups.Latency, p.layout, func(k syscallCgroupKey, slots []uint64, sum uint64) {
+			s.Cgroups[CgroupKey{Cgroup: k.Cgroup, Nr: k.Nr}] = Hist{Slots: slots, SumNs: sum}
+		}); err != nil {
+			return nil, fmt.Errorf("read syscall_latency_cgroup: %w", err)
+		}
+	}
 	spanDrops, err := probe.ReadSpanDrops(p.maps.SpanDrops)
 	if err != nil {
 		return nil, err
 	}
 	s.SpanDrops = spanDrops
 	return s, nil
+}
+
+// CgroupKey is one histogram of Options.PerCgroup: a syscall made by the
+// threads of a cgroup (its v2 id).
+type CgroupKey struct {
+	Cgroup uint64
+	Nr     uint32
+}
+
+// ForgetCgroup deletes the histogram of k (one idle long enough that its
+// series may go); syscalls timed between the last read and the deletion
+// are lost. A key not in the map is no error.
+func (p *Probe) ForgetCgroup(k CgroupKey) error {
+	if err := p.cgroups.Latency.Delete(syscallCgroupKey{Cgroup: k.Cgroup, Nr: k.Nr}); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete from syscall_latency_cgroup: %w", err)
+	}
+	return nil
 }
 
 // readHist copies the values of syscall nr on every CPU from the mapped
@@ -433,4 +517,5 @@ func DecodeEvent(b []byte) (Event, error) {
 const (
 	startSize     = unsafe.Sizeof(syscallStart{})
 	errorsKeySize = unsafe.Sizeof(syscallErrorsKey{})
+	cgroupKeySize = unsafe.Sizeof(syscallCgroupKey{})
 )

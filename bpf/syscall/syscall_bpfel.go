@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type syscallCgroupKey struct {
+	_      structs.HostLayout
+	Cgroup uint64
+	Nr     uint32
+	Pad    uint32
+}
+
 type syscallErrorsKey struct {
 	_   structs.HostLayout
 	Nr  uint32
@@ -56,18 +63,24 @@ const (
 	syscallMapSyscallDrops         = "syscall_drops"
 	syscallMapSyscallErrors        = "syscall_errors"
 	syscallMapSyscallLatency       = "syscall_latency"
+	syscallMapSyscallLatencyCgroup = "syscall_latency_cgroup"
 	syscallMapSyscallSampleSkip    = "syscall_sample_skip"
 	syscallMapSyscallStartCpu      = "syscall_start_cpu"
 	syscallMapSyscallStartHash     = "syscall_start_hash"
 	syscallMapSyscallStartTask     = "syscall_start_task"
+	syscallMapSyscallZero          = "syscall_zero"
 	syscallProgSysEnterBtfCpu      = "sys_enter_btf_cpu"
 	syscallProgSysEnterBtfHash     = "sys_enter_btf_hash"
 	syscallProgSysEnterRawHash     = "sys_enter_raw_hash"
 	syscallProgSysEnterTpHash      = "sys_enter_tp_hash"
 	syscallProgSysExitBtfCpu       = "sys_exit_btf_cpu"
+	syscallProgSysExitBtfCpuCg     = "sys_exit_btf_cpu_cg"
 	syscallProgSysExitBtfHash      = "sys_exit_btf_hash"
+	syscallProgSysExitBtfHashCg    = "sys_exit_btf_hash_cg"
 	syscallProgSysExitRawHash      = "sys_exit_raw_hash"
+	syscallProgSysExitRawHashCg    = "sys_exit_raw_hash_cg"
 	syscallProgSysExitTpHash       = "sys_exit_tp_hash"
+	syscallProgSysExitTpHashCg     = "sys_exit_tp_hash_cg"
 	syscallProgSyscallSwitchBtfCpu = "syscall_switch_btf_cpu"
 	syscallVarKtelBounds           = "ktel_bounds"
 	syscallVarKtelSlots            = "ktel_slots"
@@ -131,9 +144,13 @@ type syscallProgramSpecs struct {
 	SysEnterRawHash     *ebpf.ProgramSpec `ebpf:"sys_enter_raw_hash"`
 	SysEnterTpHash      *ebpf.ProgramSpec `ebpf:"sys_enter_tp_hash"`
 	SysExitBtfCpu       *ebpf.ProgramSpec `ebpf:"sys_exit_btf_cpu"`
+	SysExitBtfCpuCg     *ebpf.ProgramSpec `ebpf:"sys_exit_btf_cpu_cg"`
 	SysExitBtfHash      *ebpf.ProgramSpec `ebpf:"sys_exit_btf_hash"`
+	SysExitBtfHashCg    *ebpf.ProgramSpec `ebpf:"sys_exit_btf_hash_cg"`
 	SysExitRawHash      *ebpf.ProgramSpec `ebpf:"sys_exit_raw_hash"`
+	SysExitRawHashCg    *ebpf.ProgramSpec `ebpf:"sys_exit_raw_hash_cg"`
 	SysExitTpHash       *ebpf.ProgramSpec `ebpf:"sys_exit_tp_hash"`
+	SysExitTpHashCg     *ebpf.ProgramSpec `ebpf:"sys_exit_tp_hash_cg"`
 	SyscallSwitchBtfCpu *ebpf.ProgramSpec `ebpf:"syscall_switch_btf_cpu"`
 }
 
@@ -141,18 +158,20 @@ type syscallProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type syscallMapSpecs struct {
-	KtelEvents        *ebpf.MapSpec `ebpf:"ktel_events"`
-	KtelSpanDrops     *ebpf.MapSpec `ebpf:"ktel_span_drops"`
-	KtelSpanLimiter   *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
-	SyscallCgroups    *ebpf.MapSpec `ebpf:"syscall_cgroups"`
-	SyscallCount      *ebpf.MapSpec `ebpf:"syscall_count"`
-	SyscallDrops      *ebpf.MapSpec `ebpf:"syscall_drops"`
-	SyscallErrors     *ebpf.MapSpec `ebpf:"syscall_errors"`
-	SyscallLatency    *ebpf.MapSpec `ebpf:"syscall_latency"`
-	SyscallSampleSkip *ebpf.MapSpec `ebpf:"syscall_sample_skip"`
-	SyscallStartCpu   *ebpf.MapSpec `ebpf:"syscall_start_cpu"`
-	SyscallStartHash  *ebpf.MapSpec `ebpf:"syscall_start_hash"`
-	SyscallStartTask  *ebpf.MapSpec `ebpf:"syscall_start_task"`
+	KtelEvents           *ebpf.MapSpec `ebpf:"ktel_events"`
+	KtelSpanDrops        *ebpf.MapSpec `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter      *ebpf.MapSpec `ebpf:"ktel_span_limiter"`
+	SyscallCgroups       *ebpf.MapSpec `ebpf:"syscall_cgroups"`
+	SyscallCount         *ebpf.MapSpec `ebpf:"syscall_count"`
+	SyscallDrops         *ebpf.MapSpec `ebpf:"syscall_drops"`
+	SyscallErrors        *ebpf.MapSpec `ebpf:"syscall_errors"`
+	SyscallLatency       *ebpf.MapSpec `ebpf:"syscall_latency"`
+	SyscallLatencyCgroup *ebpf.MapSpec `ebpf:"syscall_latency_cgroup"`
+	SyscallSampleSkip    *ebpf.MapSpec `ebpf:"syscall_sample_skip"`
+	SyscallStartCpu      *ebpf.MapSpec `ebpf:"syscall_start_cpu"`
+	SyscallStartHash     *ebpf.MapSpec `ebpf:"syscall_start_hash"`
+	SyscallStartTask     *ebpf.MapSpec `ebpf:"syscall_start_task"`
+	SyscallZero          *ebpf.MapSpec `ebpf:"syscall_zero"`
 }
 
 // syscallVariableSpecs contains global variables before they are loaded into the kernel.
@@ -194,18 +213,20 @@ func (o *syscallObjects) Close() error {
 //
 // It can be passed to loadSyscallObjects or ebpf.CollectionSpec.LoadAndAssign.
 type syscallMaps struct {
-	KtelEvents        *ebpf.Map `ebpf:"ktel_events"`
-	KtelSpanDrops     *ebpf.Map `ebpf:"ktel_span_drops"`
-	KtelSpanLimiter   *ebpf.Map `ebpf:"ktel_span_limiter"`
-	SyscallCgroups    *ebpf.Map `ebpf:"syscall_cgroups"`
-	SyscallCount      *ebpf.Map `ebpf:"syscall_count"`
-	SyscallDrops      *ebpf.Map `ebpf:"syscall_drops"`
-	SyscallErrors     *ebpf.Map `ebpf:"syscall_errors"`
-	SyscallLatency    *ebpf.Map `ebpf:"syscall_latency"`
-	SyscallSampleSkip *ebpf.Map `ebpf:"syscall_sample_skip"`
-	SyscallStartCpu   *ebpf.Map `ebpf:"syscall_start_cpu"`
-	SyscallStartHash  *ebpf.Map `ebpf:"syscall_start_hash"`
-	SyscallStartTask  *ebpf.Map `ebpf:"syscall_start_task"`
+	KtelEvents           *ebpf.Map `ebpf:"ktel_events"`
+	KtelSpanDrops        *ebpf.Map `ebpf:"ktel_span_drops"`
+	KtelSpanLimiter      *ebpf.Map `ebpf:"ktel_span_limiter"`
+	SyscallCgroups       *ebpf.Map `ebpf:"syscall_cgroups"`
+	SyscallCount         *ebpf.Map `ebpf:"syscall_count"`
+	SyscallDrops         *ebpf.Map `ebpf:"syscall_drops"`
+	SyscallErrors        *ebpf.Map `ebpf:"syscall_errors"`
+	SyscallLatency       *ebpf.Map `ebpf:"syscall_latency"`
+	SyscallLatencyCgroup *ebpf.Map `ebpf:"syscall_latency_cgroup"`
+	SyscallSampleSkip    *ebpf.Map `ebpf:"syscall_sample_skip"`
+	SyscallStartCpu      *ebpf.Map `ebpf:"syscall_start_cpu"`
+	SyscallStartHash     *ebpf.Map `ebpf:"syscall_start_hash"`
+	SyscallStartTask     *ebpf.Map `ebpf:"syscall_start_task"`
+	SyscallZero          *ebpf.Map `ebpf:"syscall_zero"`
 }
 
 func (m *syscallMaps) Close() error {
@@ -218,10 +239,12 @@ func (m *syscallMaps) Close() error {
 		m.SyscallDrops,
 		m.SyscallErrors,
 		m.SyscallLatency,
+		m.SyscallLatencyCgroup,
 		m.SyscallSampleSkip,
 		m.SyscallStartCpu,
 		m.SyscallStartHash,
 		m.SyscallStartTask,
+		m.SyscallZero,
 	)
 }
 
@@ -253,9 +276,13 @@ type syscallPrograms struct {
 	SysEnterRawHash     *ebpf.Program `ebpf:"sys_enter_raw_hash"`
 	SysEnterTpHash      *ebpf.Program `ebpf:"sys_enter_tp_hash"`
 	SysExitBtfCpu       *ebpf.Program `ebpf:"sys_exit_btf_cpu"`
+	SysExitBtfCpuCg     *ebpf.Program `ebpf:"sys_exit_btf_cpu_cg"`
 	SysExitBtfHash      *ebpf.Program `ebpf:"sys_exit_btf_hash"`
+	SysExitBtfHashCg    *ebpf.Program `ebpf:"sys_exit_btf_hash_cg"`
 	SysExitRawHash      *ebpf.Program `ebpf:"sys_exit_raw_hash"`
+	SysExitRawHashCg    *ebpf.Program `ebpf:"sys_exit_raw_hash_cg"`
 	SysExitTpHash       *ebpf.Program `ebpf:"sys_exit_tp_hash"`
+	SysExitTpHashCg     *ebpf.Program `ebpf:"sys_exit_tp_hash_cg"`
 	SyscallSwitchBtfCpu *ebpf.Program `ebpf:"syscall_switch_btf_cpu"`
 }
 
@@ -266,9 +293,13 @@ func (p *syscallPrograms) Close() error {
 		p.SysEnterRawHash,
 		p.SysEnterTpHash,
 		p.SysExitBtfCpu,
+		p.SysExitBtfCpuCg,
 		p.SysExitBtfHash,
+		p.SysExitBtfHashCg,
 		p.SysExitRawHash,
+		p.SysExitRawHashCg,
 		p.SysExitTpHash,
+		p.SysExitTpHashCg,
 		p.SyscallSwitchBtfCpu,
 	)
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 	"unsafe"
@@ -40,6 +41,44 @@ func TestStructSizes(t *testing.T) {
 	}
 	if got, want := uint32(errorsKeySize), spec.Maps["syscall_errors"].KeySize; got != want {
 		t.Errorf("struct errors_key: Go %d bytes, map key %d", got, want)
+	}
+	if got, want := uint32(cgroupKeySize), spec.Maps["syscall_latency_cgroup"].KeySize; got != want {
+		t.Errorf("struct cgroup_key: Go %d bytes, map key %d", got, want)
+	}
+	if got, want := spec.Maps["syscall_latency_cgroup"].MaxEntries, uint32(MaxCgroupHists); got != want {
+		t.Errorf("syscall_latency_cgroup: %d entries, MaxCgroupHists %d", got, want)
+	}
+}
+
+// The per-cgroup variants differ from the default ones in their exit
+// program only, which exists in the object for every variant.
+func TestPerCgroupVariants(t *testing.T) {
+	spec, err := loadSyscall()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range Variants {
+		cg := perCgroup(v)
+		if len(cg.Programs) != len(v.Programs) || cg.String() != v.String() {
+			t.Fatalf("%s: per-cgroup variant %+v", v, cg)
+		}
+		for i, p := range cg.Programs {
+			want := v.Programs[i].Name
+			if p.Tracepoint == "sys_exit" {
+				want += "_cg"
+			}
+			if p.Name != want {
+				t.Errorf("%s: program %s, want %s", v, p.Name, want)
+			}
+			if spec.Programs[p.Name] == nil {
+				t.Errorf("%s: no program %s in the object", v, p.Name)
+			}
+		}
+		for _, p := range v.Programs {
+			if strings.HasSuffix(p.Name, "_cg") {
+				t.Errorf("%s: perCgroup changed the default variant's %s", v, p.Name)
+			}
+		}
 	}
 }
 

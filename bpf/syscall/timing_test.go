@@ -141,6 +141,18 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// getppidsIn runs the test binary as a helper process in cgroup dir,
+// from its first instruction, calling getppid n times.
+func getppidsIn(t *testing.T, dir *os.File, n int) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), helperGetpidsVar+"="+strconv.Itoa(n))
+	cmd.SysProcAttr = &unix.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("helper: %v: %s", err, out)
+	}
+}
+
 // The cgroup mode times the syscalls of processes in the listed cgroups
 // only: a helper started in the test's own child cgroup is timed, the
 // test's own calls (outside it) are only counted.
@@ -182,12 +194,7 @@ func TestCgroupTiming(t *testing.T) {
 			}
 			const ours, helper = 5000, 3000
 			getppids(ours)
-			cmd := exec.Command(os.Args[0], "-test.run=^$")
-			cmd.Env = append(os.Environ(), helperGetpidsVar+"="+strconv.Itoa(helper))
-			cmd.SysProcAttr = &unix.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
-			if out, err := cmd.CombinedOutput(); err != nil {
-				t.Fatalf("helper: %v: %s", err, out)
-			}
+			getppidsIn(t, cg, helper)
 			after, err := p.Snapshot()
 			if err != nil {
 				t.Fatal(err)

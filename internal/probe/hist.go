@@ -67,3 +67,21 @@ func SumHist(buf []byte, ncpu int, layout *histogram.Layout, perCPU func(cpu int
 }
 
 var nativeEndian = binary.NativeEndian
+
+// ReadHistHash reads a hash of histograms shared by all CPUs (one value
+// per key: the slots, then the sum), as the per-cgroup maps hold them,
+// and calls f for each key.
+func ReadHistHash[K any](m *ebpf.Map, layout *histogram.Layout, f func(k K, slots []uint64, sumNs uint64)) error {
+	n := layout.Slots()
+	var k K
+	buf := make([]byte, HistValueSize(layout))
+	it := m.Iterate()
+	for it.Next(&k, &buf) {
+		slots := make([]uint64, n)
+		for i := range n {
+			slots[i] = nativeEndian.Uint64(buf[8*i:])
+		}
+		f(k, slots, nativeEndian.Uint64(buf[8*n:]))
+	}
+	return it.Err()
+}
