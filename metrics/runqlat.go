@@ -1,8 +1,6 @@
 package metrics
 
 import (
-	"errors"
-	"fmt"
 	"strconv"
 	"sync"
 	"time"
@@ -11,7 +9,6 @@ import (
 
 	"github.com/ktel-dev/ktel/bpf/runqlat"
 	"github.com/ktel-dev/ktel/internal/histogram"
-	"github.com/ktel-dev/ktel/internal/k8smeta"
 )
 
 // RunqueueLatency is the run-queue histogram's name, for exemplars.
@@ -123,25 +120,11 @@ func (c *runqlatCollector) updateWorkloads(ch chan<- prometheus.Metric, s *runql
 	for id, h := range s.Cgroups {
 		cur[cgroupKey[struct{}]{id: id}] = append(h.Slots[:len(h.Slots):len(h.Slots)], h.SumNs)
 	}
-	series, forget := c.workloads.update(cur)
-	var errs []error
-	for _, ck := range forget {
-		if err := c.forget.ForgetCgroup(ck.id); err != nil {
-			errs = append(errs, err)
-		}
-	}
+	series, err := c.workloads.updateAndForget(cur, func(ck cgroupKey[struct{}]) error { return c.forget.ForgetCgroup(ck.id) })
 	n := c.layout.Slots()
 	if s.CgroupsFull > 0 {
 		// The kernel's map was full: those waits are in Total.
-		other := k8smeta.Labels{Unit: k8smeta.Overflow}
-		sk := workloadKey[struct{}]{labels: other}
-		v := append(s.Total.Slots[:n:n], s.Total.SumNs)
-		if prev := series[sk]; prev != nil {
-			for i := range v {
-				v[i] += prev[i]
-			}
-		}
-		series[sk] = v
+		addOverflow(series, struct{}{}, append(s.Total.Slots[:n:n], s.Total.SumNs))
 	}
 	live := make([][]string, 0, len(series))
 	for sk, v := range series {
@@ -156,8 +139,5 @@ func (c *runqlatCollector) updateWorkloads(ch chan<- prometheus.Metric, s *runql
 	// Exemplars of workloads gone for the TTL go with their series.
 	c.exemplars.Retain(RunqueueLatency, live, c.workloads.now().Add(-c.workloads.ttl))
 	ch <- prometheus.MustNewConstMetric(c.overflow, prometheus.CounterValue, float64(s.CgroupsFull))
-	if len(errs) > 0 {
-		return fmt.Errorf("forget idle cgroups: %w", errors.Join(errs...))
-	}
-	return nil
+	return err
 }

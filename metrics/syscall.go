@@ -3,6 +3,8 @@ package metrics
 import (
 	"fmt"
 	"strconv"
+	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
@@ -32,6 +34,40 @@ type SyscallCollector struct {
 	errors    *prometheus.Desc
 	dropped   *prometheus.Desc
 	untimed   *prometheus.Desc
+
+	// With workload attribution (NewSyscallWorkloadCollector).
+	workloads *workloadSums[uint32]
+	forget    SyscallCgroups
+	overflow  *prometheus.Desc
+	mu        sync.Mutex // serialises reads with workload sums
+}
+
+// SyscallCgroups is what the collector also needs with workload
+// attribution: deleting idle cgroups' histograms.
+type SyscallCgroups interface {
+	ForgetCgroup(k sysprobe.CgroupKey) error
+}
+
+// NewSyscallWorkloadCollector is NewSyscallCollector for a probe loaded
+// with per-cgroup histograms: ktel_syscall_latency_seconds is by syscall
+// and workload (labels namespace, pod, container, unit), res naming each
+// cgroup; a cgroup's histogram of a syscall that has not changed for ttl
+// is deleted from the kernel (its series goes when none of its workload's
+// cgroups is left). Timed syscalls the kernel could not key by cgroup (its
+// map full) are exported as unit="other" and counted in
+// ktel_label_overflow_total{probe="syscall",label="cgroup"}. The counts
+// and errors stay by syscall only.
+func NewSyscallWorkloadCollector(src SyscallSource, forget SyscallCgroups, name func(nr uint32) string, res Workloads, ttl time.Duration) *SyscallCollector {
+	c := NewSyscallCollector(src, name, nil)
+	c.forget = forget
+	c.workloads = newWorkloadSums[uint32](res, ttl)
+	c.latency = prometheus.NewDesc(SyscallLatency,
+		"Time from syscall entry to exit, per syscall and workload, of the syscalls timed (KTEL_SYSCALL_TIMING: all, a sample, listed syscalls or chosen cgroups'); ktel_syscalls_total counts them all.",
+		append([]string{"syscall"}, workloadLabels...), nil)
+	c.overflow = prometheus.NewDesc("ktel_label_overflow_total",
+		"Observations exported under the label value \"other\" because the label had reached its cap on distinct values.",
+		nil, prometheus.Labels{"probe": "syscall", "label": "cgroup"})
+	return c
 }
 
 // NewSyscallCollector exports the syscall probe's exact counts as
@@ -63,18 +99,27 @@ func NewSyscallCollector(src SyscallSource, name func(nr uint32) string, ex *Exe
 // latency histograms' absence is also a gathering error, which the handler
 // logs and counts (promhttp_metric_handler_errors_total{cause="gathering"}).
 func (c *SyscallCollector) Update(ch chan<- prometheus.Metric) error {
+	if c.workloads != nil {
+		// Snapshots reach the workload sums in the order they were read.
+		c.mu.Lock()
+		defer c.mu.Unlock()
+	}
 	s, err := c.snap.Get()
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(c.latency, fmt.Errorf("%s: %w", SyscallLatency, err))
 		return err
 	}
-	for nr, h := range s.Latency {
-		name := c.name(nr)
-		m, err := newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, c.exemplars.forSeries(SyscallLatency, []string{name}), name)
-		if err != nil {
-			m = prometheus.NewInvalidMetric(c.latency, err)
+	if c.workloads != nil {
+		err = c.updateWorkloads(ch, s)
+	} else {
+		for nr, h := range s.Latency {
+			name := c.name(nr)
+			m, err := newLatencyHistogram(c.latency, c.layout, h.Slots, h.SumNs, c.exemplars.forSeries(SyscallLatency, []string{name}), name)
+			if err != nil {
+				m = prometheus.NewInvalidMetric(c.latency, err)
+			}
+			ch <- m
 		}
-		ch <- m
 	}
 	for nr, n := range s.Counts {
 		ch <- prometheus.MustNewConstMetric(c.calls, prometheus.CounterValue, float64(n), c.name(nr))
@@ -85,7 +130,32 @@ func (c *SyscallCollector) Update(ch chan<- prometheus.Metric) error {
 	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(s.ErrorsDropped))
 	ch <- prometheus.MustNewConstMetric(c.untimed, prometheus.CounterValue, float64(s.StartsDropped))
 	sendKernelSpanDrops(ch, "syscall", s.SpanDrops)
-	return nil
+	return err
+}
+
+// updateWorkloads sends one histogram per syscall and workload.
+func (c *SyscallCollector) updateWorkloads(ch chan<- prometheus.Metric, s *sysprobe.Snapshot) error {
+	cur := make(map[cgroupKey[uint32]][]uint64, len(s.Cgroups))
+	for k, h := range s.Cgroups {
+		cur[cgroupKey[uint32]{id: k.Cgroup, key: k.Nr}] = append(h.Slots[:len(h.Slots):len(h.Slots)], h.SumNs)
+	}
+	series, err := c.workloads.updateAndForget(cur, func(ck cgroupKey[uint32]) error {
+		return c.forget.ForgetCgroup(sysprobe.CgroupKey{Cgroup: ck.id, Nr: ck.key})
+	})
+	n := c.layout.Slots()
+	// With the map full, the rest went to the node-level histograms.
+	for nr, h := range s.Latency {
+		addOverflow(series, nr, append(h.Slots[:n:n], h.SumNs))
+	}
+	for sk, v := range series {
+		m, err := newLatencyHistogram(c.latency, c.layout, v[:n], v[n], nil, append([]string{c.name(sk.key)}, WorkloadLabelValues(sk.labels)...)...)
+		if err != nil {
+			m = prometheus.NewInvalidMetric(c.latency, err)
+		}
+		ch <- m
+	}
+	ch <- prometheus.MustNewConstMetric(c.overflow, prometheus.CounterValue, float64(s.CgroupsFull))
+	return err
 }
 
 // errnoName is the symbolic name (EAGAIN), or the number for codes without

@@ -2,8 +2,6 @@ package metrics
 
 import (
 	"cmp"
-	"errors"
-	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
@@ -12,7 +10,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
-	"github.com/ktel-dev/ktel/internal/k8smeta"
 )
 
 // TCPRetransSource is what the TCP retransmit collector reads: the loaded
@@ -81,13 +78,9 @@ func (c *tcpRetransCollector) updateWorkloads(ch chan<- prometheus.Metric) error
 	for k, n := range s.Cgroups {
 		cur[cgroupKey[tcpretrans.Key]{id: k.Cgroup, key: k.Key}] = []uint64{n}
 	}
-	series, forget := c.workloads.update(cur)
-	var errs []error
-	for _, ck := range forget {
-		if err := c.forget.ForgetCgroup(tcpretrans.CgroupKey{Key: ck.key, Cgroup: ck.id}); err != nil {
-			errs = append(errs, err)
-		}
-	}
+	series, err := c.workloads.updateAndForget(cur, func(ck cgroupKey[tcpretrans.Key]) error {
+		return c.forget.ForgetCgroup(tcpretrans.CgroupKey{Key: ck.key, Cgroup: ck.id})
+	})
 	if s.CgroupMapFull > 0 {
 		// The kernel's map was full: those are the rest of Retransmits.
 		full := map[tcpretrans.Key]uint64{}
@@ -101,11 +94,7 @@ func (c *tcpRetransCollector) updateWorkloads(ch chan<- prometheus.Metric) error
 			if n == 0 {
 				continue
 			}
-			wk := workloadKey[tcpretrans.Key]{key: k, labels: k8smeta.Labels{Unit: k8smeta.Overflow}}
-			if prev := series[wk]; prev != nil {
-				n += prev[0]
-			}
-			series[wk] = []uint64{n}
+			addOverflow(series, k, []uint64{n})
 		}
 	}
 	for wk, v := range series {
@@ -114,10 +103,7 @@ func (c *tcpRetransCollector) updateWorkloads(ch chan<- prometheus.Metric) error
 	}
 	ch <- prometheus.MustNewConstMetric(c.overflow, prometheus.CounterValue, float64(s.CgroupMapFull))
 	sendKernelSpanDrops(ch, "tcpretrans", s.SpanDrops)
-	if len(errs) > 0 {
-		return fmt.Errorf("forget idle cgroups: %w", errors.Join(errs...))
-	}
-	return nil
+	return err
 }
 
 // NewTCPRetransCollector exports the TCP retransmit probe's counts as

@@ -1,6 +1,8 @@
 package metrics
 
 import (
+	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"time"
@@ -184,6 +186,35 @@ func (w *workloadSums[K]) update(cur map[cgroupKey[K]][]uint64) (series map[work
 		add(sk, s.carry, nil)
 	}
 	return series, forget
+}
+
+// updateAndForget is update, then forget called for each cgroup idle for
+// the TTL, so that the caller deletes it from the kernel map; forget's
+// errors are joined.
+func (w *workloadSums[K]) updateAndForget(cur map[cgroupKey[K]][]uint64, forget func(cgroupKey[K]) error) (map[workloadKey[K]][]uint64, error) {
+	series, idle := w.update(cur)
+	var errs []error
+	for _, ck := range idle {
+		if err := forget(ck); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return series, fmt.Errorf("forget idle cgroups: %w", errors.Join(errs...))
+	}
+	return series, nil
+}
+
+// addOverflow adds v, what the kernel counted without a cgroup because its
+// per-cgroup map was full, to the series of k labelled unit="other".
+func addOverflow[K comparable](series map[workloadKey[K]][]uint64, k K, v []uint64) {
+	sk := workloadKey[K]{key: k, labels: k8smeta.Labels{Unit: k8smeta.Overflow}}
+	if prev := series[sk]; prev != nil {
+		for i := range v {
+			v[i] += prev[i]
+		}
+	}
+	series[sk] = v
 }
 
 // workloadCollector exports the resolver's counters and sizes.

@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"bytes"
+	"cmp"
 	"slices"
 	"strings"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/ktel-dev/ktel/bpf/runqlat"
+	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
 	"github.com/ktel-dev/ktel/bpf/tcpretrans"
 	"github.com/ktel-dev/ktel/internal/histogram"
 	"github.com/ktel-dev/ktel/internal/k8smeta"
@@ -259,5 +261,84 @@ ktel_tcp_retransmits_total{family="ipv6",kind="data",namespace="",pod="",state="
 `
 	if string(got) != want {
 		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+}
+
+type fakeSyscallForget struct{ keys []sysprobe.CgroupKey }
+
+func (f *fakeSyscallForget) ForgetCgroup(k sysprobe.CgroupKey) error {
+	f.keys = append(f.keys, k)
+	return nil
+}
+
+// Per container: one histogram per syscall and workload; a pod's
+// containers stay apart, the same workload's cgroups add up, and timed
+// syscalls the kernel could not key by cgroup are unit="other", counted.
+// Counts and errors stay by syscall.
+func TestSyscallWorkloadCollector(t *testing.T) {
+	f := newFake(t)
+	l := f.layout
+	h := func(ns ...uint64) sysprobe.Hist {
+		s := make([]uint64, l.Slots())
+		var sum uint64
+		for _, v := range ns {
+			s[l.Slot(v)]++
+			sum += v
+		}
+		return sysprobe.Hist{Slots: s, SumNs: sum}
+	}
+	f.snap.Cgroups = map[sysprobe.CgroupKey]sysprobe.Hist{
+		{Cgroup: 1, Nr: 0}:  h(3000, 3000), // read
+		{Cgroup: 2, Nr: 0}:  h(500),
+		{Cgroup: 2, Nr: 39}: h(2_000_000), // getpid
+		{Cgroup: 3, Nr: 0}:  h(700),
+		{Cgroup: 4, Nr: 39}: h(900),
+	}
+	f.snap.CgroupsFull = 4 // Latency has 4 reads
+	res := fakeWorkloads{
+		1: {Namespace: "ns", Pod: "web", Container: "nginx"},
+		2: {Namespace: "ns", Pod: "web", Container: "sidecar"},
+		3: {Namespace: "ns", Pod: "web", Container: "nginx"}, // a restarted container's new cgroup
+	}
+	forget := &fakeSyscallForget{}
+	c := NewSyscallWorkloadCollector(f, forget, names, res, time.Minute)
+	got, err := testutil.CollectAndFormat(&collectorAdapter{c}, expfmt.TypeTextPlain,
+		"ktel_syscall_latency_seconds", "ktel_label_overflow_total", "ktel_syscalls_total")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`ktel_syscall_latency_seconds_count{container="nginx",namespace="ns",pod="web",syscall="read",unit=""} 3`,
+		`ktel_syscall_latency_seconds_sum{container="nginx",namespace="ns",pod="web",syscall="read",unit=""} 6.7e-06`,
+		`ktel_syscall_latency_seconds_count{container="sidecar",namespace="ns",pod="web",syscall="read",unit=""} 1`,
+		`ktel_syscall_latency_seconds_count{container="sidecar",namespace="ns",pod="web",syscall="getpid",unit=""} 1`,
+		`ktel_syscall_latency_seconds_count{container="",namespace="",pod="",syscall="getpid",unit="unknown"} 1`,
+		`ktel_syscall_latency_seconds_count{container="",namespace="",pod="",syscall="read",unit="other"} 4`,
+		`ktel_label_overflow_total{label="cgroup",probe="syscall"} 4`,
+		`ktel_syscalls_total{syscall="read"} 40`,
+	} {
+		if !containsLine(string(got), want) {
+			t.Errorf("missing %s in\n%s", want, got)
+		}
+	}
+	if n := strings.Count(string(got), "ktel_syscall_latency_seconds_count{"); n != 5 {
+		t.Errorf("%d latency series, want 5", n)
+	}
+	if problems, err := testutil.CollectAndLint(&collectorAdapter{c}); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
+	if len(forget.keys) != 0 {
+		t.Errorf("forgot %v, nothing idle yet", forget.keys)
+	}
+	// Idle for the TTL: every (cgroup, syscall) is deleted from the
+	// kernel, under its own key.
+	later := time.Now().Add(2 * time.Minute)
+	c.workloads.now = func() time.Time { return later }
+	testutil.CollectAndCount(&collectorAdapter{c}, "ktel_syscall_latency_seconds")
+	slices.SortFunc(forget.keys, func(a, b sysprobe.CgroupKey) int {
+		return cmp.Or(cmp.Compare(a.Cgroup, b.Cgroup), cmp.Compare(a.Nr, b.Nr))
+	})
+	if want := []sysprobe.CgroupKey{{Cgroup: 1, Nr: 0}, {Cgroup: 2, Nr: 0}, {Cgroup: 2, Nr: 39}, {Cgroup: 3, Nr: 0}, {Cgroup: 4, Nr: 39}}; !slices.Equal(forget.keys, want) {
+		t.Errorf("forgot %v, want %v", forget.keys, want)
 	}
 }

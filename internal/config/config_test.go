@@ -128,6 +128,8 @@ func TestValidation(t *testing.T) {
 		{"KTEL_PROBES", "runqlat,syscall", true},
 		{"KTEL_RUNQLAT_PER_CPU", "true", true},
 		{"KTEL_RUNQLAT_PER_CPU", "yes", false},
+		{"KTEL_SYSCALL_PER_CONTAINER", "false", true},
+		{"KTEL_SYSCALL_PER_CONTAINER", "on", false},
 		{"KTEL_SYSCALL_SPAN_THRESHOLD", "250ms", true},
 		{"KTEL_SYSCALL_SPAN_THRESHOLD", "0", true},
 		{"KTEL_SYSCALL_SPAN_THRESHOLD", "100", false},

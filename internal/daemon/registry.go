@@ -193,6 +193,9 @@ func validSyscallTiming(c *config.Config) []error {
 	} else if len(ids) == 0 && c.SyscallTiming == string(sysprobe.TimeCgroup) {
 		errs = append(errs, config.Invalid("KTEL_SYSCALL_CGROUPS", c.SyscallCgroups, "KTEL_SYSCALL_TIMING=cgroup but no cgroup is named"))
 	}
+	if c.SyscallPerContainer && c.NodeName == "" {
+		errs = append(errs, config.Invalid("KTEL_SYSCALL_PER_CONTAINER", "true", "needs workload attribution: set KTEL_NODE_NAME"))
+	}
 	return errs
 }
 
@@ -338,6 +341,9 @@ func startSyscall(e env) (loaded, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Validated to need KTEL_NODE_NAME; workloads is nil nonetheless on
+	// a host without cgroup v2 (startWorkloads logs it).
+	perContainer := e.cfg.SyscallPerContainer && e.workloads != nil
 	p, err := sysprobe.Load(sysprobe.Options{
 		Schema:     e.cfg.HistogramSchema,
 		Hook:       probe.Hook(e.cfg.SyscallHook),
@@ -346,11 +352,15 @@ func startSyscall(e env) (loaded, error) {
 		SampleRate: uint32(e.cfg.SyscallSampleRate),
 		Syscalls:   nrs,
 		Cgroups:    cgroups,
+		PerCgroup:  perContainer,
 	}, e.log)
 	if err != nil {
 		return nil, err
 	}
-	e.log.Info("probe attached", "variant", p.Variant().String(), "timing", e.cfg.SyscallTiming)
+	e.log.Info("probe attached", "variant", p.Variant().String(), "timing", e.cfg.SyscallTiming, "per_container", perContainer)
+	if perContainer {
+		return syscallProbe{p, metrics.NewSyscallWorkloadCollector(p, p, sysprobe.NativeName, e.workloads, e.cfg.WorkloadLabelTTL)}, nil
+	}
 	return syscallProbe{p, metrics.NewSyscallCollector(p, sysprobe.NativeName, e.exemplars)}, nil
 }
 

@@ -250,6 +250,39 @@ func TestLBSource(t *testing.T) {
 	}
 }
 
+// KTEL_SYSCALL_PER_CONTAINER needs workload attribution; the error names
+// it and says what to set.
+func TestSyscallPerContainerValidation(t *testing.T) {
+	for _, tc := range []struct {
+		env map[string]string
+		ok  bool
+	}{
+		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "true", "KTEL_NODE_NAME": "node-a"}, true},
+		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "true", "KTEL_NODE_NAME": "node-a", "KTEL_SYSCALL_TIMING": "list", "KTEL_SYSCALL_LIST": "read,write"}, true},
+		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "false"}, true},
+		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "true"}, false},
+		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "yes", "KTEL_NODE_NAME": "node-a"}, false},
+	} {
+		setenv(t, tc.env)
+		c, err := config.Load(Probes())
+		if tc.ok {
+			if err != nil {
+				t.Errorf("%v: %v", tc.env, err)
+			} else if want := tc.env["KTEL_SYSCALL_PER_CONTAINER"] == "true"; c.SyscallPerContainer != want {
+				t.Errorf("%v: SyscallPerContainer %v", tc.env, c.SyscallPerContainer)
+			}
+			continue
+		}
+		var ce *config.Error
+		if !errors.As(err, &ce) || ce.Var != "KTEL_SYSCALL_PER_CONTAINER" || !strings.Contains(err.Error(), "KTEL_SYSCALL_PER_CONTAINER") {
+			t.Errorf("%v: error %v, want one naming KTEL_SYSCALL_PER_CONTAINER", tc.env, err)
+		}
+		if tc.env["KTEL_SYSCALL_PER_CONTAINER"] == "true" && !strings.Contains(err.Error(), "KTEL_NODE_NAME") {
+			t.Errorf("%v: error %q does not say to set KTEL_NODE_NAME", tc.env, err)
+		}
+	}
+}
+
 // The list and cgroup timing modes with what they need, and what the
 // syscall probe is given from them.
 func TestSyscallTimingInputs(t *testing.T) {
