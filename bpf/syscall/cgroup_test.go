@@ -116,6 +116,11 @@ func TestPerCgroupFull(t *testing.T) {
 	if len(before.Cgroups) != MaxCgroupHists {
 		t.Fatalf("%d histograms after filling, want %d", len(before.Cgroups), MaxCgroupHists)
 	}
+	if info, err := p.cgroups.Latency.Info(); err == nil {
+		if mem, ok := info.Memlock(); ok {
+			t.Logf("syscall_latency_cgroup full: %d entries, %.2f MiB by the kernel's account", MaxCgroupHists, float64(mem)/(1<<20))
+		}
+	}
 	const n = 2000
 	getppidsIn(t, dir, n)
 	after := snapshot(t, p)

@@ -39,6 +39,9 @@ func defaultSampleRate() uint32 {
 	panic("no default for KTEL_SYSCALL_SAMPLE_RATE")
 }
 
+// perContainer names a configuration with KTEL_SYSCALL_PER_CONTAINER.
+func perContainer(name string) string { return name + " per-container" }
+
 // sampledSyscallOptions are ktel's default syscall probe options.
 func sampledSyscallOptions() syscall.Options {
 	return syscall.Options{Schema: 3, Timing: syscall.TimeSample, SampleRate: defaultSampleRate()}
@@ -69,6 +72,10 @@ func runSyscallBench(w io.Writer, log *slog.Logger, sum *summary, o options, bt 
 	ks := ktelSyscallSampled()
 	sum.add("syscall", "added ns/syscall, ktel default ("+strings.TrimPrefix(ks, "syscall ")+")", roundAdded(s[ks], s["none"]), "ns", "", nil, "exact counts, 1 in N timed")
 	sum.add("syscall", "ktel default beyond the empty floor", roundAdded(s[ks], s["floor tp_btf"]), "ns", "", nil, "")
+	sum.add("syscall", "per-container histograms, default timing, beyond the default", roundAdded(s[perContainer(ks)], s[ks]), "ns", "", nil,
+		"KTEL_SYSCALL_PER_CONTAINER: a cgroup-keyed hash per timed syscall")
+	sum.add("syscall", "per-container histograms, timing all, beyond timing all", roundAdded(s[perContainer(k)], s[k]), "ns", "", nil,
+		"what keying every syscall by cgroup costs (an exact per-container count would pay about this)")
 	if bt != "" {
 		sum.add("syscall", "added ns/syscall, bpftrace", roundAdded(s["bpftrace"], s["none"]), "ns", "", nil, "")
 		sum.add("syscall", "ktel / bpftrace (added)", roundRatios(s[k], s["bpftrace"], s["none"]), "x", "<= 0.35", atMost(0.35), "")
@@ -77,7 +84,7 @@ func runSyscallBench(w io.Writer, log *slog.Logger, sum *summary, o options, bt 
 	fmt.Fprintf(w, "\nkernel run time of the programs (BPF statistics, %d getpid per config; includes the statistics' own two clock reads per run):\n\n", o.calls)
 	var rt []config // the floors, ktel's preferred variant, bpftrace
 	for _, c := range cfgs {
-		if strings.HasPrefix(c.name, "floor ") || c.name == k || c.name == ktelSyscallSampled() || c.name == "bpftrace" {
+		if strings.HasPrefix(c.name, "floor ") || strings.HasPrefix(c.name, k) || strings.HasPrefix(c.name, ktelSyscallSampled()) || c.name == "bpftrace" {
 			rt = append(rt, c)
 		}
 	}
@@ -86,6 +93,8 @@ func runSyscallBench(w io.Writer, log *slog.Logger, sum *summary, o options, bt 
 	if f := perCall("floor tp_btf"); f > 0 && perCall(k) > 0 {
 		fmt.Fprintf(w, "\nin-program time per syscall: ktel %.1f ns (all its programs), ktel default timing %.1f ns, floor %.1f ns, floor reading the clock twice %.1f ns",
 			perCall(k), perCall(ktelSyscallSampled()), f, perCall("floor tp_btf+clock"))
+		fmt.Fprintf(w, ", per-container: default timing %.1f ns, timing all %.1f ns",
+			perCall(perContainer(ktelSyscallSampled())), perCall(perContainer(k)))
 		if b := perCall("bpftrace"); b > 0 {
 			fmt.Fprintf(w, ", bpftrace %.1f ns", b)
 		}
@@ -138,6 +147,20 @@ func syscallConfigs(log *slog.Logger) []config {
 			o := sampledSyscallOptions()
 			o.Variant = &v
 			return syscall.Load(o, log)
+		},
+	}, config{
+		name:  perContainer(ktelSyscallSampled()),
+		floor: "floor tp_btf",
+		setup: func() (io.Closer, error) {
+			o := sampledSyscallOptions()
+			o.Variant, o.PerCgroup = &v, true
+			return syscall.Load(o, log)
+		},
+	}, config{
+		name:  perContainer(ktelSyscall()),
+		floor: "floor tp_btf",
+		setup: func() (io.Closer, error) {
+			return syscall.Load(syscall.Options{Schema: 3, Variant: &v, PerCgroup: true}, log)
 		},
 	})
 }
