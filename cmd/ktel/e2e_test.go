@@ -401,14 +401,20 @@ func checkText(t *testing.T, d *ktelProc) {
 		}
 	}
 
+	promtoolCheck(t, body)
+	if t.Failed() {
+		t.Logf("body:\n%s", body)
+	}
+}
+
+// promtoolCheck lints a text exposition with promtool check metrics.
+func promtoolCheck(t *testing.T, body []byte) {
+	t.Helper()
 	cmd := exec.Command(promtool, "check", "metrics")
 	cmd.Stdin = bytes.NewReader(body)
 	out, err := cmd.CombinedOutput()
 	if err != nil || len(bytes.TrimSpace(out)) > 0 {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
-	}
-	if t.Failed() {
-		t.Logf("body:\n%s", body)
 	}
 }
 

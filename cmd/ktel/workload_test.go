@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -36,8 +37,10 @@ func TestWorkloadAttribution(t *testing.T) {
 		testenv.Run(t, []string{"ip", "netns", "exec", sb.NS, cmd, "-w", "5", "-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP"})
 	}
 
-	d := startDaemon(t, "KTEL_NODE_NAME=node-a", "KUBECONFIG="+c.Kubeconfig, "KTEL_PROBES=runqlat,tcpretrans",
-		"KTEL_WORKLOAD_LABEL_TTL=1m")
+	// Per-container syscall latency, bounded to one timed syscall: the
+	// shell's sleeps each make one clock_nanosleep.
+	d := startDaemon(t, "KTEL_NODE_NAME=node-a", "KUBECONFIG="+c.Kubeconfig, "KTEL_PROBES=syscall,runqlat,tcpretrans",
+		"KTEL_WORKLOAD_LABEL_TTL=1m", "KTEL_SYSCALL_PER_CONTAINER=true", "KTEL_SYSCALL_TIMING=list", "KTEL_SYSCALL_LIST=clock_nanosleep")
 
 	const sleeps = 300
 	spinner := testenv.StartInCgroup(t, dir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
@@ -65,20 +68,26 @@ func TestWorkloadAttribution(t *testing.T) {
 	}
 	waits := `ktel_runqueue_latency_seconds_count{container="nginx",namespace="team-a",pod="web",unit=""}`
 	rtx := `ktel_tcp_retransmits_total{family="ipv4",kind="syn",namespace="team-a",pod="web",state="SYN_SENT",unit=""}`
+	naps := `ktel_syscall_latency_seconds_count{container="nginx",namespace="team-a",pod="web",syscall="clock_nanosleep",unit=""}`
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		b, _ := d.scrape(t, "text/plain")
 		body := string(b)
-		w, r := value(body, waits), value(body, rtx)
-		if w >= sleeps && r >= 1 {
+		w, r, n := value(body, waits), value(body, rtx), value(body, naps)
+		if w >= sleeps && r >= 1 && n >= sleeps {
 			if value(body, "ktel_workload_pods") != 1 {
 				t.Errorf("ktel_workload_pods is not 1:\n%s", body)
 			}
-			t.Logf("pod web: %d waits, %d SYN retransmits", w, r)
+			if strings.Contains(body, `ktel_syscall_latency_seconds_count{container="nginx",namespace="team-a",pod="web",syscall="read"`) {
+				t.Error("an unlisted syscall is timed per container")
+			}
+			promtoolCheck(t, b)
+			t.Logf("pod web: %d waits, %d SYN retransmits, %d clock_nanosleep", w, r, n)
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("pod web: %d waits (want >= %d), %d SYN retransmits (want >= 1)\n%s\nstderr:\n%s", w, sleeps, r, body, d.Stderr)
+			t.Fatalf("pod web: %d waits (want >= %d), %d SYN retransmits (want >= 1), %d clock_nanosleep (want >= %d)\n%s\nstderr:\n%s",
+				w, sleeps, r, n, sleeps, body, d.Stderr)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
