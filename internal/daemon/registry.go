@@ -344,6 +344,9 @@ func startSyscall(e env) (loaded, error) {
 	// Validated to need KTEL_NODE_NAME; workloads is nil nonetheless on
 	// a host without cgroup v2 (startWorkloads logs it).
 	perContainer := e.cfg.SyscallPerContainer && e.workloads != nil
+	if e.cfg.SyscallPerContainer && !perContainer {
+		e.log.Warn("KTEL_SYSCALL_PER_CONTAINER is ignored: workload attribution is unavailable; syscall latency stays by syscall")
+	}
 	p, err := sysprobe.Load(sysprobe.Options{
 		Schema:     e.cfg.HistogramSchema,
 		Hook:       probe.Hook(e.cfg.SyscallHook),
