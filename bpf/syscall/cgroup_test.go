@@ -55,9 +55,9 @@ func TestPerCgroup(t *testing.T) {
 			}
 			before := snapshot(t, p)
 			const ours, inA, inB = 5000, 3000, 1000
-			getppids(ours)
-			getppidsIn(t, aDir, inA)
-			getppidsIn(t, bDir, inB)
+			testenv.Getppids(ours)
+			testenv.GetppidsIn(t, aDir, inA)
+			testenv.GetppidsIn(t, bDir, inB)
 			after := snapshot(t, p)
 
 			got := func(id uint64) uint64 {
@@ -122,7 +122,7 @@ func TestPerCgroupFull(t *testing.T) {
 		}
 	}
 	const n = 2000
-	getppidsIn(t, dir, n)
+	testenv.GetppidsIn(t, dir, n)
 	after := snapshot(t, p)
 	if len(after.Cgroups) != MaxCgroupHists {
 		t.Errorf("%d histograms, above the bound %d", len(after.Cgroups), MaxCgroupHists)
@@ -148,7 +148,7 @@ func TestPerCgroupFull(t *testing.T) {
 	if err := p.ForgetCgroup(CgroupKey{Cgroup: 1 << 62}); err != nil {
 		t.Errorf("forgetting a key twice: %v", err)
 	}
-	getppidsIn(t, dir, n)
+	testenv.GetppidsIn(t, dir, n)
 	k := CgroupKey{Cgroup: id, Nr: unix.SYS_GETPPID}
 	if got := snapshot(t, p).Cgroups[k].Count(); got < n {
 		t.Errorf("after forgetting fillers, the late cgroup's getppid histogram holds %d, want at least %d", got, n)

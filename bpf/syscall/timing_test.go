@@ -3,10 +3,8 @@ package syscall
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -14,15 +12,6 @@ import (
 	"github.com/ktel-dev/ktel/internal/cgroups"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
-
-// getppids calls getppid n times from one locked OS thread.
-func getppids(n int) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	for range n {
-		unix.RawSyscall(unix.SYS_GETPPID, 0, 0, 0)
-	}
-}
 
 // timedAndCounted are the rises in syscall nr's histogram count and exact
 // count between two snapshots.
@@ -57,7 +46,7 @@ func TestSampleTiming(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			getppids(n)
+			testenv.Getppids(n)
 			after, err := p.Snapshot()
 			if err != nil {
 				t.Fatal(err)
@@ -124,33 +113,9 @@ func TestListTiming(t *testing.T) {
 	}
 }
 
-// helperGetpidsVar makes the test binary a helper that calls getppid the
-// given number of times and exits (TestMain).
-const helperGetpidsVar = "KTEL_SYSCALL_TEST_GETPIDS"
-
 func TestMain(m *testing.M) {
-	if s := os.Getenv(helperGetpidsVar); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(2)
-		}
-		getppids(n)
-		os.Exit(0)
-	}
+	testenv.GetppidsHelper()
 	os.Exit(m.Run())
-}
-
-// getppidsIn runs the test binary as a helper process in cgroup dir,
-// from its first instruction, calling getppid n times.
-func getppidsIn(t *testing.T, dir *os.File, n int) {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), helperGetpidsVar+"="+strconv.Itoa(n))
-	cmd.SysProcAttr = &unix.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("helper: %v: %s", err, out)
-	}
 }
 
 // The cgroup mode times the syscalls of processes in the listed cgroups
@@ -193,8 +158,8 @@ func TestCgroupTiming(t *testing.T) {
 				t.Fatal(err)
 			}
 			const ours, helper = 5000, 3000
-			getppids(ours)
-			getppidsIn(t, cg, helper)
+			testenv.Getppids(ours)
+			testenv.GetppidsIn(t, cg, helper)
 			after, err := p.Snapshot()
 			if err != nil {
 				t.Fatal(err)

@@ -32,11 +32,11 @@ func sleeping(t *testing.T, pid int) bool {
 	return strings.HasPrefix(after, "S")
 }
 
-// With KTEL_NODE_NAME, against a real API server: the run-queue histogram
-// of a pod whose container's cgroup is kept busy moves, labelled with the
-// pod's namespace, name and container, while an idle pod's does not.
-func TestRunqlatPerPod(t *testing.T) {
-	testenv.Privileged(t)
+// twoPods starts an API server with node node-a and two running pods,
+// team-a/web (container nginx) and default/db (container postgres), points
+// KUBECONFIG at it, and makes the containers' cgroups, in kubelet's
+// systemd layout, below a cgroup of the test's own named after name.
+func twoPods(t *testing.T, name string) (webDir, dbDir *os.File) {
 	c := kubetest.Start(t)
 	c.Node(t, "node-a")
 	c.Namespace(t, "team-a", nil)
@@ -49,10 +49,29 @@ func TestRunqlatPerPod(t *testing.T) {
 	webID, dbID := fmt.Sprintf("%064x", 1), fmt.Sprintf("%064x", 2)
 	web := pod("team-a", "web", "nginx", webID)
 	db := pod("default", "db", "postgres", dbID)
+	base := testenv.TestCgroup(t, name)
+	return testenv.SubCgroup(t, base, testenv.KubepodsPath(string(web.UID), webID)),
+		testenv.SubCgroup(t, base, testenv.KubepodsPath(string(db.UID), dbID))
+}
 
-	base := testenv.TestCgroup(t, "daemon")
-	webDir := testenv.SubCgroup(t, base, testenv.KubepodsPath(string(web.UID), webID))
-	dbDir := testenv.SubCgroup(t, base, testenv.KubepodsPath(string(db.UID), dbID))
+// histogramCount scrapes d and returns the count of histogram metric's
+// series with labels (their text form, sorted), 0 if it is absent.
+func histogramCount(d *Daemon, metric, labels string) (n uint64) {
+	rec := httptest.NewRecorder()
+	d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	re := regexp.MustCompile(`(?m)^` + metric + `_count\{` + regexp.QuoteMeta(labels) + `\} (\d+)$`)
+	if m := re.FindStringSubmatch(rec.Body.String()); m != nil {
+		n, _ = strconv.ParseUint(m[1], 10, 64)
+	}
+	return n
+}
+
+// With KTEL_NODE_NAME, against a real API server: the run-queue histogram
+// of a pod whose container's cgroup is kept busy moves, labelled with the
+// pod's namespace, name and container, while an idle pod's does not.
+func TestRunqlatPerPod(t *testing.T) {
+	testenv.Privileged(t)
+	webDir, dbDir := twoPods(t, "daemon")
 
 	cfg := testConfig("runqlat", false)
 	cfg.NodeName, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = "node-a", time.Minute, 100
@@ -90,15 +109,7 @@ func busyAndIdle(t *testing.T, cfg *config.Config, busy, idle *os.File, busySeri
 	if d.workloads == nil {
 		t.Fatal("workload attribution is off")
 	}
-	series := func(labels string) (n uint64) {
-		rec := httptest.NewRecorder()
-		d.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-		re := regexp.MustCompile(`(?m)^ktel_runqueue_latency_seconds_count\{` + regexp.QuoteMeta(labels) + `\} (\d+)$`)
-		if m := re.FindStringSubmatch(rec.Body.String()); m != nil {
-			n, _ = strconv.ParseUint(m[1], 10, 64)
-		}
-		return n
-	}
+	series := func(labels string) uint64 { return histogramCount(d, "ktel_runqueue_latency_seconds", labels) }
 
 	// The idle workload's one process runs once, then sleeps; its waits
 	// are attributed once the cgroups are walked (and, on Kubernetes, the
