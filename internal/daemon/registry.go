@@ -193,8 +193,9 @@ func validSyscallTiming(c *config.Config) []error {
 	} else if len(ids) == 0 && c.SyscallTiming == string(sysprobe.TimeCgroup) {
 		errs = append(errs, config.Invalid("KTEL_SYSCALL_CGROUPS", c.SyscallCgroups, "KTEL_SYSCALL_TIMING=cgroup but no cgroup is named"))
 	}
-	if c.SyscallPerContainer && c.NodeName == "" {
-		errs = append(errs, config.Invalid("KTEL_SYSCALL_PER_CONTAINER", "true", "needs workload attribution: set KTEL_NODE_NAME"))
+	if c.SyscallPerContainer && c.Workloads() == config.WorkloadsOff {
+		errs = append(errs, config.Invalid("KTEL_SYSCALL_PER_CONTAINER", "true",
+			"needs workload attribution: set KTEL_NODE_NAME (with KTEL_WORKLOAD_ATTRIBUTION=auto) or KTEL_WORKLOAD_ATTRIBUTION=cgroup"))
 	}
 	return errs
 }
@@ -341,8 +342,8 @@ func startSyscall(e env) (loaded, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Validated to need KTEL_NODE_NAME; workloads is nil nonetheless on
-	// a host without cgroup v2 (startWorkloads logs it).
+	// Validated to need workload attribution; workloads is nil
+	// nonetheless on a host without cgroup v2 (startWorkloads logs it).
 	perContainer := e.cfg.SyscallPerContainer && e.workloads != nil
 	if e.cfg.SyscallPerContainer && !perContainer {
 		e.log.Warn("KTEL_SYSCALL_PER_CONTAINER is ignored: workload attribution is unavailable; syscall latency stays by syscall")

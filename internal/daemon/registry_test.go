@@ -259,8 +259,10 @@ func TestSyscallPerContainerValidation(t *testing.T) {
 	}{
 		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "true", "KTEL_NODE_NAME": "node-a"}, true},
 		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "true", "KTEL_NODE_NAME": "node-a", "KTEL_SYSCALL_TIMING": "list", "KTEL_SYSCALL_LIST": "read,write"}, true},
+		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "true", "KTEL_WORKLOAD_ATTRIBUTION": "cgroup"}, true},
 		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "false"}, true},
 		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "true"}, false},
+		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "true", "KTEL_NODE_NAME": "node-a", "KTEL_WORKLOAD_ATTRIBUTION": "off"}, false},
 		{map[string]string{"KTEL_SYSCALL_PER_CONTAINER": "yes", "KTEL_NODE_NAME": "node-a"}, false},
 	} {
 		setenv(t, tc.env)
@@ -277,8 +279,8 @@ func TestSyscallPerContainerValidation(t *testing.T) {
 		if !errors.As(err, &ce) || ce.Var != "KTEL_SYSCALL_PER_CONTAINER" || !strings.Contains(err.Error(), "KTEL_SYSCALL_PER_CONTAINER") {
 			t.Errorf("%v: error %v, want one naming KTEL_SYSCALL_PER_CONTAINER", tc.env, err)
 		}
-		if tc.env["KTEL_SYSCALL_PER_CONTAINER"] == "true" && !strings.Contains(err.Error(), "KTEL_NODE_NAME") {
-			t.Errorf("%v: error %q does not say to set KTEL_NODE_NAME", tc.env, err)
+		if tc.env["KTEL_SYSCALL_PER_CONTAINER"] == "true" && !strings.Contains(err.Error(), "KTEL_WORKLOAD_ATTRIBUTION=cgroup") {
+			t.Errorf("%v: error %q does not say what to set", tc.env, err)
 		}
 	}
 }

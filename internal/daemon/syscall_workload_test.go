@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ktel-dev/ktel/internal/config"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -22,54 +23,78 @@ func TestMain(m *testing.M) {
 func TestSyscallPerContainer(t *testing.T) {
 	testenv.Privileged(t)
 	webDir, dbDir := twoPods(t, "daemon-syscall")
-
 	cfg := testConfig("syscall", false)
+	cfg.NodeName = "node-a"
+	getppidsPerWorkload(t, cfg, webDir, dbDir,
+		`container="nginx",namespace="team-a",pod="web",syscall="getppid",unit=""`,
+		`container="postgres",namespace="default",pod="db",syscall="getppid",unit=""`)
+}
+
+// Off Kubernetes (KTEL_WORKLOAD_ATTRIBUTION=cgroup), the same by systemd
+// unit, named from the cgroup path alone.
+func TestSyscallPerUnit(t *testing.T) {
+	testenv.Privileged(t)
+	base := testenv.TestCgroup(t, "syscall-unit")
+	foo := testenv.SubCgroup(t, base, "ktel-test.slice/foo.service")
+	bar := testenv.SubCgroup(t, base, "ktel-test.slice/bar.service")
+	cfg := testConfig("syscall", false)
+	cfg.WorkloadAttribution = "cgroup"
+	getppidsPerWorkload(t, cfg, foo, bar,
+		`container="",namespace="",pod="",syscall="getppid",unit="foo.service"`,
+		`container="",namespace="",pod="",syscall="getppid",unit="bar.service"`)
+}
+
+// getppidsPerWorkload starts a daemon with cfg, the syscall probe per
+// container and every syscall timed, and asserts that getppid calls made
+// in cgroups a and b are each counted exactly under the series aSeries and
+// bSeries (labels as exposed).
+func getppidsPerWorkload(t *testing.T, cfg *config.Config, a, b *os.File, aSeries, bSeries string) {
+	t.Helper()
 	cfg.SyscallTiming, cfg.SyscallSampleRate, cfg.SyscallPerContainer = "all", 1, true
-	cfg.NodeName, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = "node-a", time.Minute, 100
+	cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = time.Minute, 100
 	d, err := newDaemon(cfg, slog.New(slog.DiscardHandler), starters())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if _, ok := d.probes["syscall"]; !ok {
-		t.Fatal("the syscall probe did not start")
+	if _, ok := d.probes["syscall"]; !ok || d.workloads == nil {
+		t.Fatalf("syscall probe started: %v, workload attribution on: %v", ok, d.workloads != nil)
 	}
 	series := func(labels string) uint64 { return histogramCount(d, "ktel_syscall_latency_seconds", labels) }
-	webSeries := `container="nginx",namespace="team-a",pod="web",syscall="getppid",unit=""`
-	dbSeries := `container="postgres",namespace="default",pod="db",syscall="getppid",unit=""`
 
-	// Calls made before the informer synced and the cgroups were walked
-	// stay with unit="unknown": call until each container's series shows.
+	// Calls made before the cgroups were walked (and, on Kubernetes, the
+	// informer synced) stay with unit="unknown": call until both series
+	// show.
 	deadline := time.Now().Add(30 * time.Second)
-	for series(webSeries) == 0 || series(dbSeries) == 0 {
+	for series(aSeries) == 0 || series(bSeries) == 0 {
 		if time.Now().After(deadline) {
-			t.Fatal("the containers' series never appeared")
+			t.Fatal("the workloads' series never appeared")
 		}
-		testenv.GetppidsIn(t, webDir, 1)
-		testenv.GetppidsIn(t, dbDir, 1)
+		testenv.GetppidsIn(t, a, 1)
+		testenv.GetppidsIn(t, b, 1)
 		time.Sleep(100 * time.Millisecond)
 	}
-	webBefore, dbBefore := series(webSeries), series(dbSeries)
+	aBefore, bBefore := series(aSeries), series(bSeries)
 
-	const inWeb, inDB = 3000, 1000
-	testenv.GetppidsIn(t, webDir, inWeb)
-	testenv.GetppidsIn(t, dbDir, inDB)
-	var webGot, dbGot uint64
+	const inA, inB = 3000, 1000
+	testenv.GetppidsIn(t, a, inA)
+	testenv.GetppidsIn(t, b, inB)
+	var aGot, bGot uint64
 	deadline = time.Now().Add(10 * time.Second)
 	for {
-		webGot, dbGot = series(webSeries)-webBefore, series(dbSeries)-dbBefore
-		if webGot >= inWeb && dbGot >= inDB {
+		aGot, bGot = series(aSeries)-aBefore, series(bSeries)-bBefore
+		if aGot >= inA && bGot >= inB {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("getppid timed %d times in web, %d in db; want %d and %d", webGot, dbGot, inWeb, inDB)
+			t.Fatalf("getppid timed %d times in %s, %d in %s; want %d and %d", aGot, aSeries, bGot, bSeries, inA, inB)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	// The helpers' Go runtimes make no getppid of their own: a few at
-	// most would be a surprise, the other pod's calls a failure.
-	if webGot > inWeb+10 || dbGot > inDB+10 {
-		t.Errorf("getppid timed %d times in web, %d in db; want %d and %d", webGot, dbGot, inWeb, inDB)
+	// most would be a surprise, the other workload's calls a failure.
+	if aGot > inA+10 || bGot > inB+10 {
+		t.Errorf("getppid timed %d times in %s, %d in %s; want %d and %d", aGot, aSeries, bGot, bSeries, inA, inB)
 	}
-	t.Logf("getppid per container: web %d, db %d", webGot, dbGot)
+	t.Logf("getppid per workload: %d and %d", aGot, bGot)
 }
