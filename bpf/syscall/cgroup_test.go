@@ -24,15 +24,6 @@ func subCgroup(t *testing.T, base, name string) (*os.File, uint64) {
 	return dir, id
 }
 
-func snapshot(t *testing.T, p *Probe) *Snapshot {
-	t.Helper()
-	s, err := p.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
-
 // With PerCgroup, every variant sorts the timed syscalls of a process into
 // its own cgroup's histograms: two helpers in two cgroups below the test's
 // own are counted each under its cgroup only, the test's own calls under
@@ -53,12 +44,12 @@ func TestPerCgroup(t *testing.T) {
 			if _, ok := p.BoundedMaps()["syscall_latency_cgroup"]; !ok {
 				t.Error("syscall_latency_cgroup not among the bounded maps")
 			}
-			before := snapshot(t, p)
+			before := testenv.Snapshot(t, p)
 			const ours, inA, inB = 5000, 3000, 1000
 			testenv.Getppids(ours)
 			testenv.GetppidsIn(t, aDir, inA)
 			testenv.GetppidsIn(t, bDir, inB)
-			after := snapshot(t, p)
+			after := testenv.Snapshot(t, p)
 
 			got := func(id uint64) uint64 {
 				k := CgroupKey{Cgroup: id, Nr: unix.SYS_GETPPID}
@@ -112,7 +103,7 @@ func TestPerCgroupFull(t *testing.T) {
 			t.Fatalf("fill syscall_latency_cgroup: %v", err)
 		}
 	}
-	before := snapshot(t, p)
+	before := testenv.Snapshot(t, p)
 	if len(before.Cgroups) != MaxCgroupHists {
 		t.Fatalf("%d histograms after filling, want %d", len(before.Cgroups), MaxCgroupHists)
 	}
@@ -123,7 +114,7 @@ func TestPerCgroupFull(t *testing.T) {
 	}
 	const n = 2000
 	testenv.GetppidsIn(t, dir, n)
-	after := snapshot(t, p)
+	after := testenv.Snapshot(t, p)
 	if len(after.Cgroups) != MaxCgroupHists {
 		t.Errorf("%d histograms, above the bound %d", len(after.Cgroups), MaxCgroupHists)
 	}
@@ -150,7 +141,7 @@ func TestPerCgroupFull(t *testing.T) {
 	}
 	testenv.GetppidsIn(t, dir, n)
 	k := CgroupKey{Cgroup: id, Nr: unix.SYS_GETPPID}
-	if got := snapshot(t, p).Cgroups[k].Count(); got < n {
+	if got := testenv.Snapshot(t, p).Cgroups[k].Count(); got < n {
 		t.Errorf("after forgetting fillers, the late cgroup's getppid histogram holds %d, want at least %d", got, n)
 	}
 }

@@ -34,9 +34,7 @@ func TestSyscallPerContainer(t *testing.T) {
 // unit, named from the cgroup path alone.
 func TestSyscallPerUnit(t *testing.T) {
 	testenv.Privileged(t)
-	base := testenv.TestCgroup(t, "syscall-unit")
-	foo := testenv.SubCgroup(t, base, "ktel-test.slice/foo.service")
-	bar := testenv.SubCgroup(t, base, "ktel-test.slice/bar.service")
+	foo, bar := twoUnits(t, "syscall-unit")
 	cfg := testConfig("syscall", false)
 	cfg.WorkloadAttribution = "cgroup"
 	getppidsPerWorkload(t, cfg, foo, bar,

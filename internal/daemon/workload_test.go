@@ -85,14 +85,19 @@ func TestRunqlatPerPod(t *testing.T) {
 // unit's name from its cgroup path alone, while an idle unit's does not.
 func TestRunqlatPerUnit(t *testing.T) {
 	testenv.Privileged(t)
-	base := testenv.TestCgroup(t, "unit")
-	busy := testenv.SubCgroup(t, base, "ktel-test.slice/foo.service")
-	idle := testenv.SubCgroup(t, base, "ktel-test.slice/bar.service")
+	busy, idle := twoUnits(t, "unit")
 	cfg := testConfig("runqlat", false)
 	cfg.WorkloadAttribution, cfg.WorkloadLabelTTL, cfg.WorkloadMaxLabelSets = "cgroup", time.Minute, 100
 	busyAndIdle(t, cfg, busy, idle,
 		`container="",namespace="",pod="",unit="foo.service"`,
 		`container="",namespace="",pod="",unit="bar.service"`)
+}
+
+// twoUnits makes the cgroups of two systemd-like units, foo.service and
+// bar.service, below a cgroup of the test's own named after name.
+func twoUnits(t *testing.T, name string) (foo, bar *os.File) {
+	base := testenv.TestCgroup(t, name)
+	return testenv.SubCgroup(t, base, "ktel-test.slice/foo.service"), testenv.SubCgroup(t, base, "ktel-test.slice/bar.service")
 }
 
 // busyAndIdle starts a daemon with cfg and asserts that the run-queue

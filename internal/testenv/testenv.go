@@ -157,3 +157,13 @@ func Records[T any](tb testing.TB, rd *ringbuf.Reader, idle time.Duration, decod
 		out = append(out, v)
 	}
 }
+
+// Snapshot reads p's maps, failing tb if it cannot.
+func Snapshot[S any](tb testing.TB, p interface{ Snapshot() (S, error) }) S {
+	tb.Helper()
+	s, err := p.Snapshot()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return s
+}
