@@ -21,11 +21,33 @@ func (m *Manager) ApplyServices(svcs []Service) error {
 	return err
 }
 
+// ApplyChanges changes the applied services by upsert (added, or
+// replacing the service of the same name) and remove (names), leaving the
+// others as they are (State.ApplyChanges), counted as ApplyServices is. On
+// error the previous services stay in place.
+func (m *Manager) ApplyChanges(upsert []Service, remove []string) error {
+	a, err := m.applyChanges(upsert, remove, false)
+	m.closeUDP(a)
+	return err
+}
+
 func (m *Manager) applyServices(svcs []Service) (Applied, error) {
+	return m.applyChanges(svcs, nil, true)
+}
+
+func (m *Manager) applyChanges(svcs []Service, remove []string, full bool) (Applied, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	start := time.Now()
-	a, err := m.state.Apply(svcs)
+	var (
+		a   Applied
+		err error
+	)
+	if full {
+		a, err = m.state.Apply(svcs)
+	} else {
+		a, err = m.state.ApplyChanges(svcs, remove)
+	}
 	if err != nil {
 		m.bad++
 		m.log.Error("services rejected; the previous ones keep serving", "source", m.source,
@@ -35,12 +57,10 @@ func (m *Manager) applyServices(svcs []Service) (Applied, error) {
 	m.applyDur = time.Since(start)
 	m.ok++
 	m.lastOK = time.Now()
-	m.backends = 0
-	for _, s := range svcs {
-		m.backends += len(s.Backends)
-	}
+	var n int
+	n, m.backends = m.state.Len()
 	if a.Written > 0 || a.Deleted > 0 {
-		m.log.Info("services applied", "source", m.source, "services", len(svcs), "backends", m.backends,
+		m.log.Info("services applied", "source", m.source, "services", n, "backends", m.backends,
 			"written", a.Written, "deleted", a.Deleted, "slots_written", a.Slots, "apply_took", m.applyDur,
 			"udp_backends_removed", a.UDPRemoved)
 	}

@@ -145,6 +145,7 @@ type State struct {
 	quarantine time.Duration
 
 	live     map[string]*live
+	backends int // of all live services
 	slots    *rangeAlloc
 	svcIDs   *idAlloc
 	counters *idAlloc
@@ -308,10 +309,27 @@ func (s *State) CloseUDP(a *Applied) {
 // whose backends did not change are not rewritten. When svcs does not fit,
 // nothing changes and the error wraps ErrFull.
 func (s *State) Apply(svcs []Service) (Applied, error) {
+	return s.applyRetry(svcs, nil, true)
+}
+
+// ApplyChanges changes the configuration by svcs and remove alone: each
+// service of upsert is added or replaces the one of its name, each name of
+// remove (and not in upsert) is removed, and every other service stays as
+// it is, untouched and unread, so that its cost is that of the change, not
+// of the whole configuration. The result is that of Apply with the whole
+// new configuration: the same entries, slots and counters are written,
+// atomically per service, and nothing changes when it does not fit. The
+// caller keeps VIP:ports unique across the whole configuration, as Apply's
+// callers do within theirs.
+func (s *State) ApplyChanges(upsert []Service, remove []string) (Applied, error) {
+	return s.applyRetry(upsert, remove, false)
+}
+
+func (s *State) applyRetry(svcs []Service, remove []string, full bool) (Applied, error) {
 	if err := s.release(); err != nil {
 		return Applied{}, fmt.Errorf("delete maglev tables: %w", err)
 	}
-	a, err := s.apply(svcs)
+	a, err := s.apply(svcs, remove, full)
 	if errors.Is(err, ErrFull) && len(s.retired) > 0 {
 		// What was freed by recent reloads may make room once its
 		// quarantine is over.
@@ -319,14 +337,43 @@ func (s *State) Apply(svcs []Service) (Applied, error) {
 		if err := s.release(); err != nil {
 			return Applied{}, fmt.Errorf("delete maglev tables: %w", err)
 		}
-		a, err = s.apply(svcs)
+		a, err = s.apply(svcs, remove, full)
 	}
 	return a, err
 }
 
-func (s *State) apply(svcs []Service) (_ Applied, err error) {
-	if len(svcs) > s.lim.MaxServices {
-		return Applied{}, fmt.Errorf("%d services: more than the %d the services map holds: %w", len(svcs), s.lim.MaxServices, ErrFull)
+// apply makes svcs the configuration (full), or changes it by svcs and
+// remove (ApplyChanges). Only the services named in svcs or remove are
+// touched, and with full every applied one is.
+func (s *State) apply(svcs []Service, remove []string, full bool) (_ Applied, err error) {
+	// touched are the applied services that svcs replaces or removes.
+	var touched []string
+	if full {
+		touched = make([]string, 0, len(s.live))
+		for name := range s.live {
+			touched = append(touched, name)
+		}
+	} else {
+		seen := make(map[string]bool, len(svcs)+len(remove))
+		for _, svc := range svcs {
+			seen[svc.Name] = true
+			if s.live[svc.Name] != nil {
+				touched = append(touched, svc.Name)
+			}
+		}
+		for _, name := range remove {
+			if s.live[name] != nil && !seen[name] {
+				seen[name] = true
+				touched = append(touched, name)
+			}
+		}
+	}
+	total := len(svcs)
+	if !full {
+		total += len(s.live) - len(touched)
+	}
+	if total > s.lim.MaxServices {
+		return Applied{}, fmt.Errorf("%d services: more than the %d the services map holds: %w", total, s.lim.MaxServices, ErrFull)
 	}
 	// What this call allocates, freed again if it fails.
 	var (
@@ -454,8 +501,8 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 		now      = s.now()
 		toRetire []retired
 	)
-	for name, old := range s.live {
-		if k := old.svc.Key(); !newKeys[k] {
+	for _, name := range touched {
+		if k := s.live[name].svc.Key(); !newKeys[k] {
 			del = append(del, k)
 			leak[name] = true
 		}
@@ -487,8 +534,8 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 		cleared     []uint32
 		clearedAddr []netip.AddrPort
 	)
-	for name, old := range s.live {
-		l := next[name]
+	for _, name := range touched {
+		old, l := s.live[name], next[name]
 		r := retired{at: now}
 		if l == nil {
 			r.svcID, r.freeID = old.id, true
@@ -515,8 +562,23 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 	}
 	s.retired = append(s.retired, toRetire...)
 	s.orphans = orphans
-	removed := removedUDP(s.live, next)
-	s.live = next
+	removed := removedUDP(s.live, touched, next)
+	for _, name := range touched {
+		s.backends -= len(s.live[name].svc.Backends)
+	}
+	for _, l := range next {
+		s.backends += len(l.svc.Backends)
+	}
+	if full {
+		s.live = next
+	} else {
+		for _, name := range touched {
+			delete(s.live, name)
+		}
+		for name, l := range next {
+			s.live[name] = l
+		}
+	}
 	a := Applied{Written: len(entries), Deleted: len(del), Slots: len(slotIdx), UDPRemoved: len(removed), udpRemoved: removed}
 	// A counter is reused only after the quarantine, so clearing now is
 	// never late for a new owner.
@@ -531,15 +593,17 @@ func (s *State) apply(svcs []Service) (_ Applied, err error) {
 	return a, nil
 }
 
-// removedUDP lists the backends of UDP services in old that the service
-// at the same address in next lacks (all of them if it has none).
-func removedUDP(old, next map[string]*live) []Removed {
+// removedUDP lists the backends of UDP services of old named in touched
+// (the others are unchanged) that the service at the same address in next
+// lacks (all of them if it has none).
+func removedUDP(old map[string]*live, touched []string, next map[string]*live) []Removed {
 	byKey := make(map[Key]*live, len(next))
 	for _, l := range next {
 		byKey[l.svc.Key()] = l
 	}
 	var out []Removed
-	for _, o := range old {
+	for _, name := range touched {
+		o := old[name]
 		if o.svc.Protocol != UDP {
 			continue
 		}
@@ -614,6 +678,9 @@ func (l *live) counter(addr netip.AddrPort) (uint32, bool) {
 func (l *live) entry() Entry {
 	return Entry{Key: l.svc.Key(), ID: l.id, Base: l.base, Count: l.count, Maglev: l.maglev, Affinity: affinitySeconds(l.svc.Affinity)}
 }
+
+// Len returns the number of applied services and of their backends.
+func (s *State) Len() (services, backends int) { return len(s.live), s.backends }
 
 // ServiceStatus is one applied service and the indexes of its counters.
 type ServiceStatus struct {

@@ -3,7 +3,11 @@ package lb
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
+	"reflect"
+	"slices"
 	"testing"
 	"time"
 )
@@ -529,5 +533,108 @@ func TestApplyAffinityAndRemovedUDP(t *testing.T) {
 	s.CloseUDP(&a)
 	if err != nil || a.UDPRemoved != 2 || a.UDPCloseErr == nil {
 		t.Errorf("apply with a failing disconnect: %+v %v", a, err)
+	}
+}
+
+// published is what the fake maps balance: per VIP:port, the backends
+// in slot order and the affinity.
+func (f *fakeDatapath) published() map[Key]string {
+	out := map[Key]string{}
+	for k, e := range f.services {
+		var bs []string
+		for s := e.Base; s < e.Base+e.Count; s++ {
+			bs = append(bs, f.slots[s].Addr.String())
+		}
+		if e.Maglev {
+			bs = append(bs, fmt.Sprint("maglev", len(f.maglev[e.Base])))
+		}
+		out[k] = fmt.Sprint(bs, e.Affinity)
+	}
+	return out
+}
+
+// TestApplyChangesMatchesApply changes a configuration at random, one
+// State by ApplyChanges with the difference and another by Apply with the
+// whole: the maps must balance the same, and the same UDP backends be
+// reported removed.
+func TestApplyChangesMatchesApply(t *testing.T) {
+	for _, alg := range []Algorithm{AlgRandom, AlgMaglev} {
+		t.Run(string(alg), func(t *testing.T) {
+			lim := Limits{MaxServices: 40, MaxSlots: 400, MaxCounters: 400, Algorithm: alg, MaglevSize: 251}
+			full, ff, fnow := newTestState(t, lim)
+			inc, fi, inow := newTestState(t, lim)
+			rng := rand.New(rand.NewPCG(1, uint64(len(alg))))
+			cfg := map[string]Service{}
+			for step := range 400 {
+				next := maps.Clone(cfg)
+				for range 1 + rng.IntN(3) {
+					name := fmt.Sprint("s", rng.IntN(12))
+					if rng.IntN(4) == 0 {
+						delete(next, name)
+						continue
+					}
+					s := Service{Name: name, VIP: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 96, 0, byte(rng.IntN(14))}), 80), Protocol: []Protocol{TCP, UDP}[rng.IntN(2)]}
+					if rng.IntN(5) == 0 {
+						s.Affinity = time.Duration(1+rng.IntN(3)) * time.Second
+					}
+					for b := range rng.IntN(5) {
+						s.Backends = append(s.Backends, Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 244, 0, byte(b + rng.IntN(3))}), 8080), Weight: uint32(1 + rng.IntN(2))})
+					}
+					slices.SortFunc(s.Backends, func(a, b Backend) int { return a.Addr.Compare(b.Addr) })
+					s.Backends = slices.CompactFunc(s.Backends, func(a, b Backend) bool { return a.Addr == b.Addr })
+					next[name] = s
+				}
+				// VIP:ports unique, as the callers keep them.
+				keys := map[Key]bool{}
+				for _, name := range slices.Sorted(maps.Keys(next)) {
+					s := next[name]
+					if k := s.Key(); keys[k] {
+						delete(next, name)
+					} else {
+						keys[k] = true
+					}
+				}
+				var upsert []Service
+				var remove []string
+				for name, s := range next {
+					if old, ok := cfg[name]; !ok || !reflect.DeepEqual(old, s) || rng.IntN(8) == 0 {
+						upsert = append(upsert, s)
+					}
+				}
+				for name := range cfg {
+					if _, ok := next[name]; !ok {
+						remove = append(remove, name)
+					}
+				}
+				af, errF := full.Apply(slices.Collect(maps.Values(next)))
+				ai, errI := inc.ApplyChanges(upsert, remove)
+				if (errF == nil) != (errI == nil) {
+					t.Fatalf("step %d: Apply: %v, ApplyChanges: %v", step, errF, errI)
+				}
+				if errF != nil {
+					// Both refused (full maps): both keep the old one.
+					continue
+				}
+				cfg = next
+				full.CloseUDP(&af)
+				inc.CloseUDP(&ai)
+				if af.Written != ai.Written || af.Deleted != ai.Deleted || af.Slots != ai.Slots || af.UDPRemoved != ai.UDPRemoved {
+					t.Fatalf("step %d: Apply %+v, ApplyChanges %+v", step, af, ai)
+				}
+				if !reflect.DeepEqual(ff.published(), fi.published()) {
+					t.Fatalf("step %d: maps differ:\nApply:        %v\nApplyChanges: %v", step, ff.published(), fi.published())
+				}
+				if len(ff.members) != len(fi.members) {
+					t.Fatalf("step %d: %d members after Apply, %d after ApplyChanges", step, len(ff.members), len(fi.members))
+				}
+				n1, b1 := full.Len()
+				n2, b2 := inc.Len()
+				if n1 != n2 || b1 != b2 || n1 != len(cfg) {
+					t.Fatalf("step %d: Len %d/%d after Apply, %d/%d after ApplyChanges, want %d services", step, n1, b1, n2, b2, len(cfg))
+				}
+				d := time.Duration(rng.IntN(3)) * DefaultQuarantine / 2
+				*fnow, *inow = fnow.Add(d), inow.Add(d)
+			}
+		})
 	}
 }
