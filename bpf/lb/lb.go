@@ -86,12 +86,13 @@ func (o *Options) defaults() {
 
 // Source gives the services when there is no services file. Load closes
 // it if it fails past checking its options. Start is called once the
-// programs are attached: apply must then be called with
-// each complete set of services, from one goroutine at a time; until the
-// first call no service is balanced. Close stops the calls; it may be
-// called more than once.
+// programs are attached: apply must then be given each complete set of
+// services (ApplyServices), or the difference from the last one
+// (ApplyChanges), from one goroutine at a time; until the first call no
+// service is balanced. Close stops the calls; it may be called more than
+// once.
 type Source interface {
-	Start(apply func([]ctl.Service) error) error
+	Start(apply ctl.Applier) error
 	Close() error
 }
 
@@ -269,7 +270,7 @@ func Load(opts Options, log *slog.Logger) (_ *Probe, err error) {
 		p.links = append(p.links, l)
 	}
 	if opts.Source != nil {
-		if err := opts.Source.Start(p.mgr.ApplyServices); err != nil {
+		if err := opts.Source.Start(p.mgr); err != nil {
 			return nil, fmt.Errorf("start source of services: %w", err)
 		}
 		return p, nil

@@ -6,17 +6,15 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
-	corelisters "k8s.io/client-go/listers/core/v1"
-	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/ktel-dev/ktel/internal/lb"
@@ -80,8 +78,7 @@ type Source struct {
 	opts    Options
 	factory multiFactory // one per label selector
 
-	services   corelisters.ServiceLister
-	slices     discoverylisters.EndpointSliceLister
+	services   cache.Store // of *service, by namespace/name
 	hasSynced  []cache.InformerSynced
 	kick       chan struct{} // a change is waiting for a sync
 	synced     chan struct{} // closed after the first successful apply
@@ -99,6 +96,21 @@ type Source struct {
 	// skipped is what the last successful sync skipped, to warn only
 	// when it changes.
 	skipped map[string]int
+
+	// mu guards slices and dirty, which the informers' handlers keep.
+	mu sync.Mutex
+	// slices are the EndpointSlices of each Service (namespace/name)
+	// sorted by name: the slice informer's objects, indexed.
+	slices map[string][]*epSlice
+	// dirty are the Services (namespace/name) whose Service or slices
+	// changed since the last sync.
+	dirty map[string]bool
+
+	// The sync goroutine's: the translation as last applied, and whether
+	// the next sync must translate and apply everything (the first, and
+	// after a failed apply).
+	model *model
+	full  bool
 }
 
 // New returns a Source over opts.Client. Nothing is watched before Start.
@@ -121,32 +133,38 @@ func New(opts Options) (*Source, error) {
 		synced:  make(chan struct{}),
 		stop:    make(chan struct{}),
 		started: time.Now(),
+		slices:  map[string][]*epSlice{},
+		dirty:   map[string]bool{},
+		model:   newModel(),
+		full:    true,
 	}
 	// A factory's list options are the same for every informer it makes,
 	// and the two selectors differ: one factory each.
+	// The caches hold the compact service and epSlice, not the API
+	// objects: the informers' listers do not apply to them.
 	svcFactory := informers.NewSharedInformerFactoryWithOptions(opts.Client, 0,
-		informers.WithTransform(strip),
+		informers.WithTransform(s.compact),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = serviceSelector }))
 	sliceFactory := informers.NewSharedInformerFactoryWithOptions(opts.Client, 0,
-		informers.WithTransform(strip),
+		informers.WithTransform(s.compact),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sliceSelector }))
 	svcInf := svcFactory.Core().V1().Services()
 	sliceInf := sliceFactory.Discovery().V1().EndpointSlices()
-	s.services, s.slices = svcInf.Lister(), sliceInf.Lister()
+	s.services = svcInf.Informer().GetStore()
 	h1, err := svcInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { s.changed() },
-		UpdateFunc: func(any, any) { s.changed() },
-		DeleteFunc: func(any) { s.changed() },
+		AddFunc:    func(o any) { s.serviceChanged(o) },
+		UpdateFunc: func(_, o any) { s.serviceChanged(o) },
+		DeleteFunc: func(o any) { s.serviceChanged(o) },
 	})
 	if err != nil {
 		return nil, fmt.Errorf("service informer: %w", err)
 	}
 	h2, err := sliceInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(o any) { s.sliceChanged(o) },
-		UpdateFunc: func(_, o any) { s.sliceChanged(o) },
+		AddFunc:    func(o any) { s.sliceChanged(nil, o, true) },
+		UpdateFunc: func(old, o any) { s.sliceChanged(old, o, true) },
 		// A deleted slice's trigger time dates its last update, not the
 		// deletion: like kube-proxy, no latency is measured for it.
-		DeleteFunc: func(any) { s.changed() },
+		DeleteFunc: func(o any) { s.sliceChanged(o, nil, false) },
 	})
 	if err != nil {
 		return nil, fmt.Errorf("endpointslice informer: %w", err)
@@ -173,11 +191,13 @@ func (m multiFactory) Shutdown() {
 	}
 }
 
-// Start starts the informers and the sync loop, which calls apply with
-// every set of services, from one goroutine, never before both informers
-// have synced. apply must leave the previous services in place when it
+// Start starts the informers and the sync loop, which applies the
+// services through apply, from one goroutine, never before both informers
+// have synced: the first sync, and the first after a failure, with every
+// service (ApplyServices), the others with the Services that changed
+// (ApplyChanges). apply must leave the previous services in place when it
 // fails. Start returns at once.
-func (s *Source) Start(apply func([]lb.Service) error) error {
+func (s *Source) Start(apply lb.Applier) error {
 	started := false
 	s.startOnce.Do(func() {
 		started = true
@@ -211,17 +231,62 @@ func (s *Source) changed() {
 	}
 }
 
-// sliceChanged records the slice's trigger time, for the network
-// programming latency, and asks for a sync. As kube-proxy does, times
-// from before the source started are ignored: they belong to changes
-// some other proxy programmed.
-func (s *Source) sliceChanged(o any) {
-	if es, ok := o.(*discovery.EndpointSlice); ok {
-		if v, ok := es.Annotations[corev1.EndpointsLastChangeTriggerTime]; ok {
-			if t, err := time.Parse(time.RFC3339Nano, v); err == nil && t.After(s.started) {
-				s.addTriggers(map[string]time.Time{es.Namespace + "/" + es.Name: t})
+// serviceChanged marks the Service of o (added, updated or deleted) for
+// the next sync.
+func (s *Source) serviceChanged(o any) {
+	var key string
+	switch v := o.(type) {
+	case *service:
+		key = v.key()
+	case cache.DeletedFinalStateUnknown:
+		key = v.Key
+	default:
+		return
+	}
+	s.mu.Lock()
+	s.dirty[key] = true
+	s.mu.Unlock()
+	s.changed()
+}
+
+// sliceChanged moves a slice in the index from old to o (either may be
+// nil: added, deleted), marks the Services of both for the next sync, and
+// records o's trigger time, for the network programming latency (with
+// trigger set). As kube-proxy does, times from before the source started
+// are ignored: they belong to changes some other proxy programmed.
+func (s *Source) sliceChanged(old, o any, trigger bool) {
+	if d, ok := old.(cache.DeletedFinalStateUnknown); ok {
+		old = d.Obj
+	}
+	before, _ := old.(*epSlice)
+	after, _ := o.(*epSlice)
+	s.mu.Lock()
+	if before != nil {
+		if k := before.serviceKey(); k != "" {
+			l := slices.DeleteFunc(s.slices[k], func(x *epSlice) bool { return x.name == before.name })
+			if len(l) == 0 {
+				delete(s.slices, k)
+			} else {
+				s.slices[k] = l
 			}
+			s.dirty[k] = true
 		}
+	}
+	if after != nil {
+		if k := after.serviceKey(); k != "" {
+			l := s.slices[k]
+			i, found := slices.BinarySearchFunc(l, after.name, func(x *epSlice, name string) int { return strings.Compare(x.name, name) })
+			if found {
+				l[i] = after
+			} else {
+				s.slices[k] = slices.Insert(l, i, after)
+			}
+			s.dirty[k] = true
+		}
+	}
+	s.mu.Unlock()
+	if trigger && after != nil && after.trigger.After(s.started) {
+		s.addTriggers(map[string]time.Time{after.namespace + "/" + after.name: after.trigger})
 	}
 	s.changed()
 }
@@ -245,7 +310,7 @@ func (s *Source) addTriggers(m map[string]time.Time) {
 // once per MinSyncPeriod while changes come, in the manner of
 // kube-proxy's bounded-frequency runner, and again RetryPeriod after a
 // failure.
-func (s *Source) run(apply func([]lb.Service) error) {
+func (s *Source) run(apply lb.Applier) {
 	if !cache.WaitForCacheSync(s.stop, s.hasSynced...) {
 		return
 	}
@@ -288,29 +353,57 @@ func (s *Source) run(apply func([]lb.Service) error) {
 	}
 }
 
-// sync applies the caches' current content.
-func (s *Source) sync(apply func([]lb.Service) error) error {
+// sync applies the caches' current content: what changed since the last
+// sync, or everything when s.full.
+func (s *Source) sync(apply lb.Applier) error {
 	start := time.Now()
 	s.triggerMu.Lock()
 	triggers := s.triggers
 	s.triggers = nil
 	s.triggerMu.Unlock()
 
-	svcs, err := s.services.List(labels.Everything())
-	if err != nil {
-		return fmt.Errorf("list services: %w", err)
+	look := lookup{
+		service: func(key string) *service {
+			o, ok, _ := s.services.GetByKey(key)
+			if !ok {
+				return nil
+			}
+			v, _ := o.(*service)
+			return v
+		},
+		slices: func(key string) []*epSlice { return s.slices[key] },
 	}
-	eps, err := s.slices.List(labels.Everything())
-	if err != nil {
-		return fmt.Errorf("list endpointslices: %w", err)
+	var err error
+	s.mu.Lock()
+	dirty := s.dirty
+	s.dirty = map[string]bool{}
+	if s.full {
+		var all []*service
+		for _, o := range s.services.List() {
+			if v, ok := o.(*service); ok {
+				all = append(all, v)
+			}
+		}
+		svcs := s.model.rebuild(all, look)
+		s.mu.Unlock()
+		err = apply.ApplyServices(svcs)
+	} else {
+		upsert, remove := s.model.update(slices.Sorted(maps.Keys(dirty)), look)
+		s.mu.Unlock()
+		if len(upsert) > 0 || len(remove) > 0 {
+			err = apply.ApplyChanges(upsert, remove)
+		}
 	}
-	r := Translate(svcs, eps, s.opts.Node)
-	if err := apply(r.Services); err != nil {
+	// After a failure the model is ahead of what is applied: the next
+	// sync translates and applies everything.
+	s.full = err != nil
+	if err != nil {
 		// Measured when a later sync applies them.
 		s.addTriggers(triggers)
 		return err
 	}
 	end := time.Now()
+	r := Result{Skipped: s.model.total.skipped(), NoLocalEndpoints: s.model.total.noLocal}
 	if m := s.opts.Metrics; m != nil {
 		m.ObserveSync(end.Sub(start))
 		for _, t := range triggers {
@@ -324,52 +417,22 @@ func (s *Source) sync(apply func([]lb.Service) error) error {
 		s.opts.Log.Warn("kubernetes objects skipped", "reasons", reasons, "counts", r.Skipped)
 	}
 	s.skipped = r.Skipped
-	s.opts.Log.Debug("services synced", "result", r.String(), "took", end.Sub(start))
+	s.opts.Log.Debug("services synced", "services", len(s.model.entries), "changed", len(dirty), "took", end.Sub(start))
 	s.syncedOnce.Do(func() { close(s.synced) })
 	return nil
 }
 
-// strip keeps of Services and EndpointSlices only what Translate reads,
-// before they enter the cache: the informers then hold a fraction of the
-// objects (managed fields, annotations, pod references and topology
-// hints are dropped), which matters in large clusters.
-func strip(o any) (any, error) {
+// compact turns Services and EndpointSlices into what the translation
+// reads (service, epSlice) before they enter the caches: the informers
+// then hold a fraction of the objects, which matters in large clusters.
+func (s *Source) compact(o any) (any, error) {
 	switch v := o.(type) {
 	case *corev1.Service:
-		out := &corev1.Service{
-			ObjectMeta: metav1.ObjectMeta{Name: v.Name, Namespace: v.Namespace, UID: v.UID, ResourceVersion: v.ResourceVersion},
-			Spec: corev1.ServiceSpec{
-				Type:                  v.Spec.Type,
-				ClusterIP:             v.Spec.ClusterIP,
-				ClusterIPs:            v.Spec.ClusterIPs,
-				SessionAffinity:       v.Spec.SessionAffinity,
-				SessionAffinityConfig: v.Spec.SessionAffinityConfig,
-				InternalTrafficPolicy: v.Spec.InternalTrafficPolicy,
-			},
-		}
-		for _, p := range v.Spec.Ports {
-			out.Spec.Ports = append(out.Spec.Ports, corev1.ServicePort{Name: p.Name, Protocol: p.Protocol, Port: p.Port})
-		}
-		return out, nil
+		return compactService(v), nil
 	case *discovery.EndpointSlice:
-		out := &discovery.EndpointSlice{
-			ObjectMeta:  metav1.ObjectMeta{Name: v.Name, Namespace: v.Namespace, UID: v.UID, ResourceVersion: v.ResourceVersion},
-			AddressType: v.AddressType,
-			Ports:       v.Ports,
-		}
-		if n, ok := v.Labels[discovery.LabelServiceName]; ok {
-			out.Labels = map[string]string{discovery.LabelServiceName: n}
-		}
-		if t, ok := v.Annotations[corev1.EndpointsLastChangeTriggerTime]; ok {
-			out.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: t}
-		}
-		out.Endpoints = make([]discovery.Endpoint, len(v.Endpoints))
-		for i, e := range v.Endpoints {
-			out.Endpoints[i] = discovery.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName}
-		}
-		return out, nil
+		return compactSlice(v, s.opts.Node), nil
 	}
 	// Tombstones (cache.DeletedFinalStateUnknown) hold an object already
-	// stripped.
+	// compacted.
 	return o, nil
 }

@@ -6,6 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -13,38 +17,86 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
+	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/ktel-dev/ktel/internal/lb"
 )
 
 // recorder is the datapath and the metrics of a Source under test.
 type recorder struct {
-	mu       sync.Mutex
+	mu sync.Mutex
+	// applies are the services after each apply, sorted by name; changes
+	// are the ApplyChanges calls among them.
 	applies  [][]lb.Service
+	changes  []change
 	fail     int // applies still to fail
 	syncs    int
+	syncTime time.Duration // sum of the syncs' durations
 	latency  []time.Duration
 	noLocal  int
 	skipped  map[string]int
 	lastSync time.Time
 }
 
-func (r *recorder) apply(svcs []lb.Service) error {
+// change is one ApplyChanges call.
+type change struct {
+	upsert []lb.Service
+	remove []string
+}
+
+func (r *recorder) ApplyServices(svcs []lb.Service) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.fail > 0 {
 		r.fail--
 		return errors.New("maps full")
 	}
-	r.applies = append(r.applies, svcs)
+	r.applies = append(r.applies, sortedServices(svcs))
 	return nil
 }
 
-func (r *recorder) ObserveSync(time.Duration) { r.mu.Lock(); r.syncs++; r.mu.Unlock() }
+func (r *recorder) ApplyChanges(upsert []lb.Service, remove []string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.fail > 0 {
+		r.fail--
+		return errors.New("maps full")
+	}
+	if len(r.applies) == 0 {
+		panic("ApplyChanges before ApplyServices")
+	}
+	m := map[string]lb.Service{}
+	for _, s := range r.applies[len(r.applies)-1] {
+		m[s.Name] = s
+	}
+	for _, name := range remove {
+		delete(m, name)
+	}
+	for _, s := range upsert {
+		m[s.Name] = s
+	}
+	r.applies = append(r.applies, sortedServices(slices.Collect(maps.Values(m))))
+	r.changes = append(r.changes, change{upsert, remove})
+	return nil
+}
+
+func sortedServices(svcs []lb.Service) []lb.Service {
+	svcs = slices.Clone(svcs)
+	slices.SortFunc(svcs, func(a, b lb.Service) int { return strings.Compare(a.Name, b.Name) })
+	return svcs
+}
+
+func (r *recorder) ObserveSync(d time.Duration) {
+	r.mu.Lock()
+	r.syncs++
+	r.syncTime += d
+	r.mu.Unlock()
+}
 func (r *recorder) ObserveNetworkProgramming(d time.Duration) {
 	r.mu.Lock()
 	r.latency = append(r.latency, d)
@@ -116,7 +168,7 @@ func TestSource(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := src.Start(rec.apply); err != nil {
+	if err := src.Start(rec); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { src.Close() })
@@ -215,33 +267,54 @@ func TestSource(t *testing.T) {
 	}
 }
 
-func TestStrip(t *testing.T) {
+func TestCompact(t *testing.T) {
 	s := svc("web", []string{"10.96.0.1"}, port("http", 80, corev1.ProtocolTCP))
+	s.ResourceVersion = "7"
 	s.Annotations = map[string]string{"big": "annotation"}
 	s.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}
 	s.Spec.Selector = map[string]string{"app": "web"}
-	got, err := strip(s)
+	src := &Source{opts: Options{Node: "n"}}
+	got, err := src.compact(s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := got.(*corev1.Service)
-	if gs.Annotations != nil || gs.ManagedFields != nil || gs.Spec.Selector != nil || gs.Spec.ClusterIP != "10.96.0.1" || len(gs.Spec.Ports) != 1 {
-		t.Errorf("stripped service %+v", gs)
+	gs := got.(*service)
+	want := &service{namespace: "ns", name: "web", rv: "7", ips: []string{"10.96.0.1"}, ports: []servicePort{{"http", 80, corev1.ProtocolTCP}}}
+	if !reflect.DeepEqual(gs, want) {
+		t.Errorf("compact service %+v, want %+v", gs, want)
 	}
-	es := slice("web", "web-a", discovery.AddressTypeIPv4, nil, ep("10.0.0.1", "n", "rs"))
+	es := slice("web", "web-a", discovery.AddressTypeIPv4, []discovery.EndpointPort{eport("http", 8080, corev1.ProtocolTCP)},
+		ep("10.0.0.1", "n", "rs"), ep("10.0.0.2", "m", ""), ep("bad", "", "st"))
+	es.ResourceVersion = "8"
 	es.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: "2026-01-01T00:00:00Z", "other": "x"}
 	es.Labels["other"] = "x"
 	es.Endpoints[0].TargetRef = &corev1.ObjectReference{Name: "pod"}
-	got, _ = strip(es)
-	ge := got.(*discovery.EndpointSlice)
-	if len(ge.Annotations) != 1 || len(ge.Labels) != 1 || ge.Endpoints[0].TargetRef != nil || *ge.Endpoints[0].NodeName != "n" {
-		t.Errorf("stripped slice %+v", ge)
+	es.Endpoints = append(es.Endpoints, discovery.Endpoint{}) // no address: left out
+	got, _ = src.compact(es)
+	ge := got.(*epSlice)
+	wantSlice := &epSlice{namespace: "ns", name: "web-a", rv: "8", service: "web", family: discovery.AddressTypeIPv4,
+		ports: []slicePort{{"http", 8080, corev1.ProtocolTCP}},
+		endpoints: []sliceEndpoint{
+			{addr: netip.MustParseAddr("10.0.0.1"), local: true, ready: true, serving: true},
+			{addr: netip.MustParseAddr("10.0.0.2")},
+			{serving: true, terminating: true},
+		},
+		trigger: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	if !reflect.DeepEqual(ge, wantSlice) {
+		t.Errorf("compact slice\n%+v, want\n%+v", ge, wantSlice)
 	}
-	// Translation reads the same from the stripped objects.
-	a := Translate([]*corev1.Service{s}, []*discovery.EndpointSlice{es}, "n")
-	b := Translate([]*corev1.Service{gs}, []*discovery.EndpointSlice{ge}, "n")
-	if fmt.Sprint(a.Services) != fmt.Sprint(b.Services) || len(a.Services) != 1 {
-		t.Errorf("stripping changed the translation: %v, %v", a, b)
+	// What the informer's store reads of them.
+	for o, key := range map[any]string{gs: "ns/web", ge: "ns/web-a"} {
+		if k, err := cache.MetaNamespaceKeyFunc(o); err != nil || k != key {
+			t.Errorf("key %q, %v; want %q", k, err, key)
+		}
+		if m, err := apimeta.Accessor(o); err != nil || m.GetResourceVersion() == "" {
+			t.Errorf("accessor %v, %v", m, err)
+		}
+	}
+	// Tombstones pass as they are.
+	if o, _ := src.compact(cache.DeletedFinalStateUnknown{Key: "ns/web", Obj: gs}); o.(cache.DeletedFinalStateUnknown).Obj != gs {
+		t.Errorf("tombstone changed: %v", o)
 	}
 }
 
@@ -256,13 +329,13 @@ func TestTriggersBounded(t *testing.T) {
 	update := func(name string, at time.Time) {
 		s := slice("web", name, discovery.AddressTypeIPv4, nil)
 		s.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: at.Format(time.RFC3339Nano)}
-		src.sliceChanged(s)
+		src.sliceChanged(nil, compactSlice(s, ""), true)
 	}
 	earliest := time.Now().Add(time.Millisecond)
 	for i := range 1000 {
 		update("web-a", earliest.Add(time.Duration(i)*time.Millisecond))
 		if i%100 == 0 {
-			if err := src.sync(rec.apply); err == nil {
+			if err := src.sync(rec); err == nil {
 				t.Fatal("apply did not fail")
 			}
 		}
@@ -279,7 +352,7 @@ func TestTriggersBounded(t *testing.T) {
 	rec.mu.Lock()
 	rec.fail = 0
 	rec.mu.Unlock()
-	if err := src.sync(rec.apply); err != nil {
+	if err := src.sync(rec); err != nil {
 		t.Fatal(err)
 	}
 	rec.mu.Lock()
@@ -326,7 +399,7 @@ func TestSkippedWarnedOnChange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := src.Start(rec.apply); err != nil {
+	if err := src.Start(rec); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { src.Close() })
@@ -340,7 +413,7 @@ func TestSkippedWarnedOnChange(t *testing.T) {
 		t.Fatalf("%d warnings after the first sync, want 1", n)
 	}
 	for range 3 {
-		if err := src.sync(rec.apply); err != nil {
+		if err := src.sync(rec); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -348,7 +421,7 @@ func TestSkippedWarnedOnChange(t *testing.T) {
 		t.Errorf("%d warnings after syncs with the same skipped objects, want still 1", n)
 	}
 	src.skipped = map[string]int{SkipProtocol: 2} // as if one was deleted since
-	if err := src.sync(rec.apply); err != nil {
+	if err := src.sync(rec); err != nil {
 		t.Fatal(err)
 	}
 	if n := warns.count(); n != 2 {

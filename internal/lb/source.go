@@ -13,6 +13,16 @@ func NewSourceManager(source string, state *State, log *slog.Logger) *Manager {
 	return &Manager{state: state, log: log, source: source}
 }
 
+// Applier is what a source of services other than the file applies them
+// through: a Manager.
+type Applier interface {
+	// ApplyServices makes svcs the services.
+	ApplyServices(svcs []Service) error
+	// ApplyChanges changes the services by upsert and remove, leaving
+	// the others as they are.
+	ApplyChanges(upsert []Service, remove []string) error
+}
+
 // ApplyServices applies svcs as Reload applies a file, counted in the same
 // statistics. On error the previous services stay in place.
 func (m *Manager) ApplyServices(svcs []Service) error {
