@@ -71,6 +71,9 @@ func TestHeap(t *testing.T) {
 	if out == "" {
 		t.Skip("KTEL_KUBELB_HEAP not set")
 	}
+	// Every allocation sampled: exact sizes per site.
+	defer func(r int) { runtime.MemProfileRate = r }(runtime.MemProfileRate)
+	runtime.MemProfileRate = 1
 	n, _ := strconv.Atoi(os.Getenv("KTEL_KUBELB_HEAP_N"))
 	n = max(n, 1)
 	client := fake.NewClientset(benchObjects(n)...)
