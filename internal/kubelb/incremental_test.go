@@ -290,3 +290,65 @@ func testIncremental(t *testing.T, seed uint64) {
 		t.Errorf("only %d of %d applies were changes", len(rec.changes), len(rec.applies))
 	}
 }
+
+// A sync after the first applies only what changed: the Services whose
+// Service or slices changed, and those that gain a VIP:port they lose.
+func TestIncrementalTouchesOnlyChanged(t *testing.T) {
+	src, err := New(Options{Client: fake.NewClientset(), Node: "n1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := cache.NewStore(cache.DeletionHandlingMetaNamespaceKeyFunc)
+	src.services = store
+	rec := &recorder{}
+	http := []discovery.EndpointPort{eport("http", 8080, corev1.ProtocolTCP)}
+	addSvc := func(name, ip string) {
+		c := compactService(svc(name, []string{ip}, port("http", 80, corev1.ProtocolTCP)))
+		store.Add(c)
+		src.serviceChanged(c)
+	}
+	for i, name := range []string{"a", "b", "c"} {
+		addSvc(name, "10.96.0."+strconv.Itoa(i+1))
+		src.sliceChanged(nil, compactSlice(slice(name, name+"-1", discovery.AddressTypeIPv4, http, ep("10.0.0.1", "", "rs")), "n1"), true)
+	}
+	// d conflicts with c (same VIP:port, sorted after it).
+	addSvc("d", "10.96.0.3")
+	sync := func() change {
+		t.Helper()
+		n := len(rec.changes)
+		if err := src.sync(rec); err != nil {
+			t.Fatal(err)
+		}
+		if len(rec.changes) != n+1 {
+			t.Fatalf("%d changes applied, want %d", len(rec.changes), n+1)
+		}
+		return rec.changes[n]
+	}
+	if err := src.sync(rec); err != nil || len(rec.applies) != 1 || len(rec.changes) != 0 {
+		t.Fatalf("first sync: %v, %d applies, %d changes", err, len(rec.applies), len(rec.changes))
+	}
+	names := func(c change) string {
+		var out []string
+		for _, s := range c.upsert {
+			out = append(out, s.Name+"="+fmt.Sprint(backends(s)))
+		}
+		return fmt.Sprint(out, c.remove)
+	}
+	old := compactSlice(slice("b", "b-1", discovery.AddressTypeIPv4, http, ep("10.0.0.1", "", "rs")), "n1")
+	src.sliceChanged(old, compactSlice(slice("b", "b-1", discovery.AddressTypeIPv4, http, ep("10.0.0.2", "", "rs")), "n1"), true)
+	if got, want := names(sync()), "[ns/b:http=[10.0.0.2:8080]] []"; got != want {
+		t.Errorf("slice of b changed: applied %s, want %s", got, want)
+	}
+	// c deleted: d gets its VIP:port.
+	o, _, _ := store.GetByKey("ns/c")
+	store.Delete(o)
+	src.serviceChanged(o)
+	if got, want := names(sync()), "[ns/d:http=[]] [ns/c:http]"; got != want {
+		t.Errorf("c deleted: applied %s, want %s", got, want)
+	}
+	// Nothing changed: nothing applied.
+	n := len(rec.applies)
+	if err := src.sync(rec); err != nil || len(rec.applies) != n {
+		t.Errorf("idle sync: %v, %d applies, want %d", err, len(rec.applies), n)
+	}
+}
