@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -418,7 +419,15 @@ func (s *Source) sync(apply lb.Applier) error {
 	}
 	s.skipped = r.Skipped
 	s.opts.Log.Debug("services synced", "services", len(s.model.entries), "changed", len(dirty), "took", end.Sub(start))
-	s.syncedOnce.Do(func() { close(s.synced) })
+	s.syncedOnce.Do(func() {
+		close(s.synced)
+		// The initial lists' objects as decoded, before the transform,
+		// were garbage once compacted, but the collections during the
+		// lists set the heap goal by them, and with incremental syncs
+		// allocating little the next collection may be minutes away:
+		// collect now and return the memory to the system.
+		debug.FreeOSMemory()
+	})
 	return nil
 }
 
