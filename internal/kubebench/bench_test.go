@@ -355,12 +355,10 @@ func (b *bench) startKubeProxy(t *testing.T, sb *testenv.Sandbox, bin, mode stri
 		"-v="+setting("KTEL_BENCH_KUBE_PROXY_V", "1"),
 	)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	done := make(chan struct{})
+	if err := testenv.StartTied(cmd, func(error) { logf.Close(); close(done) }); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); logf.Close(); close(done) }()
 	t.Cleanup(func() {
 		cmd.Process.Signal(syscall.SIGTERM)
 		select {

@@ -295,17 +295,14 @@ func (c *Cluster) run(tb testing.TB, name string, args ...string) {
 	cmd := exec.Command(filepath.Join(c.bin, name), args...)
 	cmd.Stdout, cmd.Stderr = log, log
 	// Killed if the test binary dies before its cleanup runs.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	done := make(chan struct{})
+	if err := testenv.StartTied(cmd, func(error) {
+		log.Close()
+		close(done)
+	}); err != nil {
 		log.Close()
 		tb.Fatalf("kubetest: start %s: %v", name, err)
 	}
-	done := make(chan struct{})
-	go func() {
-		cmd.Wait()
-		log.Close()
-		close(done)
-	}()
 	tb.Cleanup(func() {
 		cmd.Process.Signal(syscall.SIGTERM)
 		select {

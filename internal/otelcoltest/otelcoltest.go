@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -299,23 +298,12 @@ type process struct {
 // happens on a thread locked to a goroutine that lives until the child exits.
 func spawn(bin string, args []string, out *os.File) (*process, error) {
 	p := &process{done: make(chan struct{})}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		cmd := exec.Command(bin, args...)
-		cmd.Stdout, cmd.Stderr = out, out
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		p.cmd = cmd
-		started <- nil
-		p.err = cmd.Wait()
+	p.cmd = exec.Command(bin, args...)
+	p.cmd.Stdout, p.cmd.Stderr = out, out
+	if err := testenv.StartTied(p.cmd, func(err error) {
+		p.err = err
 		close(p.done)
-	}()
-	if err := <-started; err != nil {
+	}); err != nil {
 		return nil, err
 	}
 	return p, nil
