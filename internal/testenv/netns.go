@@ -20,10 +20,12 @@ import (
 func NetnsPath(name string) string { return "/var/run/netns/" + name }
 
 // InNetns runs f on an OS thread that has joined the network namespace
-// name (made with `ip netns add`). The thread is never unlocked: when the
-// goroutine ends, Go discards it rather than let another goroutine run in
-// the namespace. Sockets f creates stay in the namespace and may be used
-// from any goroutine afterwards.
+// name (made with `ip netns add`), then returns the thread to its own
+// namespace. Sockets f creates stay in the namespace and may be used from
+// any goroutine afterwards. Only if the thread cannot go back is it left
+// locked, for Go to discard when the goroutine ends: a thread that ends
+// takes with it the children it started with Pdeathsig (kubetest's control
+// plane), so threads are kept whenever possible.
 func InNetns[T any](name string, f func() (T, error)) (T, error) {
 	type result struct {
 		v   T
@@ -34,6 +36,12 @@ func InNetns[T any](name string, f func() (T, error)) (T, error) {
 		runtime.LockOSThread()
 		var r result
 		defer func() { ch <- r }()
+		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			r.err = fmt.Errorf("open own netns: %w", err)
+			return
+		}
+		defer unix.Close(orig)
 		fd, err := unix.Open(NetnsPath(name), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			r.err = fmt.Errorf("open netns %s: %w", name, err)
@@ -45,6 +53,9 @@ func InNetns[T any](name string, f func() (T, error)) (T, error) {
 			return
 		}
 		r.v, r.err = f()
+		if unix.Setns(orig, unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
 	}()
 	r := <-ch
 	return r.v, r.err
