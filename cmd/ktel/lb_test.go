@@ -167,8 +167,9 @@ func TestLBKubernetesAPIServerRestart(t *testing.T) {
 
 	proxy := c.Proxy(t, true)
 	kubeconfig := c.WriteKubeconfig(t, t.TempDir()+"/kubeconfig", "https://"+proxy.Addr)
-	d := startDaemon(t, "KTEL_PROBES=lb", "KTEL_LB_SOURCE=kubernetes", "KUBECONFIG="+kubeconfig,
-		"KTEL_NODE_NAME="+node, "KTEL_LB_CGROUP="+sb.Cgroup)
+	// No KTEL_NODE_NAME (the host name, then; every Service here is
+	// cluster-wide): nothing but lb's source talks to the API server.
+	d := startDaemon(t, "KTEL_PROBES=lb", "KTEL_LB_SOURCE=kubernetes", "KUBECONFIG="+kubeconfig, "KTEL_LB_CGROUP="+sb.Cgroup)
 	both := []string{"10.244.0.1:8080", "10.244.0.2:8080"}
 	sb.reached(t, web, both...)
 	sb.reached(t, gone, "10.244.0.3:8080")
@@ -178,7 +179,7 @@ func TestLBKubernetesAPIServerRestart(t *testing.T) {
 
 	proxy.SetUp(false)
 	restarted := time.Now()
-	c.RestartAPIServer(t, nil)
+	c.RestartAPIServer(t)
 	t.Logf("kube-apiserver restarted in %v", time.Since(restarted).Round(time.Millisecond))
 	c.SetPodStatus(t, ns, "web-0", notReady)
 	if err := c.Client.CoreV1().Services(ns).Delete(ctx, "gone", metav1.DeleteOptions{}); err != nil {
@@ -208,7 +209,9 @@ func TestLBKubernetesAPIServerRestart(t *testing.T) {
 	sb.reached(t, gone, "10.244.0.3:8080")
 
 	proxy.SetUp(true)
+	back := time.Now()
 	sb.reached(t, web, "10.244.0.2:8080")
+	t.Logf("web-0 gone from web %v after the API server could be reached again", time.Since(back).Round(time.Millisecond))
 	// gone's ClusterIP is no service any more: not rewritten, and the
 	// sandbox has no route to it.
 	waitFor(t, "gone removed", func() bool {
@@ -225,6 +228,13 @@ func TestLBKubernetesAPIServerRestart(t *testing.T) {
 	}
 	if v := metricValue(t, d, "ktel_probe_up", `probe="lb"`); v != 1 {
 		t.Errorf(`ktel_probe_up{probe="lb"} = %v, want 1`, v)
+	}
+	// client-go's complaints meanwhile went through ktel's logger, not
+	// klog's own text on stderr.
+	for _, line := range strings.Split(strings.TrimSpace(d.Stderr.String()), "\n") {
+		if _, err := parseRecord(line); err != nil {
+			t.Errorf("stderr line %q: %v", line, err)
+		}
 	}
 }
 

@@ -57,6 +57,10 @@ const (
 	// busy.
 	startTimeout = 2 * time.Minute
 	stopTimeout  = 15 * time.Second
+	// kube-apiserver stops listening at once on SIGTERM, but waits for
+	// its watches to end for longer than 15 s: a restart does not wait
+	// that long.
+	restartStopTimeout = 3 * time.Second
 )
 
 // Cluster is a running control plane.
@@ -268,16 +272,13 @@ func (c *Cluster) waitAPIServer(ctx context.Context, tb testing.TB) {
 }
 
 // RestartAPIServer stops kube-apiserver (SIGTERM, as a rolling upgrade
-// does), calls down while it is stopped, then starts it again on the same
-// address, with the same etcd (so the same objects), and waits until it is
-// ready. Its watch cache starts afresh: clients' watches end, and a client
-// may have to list again. down may be nil.
-func (c *Cluster) RestartAPIServer(tb testing.TB, down func()) {
+// does, and SIGKILL restartStopTimeout later), then starts it again on the
+// same address, with the same etcd (so the same objects), and waits until
+// it is ready. Its watch cache starts afresh: clients' watches end, and a
+// client may have to list again.
+func (c *Cluster) RestartAPIServer(tb testing.TB) {
 	tb.Helper()
-	c.apiserver.stop()
-	if down != nil {
-		down()
-	}
+	c.apiserver.stop(restartStopTimeout)
 	c.apiserver = c.run(tb, "kube-apiserver", c.apiArgs...)
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
@@ -356,8 +357,8 @@ type proc struct {
 }
 
 // stop sends SIGTERM and waits for the process to exit, killing it after
-// stopTimeout.
-func (p *proc) stop() {
+// timeout.
+func (p *proc) stop(timeout time.Duration) {
 	select {
 	case <-p.done:
 		return
@@ -366,7 +367,7 @@ func (p *proc) stop() {
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
-	case <-time.After(stopTimeout):
+	case <-time.After(timeout):
 		p.cmd.Process.Kill()
 		<-p.done
 	}
@@ -396,7 +397,7 @@ func (c *Cluster) run(tb testing.TB, name string, args ...string) *proc {
 		close(p.done)
 	}()
 	tb.Cleanup(func() {
-		p.stop() // at once if it stopped already (restarted)
+		p.stop(stopTimeout) // at once if it stopped already (restarted)
 		if tb.Failed() {
 			tb.Logf("kubetest: %s log (tail):\n%s", name, tail(logPath, 40))
 		}
