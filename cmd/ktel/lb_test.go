@@ -33,9 +33,10 @@ import (
 
 // The binary with KTEL_PROBES=lb and KTEL_LB_SOURCE=kubernetes against a
 // real API server and controller-manager: Pods whose IPs are addresses
-// listening in a network namespace of the test (no route out), a Service
-// selecting them, and connects from the test's cgroup, in that namespace,
-// to the ClusterIP. Connects reach the Pods and move when one stops being
+// listening in a network namespace of the test (no route out), a
+// LoadBalancer Service selecting them, and connects from the test's
+// cgroup, in that namespace, to the ClusterIP. Connects reach the Pods
+// (not through the Service's external IP) and move when one stops being
 // ready; the source's metrics move; objects the API server would refuse
 // (written to etcd directly) or that ktel cannot serve are skipped and
 // counted while the rest is served; SIGTERM leaves nothing in the kernel.
@@ -54,9 +55,12 @@ func TestLBKubernetes(t *testing.T) {
 	for i, ip := range ips[:2] {
 		lbPod(t, c, ns, fmt.Sprintf("web-%d", i), node, ip, "web")
 	}
+	// A LoadBalancer Service (with a node port) is served on its
+	// ClusterIP; its external IP is not balanced (README).
+	const externalIP = "192.0.2.10" // TEST-NET-1, unrouted in the sandbox
 	vip := lbService(t, c, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "web"},
-		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "web"},
+		Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeLoadBalancer, ExternalIPs: []string{externalIP}, Selector: map[string]string{"app": "web"},
 			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("http")}}},
 	})
 
@@ -71,6 +75,9 @@ func TestLBKubernetes(t *testing.T) {
 
 	const web = `service="default/web:http"`
 	sb.reached(t, vip, "10.244.0.1:8080", "10.244.0.2:8080")
+	if r := sb.connects(t, externalIP+":80", 5, false).wait(t); r.Errors["ENETUNREACH"] != 5 {
+		t.Errorf("connects to the external IP: %+v, want 5 ENETUNREACH (not balanced)", r)
+	}
 	for _, m := range [][]string{{"ktel_probe_up", `probe="lb"`}, {"ktel_scrape_collector_success", `collector="lb"`}} {
 		if v := metricValue(t, d, m[0], m[1]); v != 1 {
 			t.Errorf("%s{%s} = %v, want 1", m[0], m[1], v)
