@@ -13,7 +13,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -422,22 +421,7 @@ func (sb *lbSandbox) backend(t *testing.T, addr string) {
 	t.Helper()
 	host, _, _ := net.SplitHostPort(addr)
 	testenv.Run(t, []string{"ip", "-n", sb.NS, "addr", "add", host + "/32", "dev", "lo"})
-	ln, err := testenv.InNetns(sb.NS, func() (net.Listener, error) { return net.Listen("tcp", addr) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte(addr + "\n"))
-			c.Close()
-		}
-	})
+	sb.ServeAddr(t, addr)
 }
 
 // lbResult is what a connecting client reports.
@@ -473,49 +457,23 @@ func (sb *lbSandbox) reached(t *testing.T, vip string, want ...string) {
 	t.Fatalf("connects to %s reached %v (errors %v), want %v (none: refused)", vip, got, r.Errors, want)
 }
 
-// lbClient is a running client process (TestHelperLBConnects).
-type lbClient struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	out   strings.Builder
-}
-
 // connects starts a client that connects to vip n times in turn, in the
-// sandbox's namespace and cgroup; with untilEOF, it also stops when wait
-// closes its stdin.
+// sandbox's namespace and cgroup (TestHelperLBConnects); with untilEOF, it
+// also stops when wait closes its stdin.
 func (sb *lbSandbox) connects(t *testing.T, vip string, n int, untilEOF bool) *lbClient {
 	t.Helper()
-	cmd := sb.HelperCommand(t, "TestHelperLBConnects", true)
-	cmd.Env = append(cmd.Env, "LBE2E_VIP="+vip, "LBE2E_N="+strconv.Itoa(n), "LBE2E_UNTIL_EOF="+strconv.FormatBool(untilEOF))
-	c := &lbClient{cmd: cmd}
-	cmd.Stdout, cmd.Stderr = &c.out, os.Stderr
-	var err error
-	if c.stdin, err = cmd.StdinPipe(); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
-	return c
+	return &lbClient{sb.StartHelper(t, "TestHelperLBConnects", true,
+		"LBE2E_VIP="+vip, "LBE2E_N="+strconv.Itoa(n), "LBE2E_UNTIL_EOF="+strconv.FormatBool(untilEOF))}
 }
 
-// wait closes the client's stdin and returns its result.
+// lbClient is a running client process.
+type lbClient struct{ *testenv.Helper }
+
+// wait stops the client (if it has not stopped) and returns its result.
 func (c *lbClient) wait(t *testing.T) lbResult {
 	t.Helper()
-	c.stdin.Close()
-	if err := c.cmd.Wait(); err != nil {
-		t.Fatalf("client: %v; output %q", err, c.out.String())
-	}
 	var r lbResult
-	if err := json.Unmarshal([]byte(c.out.String()), &r); err != nil {
-		t.Fatalf("client output %q: %v", c.out.String(), err)
-	}
+	c.Wait(t, &r)
 	return r
 }
 
