@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"runtime"
 	"strconv"
 	"strings"
@@ -69,26 +68,10 @@ func (sb *sandbox) inNS(t *testing.T, f func() error) {
 }
 
 // serveTCP listens on addr in the namespace and answers every connection
-// with its own address and a newline.
+// with its own address and a newline (testenv.Sandbox.ServeAddr).
 func (sb *sandbox) serveTCP(t *testing.T, addr string) {
 	t.Helper()
-	var ln net.Listener
-	sb.inNS(t, func() (err error) {
-		ln, err = net.Listen("tcp", addr)
-		return err
-	})
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte(addr + "\n"))
-			c.Close()
-		}
-	})
+	sb.ServeAddr(t, addr)
 }
 
 // serveUDP answers every datagram on addr with its own address.
@@ -132,64 +115,30 @@ type clientSpec struct {
 // client is a running client process in the sandbox: a re-exec of the
 // test binary (TestHelperProcess) under `ip netns exec`, which joins the
 // cgroup itself before opening any socket.
-type client struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	out   strings.Builder
-}
+type client struct{ *testenv.Helper }
 
 func (sb *sandbox) start(t *testing.T, spec clientSpec) *client {
 	t.Helper()
-	cmd := sb.HelperCommand(t, "TestHelperProcess", spec.inCgroup)
-	cmd.Env = append(cmd.Env,
-		"LBTEST_MODE="+spec.mode,
-		"LBTEST_ADDR="+spec.addr,
-		"LBTEST_N="+strconv.Itoa(spec.n),
+	env := []string{
+		"LBTEST_MODE=" + spec.mode,
+		"LBTEST_ADDR=" + spec.addr,
+		"LBTEST_N=" + strconv.Itoa(spec.n),
 		"LBTEST_MAX_SECONDS=20",
 		// No preemption signals: each connect(2) must run once, not be
 		// interrupted and retried.
 		"GODEBUG=asyncpreemptoff=1",
-	)
+	}
 	if spec.untilEOF {
-		cmd.Env = append(cmd.Env, "LBTEST_UNTIL_EOF=1")
+		env = append(env, "LBTEST_UNTIL_EOF=1")
 	}
-	c := &client{cmd: cmd}
-	cmd.Stdout = &c.out
-	cmd.Stderr = os.Stderr
-	var err error
-	if c.stdin, err = cmd.StdinPipe(); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
-	return c
+	return &client{sb.StartHelper(t, "TestHelperProcess", spec.inCgroup, env...)}
 }
 
 // wait closes the client's stdin and returns its result.
 func (c *client) wait(t *testing.T) clientResult {
 	t.Helper()
-	c.stdin.Close()
-	if err := c.cmd.Wait(); err != nil {
-		t.Fatalf("client: %v; output %q", err, c.out.String())
-	}
 	var r clientResult
-	line := c.out.String()
-	if i := strings.Index(line, "{"); i >= 0 {
-		line = line[i:]
-	}
-	if j := strings.Index(line, "\n"); j >= 0 {
-		line = line[:j]
-	}
-	if err := json.Unmarshal([]byte(line), &r); err != nil {
-		t.Fatalf("client output %q: %v", c.out.String(), err)
-	}
+	c.Wait(t, &r)
 	return r
 }
 

@@ -111,6 +111,12 @@ func newDaemon(cfg *config.Config, log *slog.Logger, starters map[string]starter
 		log.Info("exporting spans of kernel outliers over OTLP")
 	}
 
+	// client-go logs through klog, in its own text format on stderr unless
+	// routed to ktel's logger: for workload attribution and lb's
+	// Kubernetes source alike.
+	if cfg.Workloads() == config.WorkloadsKubernetes || cfg.LBSource == "kubernetes" {
+		klog.SetSlogLogger(log.With("component", "client-go"))
+	}
 	if err := d.startWorkloads(); err != nil {
 		d.Close()
 		return nil, err
@@ -203,8 +209,6 @@ func (d *Daemon) startWorkloads() error {
 	}
 	if source == config.WorkloadsKubernetes {
 		opts.NodeName, opts.Kubeconfig = d.cfg.NodeName, os.Getenv("KUBECONFIG")
-		// client-go logs through klog; route it to ktel's logger.
-		klog.SetSlogLogger(log.With("component", "client-go"))
 	}
 	r, err := k8smeta.New(opts)
 	if errors.Is(err, cgroups.ErrNoV2) {

@@ -20,8 +20,8 @@ func lbSource(e env) (lb.Source, metrics.Collector, error) {
 		return nil, nil, nil
 	}
 	rc, err := kubeclient.Config(os.Getenv("KUBECONFIG"))
-	if err != nil {
-		return nil, nil, err
+	if err != nil { // checked by validLB already, unless it changed since
+		return nil, nil, fmt.Errorf("KTEL_LB_SOURCE=kubernetes: %w", err)
 	}
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
@@ -41,6 +41,18 @@ func lbSource(e env) (lb.Source, metrics.Collector, error) {
 	}
 	e.log.Info("services from the Kubernetes API server", "host", rc.Host, "node", node)
 	return src, m, nil
+}
+
+// kubeconfigProblem says why the Kubernetes source would have no client
+// configuration (naming KUBECONFIG), or returns "". It reads the files and
+// the environment only: an API server that does not answer is not a
+// configuration error (the informers retry, and the datapath serves once
+// they have synced).
+func kubeconfigProblem() string {
+	if _, err := kubeclient.Config(os.Getenv("KUBECONFIG")); err != nil {
+		return err.Error()
+	}
+	return ""
 }
 
 // withSource adds the source's collector, if any, to the probe's.

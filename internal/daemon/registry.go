@@ -289,6 +289,10 @@ func validLB(c *config.Config, enabled bool) []error {
 		bad("KTEL_LB_SOURCE", c.LBSource, "")
 	case c.LBSource == "kubernetes" && enabled && c.LBServicesFile != "":
 		bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, "KTEL_LB_SOURCE=kubernetes: the services come from the API server, not a file")
+	case c.LBSource == "kubernetes" && enabled:
+		if reason := kubeconfigProblem(); reason != "" {
+			bad("KTEL_LB_SOURCE", c.LBSource, reason)
+		}
 	case c.LBSource == "kubernetes":
 	case enabled && c.LBServicesFile == "":
 		bad("KTEL_LB_SERVICES_FILE", c.LBServicesFile, "the lb probe is enabled but no services file is named")

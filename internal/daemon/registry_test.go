@@ -134,7 +134,7 @@ func TestInputEnablesProbes(t *testing.T) {
 		// A services file is not read when lb does not run.
 		{map[string]string{"KTEL_LB_SERVICES_FILE": "/nonexistent.yaml", "KTEL_PROBES": "syscall"}, "syscall"},
 		// Asking for the Kubernetes source is asking for lb.
-		{map[string]string{"KTEL_LB_SOURCE": "kubernetes"}, "syscall,runqlat,tcpretrans,lb"},
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KUBECONFIG": "testdata/kubeconfig"}, "syscall,runqlat,tcpretrans,lb"},
 		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KTEL_PROBES": "syscall"}, "syscall"},
 	} {
 		setenv(t, tc.env)
@@ -161,6 +161,36 @@ func TestProbeWithoutInput(t *testing.T) {
 		var ce *config.Error
 		if !errors.As(err, &ce) || ce.Var != missing {
 			t.Errorf("KTEL_PROBES=%s: %v, want an error naming %s", probe, err, missing)
+		}
+	}
+}
+
+// The Kubernetes source without a client configuration is refused before
+// loading, naming KTEL_LB_SOURCE and KUBECONFIG; an API server that does
+// not answer is not checked (testdata/kubeconfig names a closed port).
+func TestLBKubernetesWithoutKubeconfig(t *testing.T) {
+	for _, tc := range []struct {
+		env  map[string]string
+		want string // in the message; "" for no error
+	}{
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KUBECONFIG": "testdata/kubeconfig"}, ""},
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KUBECONFIG": "/nonexistent:/nonexistent-too"}, `KUBECONFIG="/nonexistent:/nonexistent-too": none of its files exists`},
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KUBECONFIG": "testdata/services-ok.yaml"}, `KUBECONFIG="testdata/services-ok.yaml": `},
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KUBECONFIG": "", "KUBERNETES_SERVICE_HOST": ""}, "KUBECONFIG is not set and the in-cluster configuration"},
+		// Not checked when lb does not run.
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KUBECONFIG": "/nonexistent", "KTEL_PROBES": "syscall"}, ""},
+	} {
+		setenv(t, tc.env)
+		_, err := config.Load(Probes())
+		if tc.want == "" {
+			if err != nil {
+				t.Errorf("%v: %v", tc.env, err)
+			}
+			continue
+		}
+		var ce *config.Error
+		if !errors.As(err, &ce) || ce.Var != "KTEL_LB_SOURCE" || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v, want an error naming KTEL_LB_SOURCE and containing %q", tc.env, err, tc.want)
 		}
 	}
 }
@@ -233,7 +263,7 @@ func TestLBSource(t *testing.T) {
 		env     map[string]string
 		wantVar string // "" when valid
 	}{
-		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KTEL_NODE_NAME": "n1"}, ""},
+		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KTEL_NODE_NAME": "n1", "KUBECONFIG": "testdata/kubeconfig"}, ""},
 		{map[string]string{"KTEL_LB_SOURCE": "etcd"}, "KTEL_LB_SOURCE"},
 		{map[string]string{"KTEL_LB_SOURCE": "kubernetes", "KTEL_LB_SERVICES_FILE": "testdata/services-ok.yaml"}, "KTEL_LB_SERVICES_FILE"},
 		{map[string]string{"KTEL_LB_SOURCE": "file", "KTEL_PROBES": "lb"}, "KTEL_LB_SERVICES_FILE"},

@@ -248,22 +248,7 @@ func (b *bench) sandbox(t *testing.T, name string) *testenv.Sandbox {
 		}
 	}
 	for _, addr := range []string{backendA, backendB} {
-		ln, err := testenv.InNetns(sb.NS, func() (net.Listener, error) { return net.Listen("tcp", addr) })
-		if err != nil {
-			t.Fatal(err)
-		}
-		var wg sync.WaitGroup
-		t.Cleanup(func() { ln.Close(); wg.Wait() })
-		wg.Go(func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				c.Write([]byte(addr + "\n"))
-				c.Close()
-			}
-		})
+		sb.ServeAddr(t, addr)
 	}
 	return sb
 }

@@ -7,15 +7,19 @@
 package kubetest
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -53,6 +57,10 @@ const (
 	// busy.
 	startTimeout = 2 * time.Minute
 	stopTimeout  = 15 * time.Second
+	// kube-apiserver stops listening at once on SIGTERM, but waits for
+	// its watches to end for longer than 15 s: a restart does not wait
+	// that long.
+	restartStopTimeout = 3 * time.Second
 )
 
 // Cluster is a running control plane.
@@ -70,9 +78,14 @@ type Cluster struct {
 	// StartTimes are how long each component took to become ready.
 	StartTimes map[string]time.Duration
 
-	bin   string
-	token string
-	caPEM []byte
+	bin     string
+	token   string
+	caPEM   []byte
+	etcdURL string
+	// apiserver is the running kube-apiserver and apiArgs its arguments,
+	// for RestartAPIServer.
+	apiserver *proc
+	apiArgs   []string
 }
 
 // BinDir returns the directory of the control-plane binaries. When one is
@@ -145,8 +158,11 @@ func StartWith(tb testing.TB, opts Options) *Cluster {
 	etcdClient, etcdPeer := freePort(tb), freePort(tb)
 	etcdURL := "http://127.0.0.1:" + etcdClient
 	peerURL := "http://127.0.0.1:" + etcdPeer
+	c.etcdURL = etcdURL
 	c.run(tb, "etcd",
 		"--name=default",
+		// StoreUnchecked's HTTP API (etcd's default, said for the reader).
+		"--enable-grpc-gateway",
 		"--data-dir="+filepath.Join(c.Dir, "etcd"),
 		"--listen-client-urls="+etcdURL,
 		"--advertise-client-urls="+etcdURL,
@@ -172,25 +188,26 @@ func StartWith(tb testing.TB, opts Options) *Cluster {
 	certDir := filepath.Join(c.Dir, "pki")
 	apiPort := freePort(tb)
 	c.Server = "https://127.0.0.1:" + apiPort
-	c.run(tb, "kube-apiserver",
-		"--etcd-servers="+etcdURL,
+	c.apiArgs = []string{
+		"--etcd-servers=" + etcdURL,
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
-		"--secure-port="+apiPort,
-		"--cert-dir="+certDir,
-		"--token-auth-file="+tokens,
+		"--secure-port=" + apiPort,
+		"--cert-dir=" + certDir,
+		"--token-auth-file=" + tokens,
 		"--authorization-mode=RBAC",
 		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file="+saPub,
-		"--service-account-signing-key-file="+saKey,
-		"--service-cluster-ip-range="+opts.ServiceCIDR,
+		"--service-account-key-file=" + saPub,
+		"--service-account-signing-key-file=" + saKey,
+		"--service-cluster-ip-range=" + opts.ServiceCIDR,
 		// No other API server updates the kubernetes Service's endpoints,
 		// and this one must not advertise itself there.
 		"--endpoint-reconciler-type=none",
 		"--allow-privileged=true",
 		"--profiling=false",
 		"-v=1",
-	)
+	}
+	c.apiserver = c.run(tb, "kube-apiserver", c.apiArgs...)
 	// The API server writes its self-signed certificate (with its CA)
 	// before it listens.
 	crt := filepath.Join(certDir, "apiserver.crt")
@@ -199,12 +216,10 @@ func StartWith(tb testing.TB, opts Options) *Cluster {
 		c.caPEM, err = os.ReadFile(crt)
 		return err
 	})
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(c.caPEM) {
+	if !x509.NewCertPool().AppendCertsFromPEM(c.caPEM) {
 		tb.Fatalf("kubetest: no certificate in %s", crt)
 	}
-	tlsClient := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}, Timeout: 5 * time.Second}
-	c.waitHTTP(ctx, tb, "kube-apiserver", tlsClient, c.Server+"/readyz", c.token)
+	c.waitAPIServer(ctx, tb)
 	c.StartTimes["kube-apiserver"] = time.Since(t0)
 
 	c.Kubeconfig = c.WriteKubeconfig(tb, filepath.Join(c.Dir, "kubeconfig"), c.Server)
@@ -247,6 +262,58 @@ func StartWith(tb testing.TB, opts Options) *Cluster {
 	return c
 }
 
+// waitAPIServer waits until the API server answers /readyz.
+func (c *Cluster) waitAPIServer(ctx context.Context, tb testing.TB) {
+	tb.Helper()
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(c.caPEM)
+	tlsClient := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}, Timeout: 5 * time.Second}
+	c.waitHTTP(ctx, tb, "kube-apiserver", tlsClient, c.Server+"/readyz", c.token)
+}
+
+// RestartAPIServer stops kube-apiserver (SIGTERM, as a rolling upgrade
+// does, and SIGKILL restartStopTimeout later), then starts it again on the
+// same address, with the same etcd (so the same objects), and waits until
+// it is ready. Its watch cache starts afresh: clients' watches end, and a
+// client may have to list again.
+func (c *Cluster) RestartAPIServer(tb testing.TB) {
+	tb.Helper()
+	c.apiserver.stop(restartStopTimeout)
+	c.apiserver = c.run(tb, "kube-apiserver", c.apiArgs...)
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	c.waitAPIServer(ctx, tb)
+}
+
+// StoreUnchecked writes obj as JSON under key in etcd (such as
+// /registry/services/specs/NAMESPACE/NAME for a Service), past the API
+// server's validation and admission, through etcd's HTTP API. It is for
+// objects that the API server would refuse but that clients must survive
+// all the same (a ClusterIP two Services share, an address that does not
+// parse: a restored backup, a bug in an allocator). obj must carry its
+// apiVersion and kind, and no resourceVersion. The API server's watch
+// cache picks it up as any change.
+func (c *Cluster) StoreUnchecked(tb testing.TB, key string, obj any) {
+	tb.Helper()
+	value, err := json.Marshal(obj)
+	if err != nil {
+		tb.Fatalf("kubetest: encode %s: %v", key, err)
+	}
+	body, err := json.Marshal(map[string]string{"key": base64.StdEncoding.EncodeToString([]byte(key)), "value": base64.StdEncoding.EncodeToString(value)})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	resp, err := http.Post(c.etcdURL+"/v3/kv/put", "application/json", bytes.NewReader(body))
+	if err != nil {
+		tb.Fatalf("kubetest: etcd put %s: %v", key, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(resp.Body)
+		tb.Fatalf("kubetest: etcd put %s: %s: %s", key, resp.Status, msg)
+	}
+}
+
 // WriteKubeconfig writes a kubeconfig for the administrator to path with
 // server as the API server's URL (a proxy's, say), and returns path.
 func (c *Cluster) WriteKubeconfig(tb testing.TB, path, server string) string {
@@ -283,12 +350,35 @@ func (c *Cluster) KubectlErr(stdin []byte, args ...string) (string, error) {
 	return string(out), err
 }
 
-// run starts a component, logging to Dir/<name>.log, and stops it when tb
-// ends.
-func (c *Cluster) run(tb testing.TB, name string, args ...string) {
+// proc is a running component.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{} // closed once it is reaped
+}
+
+// stop sends SIGTERM and waits for the process to exit, killing it after
+// timeout.
+func (p *proc) stop(timeout time.Duration) {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// run starts a component, logging to Dir/<name>.log (appending, across
+// restarts), and stops it when tb ends.
+func (c *Cluster) run(tb testing.TB, name string, args ...string) *proc {
 	tb.Helper()
 	logPath := filepath.Join(c.Dir, name+".log")
-	log, err := os.Create(logPath)
+	log, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -303,18 +393,14 @@ func (c *Cluster) run(tb testing.TB, name string, args ...string) {
 		log.Close()
 		tb.Fatalf("kubetest: start %s: %v", name, err)
 	}
+	p := &proc{cmd: cmd, done: done}
 	tb.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(stopTimeout):
-			cmd.Process.Kill()
-			<-done
-		}
+		p.stop(stopTimeout) // at once if it stopped already (restarted)
 		if tb.Failed() {
 			tb.Logf("kubetest: %s log (tail):\n%s", name, tail(logPath, 40))
 		}
 	})
+	return p
 }
 
 // waitFor polls ready until it returns nil, failing tb at ctx's deadline

@@ -34,6 +34,23 @@ func TestCluster(t *testing.T) {
 		t.Errorf("kubectl: %q", out)
 	}
 
+	// Past the API server, into etcd: read back through it.
+	c.StoreUnchecked(t, "/registry/configmaps/ns/unchecked", &corev1.ConfigMap{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "ConfigMap"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "unchecked", UID: "00000000-0000-0000-0000-000000000001"},
+		Data:       map[string]string{"k": "v"},
+	})
+	cm, err := c.Client.CoreV1().ConfigMaps("ns").Get(ctx, "unchecked", metav1.GetOptions{})
+	if err != nil || cm.Data["k"] != "v" {
+		t.Errorf("config map stored in etcd: %+v, %v", cm, err)
+	}
+
+	// Restarted: the same objects, at the same address.
+	c.RestartAPIServer(t)
+	if _, err := c.Client.CoreV1().Pods("ns").Get(ctx, "web", metav1.GetOptions{}); err != nil {
+		t.Errorf("after a restart: %v", err)
+	}
+
 	// Through the proxy: reachable while up, not while down.
 	p := c.Proxy(t, true)
 	cfg, err := clientcmd.BuildConfigFromFlags("", c.WriteKubeconfig(t, filepath.Join(t.TempDir(), "kc"), "https://"+p.Addr))

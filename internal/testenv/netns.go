@@ -1,13 +1,17 @@
 package testenv
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,10 +24,12 @@ import (
 func NetnsPath(name string) string { return "/var/run/netns/" + name }
 
 // InNetns runs f on an OS thread that has joined the network namespace
-// name (made with `ip netns add`). The thread is never unlocked: when the
-// goroutine ends, Go discards it rather than let another goroutine run in
-// the namespace. Sockets f creates stay in the namespace and may be used
-// from any goroutine afterwards.
+// name (made with `ip netns add`), then returns the thread to its own
+// namespace. Sockets f creates stay in the namespace and may be used from
+// any goroutine afterwards. Only if the thread cannot go back is it left
+// locked, for Go to discard when the goroutine ends: a thread that ends
+// takes with it the children it started with Pdeathsig (kubetest's control
+// plane), so threads are kept whenever possible.
 func InNetns[T any](name string, f func() (T, error)) (T, error) {
 	type result struct {
 		v   T
@@ -34,6 +40,12 @@ func InNetns[T any](name string, f func() (T, error)) (T, error) {
 		runtime.LockOSThread()
 		var r result
 		defer func() { ch <- r }()
+		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			r.err = fmt.Errorf("open own netns: %w", err)
+			return
+		}
+		defer unix.Close(orig)
 		fd, err := unix.Open(NetnsPath(name), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			r.err = fmt.Errorf("open netns %s: %w", name, err)
@@ -45,6 +57,9 @@ func InNetns[T any](name string, f func() (T, error)) (T, error) {
 			return
 		}
 		r.v, r.err = f()
+		if unix.Setns(orig, unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
 	}()
 	r := <-ch
 	return r.v, r.err
@@ -122,6 +137,30 @@ func NewSandbox(tb testing.TB, name string) *Sandbox {
 	return sb
 }
 
+// ServeAddr listens on addr (TCP, an address of the namespace) in the
+// sandbox's namespace and answers every connection with addr and a
+// newline, so that a client sees which backend it reached. It stops when
+// tb ends.
+func (s *Sandbox) ServeAddr(tb testing.TB, addr string) {
+	tb.Helper()
+	ln, err := InNetns(s.NS, func() (net.Listener, error) { return net.Listen("tcp", addr) })
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	tb.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte(addr + "\n"))
+			c.Close()
+		}
+	})
+}
+
 // cgroupFDEnv tells a helper process that HelperCommand started that its
 // file descriptor 3 is the sandbox's cgroup.procs.
 const cgroupFDEnv = "TESTENV_SANDBOX_CGROUP_FD"
@@ -146,6 +185,55 @@ func (s *Sandbox) HelperCommand(tb testing.TB, test string, inCgroup bool) *exec
 		cmd.Env = append(cmd.Env, cgroupFDEnv+"=3")
 	}
 	return cmd
+}
+
+// Helper is a running helper process (HelperCommand) whose stdin is a
+// pipe, which Wait closes: a helper that reads it to its end knows when to
+// stop. Its standard output is kept for Wait; its standard error is the
+// test's.
+type Helper struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   strings.Builder
+}
+
+// StartHelper starts the helper test named test in the sandbox (and its
+// cgroup, with inCgroup), with env added to its environment. It is killed
+// when tb ends, if Wait has not reaped it.
+func (s *Sandbox) StartHelper(tb testing.TB, test string, inCgroup bool, env ...string) *Helper {
+	tb.Helper()
+	cmd := s.HelperCommand(tb, test, inCgroup)
+	cmd.Env = append(cmd.Env, env...)
+	h := &Helper{cmd: cmd}
+	cmd.Stdout, cmd.Stderr = &h.out, os.Stderr
+	var err error
+	if h.stdin, err = cmd.StdinPipe(); err != nil {
+		tb.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	return h
+}
+
+// Wait closes the helper's stdin, waits for it to exit, and decodes the
+// first JSON value of its output (anything before it ignored) into v.
+func (h *Helper) Wait(tb testing.TB, v any) {
+	tb.Helper()
+	h.stdin.Close()
+	if err := h.cmd.Wait(); err != nil {
+		tb.Fatalf("helper %v: %v; output %q", h.cmd.Args, err, h.out.String())
+	}
+	out := h.out.String()
+	if err := json.NewDecoder(strings.NewReader(out[max(strings.Index(out, "{"), 0):])).Decode(v); err != nil {
+		tb.Fatalf("helper output %q: %v", out, err)
+	}
 }
 
 // JoinSandboxCgroup moves the calling helper process, all its threads,

@@ -72,6 +72,8 @@ func invalidCases(t *testing.T) []invalidCase {
 		{v: "KTEL_LB_MAX_BACKENDS", value: "0"},
 		{v: "KTEL_LB_MAX_SOCKETS", value: "16777217"},
 		{v: "KTEL_LB_SOURCE", value: "etcd"},
+		{name: "KTEL_LB_SOURCE/no_kubeconfig", v: "KTEL_LB_SOURCE", value: "kubernetes",
+			env: []string{"KUBECONFIG=" + filepath.Join(dir, "no-such-kubeconfig")}},
 		{v: "KTEL_NODE_NAME", value: "Node_1"},
 		{v: "KTEL_WORKLOAD_ATTRIBUTION", value: "systemd"},
 		{v: "KTEL_WORKLOAD_LABEL_TTL", value: "500ms"},
