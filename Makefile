@@ -57,8 +57,9 @@ test: tools otelcol kube deploy-go-tools
 # privileged tests but cmd/ktel, internal/otelcoltest, internal/k8smeta,
 # test/deploy and test/reliability, which need the OpenTelemetry Collector,
 # a Kubernetes API server, Prometheus or systemd (make test runs them here),
-# and bpf/lb's TestKubernetes* and internal/daemon's TestRunqlatPerPod and
-# TestNetdevPerPod for the same reason (KERNEL_SKIP); the daemon itself is covered in the guest
+# and bpf/lb's TestKubernetes* and internal/daemon's TestRunqlatPerPod,
+# TestNetdevPerPod and TestSyscallPerContainer for the same reason
+# (KERNEL_SKIP); the daemon itself is covered in the guest
 # by the check and the scrape.
 # make test-kernel-all adds the end-to-end packages (KERNEL_E2E_PKGS) with
 # the static ktel, the collector and the control plane copied into the
@@ -70,7 +71,7 @@ test: tools otelcol kube deploy-go-tools
 KERNEL_TEST_PKGS = ./bpf/syscall ./bpf/runqlat ./bpf/tcpretrans ./bpf/netdev ./bpf/lb \
                    ./internal/probe ./internal/daemon ./internal/cgroups ./internal/podnet ./metrics ./tracing
 KERNEL_E2E_PKGS  = ./internal/otelcoltest ./internal/k8smeta ./cmd/ktel ./test/reliability
-KERNEL_SKIP ?= ^(TestKubernetes|TestRunqlatPerPod|TestNetdevPerPod)
+KERNEL_SKIP ?= ^(TestKubernetes|TestRunqlatPerPod|TestNetdevPerPod|TestSyscallPerContainer$$)
 test-kernel: tools build
 	KTEL_BINARY=$(BINARY) KERNEL_SKIP='$(KERNEL_SKIP)' ./hack/kernel/run.sh $(KERNEL_TEST_PKGS)
 
