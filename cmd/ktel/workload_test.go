@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ktel-dev/ktel/internal/kubetest"
+	"github.com/ktel-dev/ktel/internal/otelcoltest"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -19,9 +21,11 @@ import (
 // server: a pod's container kept busy, and making a connection whose
 // SYN is dropped in a network namespace of the test, shows in the
 // run-queue histogram and the retransmit counter under the pod's
-// namespace, name (and container, for the histogram).
+// namespace, name (and container, for the histogram); the retransmit's
+// span carries the pod's k8s.* attributes.
 func TestWorkloadAttribution(t *testing.T) {
 	testenv.Privileged(t)
+	col := otelcoltest.Start(t)
 	c := kubetest.Start(t)
 	c.Node(t, "node-a")
 	c.Namespace(t, "team-a", nil)
@@ -40,7 +44,28 @@ func TestWorkloadAttribution(t *testing.T) {
 	// Per-container syscall latency, bounded to one timed syscall: the
 	// shell's sleeps each make one clock_nanosleep.
 	d := startDaemon(t, "KTEL_NODE_NAME=node-a", "KUBECONFIG="+c.Kubeconfig, "KTEL_PROBES=syscall,runqlat,tcpretrans",
-		"KTEL_WORKLOAD_LABEL_TTL=1m", "KTEL_SYSCALL_PER_CONTAINER=true", "KTEL_SYSCALL_TIMING=list", "KTEL_SYSCALL_LIST=clock_nanosleep")
+		"KTEL_WORKLOAD_LABEL_TTL=1m", "KTEL_SYSCALL_PER_CONTAINER=true", "KTEL_SYSCALL_TIMING=list", "KTEL_SYSCALL_LIST=clock_nanosleep",
+		"OTEL_EXPORTER_OTLP_ENDPOINT="+col.HTTPEndpoint(), "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf", "KTEL_TCPRETRANS_SPANS=true")
+
+	value := func(body, series string) uint64 {
+		re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` (\S+)$`)
+		m := re.FindStringSubmatch(body)
+		if m == nil {
+			return 0
+		}
+		f, _ := strconv.ParseFloat(m[1], 64)
+		return uint64(f)
+	}
+	// Spans are named as their events are read: let the informer know
+	// the pod first.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if b, _ := d.scrape(t, "text/plain"); value(string(b), "ktel_workload_pods") == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the pod never known\nstderr:\n%s", d.Stderr)
+		}
+	}
 
 	const sleeps = 300
 	spinner := testenv.StartInCgroup(t, dir, "taskset", "-c", "0", "sh", "-c", "while :; do :; done")
@@ -57,15 +82,6 @@ func TestWorkloadAttribution(t *testing.T) {
 		t.Fatal("connected through a firewall")
 	}
 
-	value := func(body, series string) uint64 {
-		re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` (\S+)$`)
-		m := re.FindStringSubmatch(body)
-		if m == nil {
-			return 0
-		}
-		f, _ := strconv.ParseFloat(m[1], 64)
-		return uint64(f)
-	}
 	waits := `ktel_runqueue_latency_seconds_count{container="nginx",namespace="team-a",pod="web",unit=""}`
 	rtx := `ktel_tcp_retransmits_total{family="ipv4",kind="syn",namespace="team-a",pod="web",state="SYN_SENT",unit=""}`
 	naps := `ktel_syscall_latency_seconds_count{container="nginx",namespace="team-a",pod="web",syscall="clock_nanosleep",unit=""}`
@@ -91,4 +107,19 @@ func TestWorkloadAttribution(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+
+	// The retransmit's span names the pod (OpenTelemetry's k8s.*).
+	wantAttrs := map[string]any{"k8s.namespace.name": "team-a", "k8s.pod.name": "web", "k8s.container.name": "nginx"}
+	podSpan := func(sp otelcoltest.Span) bool {
+		if sp.Name != "tcp retransmit" || sp.Attributes["network.peer.address"] != "127.0.0.1" {
+			return false
+		}
+		for k, v := range wantAttrs {
+			if sp.Attributes[k] != v {
+				return false
+			}
+		}
+		return true
+	}
+	col.WaitForSpans(t, 15*time.Second, func(s []otelcoltest.Span) bool { return slices.ContainsFunc(s, podSpan) })
 }
