@@ -19,7 +19,7 @@ func TestMain(m *testing.M) {
 // server: the getppid calls of a process in a container's cgroup (kubelet's
 // systemd layout, below the test's own cgroup) are timed under that
 // container's namespace, pod and container labels, exactly, and another
-// pod's calls under its own.
+// pod's calls (its container in the cgroupfs layout) under its own.
 func TestSyscallPerContainer(t *testing.T) {
 	testenv.Privileged(t)
 	webDir, dbDir := twoPods(t, "daemon-syscall")

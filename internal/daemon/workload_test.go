@@ -34,8 +34,9 @@ func sleeping(t *testing.T, pid int) bool {
 
 // twoPods starts an API server with node node-a and two running pods,
 // team-a/web (container nginx) and default/db (container postgres), points
-// KUBECONFIG at it, and makes the containers' cgroups, in kubelet's
-// systemd layout, below a cgroup of the test's own named after name.
+// KUBECONFIG at it, and makes the containers' cgroups below a cgroup of
+// the test's own named after name: web's in kubelet's systemd layout,
+// db's in its cgroupfs layout.
 func twoPods(t *testing.T, name string) (webDir, dbDir *os.File) {
 	c := kubetest.Start(t)
 	c.Node(t, "node-a")
@@ -51,7 +52,7 @@ func twoPods(t *testing.T, name string) (webDir, dbDir *os.File) {
 	db := pod("default", "db", "postgres", dbID)
 	base := testenv.TestCgroup(t, name)
 	return testenv.SubCgroup(t, base, testenv.KubepodsPath(string(web.UID), webID)),
-		testenv.SubCgroup(t, base, testenv.KubepodsPath(string(db.UID), dbID))
+		testenv.SubCgroup(t, base, testenv.KubepodsCgroupfsPath(string(db.UID), dbID))
 }
 
 // histogramCount scrapes d and returns the count of histogram metric's

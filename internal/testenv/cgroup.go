@@ -61,6 +61,13 @@ func KubepodsPath(uid, containerID string) string {
 		strings.ReplaceAll(uid, "-", "_") + ".slice/cri-containerd-" + containerID + ".scope"
 }
 
+// KubepodsCgroupfsPath is the cgroup of a container of pod uid in
+// kubelet's cgroupfs layout (QoS class burstable, containerd): the uid
+// keeps its dashes and the container's cgroup is its bare id.
+func KubepodsCgroupfsPath(uid, containerID string) string {
+	return "kubepods/burstable/pod" + uid + "/" + containerID
+}
+
 // StartInCgroup starts argv in the cgroup dir (clone3's
 // CLONE_INTO_CGROUP, so that it runs nothing outside); it is killed when
 // the test ends, if it has not exited.
