@@ -68,7 +68,7 @@ func TestFaultCycles(t *testing.T) {
 			want := len(sysprobe.Variants[0].Programs) + len(runqlat.Variants[0].Programs) + len(tcpretrans.Variants[0].Programs)
 			if tcMode(t) == "tcx" {
 				want += 2 * len(veths)
-			} else if progs := netdevFilters(t, ns, veths...); len(progs) != 2*len(veths) || !subset(progs, o.progs) {
+			} else if progs := netdevFilters(t, ns, veths...); len(progs) != 2*len(veths) || !all(progs, o.progs) {
 				t.Fatalf("cycle 0: netdev's cls_bpf filters run programs %v, want 2 per veth of those ktel holds: %v\nstderr:\n%s", progs, o, d.Stderr)
 			}
 			if len(o.links) < want {
@@ -96,7 +96,7 @@ func TestFaultCycles(t *testing.T) {
 		// Every earlier cycle's filters were replaced, and their
 		// programs freed; the last cycle's are still there.
 		waitReleased(t, ours.minus(last))
-		if progs := netdevFilters(t, ns, veths...); len(progs) != 2*len(veths) || !subset(progs, last.progs) {
+		if progs := netdevFilters(t, ns, veths...); len(progs) != 2*len(veths) || !all(progs, last.progs) {
 			t.Fatalf("after the last cycle's SIGKILL, netdev's filters run programs %v, want 2 per veth of the last cycle's %v", progs, last)
 		}
 		run(t, "ip", "-n", ns, "link", "del", veths[0])

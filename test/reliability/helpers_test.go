@@ -425,11 +425,12 @@ func tcMode(t testing.TB) string {
 	return "clsact"
 }
 
-// netdevFilters returns the IDs of the programs that netdev's cls_bpf
-// filters (named ktel-netdev) run on devs in ns, both directions.
-func netdevFilters(t testing.TB, ns string, devs ...string) map[ebpf.ProgramID]bool {
+// netdevFilters returns, a filter each, the IDs of the programs that
+// netdev's cls_bpf filters (named ktel-netdev) run on devs in ns, both
+// directions.
+func netdevFilters(t testing.TB, ns string, devs ...string) []ebpf.ProgramID {
 	t.Helper()
-	ids := map[ebpf.ProgramID]bool{}
+	var ids []ebpf.ProgramID
 	for _, dev := range devs {
 		for _, dir := range []string{"ingress", "egress"} {
 			out, err := exec.Command("tc", "-n", ns, "filter", "show", "dev", dev, dir).CombinedOutput()
@@ -449,17 +450,17 @@ func netdevFilters(t testing.TB, ns string, devs ...string) map[ebpf.ProgramID]b
 				if err != nil {
 					t.Fatalf("program id in tc's filter line %q: %v", line, err)
 				}
-				ids[ebpf.ProgramID(id)] = true
+				ids = append(ids, ebpf.ProgramID(id))
 			}
 		}
 	}
 	return ids
 }
 
-// subset reports whether every key of a is in b.
-func subset[K comparable](a, b map[K]bool) bool {
-	for k := range a {
-		if !b[k] {
+// all reports whether every one of ids is in set.
+func all[K comparable](ids []K, set map[K]bool) bool {
+	for _, id := range ids {
+		if !set[id] {
 			return false
 		}
 	}
