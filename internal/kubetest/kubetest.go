@@ -1,7 +1,8 @@
 // Package kubetest runs a real Kubernetes control plane for tests: etcd,
 // kube-apiserver and kube-controller-manager, on 127.0.0.1 only, on free
 // ports, with their state in the test's temporary directory, torn down
-// when the test ends. There is no kubelet: tests create Nodes and Pods and
+// when the test ends (Start), or shared by a package's tests and torn
+// down after them (Shared, with Main as TestMain). There is no kubelet: tests create Nodes and Pods and
 // set pod status themselves (SetPodStatus). The binaries are the ones
 // hack/kube/build.sh builds (make kube).
 package kubetest
