@@ -49,10 +49,7 @@ func Main(m *testing.M) {
 // started by the first caller and stopped by Main, which must be the
 // package's TestMain). Tests that share it must not get in each other's
 // way: each its own namespaces and node names, and nothing cluster-wide
-// changed. The processes die with the thread that started them
-// (Pdeathsig), so the package's tests must not end a goroutine locked to
-// its thread (as netns helpers do to discard a thread): that thread may be
-// the one.
+// changed.
 func Shared(tb testing.TB) *Cluster {
 	tb.Helper()
 	Gate(tb)
