@@ -211,18 +211,26 @@ func StartWith(tb testing.TB, opts Options) *Cluster {
 	}
 	c.apiserver = c.run(tb, "kube-apiserver", c.apiArgs...)
 	// The API server writes its self-signed certificate (with its CA)
-	// before it listens.
+	// before it listens, but not atomically: the file can be there and
+	// still empty (it was, under emulation).
 	crt := filepath.Join(certDir, "apiserver.crt")
 	c.waitFor(ctx, tb, "kube-apiserver", func() error {
 		var err error
-		c.caPEM, err = os.ReadFile(crt)
-		return err
+		if c.caPEM, err = os.ReadFile(crt); err != nil {
+			return err
+		}
+		if !x509.NewCertPool().AppendCertsFromPEM(c.caPEM) {
+			return fmt.Errorf("no certificate in %s yet", crt)
+		}
+		return nil
 	})
-	if !x509.NewCertPool().AppendCertsFromPEM(c.caPEM) {
-		tb.Fatalf("kubetest: no certificate in %s", crt)
-	}
 	c.waitAPIServer(ctx, tb)
 	c.StartTimes["kube-apiserver"] = time.Since(t0)
+	// Complete now that the server listens.
+	var err error
+	if c.caPEM, err = os.ReadFile(crt); err != nil {
+		tb.Fatalf("kubetest: %v", err)
+	}
 
 	c.Kubeconfig = c.WriteKubeconfig(tb, filepath.Join(c.Dir, "kubeconfig"), c.Server)
 	cfg, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
