@@ -11,7 +11,7 @@ LDFLAGS     := -X github.com/ktel-dev/ktel/internal/version.Version=$(VERSION) \
 
 export BPF_CLANG BPF_CFLAGS
 
-.PHONY: all build generate generate-check run test test-unit bench bench-lb bench-kube fuzz otelcol kube test-kernel test-kernel-all deploy-tools deploy-go-tools deploy-check reliability soak vet tools clean
+.PHONY: all build generate generate-check run test test-unit bench bench-lb bench-kube fuzz otelcol kube test-kernel deploy-tools deploy-go-tools deploy-check reliability soak vet tools clean
 
 all: build
 
@@ -52,31 +52,21 @@ test: tools otelcol kube deploy-go-tools
 
 # ktel on Debian 12's stock kernel (6.1, linux-image-cloud-amd64) under qemu
 # in software emulation (hack/kernel/run.sh): `ktel check` with every probe,
-# forced tcx failing before 6.6, a serve whose scrape shows every probe up,
-# and the tests of KERNEL_TEST_PKGS, none skipping: every package with
-# privileged tests but cmd/ktel, internal/otelcoltest, internal/k8smeta,
-# test/deploy and test/reliability, which need the OpenTelemetry Collector,
-# a Kubernetes API server, Prometheus or systemd (make test runs them here),
-# and bpf/lb's TestKubernetes* and internal/daemon's TestRunqlatPerPod,
-# TestNetdevPerPod and TestSyscallPerContainer for the same reason
-# (KERNEL_SKIP); the daemon itself is covered in the guest
-# by the check and the scrape.
-# make test-kernel-all adds the end-to-end packages (KERNEL_E2E_PKGS) with
-# the static ktel, the collector and the control plane copied into the
-# guest: about 18 minutes, not yet part of CI, and TestFaultCycles and
-# TestNetdevInterfaceSlots left out until they know 6.1's netdev (cls_bpf
-# filters, not tcx links).
-# KERNEL_RUN=TestX runs only the tests matching it; KERNEL_SKIP=TestX leaves
-# those out.
-KERNEL_TEST_PKGS = ./bpf/syscall ./bpf/runqlat ./bpf/tcpretrans ./bpf/netdev ./bpf/lb \
-                   ./internal/probe ./internal/daemon ./internal/cgroups ./internal/podnet ./metrics ./tracing
-KERNEL_E2E_PKGS  = ./internal/otelcoltest ./internal/k8smeta ./cmd/ktel ./test/reliability
-KERNEL_SKIP ?= ^(TestKubernetes|TestRunqlatPerPod|TestNetdevPerPod|TestSyscallPerContainer$$)
-test-kernel: tools build
-	KTEL_BINARY=$(BINARY) KERNEL_SKIP='$(KERNEL_SKIP)' ./hack/kernel/run.sh $(KERNEL_TEST_PKGS)
-
-test-kernel-all: tools build otelcol kube
-	KTEL_BINARY=$(BINARY) KERNEL_SKIP='^TestFaultCycles$$|^TestNetdevInterfaceSlots$$' ./hack/kernel/run.sh $(KERNEL_TEST_PKGS) $(KERNEL_E2E_PKGS)
+# forced tcx failing before 6.6, `ktel check` with the capabilities deploy/
+# grants, a serve whose scrape shows every probe up, and the tests of
+# KERNEL_PKGS, none skipping: by default every package with privileged
+# tests (hack/kernel/packages.sh), with the static ktel, the collector and
+# the control plane copied into the guest, but test/deploy, which checks
+# what ships outside the binary with the Go toolchain, systemd-analyze,
+# helm, kustomize and Prometheus, none of it kernel-dependent (make test
+# runs it). About 25 minutes (README: Kernels tested).
+# KERNEL_PKGS=./bpf/netdev runs only that package; KERNEL_RUN=TestX only
+# the tests matching it (verbose, no check or scrape); KERNEL_SKIP=TestX
+# leaves those out.
+KERNEL_PKGS ?= $(shell ./hack/kernel/packages.sh)
+KERNEL_SKIP ?=
+test-kernel: tools build otelcol kube
+	KTEL_BINARY=$(BINARY) KERNEL_SKIP='$(KERNEL_SKIP)' ./hack/kernel/run.sh $(KERNEL_PKGS)
 
 # Pinned helm/kustomize (Go module proxy) and the dashboards' npm packages.
 deploy-tools:

@@ -7,20 +7,16 @@ package netdev
 import (
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
-	"github.com/cilium/ebpf/link"
 
 	"github.com/ktel-dev/ktel/internal/testenv"
 	"golang.org/x/sys/unix"
@@ -234,44 +230,8 @@ func ifindex(t *testing.T, ns, dev string) int {
 	return idx
 }
 
-var tcx struct {
-	once sync.Once
-	have bool
-	err  error
-}
-
-// haveTCX reports whether the kernel has tcx links (6.6+). It asks as
-// link.AttachTCX does: an attach to an interface that cannot exist fails
-// with ENODEV where tcx exists and with ebpf.ErrNotSupported where not.
-// Nothing is attached.
-func haveTCX(t *testing.T) bool {
-	t.Helper()
-	tcx.once.Do(func() {
-		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-			Type:         ebpf.SchedCLS,
-			License:      "GPL",
-			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()},
-		})
-		if err != nil {
-			tcx.err = err
-			return
-		}
-		defer prog.Close()
-		l, err := link.AttachTCX(link.TCXOptions{Interface: math.MaxUint32, Program: prog, Attach: ebpf.AttachTCXIngress})
-		switch {
-		case err == nil:
-			l.Close()
-			tcx.err = errors.New("tcx attached to an interface that cannot exist")
-		case errors.Is(err, ebpf.ErrNotSupported):
-		default:
-			tcx.have = true
-		}
-	})
-	if tcx.err != nil {
-		t.Fatal(tcx.err)
-	}
-	return tcx.have
-}
+// haveTCX reports whether the kernel has tcx links (6.6+).
+func haveTCX(t *testing.T) bool { return testenv.HaveTCX(t) }
 
 // autoHook is the TC hook TCAuto must pick on this kernel.
 func autoHook(t *testing.T) string {

@@ -17,6 +17,11 @@ import (
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
+// The tests with an API server share one control plane (kubetest.Shared),
+// each with namespaces and node names of its own: under emulation (make
+// test-kernel-all) a start takes minutes.
+func TestMain(m *testing.M) { kubetest.Main(m) }
+
 // testCgroups makes a child cgroup of the v2 root for the test, and
 // cgroups below it at the given relative paths; it returns their ids and
 // removes them all when the test ends.
@@ -83,17 +88,18 @@ func systemdPodPath(uid, qos string) string {
 // own cgroup.
 func TestKubeAttribution(t *testing.T) {
 	testenv.Privileged(t)
-	c := kubetest.Start(t)
-	c.Node(t, "node-a")
-	c.Node(t, "node-b")
+	c := kubetest.Shared(t)
+	c.Node(t, "attribution-a")
+	c.Node(t, "attribution-b")
 	c.Namespace(t, "team-a", nil)
+	c.Namespace(t, "team-b", nil)
 
-	web := c.Pod(t, kubePod("team-a", "web", "node-a", "nginx", "sidecar"))
+	web := c.Pod(t, kubePod("team-a", "web", "attribution-a", "nginx", "sidecar"))
 	c.SetPodStatus(t, "team-a", "web", kubetest.RunningStatus(web, "10.1.0.2", "containerd://"+hexID(1), "containerd://"+hexID(2)))
-	db := c.Pod(t, kubePod("default", "db", "node-a", "postgres"))
-	c.SetPodStatus(t, "default", "db", kubetest.RunningStatus(db, "10.1.0.3", "cri-o://"+hexID(3)))
-	other := c.Pod(t, kubePod("default", "elsewhere", "node-b", "app"))
-	c.SetPodStatus(t, "default", "elsewhere", kubetest.RunningStatus(other, "10.1.0.4", "containerd://"+hexID(4)))
+	db := c.Pod(t, kubePod("team-b", "db", "attribution-a", "postgres"))
+	c.SetPodStatus(t, "team-b", "db", kubetest.RunningStatus(db, "10.1.0.3", "cri-o://"+hexID(3)))
+	other := c.Pod(t, kubePod("team-b", "elsewhere", "attribution-b", "app"))
+	c.SetPodStatus(t, "team-b", "elsewhere", kubetest.RunningStatus(other, "10.1.0.4", "containerd://"+hexID(4)))
 
 	root, ids := testCgroups(t,
 		systemdPodPath(string(web.UID), "burstable")+"/cri-containerd-"+hexID(1)+".scope",
@@ -103,7 +109,7 @@ func TestKubeAttribution(t *testing.T) {
 		"kubepods/besteffort/pod"+string(db.UID)+"/"+hexID(9), // its sandbox
 		systemdPodPath(string(other.UID), "")+"/cri-containerd-"+hexID(4)+".scope",
 	)
-	r, err := New(Options{NodeName: "node-a", Kubeconfig: c.Kubeconfig, Root: root, TTL: time.Minute, MaxLabelSets: 100})
+	r, err := New(Options{NodeName: "attribution-a", Kubeconfig: c.Kubeconfig, Root: root, TTL: time.Minute, MaxLabelSets: 100})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,8 +120,8 @@ func TestKubeAttribution(t *testing.T) {
 		{Namespace: "team-a", Pod: "web", Container: "nginx"},
 		{Namespace: "team-a", Pod: "web", Container: "sidecar"},
 		{Namespace: "team-a", Pod: "web"},
-		{Namespace: "default", Pod: "db", Container: "postgres"},
-		{Namespace: "default", Pod: "db"},
+		{Namespace: "team-b", Pod: "db", Container: "postgres"},
+		{Namespace: "team-b", Pod: "db"},
 		// Another node's pod is not watched.
 		{Namespace: Unknown, Pod: Unknown, Container: Unknown},
 	}
@@ -139,7 +145,7 @@ func TestKubeAttribution(t *testing.T) {
 	eventually(t, 30*time.Second, "restarted container not resolved", func() bool {
 		return r.Resolve(newIDs[0]) == Labels{Namespace: "team-a", Pod: "web", Container: "nginx"}
 	})
-	if err := c.Client.CoreV1().Pods("default").Delete(context.Background(), "db", metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
+	if err := c.Client.CoreV1().Pods("team-b").Delete(context.Background(), "db", metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 30*time.Second, "deletion not seen", func() bool { return deleted(r) == 1 })
@@ -153,16 +159,17 @@ func TestKubeAttribution(t *testing.T) {
 // it knew still resolves.
 func TestKubeUnreachable(t *testing.T) {
 	testenv.Privileged(t)
-	c := kubetest.Start(t)
-	c.Node(t, "node-a")
+	c := kubetest.Shared(t)
+	c.Node(t, "unreachable-a")
+	c.Namespace(t, "unreachable", nil)
 	proxy := c.Proxy(t, false)
 	kubeconfig := c.WriteKubeconfig(t, filepath.Join(t.TempDir(), "kubeconfig"), "https://"+proxy.Addr)
 
-	web := c.Pod(t, kubePod("default", "web", "node-a", "app"))
-	c.SetPodStatus(t, "default", "web", kubetest.RunningStatus(web, "10.1.0.2", "containerd://"+hexID(1)))
+	web := c.Pod(t, kubePod("unreachable", "web", "unreachable-a", "app"))
+	c.SetPodStatus(t, "unreachable", "web", kubetest.RunningStatus(web, "10.1.0.2", "containerd://"+hexID(1)))
 	root, ids := testCgroups(t, "kubepods/pod"+string(web.UID)+"/"+hexID(1))
 
-	r, err := New(Options{NodeName: "node-a", Kubeconfig: kubeconfig, Root: root, TTL: time.Minute, MaxLabelSets: 100})
+	r, err := New(Options{NodeName: "unreachable-a", Kubeconfig: kubeconfig, Root: root, TTL: time.Minute, MaxLabelSets: 100})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,13 +193,13 @@ func TestKubeUnreachable(t *testing.T) {
 	t0 := time.Now()
 	// client-go's reflector backs off up to 30 s between tries.
 	eventually(t, 90*time.Second, "never caught up with the API server", func() bool {
-		return r.Resolve(ids[0]) == Labels{Namespace: "default", Pod: "web", Container: "app"}
+		return r.Resolve(ids[0]) == Labels{Namespace: "unreachable", Pod: "web", Container: "app"}
 	})
 	t.Logf("caught up %v after the API server became reachable", time.Since(t0).Round(time.Millisecond))
 
 	proxy.SetUp(false)
 	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); testenv.Sleep(t, 100*time.Millisecond) {
-		if got := r.Resolve(ids[0]); got != (Labels{Namespace: "default", Pod: "web", Container: "app"}) {
+		if got := r.Resolve(ids[0]); got != (Labels{Namespace: "unreachable", Pod: "web", Container: "app"}) {
 			t.Fatalf("API server cut again: Resolve = %+v, want what it knew", got)
 		}
 	}
@@ -207,12 +214,12 @@ func TestKubeThousandPods(t *testing.T) {
 		max = 300
 		ttl = time.Minute
 	)
-	c := kubetest.Start(t)
-	c.Node(t, "node-a")
+	c := kubetest.Shared(t)
+	c.Node(t, "many-a")
 	c.Namespace(t, "many", nil)
 	root := t.TempDir() // an ordinary tree: ids are inode numbers there too
 	clk := &clock{now: time.Unix(1_000_000, 0)}
-	r, err := New(Options{NodeName: "node-a", Kubeconfig: c.Kubeconfig, Root: root, TTL: ttl, MaxLabelSets: max,
+	r, err := New(Options{NodeName: "many-a", Kubeconfig: c.Kubeconfig, Root: root, TTL: ttl, MaxLabelSets: max,
 		RescanInterval: time.Hour, MinRescan: time.Hour, Now: clk.Now})
 	if err != nil {
 		t.Fatal(err)
@@ -223,7 +230,7 @@ func TestKubeThousandPods(t *testing.T) {
 	ids := make([]uint64, n)
 	t0 := time.Now()
 	parallel(t, n, func(i int) error {
-		p := kubePod("many", fmt.Sprintf("pod-%d", i), "node-a", "app")
+		p := kubePod("many", fmt.Sprintf("pod-%d", i), "many-a", "app")
 		created, err := c.Client.CoreV1().Pods("many").Create(context.Background(), p, metav1.CreateOptions{})
 		if err != nil {
 			return err

@@ -173,7 +173,8 @@ func TestTCPRetransPeerCap(t *testing.T) {
 // KTEL_NETDEV_MAX_INTERFACES=1 and a veth pair in a test namespace (two
 // matching interfaces), one is attached and the other counted in
 // ktel_net_interfaces_overflow_total; a second veth pair raises the count;
-// the attached interface keeps counting packets.
+// the attached interface keeps counting packets. The TC hook is tcx where
+// the kernel has it, clsact where not.
 func TestNetdevInterfaceSlots(t *testing.T) {
 	testenv.Privileged(t)
 	binary(t)
@@ -187,7 +188,7 @@ func TestNetdevInterfaceSlots(t *testing.T) {
 	run(t, "ip", "-n", ns, "link", "set", "kr0b", "up")
 
 	d := startDaemon(t, nil, "KTEL_PROBES=netdev", "KTEL_INTERFACES=kr*", "KTEL_NETDEV_NETNS="+netnsPath(ns),
-		"KTEL_NETDEV_MAX_INTERFACES=1", "KTEL_NETDEV_TC_MODE=tcx")
+		"KTEL_NETDEV_MAX_INTERFACES=1", "KTEL_NETDEV_TC_MODE="+tcMode(t))
 
 	const datagrams = 100
 	send := func() {

@@ -170,6 +170,27 @@ func (o kernelObjects) add(b kernelObjects) {
 	}
 }
 
+// minus returns those of o that are not in b.
+func (o kernelObjects) minus(b kernelObjects) kernelObjects {
+	r := newObjects()
+	for id := range o.progs {
+		if !b.progs[id] {
+			r.progs[id] = true
+		}
+	}
+	for id := range o.maps {
+		if !b.maps[id] {
+			r.maps[id] = true
+		}
+	}
+	for id := range o.links {
+		if !b.links[id] {
+			r.links[id] = true
+		}
+	}
+	return r
+}
+
 func (o kernelObjects) len() int { return len(o.progs) + len(o.maps) + len(o.links) }
 
 func (o kernelObjects) String() string {
@@ -394,3 +415,54 @@ func eventually(timeout time.Duration, cond func() error) error {
 }
 
 func numCPU() int { return runtime.NumCPU() }
+
+// tcMode is the TC hook netdev is given: tcx where the kernel has it
+// (6.6+), clsact where not (auto would pick the same).
+func tcMode(t testing.TB) string {
+	if testenv.HaveTCX(t) {
+		return "tcx"
+	}
+	return "clsact"
+}
+
+// netdevFilters returns, a filter each, the IDs of the programs that
+// netdev's cls_bpf filters (named ktel-netdev) run on devs in ns, both
+// directions.
+func netdevFilters(t testing.TB, ns string, devs ...string) []ebpf.ProgramID {
+	t.Helper()
+	var ids []ebpf.ProgramID
+	for _, dev := range devs {
+		for _, dir := range []string{"ingress", "egress"} {
+			out, err := exec.Command("tc", "-n", ns, "filter", "show", "dev", dev, dir).CombinedOutput()
+			if err != nil {
+				t.Fatalf("tc filter show dev %s %s: %v: %s", dev, dir, err, out)
+			}
+			for line := range strings.Lines(string(out)) {
+				if !strings.Contains(line, " ktel-netdev") {
+					continue
+				}
+				f := strings.Fields(line)
+				i := slices.Index(f, "id")
+				if i < 0 || i+1 == len(f) {
+					t.Fatalf("no program id in tc's filter line %q", line)
+				}
+				id, err := strconv.ParseUint(f[i+1], 10, 32)
+				if err != nil {
+					t.Fatalf("program id in tc's filter line %q: %v", line, err)
+				}
+				ids = append(ids, ebpf.ProgramID(id))
+			}
+		}
+	}
+	return ids
+}
+
+// all reports whether every one of ids is in set.
+func all[K comparable](ids []K, set map[K]bool) bool {
+	for _, id := range ids {
+		if !set[id] {
+			return false
+		}
+	}
+	return true
+}
