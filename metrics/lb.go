@@ -1,7 +1,6 @@
 package metrics
 
 import (
-	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -66,12 +65,18 @@ func (c *lbCollector) Update(ch chan<- prometheus.Metric) error {
 	// Thousands of series with the same labels scrape after scrape: their
 	// label pairs are made once (labelCache), not per series and scrape.
 	c.labels.begin()
+	n := 2 * len(s.Services)
 	for _, sv := range s.Services {
-		svc := c.labels.get(c.svcConns, sv.Name)
-		ch <- newCounter(c.svcConns, svc, sv.Connections)
-		ch <- newCounter(c.noBackend, svc, sv.NoBackend)
+		n += len(sv.Backends)
+	}
+	// The series' metrics in one allocation, not one each.
+	cs := make([]counter, 0, n)
+	for _, sv := range s.Services {
+		svc := c.labels.get(c.svcConns, sv.Name, "")
+		ch <- newCounter(&cs, c.svcConns, svc, sv.Connections)
+		ch <- newCounter(&cs, c.noBackend, svc, sv.NoBackend)
 		for _, b := range sv.Backends {
-			ch <- newCounter(c.backConns, c.labels.get(c.backConns, sv.Name, b.Address), b.Connections)
+			ch <- newCounter(&cs, c.backConns, c.labels.get(c.backConns, sv.Name, b.Address), b.Connections)
 		}
 	}
 	c.labels.end()
@@ -95,31 +100,62 @@ func (c *lbCollector) Update(ch chan<- prometheus.Metric) error {
 // keyed by their label values, for descriptors whose label names are the
 // same wherever the values are (ktel_lb_service_connections_total and
 // ktel_lb_no_backend_total share theirs). Pairs of series absent from a
-// scrape are dropped at its end. Scrapes may run concurrently.
+// scrape are dropped at its end. Scrapes may run concurrently. A scrape
+// that finds every series in it allocates nothing here.
 type labelCache struct {
-	mu         sync.Mutex
-	prev, next map[string][]*dto.LabelPair
+	mu   sync.Mutex
+	gen  uint64
+	hits int
+	m    map[labelKey]labelEntry
+}
+
+// labelKey is a service's series (backend "", which no backend's address
+// is) or a backend's.
+type labelKey struct{ service, backend string }
+
+type labelEntry struct {
+	pairs []*dto.LabelPair
+	gen   uint64 // of the last scrape that had the series
 }
 
 func (c *labelCache) begin() {
 	c.mu.Lock()
-	c.next = make(map[string][]*dto.LabelPair, len(c.prev))
+	c.gen++
+	c.hits = 0
+	if c.m == nil {
+		c.m = map[labelKey]labelEntry{}
+	}
 }
 
-func (c *labelCache) get(desc *prometheus.Desc, values ...string) []*dto.LabelPair {
-	// The number of values leads: a service named "a\x00b" is not the
-	// backend b of service a.
-	key := string(rune('0'+len(values))) + strings.Join(values, "\x00")
-	l, ok := c.prev[key]
+// get returns the label pairs of a service's series (backend "", desc
+// with the label service) or of a backend's (desc with service and
+// backend).
+func (c *labelCache) get(desc *prometheus.Desc, service, backend string) []*dto.LabelPair {
+	k := labelKey{service, backend}
+	e, ok := c.m[k]
 	if !ok {
-		l = prometheus.MakeLabelPairs(desc, values)
+		if backend == "" {
+			e.pairs = prometheus.MakeLabelPairs(desc, []string{service})
+		} else {
+			e.pairs = prometheus.MakeLabelPairs(desc, []string{service, backend})
+		}
 	}
-	c.next[key] = l
-	return l
+	if e.gen != c.gen {
+		e.gen = c.gen
+		c.hits++
+		c.m[k] = e
+	}
+	return e.pairs
 }
 
 func (c *labelCache) end() {
-	c.prev, c.next = c.next, nil
+	if c.hits < len(c.m) {
+		for k, e := range c.m {
+			if e.gen != c.gen {
+				delete(c.m, k)
+			}
+		}
+	}
 	c.mu.Unlock()
 }
 
@@ -132,8 +168,11 @@ type counter struct {
 	c      dto.Counter
 }
 
-func newCounter(desc *prometheus.Desc, labels []*dto.LabelPair, v uint64) prometheus.Metric {
-	m := &counter{desc: desc, labels: labels, value: float64(v)}
+// newCounter appends the counter to cs, which has room for it (its
+// address is handed out), and returns it.
+func newCounter(cs *[]counter, desc *prometheus.Desc, labels []*dto.LabelPair, v uint64) prometheus.Metric {
+	*cs = append(*cs, counter{desc: desc, labels: labels, value: float64(v)})
+	m := &(*cs)[len(*cs)-1]
 	m.c.Value = &m.value
 	return m
 }

@@ -123,7 +123,7 @@ func TestLBCollectorLabelsFollowServices(t *testing.T) {
 	if got := backends(); !maps.Equal(got, want) {
 		t.Errorf("backend series %v, want %v", got, want)
 	}
-	if n := len(c.labels.prev); n != 4 { // 2 services, 2 backends
+	if n := len(c.labels.m); n != 4 { // 2 services, 2 backends
 		t.Errorf("%d label sets kept, want 4", n)
 	}
 }

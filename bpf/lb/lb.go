@@ -414,20 +414,29 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read lb_backend_stats: %w", err)
 	}
-	for _, sv := range svcs {
-		st := ServiceStats{Name: sv.Name}
-		for _, v := range svcStats[sv.ID] {
+	// One slice for the services and one for all their backends: a
+	// scrape of 10,000 services allocates a handful of times, not per
+	// service.
+	s.Services = make([]ServiceStats, len(svcs))
+	backends := make([]BackendStats, 0, nb)
+	for i, sv := range svcs {
+		st := &s.Services[i]
+		st.Name = sv.Name
+		for _, v := range svcStats[int(sv.ID)*p.ncpu : int(sv.ID+1)*p.ncpu] {
 			st.Connections += v.Connections
 			st.NoBackend += v.NoBackend
 		}
+		first := len(backends)
 		for _, b := range sv.Backends {
 			bs := BackendStats{Address: b.Addr.String()}
-			for _, v := range bStats[b.Counter] {
+			for _, v := range bStats[int(b.Counter)*p.ncpu : int(b.Counter+1)*p.ncpu] {
 				bs.Connections += v
 			}
-			st.Backends = append(st.Backends, bs)
+			backends = append(backends, bs)
 		}
-		s.Services = append(s.Services, st)
+		if len(backends) > first {
+			st.Backends = backends[first:len(backends):len(backends)]
+		}
 	}
 
 	var drops []uint64
@@ -442,12 +451,13 @@ func (p *Probe) Snapshot() (*Snapshot, error) {
 	return s, nil
 }
 
-// readPerCPU reads indexes 0..n-1 of a per-CPU array, in batches of at
-// most what is left to read: the kernel copies every value a batch asks
-// for, at ~1 us each (the arrays have room for 16384 services and 65536
-// backends).
-func readPerCPU[T any](m *ebpf.Map, n uint32, ncpu int) ([][]T, error) {
-	out := make([][]T, n)
+// readPerCPU reads indexes 0..n-1 of a per-CPU array, index i's values
+// at [i*ncpu, (i+1)*ncpu) of the result (one allocation, not one per
+// index), in batches of at most what is left to read: the kernel copies
+// every value a batch asks for, at ~1 us each (the arrays have room for
+// 16384 services and 65536 backends).
+func readPerCPU[T any](m *ebpf.Map, n uint32, ncpu int) ([]T, error) {
+	out := make([]T, int(n)*ncpu)
 	chunk := min(n, 1024)
 	var cursor ebpf.MapBatchCursor
 	keys := make([]uint32, chunk)
@@ -457,13 +467,13 @@ func readPerCPU[T any](m *ebpf.Map, n uint32, ncpu int) ([][]T, error) {
 		k, err := m.BatchLookup(&cursor, keys[:want], vals[:int(want)*ncpu], nil)
 		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			if errors.Is(err, ebpf.ErrNotSupported) {
-				return readPerCPUSlow[T](m, n)
+				return readPerCPUSlow[T](m, n, ncpu)
 			}
 			return nil, err
 		}
 		for i := range k {
-			if idx := keys[i]; idx < n {
-				out[idx] = append([]T(nil), vals[i*ncpu:(i+1)*ncpu]...)
+			if idx := int(keys[i]); idx < int(n) {
+				copy(out[idx*ncpu:(idx+1)*ncpu], vals[i*ncpu:(i+1)*ncpu])
 			}
 		}
 		got += uint32(k)
@@ -474,12 +484,14 @@ func readPerCPU[T any](m *ebpf.Map, n uint32, ncpu int) ([][]T, error) {
 	return out, nil
 }
 
-func readPerCPUSlow[T any](m *ebpf.Map, n uint32) ([][]T, error) {
-	out := make([][]T, n)
+func readPerCPUSlow[T any](m *ebpf.Map, n uint32, ncpu int) ([]T, error) {
+	out := make([]T, int(n)*ncpu)
+	var per []T
 	for i := range n {
-		if err := m.Lookup(i, &out[i]); err != nil {
+		if err := m.Lookup(i, &per); err != nil {
 			return nil, err
 		}
+		copy(out[int(i)*ncpu:int(i+1)*ncpu], per)
 	}
 	return out, nil
 }

@@ -527,8 +527,8 @@ func TestManyServices(t *testing.T) {
 	}
 }
 
-// readPerCPU returns exactly indexes 0..n-1, each CPU's value, in one
-// batch or several.
+// readPerCPU returns exactly indexes 0..n-1, each CPU's value in its
+// place, in one batch or several.
 func TestReadPerCPU(t *testing.T) {
 	testenv.Privileged(t)
 	ncpu := testenv.PossibleCPUs(t)
@@ -547,12 +547,14 @@ func TestReadPerCPU(t *testing.T) {
 		if err != nil {
 			t.Fatalf("n=%d: %v", n, err)
 		}
-		if len(got) != int(n) {
+		if len(got) != int(n)*ncpu {
 			t.Fatalf("n=%d: %d values", n, len(got))
 		}
-		for i, per := range got {
-			if len(per) != ncpu || per[ncpu-1] != uint64(i)*100+uint64(ncpu-1) {
-				t.Fatalf("n=%d: index %d = %v", n, i, per)
+		for i := range int(n) {
+			for c, v := range got[i*ncpu : (i+1)*ncpu] {
+				if v != uint64(i)*100+uint64(c) {
+					t.Fatalf("n=%d: index %d CPU %d = %d", n, i, c, v)
+				}
 			}
 		}
 	}

@@ -17,8 +17,9 @@ import (
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
-// TestKtelMemory follows ktel's memory over its first minute against
-// KTEL_BENCH_KUBE_MEM Services: VmRSS (anonymous and file-backed) once a
+// TestKtelMemory follows ktel's memory over its first
+// KTEL_BENCH_KUBE_MEM_SECONDS (default 60) against KTEL_BENCH_KUBE_MEM
+// Services: VmRSS (anonymous and file-backed) once a
 // second, with an endpoint change every 2 s, and the Go heap from its own
 // metrics every KTEL_BENCH_KUBE_MEM_SCRAPE seconds (default 0: only at
 // the end; a scrape of 10,000 services' metrics allocates enough to move
@@ -33,6 +34,10 @@ func TestKtelMemory(t *testing.T) {
 	}
 	testenv.Privileged(t)
 	scrape, _ := strconv.Atoi(os.Getenv("KTEL_BENCH_KUBE_MEM_SCRAPE"))
+	secs, _ := strconv.Atoi(os.Getenv("KTEL_BENCH_KUBE_MEM_SECONDS"))
+	if secs < 1 {
+		secs = 60
+	}
 	bins := strings.Split(os.Getenv("KTEL_BENCH_KUBE_MEM_BINARIES"), ",")
 	if bins[0] == "" {
 		bins = []string{testenv.KtelBinary(t)}
@@ -50,7 +55,7 @@ func TestKtelMemory(t *testing.T) {
 			k := testenv.StartKtel(t, []string{bin}, "KTEL_PROBES=lb", "KTEL_LB_SOURCE=kubernetes", "KUBECONFIG="+b.c.Kubeconfig,
 				"KTEL_LB_CGROUP="+sb.Cgroup, "KTEL_NODE_NAME="+node)
 			defer k.Stop(t, syscall.SIGTERM)
-			for s := range 60 {
+			for s := range secs {
 				if s%2 == 1 {
 					if _, err := b.flip(context.Background(), s%n); err != nil {
 						t.Fatal(err)
@@ -65,7 +70,7 @@ func TestKtelMemory(t *testing.T) {
 						mem = append(mem, f[0]+strconv.FormatFloat(float64(v)/1024, 'f', 1, 64))
 					}
 				}
-				if (scrape == 0 || (s+1)%scrape != 0) && s != 59 {
+				if (scrape == 0 || (s+1)%scrape != 0) && s != secs-1 {
 					t.Logf("%2ds %s", s+1, strings.Join(mem, " "))
 					continue
 				}

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -700,13 +701,23 @@ type BackendStatus struct {
 // Services returns the applied services, sorted by name.
 func (s *State) Services() []ServiceStatus {
 	out := make([]ServiceStatus, 0, len(s.live))
+	nb := 0
+	for _, l := range s.live {
+		nb += len(l.svc.Backends)
+	}
+	// All services' backends in one slice: a scrape reads this.
+	backends := make([]BackendStatus, 0, nb)
 	for _, l := range s.live {
 		st := ServiceStatus{Name: l.svc.Name, Key: l.svc.Key(), ID: l.id}
+		first := len(backends)
 		for i, b := range l.svc.Backends {
-			st.Backends = append(st.Backends, BackendStatus{Addr: b.Addr, Weight: b.Weight, Counter: l.counters[i]})
+			backends = append(backends, BackendStatus{Addr: b.Addr, Weight: b.Weight, Counter: l.counters[i]})
+		}
+		if len(backends) > first {
+			st.Backends = backends[first:len(backends):len(backends)]
 		}
 		out = append(out, st)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	slices.SortFunc(out, func(a, b ServiceStatus) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
