@@ -59,7 +59,8 @@ test: tools otelcol kube deploy-go-tools
 # the control plane copied into the guest, but test/deploy, which checks
 # what ships outside the binary with the Go toolchain, systemd-analyze,
 # helm, kustomize and Prometheus, none of it kernel-dependent (make test
-# runs it). About 25 minutes (README: Kernels tested).
+# runs it). Two guests side by side (KERNEL_GUESTS), each with a share of
+# the packages; about 25 minutes of guest time (README: Kernels tested).
 # KERNEL_PKGS=./bpf/netdev runs only that package; KERNEL_RUN=TestX only
 # the tests matching it (verbose, no check or scrape); KERNEL_SKIP=TestX
 # leaves those out.
