@@ -22,22 +22,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func sh(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 // newNetns creates a network namespace without IPv6 (no neighbour
 // discovery or MLD noise) unless ipv6, with lo up, and deletes it after
 // the test.
 func newNetns(t *testing.T, suffix string, ipv6 bool) string {
 	t.Helper()
 	name := fmt.Sprintf("ktel-nd-%d-%s", os.Getpid(), suffix)
-	sh(t, "ip", "netns", "add", name)
+	testenv.Sh(t, "ip", "netns", "add", name)
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
 	v := "1"
 	if ipv6 {
@@ -51,7 +42,7 @@ func newNetns(t *testing.T, suffix string, ipv6 bool) string {
 		}
 		return nil
 	})
-	sh(t, "ip", "-n", name, "link", "set", "lo", "up")
+	testenv.Sh(t, "ip", "-n", name, "link", "set", "lo", "up")
 	return name
 }
 
@@ -89,7 +80,7 @@ func vethPairIndex(t *testing.T, nsA, a, nsB, b string, net int, static bool, ip
 	if index != 0 {
 		args = append(args, "index", fmt.Sprint(index))
 	}
-	sh(t, append(args, "type", "veth", "peer", "name", b, "netns", nsB)...)
+	testenv.Sh(t, append(args, "type", "veth", "peer", "name", b, "netns", nsB)...)
 	ea := end{ns: nsA, dev: a, addr: netip.AddrFrom4([4]byte{10, byte(net), 0, 1})}
 	eb := end{ns: nsB, dev: b, addr: netip.AddrFrom4([4]byte{10, byte(net), 0, 2})}
 	if ipv6 {
@@ -102,13 +93,13 @@ func vethPairIndex(t *testing.T, nsA, a, nsB, b string, net int, static bool, ip
 		if ipv6 {
 			prefix, extra = "/64", []string{"nodad"}
 		}
-		sh(t, append([]string{"ip", "-n", e.ns, "addr", "add", e.addr.String() + prefix, "dev", e.dev}, extra...)...)
-		sh(t, "ip", "-n", e.ns, "link", "set", e.dev, "up")
-		e.mac = strings.TrimSpace(sh(t, "ip", "netns", "exec", e.ns, "cat", "/sys/class/net/"+e.dev+"/address"))
+		testenv.Sh(t, append([]string{"ip", "-n", e.ns, "addr", "add", e.addr.String() + prefix, "dev", e.dev}, extra...)...)
+		testenv.Sh(t, "ip", "-n", e.ns, "link", "set", e.dev, "up")
+		e.mac = strings.TrimSpace(testenv.Sh(t, "ip", "netns", "exec", e.ns, "cat", "/sys/class/net/"+e.dev+"/address"))
 	}
 	if static {
-		sh(t, "ip", "-n", nsA, "neigh", "replace", eb.addr.String(), "lladdr", eb.mac, "dev", a, "nud", "permanent")
-		sh(t, "ip", "-n", nsB, "neigh", "replace", ea.addr.String(), "lladdr", ea.mac, "dev", b, "nud", "permanent")
+		testenv.Sh(t, "ip", "-n", nsA, "neigh", "replace", eb.addr.String(), "lladdr", eb.mac, "dev", a, "nud", "permanent")
+		testenv.Sh(t, "ip", "-n", nsB, "neigh", "replace", ea.addr.String(), "lladdr", ea.mac, "dev", b, "nud", "permanent")
 	}
 	testenv.WaitUp(t, nsA, a)
 	testenv.WaitUp(t, nsB, b)

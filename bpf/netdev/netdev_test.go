@@ -237,7 +237,7 @@ func linksTo(t *testing.T, ids []ebpf.ProgramID) int {
 }
 
 func tcShow(t *testing.T, ns, dev string, what ...string) string {
-	return sh(t, append([]string{"tc", "-n", ns, what[0], "show", "dev", dev}, what[1:]...)...)
+	return testenv.Sh(t, append([]string{"tc", "-n", ns, what[0], "show", "dev", dev}, what[1:]...)...)
 }
 
 type mode struct {
@@ -428,7 +428,7 @@ func TestHotplug(t *testing.T) {
 	}
 
 	drain()
-	sh(t, "ip", "-n", nsA, "link", "del", a)
+	testenv.Sh(t, "ip", "-n", nsA, "link", "del", a)
 	if !waitFor(5*time.Second, func() bool { return len(p.Interfaces()) == 0 }) {
 		t.Fatalf("%s still attached 5 s after its removal", a)
 	}
@@ -467,7 +467,7 @@ func TestOverflow(t *testing.T) {
 		t.Fatalf("attached %q, want only %s", got, a1)
 	}
 	// A freed slot goes to the waiting interface.
-	sh(t, "ip", "-n", nsA, "link", "del", a1)
+	testenv.Sh(t, "ip", "-n", nsA, "link", "del", a1)
 	if !waitFor(5*time.Second, func() bool { return slices.Equal(p.Interfaces(), []string{a2}) }) {
 		t.Fatalf("attached %q, want %s once %s left", p.Interfaces(), a2, a1)
 	}
@@ -559,7 +559,7 @@ func TestHighIfindex(t *testing.T) {
 	for i, md := range modes {
 		t.Run(md.name, func(t *testing.T) {
 			if i > 0 {
-				sh(t, "ip", "-n", nsA, "link", "del", a)
+				testenv.Sh(t, "ip", "-n", nsA, "link", "del", a)
 			}
 			ea, eb := vethPairIndex(t, nsA, a, nsB, b, 70+i, true, false, directIfindex+1000+i)
 			o := md.opts

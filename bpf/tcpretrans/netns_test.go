@@ -54,7 +54,7 @@ func newPair(t *testing.T, extra int) *pair {
 		p.serverAddrs = append(p.serverAddrs, netip.AddrFrom4([4]byte{10, 200, byte(n), byte(2 + i)}))
 	}
 	for _, ns := range []string{p.client, p.server} {
-		run(t, "ip", "netns", "add", ns)
+		testenv.Sh(t, "ip", "netns", "add", ns)
 		t.Cleanup(func() {
 			if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
 				t.Errorf("ip netns del %s: %v: %s", ns, err, out)
@@ -67,18 +67,18 @@ func newPair(t *testing.T, extra int) *pair {
 	// second (its first solicitation is lost while the link comes up), and
 	// the SYN's retransmit would fail with EBUSY (skb_still_in_host_queue).
 	cmac, smac := fmt.Sprintf("02:00:00:00:%02x:01", n), fmt.Sprintf("02:00:00:00:%02x:02", n)
-	run(t, "ip", "-n", p.client, "link", "add", "vc", "address", cmac, "type", "veth",
+	testenv.Sh(t, "ip", "-n", p.client, "link", "add", "vc", "address", cmac, "type", "veth",
 		"peer", "name", "vs", "address", smac, "netns", p.server)
 	for _, a := range p.clientAddrsAll() {
-		run(t, "ip", append([]string{"-n", p.client, "addr", "add"}, addrArgs(a, "vc")...)...)
-		run(t, "ip", "-n", p.server, "neigh", "replace", a.String(), "lladdr", cmac, "dev", "vs", "nud", "permanent")
+		testenv.Sh(t, append([]string{"ip", "-n", p.client, "addr", "add"}, addrArgs(a, "vc")...)...)
+		testenv.Sh(t, "ip", "-n", p.server, "neigh", "replace", a.String(), "lladdr", cmac, "dev", "vs", "nud", "permanent")
 	}
 	for _, a := range p.serverAddrsAll() {
-		run(t, "ip", append([]string{"-n", p.server, "addr", "add"}, addrArgs(a, "vs")...)...)
-		run(t, "ip", "-n", p.client, "neigh", "replace", a.String(), "lladdr", smac, "dev", "vc", "nud", "permanent")
+		testenv.Sh(t, append([]string{"ip", "-n", p.server, "addr", "add"}, addrArgs(a, "vs")...)...)
+		testenv.Sh(t, "ip", "-n", p.client, "neigh", "replace", a.String(), "lladdr", smac, "dev", "vc", "nud", "permanent")
 	}
-	run(t, "ip", "-n", p.client, "link", "set", "vc", "up")
-	run(t, "ip", "-n", p.server, "link", "set", "vs", "up")
+	testenv.Sh(t, "ip", "-n", p.client, "link", "set", "vc", "up")
+	testenv.Sh(t, "ip", "-n", p.server, "link", "set", "vs", "up")
 	testenv.WaitUp(t, p.client, "vc")
 	testenv.WaitUp(t, p.server, "vs")
 	return p
@@ -106,24 +106,17 @@ func (p *pair) clientAddrsAll() []netip.Addr { return []netip.Addr{p.clientAddr,
 func firewall(t *testing.T, ns string, rule ...string) (remove func()) {
 	t.Helper()
 	for _, cmd := range []string{"iptables", "ip6tables"} {
-		run(t, "ip", append([]string{"netns", "exec", ns, cmd, "-w", "5", "-A"}, rule...)...)
+		testenv.Sh(t, append([]string{"ip", "netns", "exec", ns, cmd, "-w", "5", "-A"}, rule...)...)
 	}
 	var once sync.Once
 	remove = func() {
 		once.Do(func() {
 			for _, cmd := range []string{"iptables", "ip6tables"} {
-				run(t, "ip", append([]string{"netns", "exec", ns, cmd, "-w", "5", "-D"}, rule...)...)
+				testenv.Sh(t, append([]string{"ip", "netns", "exec", ns, cmd, "-w", "5", "-D"}, rule...)...)
 			}
 		})
 	}
 	return remove
-}
-
-func run(t *testing.T, name string, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
-		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
-	}
 }
 
 // inNetns runs f in network namespace ns (testenv.InNetns).

@@ -21,13 +21,6 @@ import (
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
-func run(t *testing.T, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-}
-
 // With KTEL_NODE_NAME, against a real API server: netdev's series of a
 // pod's host-side veth carry the pod's namespace and name, found by the
 // route to the pod (as Calico or the ptp plugin wire pods) or by the
@@ -43,28 +36,28 @@ func TestNetdevPerPod(t *testing.T) {
 
 	netns := func(suffix string) string {
 		name := fmt.Sprintf("ktel-np-%d-%s", os.Getpid(), suffix)
-		run(t, "ip", "netns", "add", name)
+		testenv.Sh(t, "ip", "netns", "add", name)
 		t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-		run(t, "ip", "-n", name, "link", "set", "lo", "up")
+		testenv.Sh(t, "ip", "-n", name, "link", "set", "lo", "up")
 		return name
 	}
 	host, web, db, stranger := netns("host"), netns("web"), netns("db"), netns("stranger")
 	// The routed pod: 10.244.1.2/32 in its namespace, a /32 route to it
 	// through its veth in the host, which answers from 10.244.1.1.
-	run(t, "ip", "-n", host, "link", "add", "veth-web", "type", "veth", "peer", "name", "eth0", "netns", web)
-	run(t, "ip", "-n", host, "addr", "add", "10.244.1.1/32", "dev", "veth-web")
-	run(t, "ip", "-n", host, "link", "set", "veth-web", "up")
-	run(t, "ip", "-n", web, "addr", "add", "10.244.1.2/32", "dev", "eth0")
-	run(t, "ip", "-n", web, "link", "set", "eth0", "up")
-	run(t, "ip", "-n", web, "route", "add", "10.244.1.1/32", "dev", "eth0", "scope", "link")
-	run(t, "ip", "-n", host, "route", "add", "10.244.1.2/32", "dev", "veth-web", "scope", "link")
+	testenv.Sh(t, "ip", "-n", host, "link", "add", "veth-web", "type", "veth", "peer", "name", "eth0", "netns", web)
+	testenv.Sh(t, "ip", "-n", host, "addr", "add", "10.244.1.1/32", "dev", "veth-web")
+	testenv.Sh(t, "ip", "-n", host, "link", "set", "veth-web", "up")
+	testenv.Sh(t, "ip", "-n", web, "addr", "add", "10.244.1.2/32", "dev", "eth0")
+	testenv.Sh(t, "ip", "-n", web, "link", "set", "eth0", "up")
+	testenv.Sh(t, "ip", "-n", web, "route", "add", "10.244.1.1/32", "dev", "eth0", "scope", "link")
+	testenv.Sh(t, "ip", "-n", host, "route", "add", "10.244.1.2/32", "dev", "veth-web", "scope", "link")
 	// A veth to a namespace that is no pod's, though a hostNetwork pod
 	// has its address (a hostNetwork pod's addresses are the node's).
-	run(t, "ip", "-n", host, "link", "add", "veth-x", "type", "veth", "peer", "name", "eth0", "netns", stranger)
-	run(t, "ip", "-n", host, "link", "set", "veth-x", "up")
-	run(t, "ip", "-n", stranger, "addr", "add", "10.244.9.2/32", "dev", "eth0")
-	run(t, "ip", "-n", stranger, "link", "set", "eth0", "up")
-	run(t, "ip", "-n", host, "route", "add", "10.244.9.2/32", "dev", "veth-x", "scope", "link")
+	testenv.Sh(t, "ip", "-n", host, "link", "add", "veth-x", "type", "veth", "peer", "name", "eth0", "netns", stranger)
+	testenv.Sh(t, "ip", "-n", host, "link", "set", "veth-x", "up")
+	testenv.Sh(t, "ip", "-n", stranger, "addr", "add", "10.244.9.2/32", "dev", "eth0")
+	testenv.Sh(t, "ip", "-n", stranger, "link", "set", "eth0", "up")
+	testenv.Sh(t, "ip", "-n", host, "route", "add", "10.244.9.2/32", "dev", "veth-x", "scope", "link")
 	testenv.WaitUp(t, host, "veth-web")
 	testenv.WaitUp(t, host, "veth-x")
 
@@ -142,13 +135,13 @@ func TestNetdevPerPod(t *testing.T) {
 
 	// A bridge plugin's pod whose veth appears after the pod: its address
 	// is on the veth's peer; the route leads to the bridge.
-	run(t, "ip", "-n", host, "link", "add", "br0", "type", "bridge")
-	run(t, "ip", "-n", host, "addr", "add", "10.244.2.1/24", "dev", "br0")
-	run(t, "ip", "-n", host, "link", "set", "br0", "up")
-	run(t, "ip", "-n", host, "link", "add", "veth-db", "type", "veth", "peer", "name", "eth0", "netns", db)
-	run(t, "ip", "-n", host, "link", "set", "veth-db", "master", "br0", "up")
-	run(t, "ip", "-n", db, "addr", "add", "10.244.2.2/24", "dev", "eth0")
-	run(t, "ip", "-n", db, "link", "set", "eth0", "up")
+	testenv.Sh(t, "ip", "-n", host, "link", "add", "br0", "type", "bridge")
+	testenv.Sh(t, "ip", "-n", host, "addr", "add", "10.244.2.1/24", "dev", "br0")
+	testenv.Sh(t, "ip", "-n", host, "link", "set", "br0", "up")
+	testenv.Sh(t, "ip", "-n", host, "link", "add", "veth-db", "type", "veth", "peer", "name", "eth0", "netns", db)
+	testenv.Sh(t, "ip", "-n", host, "link", "set", "veth-db", "master", "br0", "up")
+	testenv.Sh(t, "ip", "-n", db, "addr", "add", "10.244.2.2/24", "dev", "eth0")
+	testenv.Sh(t, "ip", "-n", db, "link", "set", "eth0", "up")
 	testenv.WaitUp(t, host, "veth-db")
 	testenv.WaitUp(t, db, "eth0")
 	send("10.244.2.2")

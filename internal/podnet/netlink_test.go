@@ -12,19 +12,10 @@ import (
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
-func sh(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 func newNetns(t *testing.T, suffix string) string {
 	t.Helper()
 	name := fmt.Sprintf("ktel-pn-%d-%s", os.Getpid(), suffix)
-	sh(t, "ip", "netns", "add", name)
+	testenv.Sh(t, "ip", "netns", "add", name)
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
 	return name
 }
@@ -32,7 +23,7 @@ func newNetns(t *testing.T, suffix string) string {
 func ifindex(t *testing.T, ns, dev string) int {
 	t.Helper()
 	var n int
-	fmt.Sscan(sh(t, "ip", "netns", "exec", ns, "cat", "/sys/class/net/"+dev+"/ifindex"), &n)
+	fmt.Sscan(testenv.Sh(t, "ip", "netns", "exec", ns, "cat", "/sys/class/net/"+dev+"/ifindex"), &n)
 	return n
 }
 
@@ -44,23 +35,23 @@ func TestNetlinkResolve(t *testing.T) {
 	testenv.Privileged(t)
 	host, ptp, bridged, other := newNetns(t, "host"), newNetns(t, "ptp"), newNetns(t, "br"), newNetns(t, "other")
 	// ptp: 10.200.0.2/32 in the pod, a route to it in the host.
-	sh(t, "ip", "-n", host, "link", "add", "vethptp", "type", "veth", "peer", "name", "eth0", "netns", ptp)
-	sh(t, "ip", "-n", ptp, "addr", "add", "10.200.0.2/32", "dev", "eth0")
-	sh(t, "ip", "-n", ptp, "addr", "add", "fd00:200::2/128", "dev", "eth0", "nodad")
-	sh(t, "ip", "-n", ptp, "link", "set", "eth0", "up")
-	sh(t, "ip", "-n", host, "link", "set", "vethptp", "up")
-	sh(t, "ip", "-n", host, "route", "add", "10.200.0.2/32", "dev", "vethptp", "scope", "link")
+	testenv.Sh(t, "ip", "-n", host, "link", "add", "vethptp", "type", "veth", "peer", "name", "eth0", "netns", ptp)
+	testenv.Sh(t, "ip", "-n", ptp, "addr", "add", "10.200.0.2/32", "dev", "eth0")
+	testenv.Sh(t, "ip", "-n", ptp, "addr", "add", "fd00:200::2/128", "dev", "eth0", "nodad")
+	testenv.Sh(t, "ip", "-n", ptp, "link", "set", "eth0", "up")
+	testenv.Sh(t, "ip", "-n", host, "link", "set", "vethptp", "up")
+	testenv.Sh(t, "ip", "-n", host, "route", "add", "10.200.0.2/32", "dev", "vethptp", "scope", "link")
 	// bridge: 10.201.0.0/24 on br0 in the host, 10.201.0.2/24 in the pod.
-	sh(t, "ip", "-n", host, "link", "add", "br0", "type", "bridge")
-	sh(t, "ip", "-n", host, "addr", "add", "10.201.0.1/24", "dev", "br0")
-	sh(t, "ip", "-n", host, "link", "set", "br0", "up")
-	sh(t, "ip", "-n", host, "link", "add", "vethbr", "type", "veth", "peer", "name", "eth0", "netns", bridged)
-	sh(t, "ip", "-n", host, "link", "set", "vethbr", "master", "br0", "up")
-	sh(t, "ip", "-n", bridged, "addr", "add", "10.201.0.2/24", "dev", "eth0")
-	sh(t, "ip", "-n", bridged, "link", "set", "eth0", "up")
+	testenv.Sh(t, "ip", "-n", host, "link", "add", "br0", "type", "bridge")
+	testenv.Sh(t, "ip", "-n", host, "addr", "add", "10.201.0.1/24", "dev", "br0")
+	testenv.Sh(t, "ip", "-n", host, "link", "set", "br0", "up")
+	testenv.Sh(t, "ip", "-n", host, "link", "add", "vethbr", "type", "veth", "peer", "name", "eth0", "netns", bridged)
+	testenv.Sh(t, "ip", "-n", host, "link", "set", "vethbr", "master", "br0", "up")
+	testenv.Sh(t, "ip", "-n", bridged, "addr", "add", "10.201.0.2/24", "dev", "eth0")
+	testenv.Sh(t, "ip", "-n", bridged, "link", "set", "eth0", "up")
 	// Not a pod: its peer's address is no pod's.
-	sh(t, "ip", "-n", host, "link", "add", "vethother", "type", "veth", "peer", "name", "eth0", "netns", other)
-	sh(t, "ip", "-n", other, "addr", "add", "10.202.0.2/32", "dev", "eth0")
+	testenv.Sh(t, "ip", "-n", host, "link", "add", "vethother", "type", "veth", "peer", "name", "eth0", "netns", other)
+	testenv.Sh(t, "ip", "-n", other, "addr", "add", "10.202.0.2/32", "dev", "eth0")
 
 	n, err := OpenNetlink(testenv.NetnsPath(host))
 	if err != nil {

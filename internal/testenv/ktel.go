@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -159,4 +160,16 @@ func Run(tb testing.TB, argv []string, env ...string) (code int, stdout, stderr 
 		tb.Fatalf("run %s: %v", argv[0], err)
 	}
 	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
+}
+
+// Sh runs argv[0] with the rest of argv as arguments and returns its
+// output (stdout and stderr); it fails tb, showing the output, if the
+// command fails.
+func Sh(tb testing.TB, argv ...string) string {
+	tb.Helper()
+	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		tb.Fatalf("%s: %v\n%s", strings.Join(argv, " "), err, out)
+	}
+	return string(out)
 }

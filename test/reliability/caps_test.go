@@ -43,11 +43,11 @@ func TestTCPRetransPeerCap(t *testing.T) {
 	ns := newNetns(t)
 	// SYNs to 10.204.1.1 leave kt0a for a MAC address nobody has, and kt0b
 	// drops them: no answer, so each SYN is retransmitted.
-	run(t, "ip", "-n", ns, "link", "add", "kt0a", "type", "veth", "peer", "name", "kt0b")
-	run(t, "ip", "-n", ns, "addr", "add", "10.204.0.1/16", "dev", "kt0a")
-	run(t, "ip", "-n", ns, "neigh", "replace", "10.204.1.1", "lladdr", "02:00:00:00:00:99", "dev", "kt0a", "nud", "permanent")
-	run(t, "ip", "-n", ns, "link", "set", "kt0a", "up")
-	run(t, "ip", "-n", ns, "link", "set", "kt0b", "up")
+	testenv.Sh(t, "ip", "-n", ns, "link", "add", "kt0a", "type", "veth", "peer", "name", "kt0b")
+	testenv.Sh(t, "ip", "-n", ns, "addr", "add", "10.204.0.1/16", "dev", "kt0a")
+	testenv.Sh(t, "ip", "-n", ns, "neigh", "replace", "10.204.1.1", "lladdr", "02:00:00:00:00:99", "dev", "kt0a", "nud", "permanent")
+	testenv.Sh(t, "ip", "-n", ns, "link", "set", "kt0a", "up")
+	testenv.Sh(t, "ip", "-n", ns, "link", "set", "kt0b", "up")
 
 	d := startDaemon(t, nil, "KTEL_PROBES=tcpretrans", "KTEL_TCPRETRANS_PEERS=true",
 		fmt.Sprintf("KTEL_TCPRETRANS_MAX_PEERS=%d", peerCap))
@@ -179,13 +179,13 @@ func TestNetdevInterfaceSlots(t *testing.T) {
 	testenv.Privileged(t)
 	binary(t)
 	ns := newNetns(t)
-	run(t, "ip", "-n", ns, "link", "add", "kr0a", "type", "veth", "peer", "name", "kr0b")
-	run(t, "ip", "-n", ns, "addr", "add", "10.205.0.1/24", "dev", "kr0a")
+	testenv.Sh(t, "ip", "-n", ns, "link", "add", "kr0a", "type", "veth", "peer", "name", "kr0b")
+	testenv.Sh(t, "ip", "-n", ns, "addr", "add", "10.205.0.1/24", "dev", "kr0a")
 	// Datagrams to 10.205.0.3 leave kr0a (egress) and arrive on kr0b
 	// (ingress), where they are dropped: nobody has that address.
-	run(t, "ip", "-n", ns, "neigh", "replace", "10.205.0.3", "lladdr", "02:00:00:00:00:03", "dev", "kr0a", "nud", "permanent")
-	run(t, "ip", "-n", ns, "link", "set", "kr0a", "up")
-	run(t, "ip", "-n", ns, "link", "set", "kr0b", "up")
+	testenv.Sh(t, "ip", "-n", ns, "neigh", "replace", "10.205.0.3", "lladdr", "02:00:00:00:00:03", "dev", "kr0a", "nud", "permanent")
+	testenv.Sh(t, "ip", "-n", ns, "link", "set", "kr0a", "up")
+	testenv.Sh(t, "ip", "-n", ns, "link", "set", "kr0b", "up")
 
 	d := startDaemon(t, nil, "KTEL_PROBES=netdev", "KTEL_INTERFACES=kr*", "KTEL_NETDEV_NETNS="+netnsPath(ns),
 		"KTEL_NETDEV_MAX_INTERFACES=1", "KTEL_NETDEV_TC_MODE="+tcMode(t))
@@ -238,7 +238,7 @@ func TestNetdevInterfaceSlots(t *testing.T) {
 	attached := slices.Collect(maps.Keys(before))[0]
 	t.Logf("attached %s: %v; ktel_net_interfaces_overflow_total %v", attached, before, overflow)
 
-	run(t, "ip", "-n", ns, "link", "add", "kr1a", "type", "veth", "peer", "name", "kr1b")
+	testenv.Sh(t, "ip", "-n", ns, "link", "add", "kr1a", "type", "veth", "peer", "name", "kr1b")
 	send()
 	err = eventually(5*time.Second, func() error {
 		after, overflow := udp()

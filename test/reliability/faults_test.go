@@ -32,9 +32,9 @@ func TestFaultCycles(t *testing.T) {
 	binary(t)
 
 	ns := newNetns(t)
-	run(t, "ip", "-n", ns, "link", "add", "krf0a", "type", "veth", "peer", "name", "krf0b")
-	run(t, "ip", "-n", ns, "link", "set", "krf0a", "up")
-	run(t, "ip", "-n", ns, "link", "set", "krf0b", "up")
+	testenv.Sh(t, "ip", "-n", ns, "link", "add", "krf0a", "type", "veth", "peer", "name", "krf0b")
+	testenv.Sh(t, "ip", "-n", ns, "link", "set", "krf0a", "up")
+	testenv.Sh(t, "ip", "-n", ns, "link", "set", "krf0b", "up")
 	env := []string{
 		"KTEL_LOG_LEVEL=warn",
 		"KTEL_INTERFACES=krf*",
@@ -99,7 +99,7 @@ func TestFaultCycles(t *testing.T) {
 		if progs := netdevFilters(t, ns, veths...); len(progs) != 2*len(veths) || !all(progs, last.progs) {
 			t.Fatalf("after the last cycle's SIGKILL, netdev's filters run programs %v, want 2 per veth of the last cycle's %v", progs, last)
 		}
-		run(t, "ip", "-n", ns, "link", "del", veths[0])
+		testenv.Sh(t, "ip", "-n", ns, "link", "del", veths[0])
 	}
 	waitReleased(t, ours)
 }

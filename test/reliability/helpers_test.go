@@ -379,24 +379,17 @@ var netnsCount atomic.Int32
 func newNetns(t testing.TB) string {
 	t.Helper()
 	name := fmt.Sprintf("ktel-rel-%d-%d", os.Getpid(), netnsCount.Add(1))
-	run(t, "ip", "netns", "add", name)
+	testenv.Sh(t, "ip", "netns", "add", name)
 	t.Cleanup(func() {
 		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
 			t.Errorf("ip netns del %s: %v: %s", name, err, out)
 		}
 	})
-	run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	testenv.Sh(t, "ip", "-n", name, "link", "set", "lo", "up")
 	return name
 }
 
 func netnsPath(ns string) string { return testenv.NetnsPath(ns) }
-
-func run(t testing.TB, name string, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
-		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
-	}
-}
 
 // inNetns runs f in network namespace ns (testenv.InNetns).
 func inNetns[T any](ns string, f func() (T, error)) (T, error) { return testenv.InNetns(ns, f) }
