@@ -131,11 +131,17 @@ func TestWorkloadCgroupChurn(t *testing.T) {
 	}
 	if last != nil {
 		promtoolCheck(t, last)
+		if !regexp.MustCompile(`(?m)^ktel_runqueue_latency_seconds_count\{[^}]*unit="`).Match(last) {
+			t.Errorf("run-queue waits not attributed to workloads:\n%s", last)
+		}
 	}
 	if st := d.stop(t, syscall.SIGTERM); st.ExitCode() != 0 {
 		t.Errorf("exit code %d", st.ExitCode())
 	}
 	checkLog(t, d.Stderr.String())
+	if !strings.Contains(d.Stderr.String(), `"msg":"workload attribution on"`) {
+		t.Errorf("workload attribution not on:\n%s", d.Stderr)
+	}
 	t.Logf("%d cgroups made and removed, %d scrapes", made, scrapes)
 }
 
