@@ -16,6 +16,10 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/ktel-dev/ktel/internal/kubetest"
 	"github.com/ktel-dev/ktel/internal/testenv"
 )
 
@@ -224,4 +228,94 @@ func TestWorkloadNoCgroupV2(t *testing.T) {
 	if !strings.Contains(stderr, `"level":"WARN","msg":"workload attribution unavailable: no cgroup v2 hierarchy`) {
 		t.Errorf("no warning that attribution is unavailable:\n%s", stderr)
 	}
+}
+
+// apiOutage is how long TestWorkloadAPIServerUnreachable keeps the API
+// server unreachable: KTEL_TEST_API_OUTAGE (a Go duration) or 2 minutes,
+// well past client-go's reflector backoff cap, so that ktel's informers
+// are retrying at their longest interval when the server comes back.
+func apiOutage(t *testing.T) time.Duration {
+	t.Helper()
+	s := os.Getenv("KTEL_TEST_API_OUTAGE")
+	if s == "" {
+		return 2 * time.Minute
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		t.Fatalf("KTEL_TEST_API_OUTAGE=%q: want a positive duration", s)
+	}
+	return d
+}
+
+// The API server unreachable (through a proxy the test cuts) from ktel's
+// start and for minutes (apiOutage): ktel serves every scrape, its
+// collectors all successful, and counts the busy pod's run-queue waits
+// under unknown workloads; once the server is reachable again, the pod's
+// labels appear within catchUp.
+func TestWorkloadAPIServerUnreachable(t *testing.T) {
+	testenv.Privileged(t)
+	outage := apiOutage(t)
+	// client-go's reflector backs off at most 30 s, jittered by up to as
+	// much again ([30, 60) s between tries, client-go
+	// tools/cache/reflector.go); then one list and a scrape.
+	const catchUp = 90 * time.Second
+	c := kubetest.Start(t)
+	c.Node(t, "node-u")
+	c.Namespace(t, "outage", nil)
+	id := fmt.Sprintf("%064x", 0xfeed)
+	web := c.Pod(t, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "outage", Name: "web"},
+		Spec: corev1.PodSpec{NodeName: "node-u", Containers: []corev1.Container{{Name: "app", Image: "registry.example/app"}}}})
+	c.SetPodStatus(t, "outage", "web", kubetest.RunningStatus(web, "10.1.0.2", "containerd://"+id))
+	dir := testenv.SubCgroup(t, testenv.TestCgroup(t, "e2e-outage"), testenv.KubepodsPath(string(web.UID), id))
+	proxy := c.Proxy(t, false)
+	kubeconfig := c.WriteKubeconfig(t, filepath.Join(t.TempDir(), "kubeconfig"), "https://"+proxy.Addr)
+
+	d := startDaemon(t, "KTEL_NODE_NAME=node-u", "KUBECONFIG="+kubeconfig, "KTEL_PROBES=runqlat", "KTEL_WORKLOAD_LABEL_TTL=1m")
+	// The pod's container wakes up ten times a second (each a run-queue
+	// wait), for at most as long as the test can last.
+	wakeups := int((outage + catchUp + 30*time.Second) / (100 * time.Millisecond))
+	testenv.StartInCgroup(t, dir, "sh", "-c", fmt.Sprintf("i=0; while [ $i -lt %d ]; do sleep 0.1; i=$((i+1)); done", wakeups))
+
+	client := &http.Client{Timeout: 10 * time.Second}
+	podSeries := regexp.MustCompile(`(?m)^ktel_runqueue_latency_seconds_count\{container="app",namespace="outage",pod="web",unit=""\} [1-9]`)
+	unknownPods := regexp.MustCompile(`(?m)^ktel_workload_unknown_pods_total [1-9]`)
+	scrapes, sawUnknown := 0, false
+	for end := time.Now().Add(outage); time.Now().Before(end); testenv.Sleep(t, time.Second) {
+		body, p := scrapeCheck(client, d.Addr)
+		scrapes++
+		if p != "" {
+			t.Fatalf("API server unreachable for %v: %s\n%s\nstderr:\n%s", time.Since(end.Add(-outage)).Round(time.Second), p, body, d.Stderr)
+		}
+		if podSeries.Match(body) {
+			t.Fatalf("the pod labelled while the API server is unreachable:\n%s", body)
+		}
+		sawUnknown = sawUnknown || unknownPods.Match(body)
+	}
+	if !sawUnknown {
+		t.Errorf("no unknown pod counted in %d scrapes while the API server was unreachable", scrapes)
+	}
+
+	proxy.SetUp(true)
+	t0 := time.Now()
+	var body []byte
+	for {
+		var p string
+		body, p = scrapeCheck(client, d.Addr)
+		if p != "" {
+			t.Fatalf("API server reachable again: %s\n%s\nstderr:\n%s", p, body, d.Stderr)
+		}
+		if podSeries.Match(body) {
+			break
+		}
+		if time.Since(t0) > catchUp {
+			t.Fatalf("the pod's labels not there %v after the API server became reachable again\n%s\nstderr:\n%s", catchUp, body, d.Stderr)
+		}
+		testenv.Sleep(t, 500*time.Millisecond)
+	}
+	t.Logf("API server unreachable %v (%d scrapes, all served); caught up %v after it became reachable", outage, scrapes, time.Since(t0).Round(time.Millisecond))
+	promtoolCheck(t, body)
+	if st := d.stop(t, syscall.SIGTERM); st.ExitCode() != 0 {
+		t.Errorf("exit code %d", st.ExitCode())
+	}
+	checkLog(t, d.Stderr.String())
 }
