@@ -178,7 +178,12 @@ func sendUDP(t *testing.T, from, to end, n, size, cpu int) {
 		}
 		buf := make([]byte, size)
 		for i := range n {
-			if err := unix.Sendto(tx, buf, 0, dst); err != nil {
+			// The Go runtime's signals interrupt socket calls (EINTR).
+			err := unix.Sendto(tx, buf, 0, dst)
+			for err == unix.EINTR {
+				err = unix.Sendto(tx, buf, 0, dst)
+			}
+			if err != nil {
 				errc <- fmt.Errorf("send %d: %w", i, err)
 				return
 			}
@@ -188,6 +193,9 @@ func sendUDP(t *testing.T, from, to end, n, size, cpu int) {
 	buf := make([]byte, size+1)
 	for i := range n {
 		m, _, err := unix.Recvfrom(rx, buf, 0)
+		for err == unix.EINTR { // a receive timeout makes it unrestartable
+			m, _, err = unix.Recvfrom(rx, buf, 0)
+		}
 		if err != nil {
 			t.Fatalf("received %d of %d datagrams: %v", i, n, err)
 		}
