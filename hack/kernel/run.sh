@@ -125,9 +125,10 @@ cp "$pkgroot/bin/busybox" "$root/bin/busybox"
 for a in $("$root/bin/busybox" --list); do
 	[[ -e $root/bin/$a ]] || ln -s busybox "$root/bin/$a"
 done
-# promtool (cmd/ktel checks a scrape with it) and setpriv (cmd/ktel runs
-# ktel unprivileged with it) too.
-tools=(/usr/sbin/ip /usr/sbin/tc /usr/sbin/xtables-nft-multi /usr/bin/kmod /usr/bin/bash /usr/bin/timeout /usr/bin/promtool /usr/bin/setpriv)
+# promtool (cmd/ktel checks a scrape with it), setpriv (cmd/ktel runs
+# ktel unprivileged with it) and bpftool (cmd/ktel checks that nothing
+# stays attached to a cgroup) too.
+tools=(/usr/sbin/ip /usr/sbin/tc /usr/sbin/xtables-nft-multi /usr/bin/kmod /usr/bin/bash /usr/bin/timeout /usr/bin/promtool /usr/bin/setpriv /usr/sbin/bpftool)
 xt=/usr/lib/x86_64-linux-gnu/xtables
 for t in "${tools[@]}"; do
 	[[ -x $t ]] || { echo "test-kernel: $t missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -176,8 +177,8 @@ ls -l --block-size=M "$cache/initramfs.cpio" | awk '{print "== test-kernel: init
 # December 2026); a package not listed counts as 30.
 weight() {
 	case $1 in
-	internal/k8smeta) echo 392 ;; bpf/lb) echo 347 ;; test/reliability) echo 295 ;;
-	cmd/ktel) echo 150 ;; internal/daemon) echo 94 ;; bpf/runqlat) echo 44 ;;
+	cmd/ktel) echo 360 ;; internal/k8smeta) echo 257 ;; test/reliability) echo 256 ;;
+	internal/daemon) echo 177 ;; bpf/lb) echo 164 ;; bpf/runqlat) echo 42 ;;
 	*) echo 30 ;;
 	esac
 }
