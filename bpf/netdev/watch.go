@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ktel-dev/ktel/internal/nlink"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -165,15 +166,7 @@ func (w *watcher) subscribe() (<-chan netlink.LinkUpdate, func(), error) {
 
 // resync lists the links and brings the attachments in line with them.
 func (w *watcher) resync() error {
-	var (
-		links []netlink.Link
-		err   error
-	)
-	for range 3 { // a dump interrupted by a concurrent change is retried
-		if links, err = w.h.LinkList(); !errors.Is(err, netlink.ErrDumpInterrupted) {
-			break
-		}
-	}
+	links, err := nlink.LinkList(w.h)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
 		return fmt.Errorf("list links: %w", err)
 	}

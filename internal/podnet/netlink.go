@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/ktel-dev/ktel/internal/nlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
@@ -71,15 +72,7 @@ func (n *Netlink) Close() error {
 
 // Links implements Net.
 func (n *Netlink) Links() (map[int]Link, error) {
-	var (
-		links []netlink.Link
-		err   error
-	)
-	for range 3 { // a dump interrupted by a concurrent change is retried
-		if links, err = n.h.LinkList(); !errors.Is(err, netlink.ErrDumpInterrupted) {
-			break
-		}
-	}
+	links, err := nlink.LinkList(n.h)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
 		return nil, err
 	}
