@@ -54,8 +54,7 @@ test: tools otelcol kube deploy-go-tools
 # in software emulation (hack/kernel/run.sh): `ktel check` with every probe,
 # forced tcx failing before 6.6, `ktel check` with the capabilities deploy/
 # grants, a serve whose scrape shows every probe up, and the tests of
-# KERNEL_PKGS, none skipping (KERNEL_SKIP below leaves one test out): by
-# default every package with privileged
+# KERNEL_PKGS, none skipping: by default every package with privileged
 # tests (hack/kernel/packages.sh), with the static ktel, the collector and
 # the control plane copied into the guest, but test/deploy, which checks
 # what ships outside the binary with the Go toolchain, systemd-analyze,
@@ -66,10 +65,6 @@ test: tools otelcol kube deploy-go-tools
 # the tests matching it (verbose, no check or scrape); KERNEL_SKIP=TestX
 # leaves those out.
 KERNEL_PKGS ?= $(shell ./hack/kernel/packages.sh)
-# cmd/ktel's TestLBKubernetesAPIServerRestart fails in the guest: after
-# kube-apiserver took 74 s to restart under emulation, connects to the
-# Service were refused (cause not yet found; it passes on the host).
-KERNEL_SKIP ?= ^TestLBKubernetesAPIServerRestart$$
 test-kernel: tools build otelcol kube
 	KTEL_BINARY=$(BINARY) KERNEL_SKIP='$(KERNEL_SKIP)' ./hack/kernel/run.sh $(KERNEL_PKGS)
 

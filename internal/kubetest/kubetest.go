@@ -63,6 +63,9 @@ const (
 	// its watches to end for longer than 15 s: a restart does not wait
 	// that long.
 	restartStopTimeout = 3 * time.Second
+	// nodeMonitorGracePeriod is how long the controller-manager waits for
+	// a Node's heartbeat before marking it NotReady.
+	nodeMonitorGracePeriod = 24 * time.Hour
 )
 
 // Cluster is a running control plane.
@@ -245,7 +248,11 @@ func StartWith(tb testing.TB, opts Options) *Cluster {
 	}
 
 	// kube-controller-manager: service accounts in new namespaces,
-	// EndpointSlices, the DaemonSet controller, node lifecycle.
+	// EndpointSlices, the DaemonSet controller, node lifecycle. No kubelet
+	// renews a Node's lease here, so with the default grace period (50 s)
+	// the node lifecycle controller would mark every Node NotReady, and
+	// its Pods not ready, within a minute of the Node's creation: the
+	// grace period outlasts any test.
 	t0 = time.Now()
 	c.run(tb, "kube-controller-manager",
 		"--kubeconfig="+c.Kubeconfig,
@@ -258,6 +265,7 @@ func StartWith(tb testing.TB, opts Options) *Cluster {
 		"--root-ca-file="+crt,
 		"--use-service-account-credentials=false",
 		"--leader-elect=false",
+		"--node-monitor-grace-period="+nodeMonitorGracePeriod.String(),
 		"--profiling=false",
 		"-v=1",
 	)
@@ -471,8 +479,9 @@ func (c *Cluster) Namespace(tb testing.TB, name string, labels map[string]string
 	})
 }
 
-// Node creates a Node named name, Ready (until the node lifecycle
-// controller, seeing no kubelet, marks it NotReady after about 60 s).
+// Node creates a Node named name, Ready for nodeMonitorGracePeriod
+// (then the node lifecycle controller, seeing no kubelet, would mark it
+// NotReady and its Pods not ready).
 func (c *Cluster) Node(tb testing.TB, name string) *corev1.Node {
 	tb.Helper()
 	ctx := context.Background()
