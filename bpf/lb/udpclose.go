@@ -121,7 +121,7 @@ func (c *udpCloser) disconnect(removed []ctl.Removed) (int, error) {
 		return 0, err
 	}
 	if unseen > 0 {
-		c.missedNetns(unseen, "a process of the cgroup not visible in /proc or its namespace not readable")
+		c.missedNetns(unseen, "a process of the cgroup outside ktel's PID namespace (listed as PID 0), or its namespace not readable")
 	}
 	if c.iter != nil {
 		keys := make([]sockdestroyGoneKey, 0, len(gone))
