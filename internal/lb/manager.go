@@ -59,8 +59,9 @@ func (m *Manager) Reload() error {
 	m.mu.Lock()
 	data, err := os.ReadFile(m.file)
 	if err != nil {
+		err = m.failed(fmt.Errorf("read services file: %w", err)) // counted under mu
 		m.mu.Unlock()
-		return m.failed(fmt.Errorf("read services file: %w", err))
+		return err
 	}
 	a, err := m.apply(data)
 	m.mu.Unlock()
@@ -134,6 +135,7 @@ func (m *Manager) closeUDP(a Applied) {
 	}
 }
 
+// failed counts and logs a rejected file, with mu held.
 func (m *Manager) failed(err error) error {
 	m.bad++
 	// One line: the joined field errors, separated by "; ".
