@@ -50,8 +50,8 @@ type udpCloser struct {
 	warnOnce sync.Once
 	// missed counts the processes of the cgroup whose network namespace
 	// could not be read or entered, per closing pass (without hostPID
-	// /proc lacks them; without CAP_SYS_PTRACE and CAP_SYS_ADMIN their
-	// namespaces cannot be read or entered).
+	// cgroup.procs lists them as PID 0; without CAP_SYS_PTRACE and
+	// CAP_SYS_ADMIN their namespaces cannot be read or entered).
 	missed       atomic.Uint64
 	missWarnOnce sync.Once
 }
