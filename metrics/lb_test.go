@@ -40,6 +40,7 @@ func TestLBCollector(t *testing.T) {
 		LastReloadSuccess: time.Unix(1700000000, 500_000_000),
 		SlotMissing:       2,
 		UDPSocketsClosed:  5,
+		UDPCloseMissed:    3,
 	}}
 	c := &collectorAdapter{NewLBCollector(f)}
 	want := `
@@ -63,7 +64,7 @@ ktel_lb_datapath_errors_total{reason="affinity"} 0
 ktel_lb_datapath_errors_total{reason="maglev"} 0
 ktel_lb_datapath_errors_total{reason="reverse"} 0
 ktel_lb_datapath_errors_total{reason="slot"} 2
-ktel_lb_datapath_errors_total{reason="udp_close"} 0
+ktel_lb_datapath_errors_total{reason="udp_close"} 3
 # HELP ktel_lb_no_backend_total Connects and datagrams refused (ECONNREFUSED; EPERM before Linux 5.18) because the service had no backend.
 # TYPE ktel_lb_no_backend_total counter
 ktel_lb_no_backend_total{service="empty"} 4

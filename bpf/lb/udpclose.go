@@ -50,8 +50,8 @@ type udpCloser struct {
 	warnOnce sync.Once
 	// missed counts the processes of the cgroup whose network namespace
 	// could not be read or entered, per closing pass (without hostPID
-	// /proc lacks them; without CAP_SYS_PTRACE and CAP_SYS_ADMIN their
-	// namespaces cannot be read or entered).
+	// cgroup.procs lists them as PID 0; without CAP_SYS_PTRACE and
+	// CAP_SYS_ADMIN their namespaces cannot be read or entered).
 	missed       atomic.Uint64
 	missWarnOnce sync.Once
 }
@@ -121,7 +121,7 @@ func (c *udpCloser) disconnect(removed []ctl.Removed) (int, error) {
 		return 0, err
 	}
 	if unseen > 0 {
-		c.missedNetns(unseen, "a process of the cgroup not visible in /proc or its namespace not readable")
+		c.missedNetns(unseen, "a process of the cgroup outside ktel's PID namespace (listed as PID 0), or its namespace not readable")
 	}
 	if c.iter != nil {
 		keys := make([]sockdestroyGoneKey, 0, len(gone))
@@ -222,9 +222,10 @@ const ownNetns = ""
 // the processes of cgroup (and of its descendants) are in, and ownNetns
 // for ktel's own, always first. A namespace ktel may not read (without
 // CAP_SYS_PTRACE, that of a process with more capabilities), or of a
-// process /proc does not show (ktel in its own PID namespace, without
-// hostPID), is skipped and counted in unseen; so is a process that exited
-// meanwhile.
+// process outside ktel's PID namespace (without hostPID; cgroup.procs
+// lists such a process as PID 0), is skipped and counted in unseen. A
+// process that exited since cgroup.procs was read is skipped, not
+// counted: it has no sockets left to close.
 func cgroupNetns(cgroup string) (_ []string, unseen int, _ error) {
 	seen := map[uint64]bool{}
 	out := []string{ownNetns}
@@ -248,13 +249,20 @@ func cgroupNetns(cgroup string) (_ []string, unseen int, _ error) {
 			return nil // removed meanwhile, or not readable: skipped
 		}
 		for _, f := range strings.Fields(string(procs)) {
-			if _, err := strconv.Atoi(f); err != nil {
+			pid, err := strconv.Atoi(f)
+			if err != nil {
+				continue
+			}
+			if pid == 0 { // outside ktel's PID namespace
+				unseen++
 				continue
 			}
 			p := "/proc/" + f + "/ns/net"
 			var st unix.Stat_t
 			if err := unix.Stat(p, &st); err != nil {
-				unseen++
+				if !errors.Is(err, unix.ENOENT) { // ENOENT: exited
+					unseen++
+				}
 				continue
 			}
 			if seen[st.Ino] {

@@ -75,7 +75,7 @@ func (s *epSlice) GetObjectMeta() metav1.Object {
 
 func (s *service) key() string { return s.namespace + "/" + s.name }
 
-// sliceKey is the Service key of a slice, "" when it belongs to none:
+// serviceKey is the Service key of a slice, "" when it belongs to none:
 // kube-proxy ignores slices without the service-name label, and FQDN ones.
 func (s *epSlice) serviceKey() string {
 	if s.service == "" || s.family == discovery.AddressTypeFQDN {

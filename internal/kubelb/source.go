@@ -43,8 +43,9 @@ const (
 // Metrics receives what a sync measured (metrics.LBKube in the daemon).
 // Its methods are called from the sync goroutine only.
 type Metrics interface {
-	// ObserveSync is the duration of a successful sync: listing the
-	// caches, translating and writing the maps.
+	// ObserveSync is the duration of a successful sync: translating the
+	// Services that changed (all of them in a full sync) and applying
+	// them.
 	ObserveSync(time.Duration)
 	// ObserveNetworkProgramming is, for each EndpointSlice change a
 	// successful sync applied, the time from the change's trigger (the

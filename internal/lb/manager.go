@@ -33,7 +33,6 @@ type Manager struct {
 	ok, bad  uint64
 	lastOK   time.Time
 	applyDur time.Duration
-	backends int
 	checks   uint64 // reads of the file by the watcher, changed or not
 
 	watch *watcher
@@ -60,8 +59,9 @@ func (m *Manager) Reload() error {
 	m.mu.Lock()
 	data, err := os.ReadFile(m.file)
 	if err != nil {
+		err = m.failed(fmt.Errorf("read services file: %w", err)) // counted under mu
 		m.mu.Unlock()
-		return m.failed(fmt.Errorf("read services file: %w", err))
+		return err
 	}
 	a, err := m.apply(data)
 	m.mu.Unlock()
@@ -109,11 +109,8 @@ func (m *Manager) apply(data []byte) (Applied, error) {
 	m.applyDur = time.Since(parsed)
 	m.ok++
 	m.lastOK = time.Now()
-	m.backends = 0
-	for _, s := range svcs {
-		m.backends += len(s.Backends)
-	}
-	m.log.Info("services applied", "file", m.file, "services", len(svcs), "backends", m.backends,
+	_, nb := m.state.Len()
+	m.log.Info("services applied", "file", m.file, "services", len(svcs), "backends", nb,
 		"written", a.Written, "deleted", a.Deleted, "slots_written", a.Slots,
 		"parse_took", parsed.Sub(start), "apply_took", m.applyDur,
 		"udp_backends_removed", a.UDPRemoved)
@@ -138,6 +135,7 @@ func (m *Manager) closeUDP(a Applied) {
 	}
 }
 
+// failed counts and logs a rejected file, with mu held.
 func (m *Manager) failed(err error) error {
 	m.bad++
 	// One line: the joined field errors, separated by "; ".
@@ -157,7 +155,10 @@ func (m *Manager) Stats() ReloadStats {
 func (m *Manager) Services() ([]ServiceStatus, int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.state.Services(), m.backends
+	// The State's count, not the last successful apply's: an apply that
+	// failed only to delete removed services still changed the services.
+	_, nb := m.state.Len()
+	return m.state.Services(), nb
 }
 
 // Watch reloads the file when it changes, until Close. It watches the

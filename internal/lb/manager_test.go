@@ -111,3 +111,26 @@ func TestManagerMissingFile(t *testing.T) {
 		t.Errorf("missing file: %v %+v", err, m.Stats())
 	}
 }
+
+// A failed read is counted under the lock that Stats (a scrape) takes:
+// Reloads of a missing file race with no scrape (go test -race).
+func TestManagerMissingFileCountedLocked(t *testing.T) {
+	now := time.Unix(0, 0)
+	s, _ := NewState(newFake(t, &now), Limits{MaxServices: 1, MaxSlots: 1, MaxCounters: 1})
+	m := NewManager(filepath.Join(t.TempDir(), "none.yaml"), s, discardLog())
+	const n = 500
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range n {
+			_ = m.Reload()
+		}
+	}()
+	for range n {
+		_ = m.Stats()
+	}
+	<-done
+	if got := m.Stats().Error; got != n {
+		t.Errorf("%d errors counted, want %d", got, n)
+	}
+}

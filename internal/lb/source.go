@@ -67,10 +67,9 @@ func (m *Manager) applyChanges(svcs []Service, remove []string, full bool) (Appl
 	m.applyDur = time.Since(start)
 	m.ok++
 	m.lastOK = time.Now()
-	var n int
-	n, m.backends = m.state.Len()
 	if a.Written > 0 || a.Deleted > 0 {
-		m.log.Info("services applied", "source", m.source, "services", n, "backends", m.backends,
+		n, nb := m.state.Len()
+		m.log.Info("services applied", "source", m.source, "services", n, "backends", nb,
 			"written", a.Written, "deleted", a.Deleted, "slots_written", a.Slots, "apply_took", m.applyDur,
 			"udp_backends_removed", a.UDPRemoved)
 	}

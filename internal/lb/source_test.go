@@ -115,3 +115,33 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// An apply that fails only to delete a removed service has still changed
+// the services: the backend count Services reports is that of the
+// services it returns.
+func TestManagerBackendsAfterFailedDelete(t *testing.T) {
+	now := time.Unix(0, 0)
+	f := newFake(t, &now)
+	s, err := NewState(f, Limits{MaxServices: 4, MaxSlots: 8, MaxCounters: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := NewSourceManager("kubernetes", s, slog.New(slog.DiscardHandler))
+	a, b := svc("a", "10.96.0.1:80", "10.0.0.1:80"), svc("b", "10.96.0.2:80", "10.0.0.2:80")
+	if err := m.ApplyServices([]Service{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	f.failOn = "DeleteServices"
+	a = svc("a", "10.96.0.1:80", "10.0.0.1:80", "10.0.0.3:80", "10.0.0.4:80")
+	if err := m.ApplyServices([]Service{a}); err == nil {
+		t.Fatal("failed delete not reported")
+	}
+	st, nb := m.Services()
+	n := 0
+	for _, sv := range st {
+		n += len(sv.Backends)
+	}
+	if len(st) != 1 || nb != n || nb != 3 {
+		t.Errorf("services %v with %d backends, reported %d backends; want a's 3", st, n, nb)
+	}
+}

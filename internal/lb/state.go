@@ -294,9 +294,10 @@ type Applied struct {
 }
 
 // CloseUDP closes the connected UDP sockets sent to the backends that the
-// apply a removed from UDP services, and records the result in a. It
-// reads no State field: it may run while another Apply does, though
-// CloseUDP calls must not overlap each other.
+// apply a removed from UDP services, and records the result in a. Of the
+// State it reads only the datapath, which no Apply changes: it may run
+// while another Apply does, though CloseUDP calls must not overlap each
+// other.
 func (s *State) CloseUDP(a *Applied) {
 	if len(a.udpRemoved) == 0 {
 		return
@@ -701,12 +702,8 @@ type BackendStatus struct {
 // Services returns the applied services, sorted by name.
 func (s *State) Services() []ServiceStatus {
 	out := make([]ServiceStatus, 0, len(s.live))
-	nb := 0
-	for _, l := range s.live {
-		nb += len(l.svc.Backends)
-	}
 	// All services' backends in one slice: a scrape reads this.
-	backends := make([]BackendStatus, 0, nb)
+	backends := make([]BackendStatus, 0, s.backends)
 	for _, l := range s.live {
 		st := ServiceStatus{Name: l.svc.Name, Key: l.svc.Key(), ID: l.id}
 		first := len(backends)
