@@ -57,7 +57,7 @@ type Config struct {
 	ListenAddress    string `envconfig:"KTEL_LISTEN_ADDRESS" default:":9437" values:"[host]:port" desc:"Address of the HTTP server (/metrics, /healthz)."`
 	WebConfigFile    string `envconfig:"KTEL_WEB_CONFIG_FILE" default:"" values:"path to a Prometheus web configuration file, or empty" desc:"TLS and basic authentication for the HTTP server, in the exporter-toolkit format (tls_server_config, basic_auth_users). Empty: plain HTTP."`
 	MaxScrapes       int    `envconfig:"KTEL_MAX_CONCURRENT_SCRAPES" default:"10" values:"integer >= 1" desc:"Scrapes served at once; more get HTTP 503 at once rather than queueing."`
-	Probes           string `envconfig:"KTEL_PROBES" default:"syscall,runqlat,tcpretrans" values:"comma-separated probe names: syscall,runqlat,tcpretrans,netdev,lb" desc:"Probes to load. The default is every probe that needs no further input, plus netdev when KTEL_INTERFACES is set and lb when KTEL_LB_SERVICES_FILE is."`
+	Probes           string `envconfig:"KTEL_PROBES" default:"syscall,runqlat,tcpretrans" values:"comma-separated probe names: syscall,runqlat,tcpretrans,netdev,lb" desc:"Probes to load. The default is every probe that needs no further input, plus netdev when KTEL_INTERFACES is set and lb when KTEL_LB_SERVICES_FILE is or KTEL_LB_SOURCE=kubernetes."`
 	LogLevel         string `envconfig:"KTEL_LOG_LEVEL" default:"info" values:"debug|info|warn|error" desc:"Minimum level of log records."`
 	LogFormat        string `envconfig:"KTEL_LOG_FORMAT" default:"text" values:"text|json" desc:"Log record format, on standard error."`
 	HistogramSchema  int    `envconfig:"KTEL_HISTOGRAM_SCHEMA" default:"3" values:"0..4" desc:"Native-histogram schema of latency histograms: 2^schema buckets per power of two; at 3 a bucket spans 9.05%, so a value is known to within 4.4% of its bucket's middle and an interpolated quantile to within a bucket. Higher costs kernel memory: about 1.1 MiB per CPU at 3, 2.2 at 4."`
@@ -84,7 +84,7 @@ type Config struct {
 	NetdevPacketSizes   bool   `envconfig:"KTEL_NETDEV_PACKET_SIZES" default:"false" values:"true|false" desc:"Export ktel_net_packet_size_bytes (a few ns more per packet)."`
 	NetdevNetNS         string `envconfig:"KTEL_NETDEV_NETNS" default:"" values:"path to a network namespace file, or empty" desc:"Network namespace whose interfaces netdev watches; empty: ktel's own."`
 
-	LBServicesFile    string `envconfig:"KTEL_LB_SERVICES_FILE" default:"" values:"path to a YAML or JSON services file, or empty" desc:"Services the lb probe balances; reloaded when it changes and on SIGHUP. Empty: lb is not started."`
+	LBServicesFile    string `envconfig:"KTEL_LB_SERVICES_FILE" default:"" values:"path to a YAML or JSON services file, or empty" desc:"Services the lb probe balances; reloaded when it changes and on SIGHUP. Empty: lb is not started, unless KTEL_LB_SOURCE=kubernetes."`
 	LBCgroup          string `envconfig:"KTEL_LB_CGROUP" default:"" values:"cgroup v2 directory, or empty" desc:"Cgroup whose processes are load balanced. Empty: the root of the cgroup v2 hierarchy (from /proc/self/mountinfo)."`
 	LBAlgorithm       string `envconfig:"KTEL_LB_ALGORITHM" default:"random" values:"random|maglev" desc:"How backends are chosen. maglev keeps a UDP socket on its backend when other backends change."`
 	LBMaglevTableSize int    `envconfig:"KTEL_LB_MAGLEV_TABLE_SIZE" default:"1021" values:"251|509|1021|2039|4093|8191|16381|32749|65521" desc:"Entries per Maglev table (at least 100 per backend is good); 4 bytes each, per service."`
