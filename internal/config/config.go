@@ -88,7 +88,7 @@ type Config struct {
 	LBCgroup          string `envconfig:"KTEL_LB_CGROUP" default:"" values:"cgroup v2 directory, or empty" desc:"Cgroup whose processes are load balanced. Empty: the root of the cgroup v2 hierarchy (from /proc/self/mountinfo)."`
 	LBAlgorithm       string `envconfig:"KTEL_LB_ALGORITHM" default:"random" values:"random|maglev" desc:"How backends are chosen. maglev keeps a UDP socket on its backend when other backends change."`
 	LBMaglevTableSize int    `envconfig:"KTEL_LB_MAGLEV_TABLE_SIZE" default:"1021" values:"251|509|1021|2039|4093|8191|16381|32749|65521" desc:"Entries per Maglev table (at least 100 per backend is good); 4 bytes each, per service."`
-	LBMaxServices     int    `envconfig:"KTEL_LB_MAX_SERVICES" default:"16384" values:"1..16777216" desc:"Services a file may hold; a file with more is rejected. The services map holds twice as many, so that any file can replace any other."`
+	LBMaxServices     int    `envconfig:"KTEL_LB_MAX_SERVICES" default:"16384" values:"1..16777216" desc:"Services a file may hold; a file with more is rejected (from Kubernetes, a sync with more fails and is retried), and the previous services keep serving. The services map holds twice as many, so that any file can replace any other."`
 	LBMaxBackends     int    `envconfig:"KTEL_LB_MAX_BACKENDS" default:"65536" values:"1..16777216" desc:"Backends over all services (the slot maps hold twice as many, so that any file can replace any other), and per-backend counters."`
 	LBMaxSockets      int    `envconfig:"KTEL_LB_MAX_SOCKETS" default:"65536" values:"1..16777216" desc:"Sockets whose peer is shown as the VIP (an LRU map); also the (client, service) pairs remembered for session affinity (another LRU map)."`
 
