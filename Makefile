@@ -20,7 +20,8 @@ all: build
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BINARY) ./cmd/ktel
 
-# Regenerate BPF objects, syscall tables and docs. Needs clang-19 (`make tools`).
+# Regenerate BPF objects and syscall tables. Needs clang-19 (`make tools`).
+# The README's configuration table: go test ./internal/config -run Readme -update.
 generate:
 	$(GO) generate ./...
 
@@ -92,7 +93,7 @@ otelcol:
 
 # Builds the Kubernetes control plane that tests run (internal/kubetest):
 # etcd, kube-apiserver, kube-controller-manager and kubectl at pinned
-# versions, into .cache/kube/bin. A no-op when up to date; FORCE=1 rebuilds.
+# versions, and kube-proxy for make bench-kube, into .cache/kube/bin. A no-op when up to date; FORCE=1 rebuilds.
 # Cold: 10 to 30 minutes on two cores, and about 4 GB of Go build cache.
 kube:
 	bash hack/kube/build.sh

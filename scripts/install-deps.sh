@@ -3,7 +3,8 @@
 # clang-19 (pinned BPF compiler), libbpf-dev (bpf_helpers.h and the other
 # libbpf headers the BPF programs include), kernel UAPI headers (syscall tables),
 # bpftool, Prometheus (promtool and the server, for end-to-end tests),
-# iptables and iproute2 (network-namespace tests), util-linux (setpriv) and
+# iptables and iproute2 (network-namespace tests), nftables (kube-proxy's
+# nftables mode in make bench-kube), util-linux (setpriv) and
 # systemd (systemd-analyze verify of the unit), redis-server and redis-tools
 # (the application row of make bench), qemu and kmod (make test-kernel
 # boots Debian's 6.1 kernel, which hack/kernel/run.sh fetches into

@@ -83,7 +83,7 @@ func TestKustomize(t *testing.T) {
 func TestHelm(t *testing.T) {
 	helm := tool(t, "HELM", "helm")
 	const chart = "deploy/helm/ktel"
-	for _, values := range []string{"", chart + "/ci/all-probes-values.yaml"} {
+	for _, values := range []string{"", chart + "/ci/all-probes-values.yaml", chart + "/ci/lb-kubernetes-values.yaml"} {
 		name := "default"
 		args := []string{}
 		if values != "" {
@@ -267,7 +267,11 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, cms map[string]*corev1.C
 			t.Errorf("%s not mounted", p)
 		}
 	}
-	if slices.Contains(probes, "lb") {
+	if slices.Contains(probes, "lb") && env["KTEL_LB_SOURCE"].Value == "kubernetes" {
+		if file, set := env["KTEL_LB_SERVICES_FILE"]; set {
+			t.Errorf("KTEL_LB_SOURCE=kubernetes with KTEL_LB_SERVICES_FILE=%q: ktel refuses both", file.Value)
+		}
+	} else if slices.Contains(probes, "lb") {
 		file := env["KTEL_LB_SERVICES_FILE"].Value
 		ok := false
 		for vol, cm := range configMaps {

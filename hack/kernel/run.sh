@@ -8,8 +8,8 @@
 # the kernel and busybox are Debian packages fetched with apt-get download
 # and unpacked into the git-ignored .cache/kernel/. The guest boots an
 # initramfs holding busybox, the static ktel, the tests compiled with
-# `go test -c`, iproute2, iptables (nft), kmod, promtool and setpriv with
-# their libraries, the OpenTelemetry Collector and the Kubernetes control
+# `go test -c`, iproute2, iptables (nft), kmod, bash, coreutils' timeout,
+# promtool, setpriv and bpftool with their libraries, the OpenTelemetry Collector and the Kubernetes control
 # plane (.cache/otelcol, .cache/kube) when a package needs them, and the
 # kernel's modules; hack/kernel/init runs it all and powers off.
 #
@@ -195,31 +195,43 @@ done < <(for p in "${pkgs[@]}"; do rel=${p#./}; echo "$(weight "$rel") $rel"; do
 # "ktel-kernel: PASS" or "ktel-kernel: FAIL ...", which is read from its
 # console log.
 rm -f "$cache"/console*.log
-declare -a pids logs
+declare -a pids logs rcs
+tailer=
+# On any exit (an error, SIGINT, SIGTERM) no guest or tail outlives this
+# script: background jobs of a script ignore SIGINT, and a TERM to the
+# script alone reaches none of them. timeout passes the TERM on to qemu.
+stop_guests() {
+	local p
+	for p in "${pids[@]}" $tailer; do kill "$p" 2>/dev/null || true; done
+}
+trap stop_guests EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 for ((g = 0; g < guests; g++)); do
 	logs[g]=$cache/console-$g.log
 	step "boot $kver under qemu ($accel), guest $g: ${share[g]} (about ${load[g]} s)"
 	cmdline="console=ttyS0 panic=-1 loglevel=4 ktel.run=${KERNEL_RUN:-} ktel.skip=${KERNEL_SKIP:-} ktel.pkgs=${share[g]} ktel.checks=$((g == 0))"
-	(
-		set +e
-		timeout --foreground -k 10s "$timeout" qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m "${KERNEL_MEMORY:-6G}" \
-			-nographic -no-reboot -kernel "$kernel" -initrd "$cache/initramfs.cpio" \
-			-append "$cmdline" </dev/null >"${logs[g]}" 2>&1
-		echo $? >"${logs[g]}.rc"
-	) &
+	timeout --foreground -k 10s "$timeout" qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m "${KERNEL_MEMORY:-6G}" \
+		-nographic -no-reboot -kernel "$kernel" -initrd "$cache/initramfs.cpio" \
+		-append "$cmdline" </dev/null >"${logs[g]}" 2>&1 &
 	pids[g]=$!
 done
 # The guests' consoles as they come (tail names the log before each
 # guest's lines).
 tail -n +1 -F "${logs[@]}" 2>/dev/null &
 tailer=$!
-for ((g = 0; g < guests; g++)); do wait "${pids[g]}" || true; done
+for ((g = 0; g < guests; g++)); do
+	rcs[g]=0
+	wait "${pids[g]}" || rcs[g]=$?
+done
+pids=()
 kill "$tailer" 2>/dev/null || true
 wait "$tailer" 2>/dev/null || true
+tailer=
 
 failed=0
 for ((g = 0; g < guests; g++)); do
-	rc=$(cat "${logs[g]}.rc" 2>/dev/null || echo 1)
+	rc=${rcs[g]}
 	step "guest $g: qemu exited with status $rc"
 	if ((rc == 124)); then
 		echo "test-kernel: FAIL: guest $g did not finish within $timeout (${logs[g]})" >&2
@@ -227,7 +239,8 @@ for ((g = 0; g < guests; g++)); do
 		continue
 	fi
 	# The last verdict line is the summary when the guest got that far.
-	result=$(grep -ao 'ktel-kernel: \(PASS\|FAIL.*\)' "${logs[g]}" | tail -1 | tr -d '\r')
+	# (|| true: under pipefail a log without one would end the script here.)
+	result=$(grep -ao 'ktel-kernel: \(PASS\|FAIL.*\)' "${logs[g]}" | tail -1 | tr -d '\r') || true
 	case $result in
 	"ktel-kernel: PASS") echo "test-kernel: guest $g PASS on $kver (${share[g]})" ;;
 	"") echo "test-kernel: FAIL: no result line in ${logs[g]}" >&2; failed=1 ;;
