@@ -177,7 +177,7 @@ ls -l --block-size=M "$cache/initramfs.cpio" | awk '{print "== test-kernel: init
 # December 2026); a package not listed counts as 30.
 weight() {
 	case $1 in
-	cmd/ktel) echo 360 ;; internal/k8smeta) echo 257 ;; test/reliability) echo 256 ;;
+	cmd/ktel) echo 490 ;; internal/k8smeta) echo 257 ;; test/reliability) echo 256 ;;
 	internal/daemon) echo 177 ;; bpf/lb) echo 164 ;; bpf/runqlat) echo 42 ;;
 	*) echo 30 ;;
 	esac
