@@ -35,14 +35,14 @@ func NewLBKube() *LBKube {
 		// 16 s), and a native histogram beside them.
 		syncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:                        "ktel_lb_sync_duration_seconds",
-			Help:                        "Time a sync of the load balancer from the Kubernetes caches took: translating Services and EndpointSlices and writing the maps.",
+			Help:                        "Time a sync of the load balancer from the Kubernetes caches took: translating Services and EndpointSlices, writing the maps and closing connected UDP sockets to removed backends.",
 			Buckets:                     prometheus.ExponentialBuckets(0.001, 2, 15),
 			NativeHistogramBucketFactor: 1.1,
 		}),
 		// kube-proxy's network_programming_duration_seconds buckets.
 		programming: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:                        "ktel_lb_network_programming_duration_seconds",
-			Help:                        "Time from an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time annotation) to the end of the map writes that applied it.",
+			Help:                        "Time from an EndpointSlice change (its endpoints.kubernetes.io/last-change-trigger-time annotation) to the end of the map writes that applied it (and of the closing of connected UDP sockets to the backends it removed).",
 			Buckets:                     programmingBuckets(),
 			NativeHistogramBucketFactor: 1.1,
 		}),

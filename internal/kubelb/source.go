@@ -49,7 +49,9 @@ type Metrics interface {
 	ObserveSync(time.Duration)
 	// ObserveNetworkProgramming is, for each EndpointSlice change a
 	// successful sync applied, the time from the change's trigger (the
-	// last-change-trigger-time annotation) to the end of the map writes.
+	// last-change-trigger-time annotation) to the end of the apply: the
+	// map writes, and the closing of connected UDP sockets to removed
+	// backends.
 	ObserveNetworkProgramming(time.Duration)
 	// Synced reports a successful sync at time at, the services with
 	// internalTrafficPolicy Local and no local endpoint, and what was

@@ -218,7 +218,8 @@ func TestSource(t *testing.T) {
 	})
 
 	t.Run("slice update", func(t *testing.T) {
-		// A trigger time from before the source started is not measured.
+		// A trigger time 50 ms ago (after the source started) is measured
+		// from that time.
 		trigger := time.Now().Add(-50 * time.Millisecond)
 		s := webA.DeepCopy()
 		s.Endpoints = append(s.Endpoints, ep("10.0.0.2", "", "rs"))

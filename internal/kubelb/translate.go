@@ -15,7 +15,7 @@ import (
 // reason label of ktel_lb_kubernetes_skipped.
 const (
 	SkipProtocol  = "protocol"         // a Service port that is neither TCP nor UDP (SCTP)
-	SkipClusterIP = "invalid_ip"       // a ClusterIP that is not a unicast address
+	SkipClusterIP = "invalid_ip"       // a ClusterIP that is not a unicast address, or a port out of range
 	SkipName      = "invalid_name"     // namespace/name:port too long for a service name
 	SkipConflict  = "conflict"         // a VIP:port or name another Service port already has
 	SkipEndpoint  = "invalid_endpoint" // an endpoint address that does not parse, or of the wrong family
