@@ -348,8 +348,7 @@ func (s *Source) run(apply lb.Applier) {
 		}
 		last = time.Now()
 		if err := s.sync(apply); err != nil {
-			s.opts.Log.Error("services from the API server not applied; the previous ones keep serving",
-				"retry_in", s.opts.RetryPeriod, "err", err)
+			s.opts.Log.Error(lb.FailureMessage("services from the API server", err), "retry_in", s.opts.RetryPeriod, "err", err)
 			retry = time.After(s.opts.RetryPeriod)
 			continue
 		}

@@ -139,8 +139,7 @@ func (m *Manager) closeUDP(a Applied) {
 func (m *Manager) failed(err error) error {
 	m.bad++
 	// One line: the joined field errors, separated by "; ".
-	m.log.Error("services file rejected; the previous configuration keeps serving",
-		"file", m.file, "err", strings.ReplaceAll(err.Error(), "\n", "; "))
+	m.log.Error(FailureMessage("services file", err), "file", m.file, "err", strings.ReplaceAll(err.Error(), "\n", "; "))
 	return err
 }
 

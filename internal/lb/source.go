@@ -60,8 +60,7 @@ func (m *Manager) applyChanges(svcs []Service, remove []string, full bool) (Appl
 	}
 	if err != nil {
 		m.bad++
-		m.log.Error("services rejected; the previous ones keep serving", "source", m.source,
-			"err", strings.ReplaceAll(err.Error(), "\n", "; "))
+		m.log.Error(FailureMessage("services", err), "source", m.source, "err", strings.ReplaceAll(err.Error(), "\n", "; "))
 		return a, err
 	}
 	m.applyDur = time.Since(start)

@@ -108,6 +108,20 @@ func affinitySeconds(d time.Duration) uint32 {
 // ErrFull means a configuration does not fit the maps.
 var ErrFull = errors.New("does not fit the maps")
 
+// ErrNotRemoved means an apply wrote its services but could not delete
+// all of those it removed: they keep their old backends until a later
+// apply deletes them.
+var ErrNotRemoved = errors.New("removed services not deleted (they keep their old backends)")
+
+// FailureMessage is the message to log when an apply of what (such as
+// "services file") failed with err: what serves now.
+func FailureMessage(what string, err error) string {
+	if errors.Is(err, ErrNotRemoved) {
+		return what + " applied, but the services removed still serve with their old backends"
+	}
+	return what + " rejected; the previous services keep serving"
+}
+
 // DefaultQuarantine is how long freed slots and indexes stay unused:
 // programs that read a service entry before it was replaced may still read
 // its old slots for the few microseconds they run.
@@ -590,7 +604,7 @@ func (s *State) apply(svcs []Service, remove []string, full bool) (_ Applied, er
 		}
 	}
 	if delErr != nil {
-		return a, fmt.Errorf("delete removed services (they keep their old backends): %w", delErr)
+		return a, fmt.Errorf("%w: %w", ErrNotRemoved, delErr)
 	}
 	return a, nil
 }

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -350,8 +351,15 @@ func TestApplyDeleteRetried(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.failOn = "DeleteServices"
-	if _, err := s.Apply([]Service{a}); err == nil {
-		t.Fatal("failed delete not reported")
+	_, err := s.Apply([]Service{a})
+	if !errors.Is(err, ErrNotRemoved) {
+		t.Fatalf("failed delete: %v, want ErrNotRemoved", err)
+	}
+	if msg := FailureMessage("services", err); !strings.Contains(msg, "applied") {
+		t.Errorf("logged as %q", msg)
+	}
+	if msg := FailureMessage("services", ErrFull); !strings.Contains(msg, "previous services keep serving") {
+		t.Errorf("a rejected apply logged as %q", msg)
 	}
 	if s.svcIDs.inUse() != 2 || s.counters.inUse() != 2 || len(f.services) != 2 {
 		t.Fatalf("after the failed delete: %d ids, %d counters, %d services; want b's kept", s.svcIDs.inUse(), s.counters.inUse(), len(f.services))
