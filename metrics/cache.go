@@ -45,3 +45,11 @@ func (c *Cached[T]) Get() (T, error) {
 	c.val, c.at = v, c.now()
 	return v, nil
 }
+
+// Invalidate makes the next Get read anew: the caller changed the source
+// in a way the last value does not show (deleted entries of a map).
+func (c *Cached[T]) Invalidate() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.at = time.Time{}
+}

@@ -120,7 +120,7 @@ func (c *runqlatCollector) updateWorkloads(ch chan<- prometheus.Metric, s *runql
 	for id, h := range s.Cgroups {
 		cur[cgroupKey[struct{}]{id: id}] = append(h.Slots[:len(h.Slots):len(h.Slots)], h.SumNs)
 	}
-	series, err := c.workloads.updateAndForget(cur, func(ck cgroupKey[struct{}]) error { return c.forget.ForgetCgroup(ck.id) })
+	series, err := c.workloads.updateAndForget(cur, func(ck cgroupKey[struct{}]) error { return c.forget.ForgetCgroup(ck.id) }, c.snap.Invalidate)
 	n := c.layout.Slots()
 	if s.CgroupsFull > 0 {
 		// The kernel's map was full: those waits are in Total.

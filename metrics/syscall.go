@@ -141,7 +141,7 @@ func (c *SyscallCollector) updateWorkloads(ch chan<- prometheus.Metric, s *syspr
 	}
 	series, err := c.workloads.updateAndForget(cur, func(ck cgroupKey[uint32]) error {
 		return c.forget.ForgetCgroup(sysprobe.CgroupKey{Cgroup: ck.id, Nr: ck.key})
-	})
+	}, c.snap.Invalidate)
 	n := c.layout.Slots()
 	// With the map full, the rest went to the node-level histograms.
 	for nr, h := range s.Latency {

@@ -80,7 +80,7 @@ func (c *tcpRetransCollector) updateWorkloads(ch chan<- prometheus.Metric) error
 	}
 	series, err := c.workloads.updateAndForget(cur, func(ck cgroupKey[tcpretrans.Key]) error {
 		return c.forget.ForgetCgroup(tcpretrans.CgroupKey{Key: ck.key, Cgroup: ck.id})
-	})
+	}, c.snap.Invalidate)
 	if s.CgroupMapFull > 0 {
 		// The kernel's map was full: those are the rest of Retransmits.
 		full := map[tcpretrans.Key]uint64{}

@@ -89,11 +89,17 @@ type workloadSums[K comparable] struct {
 	mu      sync.Mutex
 	cgroups map[cgroupKey[K]]*cgroupState
 	series  map[workloadKey[K]]*seriesState
+	// undeleted are the cgroups returned to be deleted from the kernel's
+	// map that may still be in it (not yet deleted, or the deletion
+	// failed), with the values already carried: if one is read again, it
+	// goes on from those.
+	undeleted map[cgroupKey[K]][]uint64
 }
 
 func newWorkloadSums[K comparable](res Workloads, ttl time.Duration) *workloadSums[K] {
 	return &workloadSums[K]{res: res, ttl: ttl, now: time.Now,
-		cgroups: map[cgroupKey[K]]*cgroupState{}, series: map[workloadKey[K]]*seriesState{}}
+		cgroups: map[cgroupKey[K]]*cgroupState{}, series: map[workloadKey[K]]*seriesState{},
+		undeleted: map[cgroupKey[K]][]uint64{}}
 }
 
 // leave adds what st brought to its series to that series' carry.
@@ -125,6 +131,11 @@ func (w *workloadSums[K]) update(cur map[cgroupKey[K]][]uint64) (series map[work
 			delete(w.cgroups, ck)
 		}
 	}
+	for ck := range w.undeleted {
+		if _, ok := cur[ck]; !ok {
+			delete(w.undeleted, ck)
+		}
+	}
 	for ck, v := range cur {
 		l := w.res.Resolve(ck.id)
 		if w.fold != nil {
@@ -132,15 +143,16 @@ func (w *workloadSums[K]) update(cur map[cgroupKey[K]][]uint64) (series map[work
 		}
 		st := w.cgroups[ck]
 		if st == nil {
-			st = &cgroupState{labels: l, base: make([]uint64, len(v)), last: slices.Clone(v), changed: now}
+			base := make([]uint64, len(v))
+			if carried, ok := w.undeleted[ck]; ok && !restarted(v, carried) {
+				base = carried // its counts up to these are in the carry
+			}
+			delete(w.undeleted, ck)
+			st = &cgroupState{labels: l, base: base, last: slices.Clone(v), changed: now}
 			w.cgroups[ck] = st
 		} else {
-			restarted := len(v) != len(st.last)
-			for i := 0; !restarted && i < len(v); i++ {
-				restarted = v[i] < st.last[i]
-			}
 			switch {
-			case restarted: // the kernel's entry was re-created
+			case restarted(v, st.last): // the kernel's entry was re-created
 				w.leave(ck.key, st)
 				st.labels, st.base, st.changed = l, make([]uint64, len(v)), now
 			case !slices.Equal(v, st.last):
@@ -155,6 +167,7 @@ func (w *workloadSums[K]) update(cur map[cgroupKey[K]][]uint64) (series map[work
 		if now.Sub(st.changed) >= w.ttl {
 			w.leave(ck.key, st)
 			delete(w.cgroups, ck)
+			w.undeleted[ck] = st.last
 			forget = append(forget, ck)
 		}
 	}
@@ -188,16 +201,44 @@ func (w *workloadSums[K]) update(cur map[cgroupKey[K]][]uint64) (series map[work
 	return series, forget
 }
 
+// restarted reports whether v, a kernel entry's values, cannot follow
+// last: a counter went down, so the entry was re-created.
+func restarted(v, last []uint64) bool {
+	if len(v) != len(last) {
+		return true
+	}
+	for i := range v {
+		if v[i] < last[i] {
+			return true
+		}
+	}
+	return false
+}
+
 // updateAndForget is update, then forget called for each cgroup idle for
 // the TTL, so that the caller deletes it from the kernel map; forget's
-// errors are joined.
-func (w *workloadSums[K]) updateAndForget(cur map[cgroupKey[K]][]uint64, forget func(cgroupKey[K]) error) (map[workloadKey[K]][]uint64, error) {
+// errors are joined. After a deletion, deleted is called: the read cur
+// came from still holds the deleted entries and must not be passed again
+// (the collectors' cached snapshot), or they would count again, as new
+// cgroups.
+func (w *workloadSums[K]) updateAndForget(cur map[cgroupKey[K]][]uint64, forget func(cgroupKey[K]) error, deleted func()) (map[workloadKey[K]][]uint64, error) {
 	series, idle := w.update(cur)
 	var errs []error
+	var gone []cgroupKey[K]
 	for _, ck := range idle {
 		if err := forget(ck); err != nil {
 			errs = append(errs, err)
+		} else {
+			gone = append(gone, ck)
 		}
+	}
+	if len(gone) > 0 {
+		w.mu.Lock()
+		for _, ck := range gone {
+			delete(w.undeleted, ck)
+		}
+		w.mu.Unlock()
+		deleted()
 	}
 	if len(errs) > 0 {
 		return series, fmt.Errorf("forget idle cgroups: %w", errors.Join(errs...))

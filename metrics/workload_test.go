@@ -3,11 +3,14 @@ package metrics
 import (
 	"bytes"
 	"cmp"
+	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -341,4 +344,100 @@ func TestSyscallWorkloadCollector(t *testing.T) {
 	if want := []sysprobe.CgroupKey{{Cgroup: 1, Nr: 0}, {Cgroup: 2, Nr: 0}, {Cgroup: 2, Nr: 39}, {Cgroup: 3, Nr: 0}, {Cgroup: 4, Nr: 39}}; !slices.Equal(forget.keys, want) {
 		t.Errorf("forgot %v, want %v", forget.keys, want)
 	}
+}
+
+// fakeSyscallMap is the kernel's per-cgroup map behind a probe: each read
+// copies it, after active's entry has counted one more read; ForgetCgroup
+// deletes from it, or fails while fail is set.
+type fakeSyscallMap struct {
+	layout  *histogram.Layout
+	cgroups map[sysprobe.CgroupKey]sysprobe.Hist
+	active  sysprobe.CgroupKey
+	fail    error
+}
+
+func (f *fakeSyscallMap) reads(n uint64) sysprobe.Hist {
+	s := make([]uint64, f.layout.Slots())
+	s[f.layout.Slot(3000)] = n
+	return sysprobe.Hist{Slots: s, SumNs: 3000 * n}
+}
+
+func (f *fakeSyscallMap) Snapshot() (*sysprobe.Snapshot, error) {
+	f.cgroups[f.active] = f.reads(f.cgroups[f.active].Count() + 1)
+	return &sysprobe.Snapshot{Latency: map[uint32]sysprobe.Hist{}, Cgroups: maps.Clone(f.cgroups)}, nil
+}
+
+func (f *fakeSyscallMap) Layout() *histogram.Layout { return f.layout }
+
+func (f *fakeSyscallMap) ForgetCgroup(k sysprobe.CgroupKey) error {
+	if f.fail != nil {
+		return f.fail
+	}
+	delete(f.cgroups, k)
+	return nil
+}
+
+// A cgroup idle for the TTL leaves the kernel's map, and its counts stay
+// in its workload's series, which another cgroup keeps live (a restarted
+// container's new one), once: not again when a scrape is served the read
+// made before the deletion (the collector's cached snapshot), nor when the
+// deletion failed and the entry is still there at the next read.
+func TestWorkloadForgetCountsOnce(t *testing.T) {
+	l, err := histogram.NewLayout(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idle, active := sysprobe.CgroupKey{Cgroup: 1, Nr: 0}, sysprobe.CgroupKey{Cgroup: 2, Nr: 0}
+	f := &fakeSyscallMap{layout: l, active: active, cgroups: map[sysprobe.CgroupKey]sysprobe.Hist{}}
+	f.cgroups[idle] = f.reads(2)
+	nginx := k8smeta.Labels{Namespace: "ns", Pod: "web", Container: "nginx"}
+	c := NewSyscallWorkloadCollector(f, f, names, fakeWorkloads{1: nginx, 2: nginx}, time.Minute)
+	// Scrapes are served the last read unless the test or the collector
+	// asks for a new one (fresh).
+	c.snap = NewCached(f.Snapshot, time.Hour)
+	t0 := time.Now()
+	now := t0
+	c.workloads.now = func() time.Time { return now }
+	count := func(what string, at time.Duration, fresh bool, want uint64, wantErr bool) {
+		t.Helper()
+		now = t0.Add(at)
+		if fresh {
+			c.snap.Invalidate()
+		}
+		ch := make(chan prometheus.Metric, 100)
+		err := c.Update(ch)
+		close(ch)
+		if (err != nil) != wantErr {
+			t.Fatalf("%s: Update: %v", what, err)
+		}
+		var got uint64
+		for m := range ch {
+			var pb dto.Metric
+			if m.Write(&pb) == nil && pb.Histogram != nil {
+				got += pb.Histogram.GetSampleCount()
+			}
+		}
+		if got != want {
+			t.Errorf("%s: nginx's read count %d, want %d", what, got, want)
+		}
+	}
+	count("first read", 0, true, 2+1, false)
+	count("active cgroup read again", 30*time.Second, true, 2+2, false)
+	// Cgroup 1 idle for the TTL, and its deletion fails: the entry stays,
+	// and its counts count once.
+	f.fail = errors.New("operation not permitted")
+	count("deletion failed", time.Minute, false, 2+2, true)
+	f.fail = nil
+	count("entry still there", time.Minute, true, 2+3, false)
+	count("active cgroup read again", 90*time.Second, true, 2+4, false)
+	// Idle for the TTL again, and deleted.
+	count("deleted", 2*time.Minute, false, 2+4, false)
+	if _, ok := f.cgroups[idle]; ok {
+		t.Fatal("not deleted from the kernel's map")
+	}
+	count("scrape after the deletion", 2*time.Minute, false, 2+5, false)
+	count("and another", 2*time.Minute, false, 2+5, false)
+	// Cgroup 1 reads again: a new entry, from zero.
+	f.cgroups[idle] = f.reads(1)
+	count("entry re-created", 2*time.Minute, true, 2+1+6, false)
 }

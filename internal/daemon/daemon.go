@@ -255,6 +255,11 @@ func (d *Daemon) dropCapabilities() {
 	d.log.Info("dropped capabilities", "kept", held.String())
 }
 
+// unknownWorkloads names no cgroup (ktel check).
+type unknownWorkloads struct{}
+
+func (unknownWorkloads) Resolve(uint64) k8smeta.Labels { return k8smeta.Labels{Unit: k8smeta.Unknown} }
+
 // bpfStatsRunTime is BPF_STATS_RUN_TIME from the kernel UAPI.
 const bpfStatsRunTime = 0
 
@@ -436,8 +441,16 @@ func Check(cfg *config.Config, log *slog.Logger, w io.Writer) bool {
 
 func check(cfg *config.Config, log *slog.Logger, w io.Writer, starters map[string]starter) bool {
 	ok := true
+	// With workload attribution the probes load per-cgroup programs (and
+	// the syscall probe, with KTEL_SYSCALL_PER_CONTAINER, per-container
+	// ones): those are what to check. Nothing is named here, so no API
+	// server is asked; without cgroup v2 the daemon runs attribution off.
+	var workloads metrics.Workloads
+	if _, err := cgroups.V2Root(); err == nil && cfg.Workloads() != config.WorkloadsOff {
+		workloads = unknownWorkloads{}
+	}
 	for _, name := range cfg.EnabledProbes() {
-		p, err := start(starters, name, env{cfg: cfg, log: log.With("probe", name)})
+		p, err := start(starters, name, env{cfg: cfg, log: log.With("probe", name), workloads: workloads})
 		switch {
 		case err == nil:
 			fmt.Fprintf(w, "%s: ok\n", name)

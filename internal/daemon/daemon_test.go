@@ -14,8 +14,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	sysprobe "github.com/ktel-dev/ktel/bpf/syscall"
+	"github.com/ktel-dev/ktel/internal/cgroups"
 
 	"github.com/ktel-dev/ktel/internal/config"
+	"github.com/ktel-dev/ktel/internal/k8smeta"
 	"github.com/ktel-dev/ktel/internal/probe"
 	"github.com/ktel-dev/ktel/internal/testenv"
 	"github.com/ktel-dev/ktel/internal/version"
@@ -131,4 +133,38 @@ func grep(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// ktel check loads what the daemon would: with workload attribution on,
+// the probes get a resolver, so that they load their per-cgroup programs
+// (and the syscall probe its per-container ones), without any API server
+// being asked.
+func TestCheckWithAttribution(t *testing.T) {
+	// Without a cgroup v2 hierarchy the daemon runs attribution off.
+	_, err := cgroups.V2Root()
+	v2 := err == nil
+	for _, tc := range []struct {
+		attribution, node string
+		want              bool
+	}{
+		{"auto", "", false},
+		{"auto", "node-a", true},
+		{"cgroup", "", true},
+		{"off", "node-a", false},
+	} {
+		cfg := testConfig("syscall", false)
+		cfg.WorkloadAttribution, cfg.NodeName = tc.attribution, tc.node
+		var got bool
+		s := map[string]starter{"syscall": func(e env) (loaded, error) {
+			got = e.workloads != nil
+			if got && e.workloads.Resolve(1) != (k8smeta.Labels{Unit: k8smeta.Unknown}) {
+				t.Errorf("check's resolver names cgroups: %+v", e.workloads.Resolve(1))
+			}
+			return nil, errors.New("not loaded")
+		}}
+		check(cfg, slog.New(slog.DiscardHandler), io.Discard, s)
+		if got != (tc.want && v2) {
+			t.Errorf("KTEL_WORKLOAD_ATTRIBUTION=%s KTEL_NODE_NAME=%s: probes given a resolver: %v, want %v", tc.attribution, tc.node, got, tc.want)
+		}
+	}
 }

@@ -33,7 +33,7 @@ func OpenNetlink(nsPath string) (*Netlink, error) {
 	if nsPath != "" {
 		var err error
 		if ns, err = netns.GetFromPath(nsPath); err != nil {
-			return nil, fmt.Errorf("open network namespace: %w", err)
+			return nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
 		}
 		defer ns.Close()
 	}

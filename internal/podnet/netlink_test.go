@@ -27,6 +27,14 @@ func ifindex(t *testing.T, ns, dev string) int {
 	return n
 }
 
+// A namespace that cannot be opened is named in the error.
+func TestOpenNetlinkNamesNamespace(t *testing.T) {
+	const path = "/nonexistent/ktel-netns"
+	if _, err := OpenNetlink(path); err == nil || !strings.Contains(err.Error(), path) {
+		t.Errorf("OpenNetlink(%s) = %v, want an error naming it", path, err)
+	}
+}
+
 // A "host" namespace of the test's own with one pod wired as Calico or
 // the ptp plugin do (a /32 route to the pod's address through its veth)
 // and one as the bridge plugin does (the veth a port of a bridge that
