@@ -59,6 +59,8 @@ type Net interface {
 // in a resolution (which goes on without that lookup).
 type resolveErrors struct {
 	route, peer error
+	// list is the Mapper's alone: the interfaces could not be listed.
+	list error
 }
 
 // resolve maps the pod-side interfaces of n to the pod addresses that
@@ -187,7 +189,7 @@ func (m *Mapper) Run(ctx context.Context, links <-chan struct{}) {
 func (m *Mapper) refresh(warned *resolveErrors, unmapped map[int]time.Time) (pending bool) {
 	byIndex, missing, errs, err := resolve(m.net, m.pods.PodIPs())
 	if err != nil {
-		m.log.Warn("cannot map interfaces to pods; labels kept from the last mapping", "err", err)
+		m.logOnce(err, &warned.list, "cannot map interfaces to pods; labels kept from the last mapping")
 		return false
 	}
 	m.mu.Lock()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -21,11 +22,15 @@ type fakeNet struct {
 	routes  map[netip.Addr]int
 	peers   map[[2]int][]netip.Addr
 	peerErr error
+	listErr error
 }
 
 func (f *fakeNet) Links() (map[int]Link, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.listErr != nil {
+		return nil, f.listErr
+	}
 	out := map[int]Link{}
 	for k, v := range f.links {
 		out[k] = v
@@ -252,5 +257,35 @@ func TestRetryNewLinks(t *testing.T) {
 	}
 	if warned.route != nil || warned.peer != nil {
 		t.Errorf("errors %+v", warned)
+	}
+}
+
+// An error that recurs on every resolution (every resync, every change)
+// is a warning once, then debug.
+func TestWarnOnce(t *testing.T) {
+	var logged strings.Builder
+	log := slog.New(slog.NewTextHandler(&logged, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	n := node()
+	n.listErr = errors.New("netlink: operation not permitted")
+	n.peerErr = errors.New("invalid argument")
+	pods := &fakePods{byIP: map[netip.Addr]k8smeta.Labels{ip("10.0.0.99"): {Namespace: "team-a", Pod: "web"}}, changed: make(chan struct{}, 1)}
+	m := NewMapper(n, pods, log)
+	var warned resolveErrors
+	for range 3 {
+		m.refresh(&warned, map[int]time.Time{})
+	}
+	n.mu.Lock()
+	n.listErr = nil
+	n.mu.Unlock()
+	for range 3 {
+		m.refresh(&warned, map[int]time.Time{})
+	}
+	for msg, want := range map[string]int{"cannot map interfaces": 1, "route lookup": 1, "cannot list the addresses": 1} {
+		if got := strings.Count(logged.String(), "level=WARN msg=\""+msg); got != want {
+			t.Errorf("%q warned %d times, want %d:\n%s", msg, got, want, logged.String())
+		}
+	}
+	if !strings.Contains(logged.String(), "level=DEBUG msg=\"cannot map interfaces") {
+		t.Errorf("the recurring listing error not logged at debug:\n%s", logged.String())
 	}
 }
