@@ -65,6 +65,14 @@ func TestWorkloadCgroupChurn(t *testing.T) {
 	base := testenv.TestCgroup(t, "churn")
 	d := startDaemon(t, "KTEL_WORKLOAD_ATTRIBUTION=cgroup", "KTEL_PROBES=runqlat")
 
+	// Whatever ends the test, its cgroups go before base (cleanups run
+	// last first) and the scraper stops.
+	made := 0
+	t.Cleanup(func() {
+		for i := range made + 1 {
+			os.Remove(filepath.Join(base, fmt.Sprintf("c%d", i)))
+		}
+	})
 	stop := make(chan struct{})
 	var (
 		wg       sync.WaitGroup
@@ -72,6 +80,8 @@ func TestWorkloadCgroupChurn(t *testing.T) {
 		problems []string
 		last     []byte
 	)
+	stopScraper := sync.OnceFunc(func() { close(stop); wg.Wait() })
+	defer stopScraper()
 	wg.Go(func() {
 		client := &http.Client{Timeout: 10 * time.Second}
 		for {
@@ -91,12 +101,9 @@ func TestWorkloadCgroupChurn(t *testing.T) {
 	})
 
 	deadline := time.Now().Add(25 * time.Second)
-	made := 0
 	for ; made < cgroupsMade && time.Now().Before(deadline); made++ {
 		dir := filepath.Join(base, fmt.Sprintf("c%d", made))
 		if err := os.Mkdir(dir, 0o755); err != nil {
-			close(stop)
-			wg.Wait()
 			t.Fatal(err)
 		}
 		f, err := os.Open(dir)
@@ -122,8 +129,7 @@ func TestWorkloadCgroupChurn(t *testing.T) {
 			t.Errorf("remove %s: %v", dir, err)
 		}
 	}
-	close(stop)
-	wg.Wait()
+	stopScraper()
 	if made < cgroupsMade {
 		t.Errorf("made %d cgroups in 25 s, want %d", made, cgroupsMade)
 	}
