@@ -293,11 +293,13 @@ func (c *Cluster) waitAPIServer(ctx context.Context, tb testing.TB) {
 // does, and SIGKILL restartStopTimeout later), then starts it again on the
 // same address, with the same etcd (so the same objects), and waits until
 // it is ready. Its watch cache starts afresh: clients' watches end, and a
-// client may have to list again.
+// client may have to list again. The new process is stopped with the rest
+// of the control plane, not when tb ends (tb may be a subtest, or one of
+// the tests sharing the cluster).
 func (c *Cluster) RestartAPIServer(tb testing.TB) {
 	tb.Helper()
 	c.apiserver.stop(restartStopTimeout)
-	c.apiserver = c.run(tb, "kube-apiserver", c.apiArgs...)
+	*c.apiserver = *c.start(tb, "kube-apiserver", c.apiArgs...)
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
 	c.waitAPIServer(ctx, tb)
@@ -392,8 +394,23 @@ func (p *proc) stop(timeout time.Duration) {
 }
 
 // run starts a component, logging to Dir/<name>.log (appending, across
-// restarts), and stops it when tb ends.
+// restarts), and stops it when tb ends: the process p stands for then,
+// which RestartAPIServer may have replaced.
 func (c *Cluster) run(tb testing.TB, name string, args ...string) *proc {
+	tb.Helper()
+	p := c.start(tb, name, args...)
+	logPath := filepath.Join(c.Dir, name+".log")
+	tb.Cleanup(func() {
+		p.stop(stopTimeout)
+		if tb.Failed() {
+			tb.Logf("kubetest: %s log (tail):\n%s", name, tail(logPath, 40))
+		}
+	})
+	return p
+}
+
+// start starts a component, logging to Dir/<name>.log (appending).
+func (c *Cluster) start(tb testing.TB, name string, args ...string) *proc {
 	tb.Helper()
 	logPath := filepath.Join(c.Dir, name+".log")
 	log, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
@@ -411,14 +428,7 @@ func (c *Cluster) run(tb testing.TB, name string, args ...string) *proc {
 		log.Close()
 		tb.Fatalf("kubetest: start %s: %v", name, err)
 	}
-	p := &proc{cmd: cmd, done: done}
-	tb.Cleanup(func() {
-		p.stop(stopTimeout) // at once if it stopped already (restarted)
-		if tb.Failed() {
-			tb.Logf("kubetest: %s log (tail):\n%s", name, tail(logPath, 40))
-		}
-	})
-	return p
+	return &proc{cmd: cmd, done: done}
 }
 
 // waitFor polls ready until it returns nil, failing tb at ctx's deadline
