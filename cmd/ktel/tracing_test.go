@@ -384,21 +384,27 @@ func TestRunqlatWorkloadExemplar(t *testing.T) {
 
 	re := regexp.MustCompile(`(?m)^ktel_runqueue_latency_seconds_bucket\{([^}]*)\} \d+ # \{trace_id="([0-9a-f]{32})",span_id="[0-9a-f]{16}"\} (\S+)`)
 	foo := `container="",namespace="",pod="",unit="foo.service",`
-	var trace string
+	var trace, body string
 	started := time.Now()
 	deadline := started.Add(30 * time.Second)
 	for trace == "" {
 		if time.Now().After(deadline) {
-			t.Fatalf("no exemplar on foo.service's run-queue series:\n%s", grepLines(scrapeOpenMetrics(t, d), "foo.service"))
+			t.Fatalf("no exemplar on foo.service's run-queue series:\n%s", grepLines(body, "foo.service"))
 		}
 		time.Sleep(200 * time.Millisecond)
-		for _, m := range re.FindAllStringSubmatch(scrapeOpenMetrics(t, d), -1) {
+		body = scrapeOpenMetrics(t, d)
+		for _, m := range re.FindAllStringSubmatch(body, -1) {
 			if strings.HasPrefix(m[1], foo) {
 				trace = m[2]
 			}
 		}
 	}
 	t.Logf("exemplar on foo.service's series after %v", time.Since(started).Round(time.Millisecond))
+	for _, m := range re.FindAllStringSubmatch(body, -1) {
+		if m[2] == trace && !strings.HasPrefix(m[1], foo) {
+			t.Errorf("foo.service's exemplar (trace %s) also on {%s}", trace, m[1])
+		}
+	}
 	spans := c.WaitForSpans(t, 10*time.Second, func(s []otelcoltest.Span) bool {
 		return slices.ContainsFunc(s, func(sp otelcoltest.Span) bool { return sp.TraceID == trace })
 	})
