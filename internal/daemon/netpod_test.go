@@ -36,9 +36,7 @@ func TestNetdevPerPod(t *testing.T) {
 
 	netns := func(suffix string) string {
 		name := fmt.Sprintf("ktel-np-%d-%s", os.Getpid(), suffix)
-		testenv.Sh(t, "ip", "netns", "add", name)
-		t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-		testenv.Sh(t, "ip", "-n", name, "link", "set", "lo", "up")
+		testenv.NewNetns(t, name)
 		return name
 	}
 	host, web, db, stranger := netns("host"), netns("web"), netns("db"), netns("stranger")

@@ -15,8 +15,7 @@ import (
 func newNetns(t *testing.T, suffix string) string {
 	t.Helper()
 	name := fmt.Sprintf("ktel-pn-%d-%s", os.Getpid(), suffix)
-	testenv.Sh(t, "ip", "netns", "add", name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	testenv.NewNetns(t, name)
 	return name
 }
 
@@ -109,12 +108,8 @@ func BenchmarkResolve(b *testing.B) {
 	const pods = 110
 	name := fmt.Sprintf("ktel-pn-%d-", os.Getpid())
 	host, peers := name+"bh", name+"bp"
-	for _, ns := range []string{host, peers} {
-		if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-			b.Fatalf("%v: %s", err, out)
-		}
-		b.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-	}
+	testenv.NewNetns(b, host)
+	testenv.NewNetns(b, peers)
 	var hostCmds, peerCmds strings.Builder
 	hostCmds.WriteString("link add br0 type bridge\naddr add 10.244.2.1/24 dev br0\nlink set br0 up\n")
 	var ips []netip.Addr

@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -99,10 +100,10 @@ type Sandbox struct {
 	Cgroup string // cgroup directory
 }
 
-// NewSandbox makes a sandbox named name (namespace and cgroup).
-func NewSandbox(tb testing.TB, name string) *Sandbox {
+// NewNetns makes a network namespace named name (`ip netns add`, its
+// file NetnsPath(name)) with lo up, deleted when tb ends.
+func NewNetns(tb testing.TB, name string) {
 	tb.Helper()
-	sb := &Sandbox{NS: name}
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		tb.Fatalf("ip netns add %s: %v: %s", name, err, out)
 	}
@@ -114,6 +115,13 @@ func NewSandbox(tb testing.TB, name string) *Sandbox {
 	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		tb.Fatalf("lo up in %s: %v: %s", name, err, out)
 	}
+}
+
+// NewSandbox makes a sandbox named name (namespace and cgroup).
+func NewSandbox(tb testing.TB, name string) *Sandbox {
+	tb.Helper()
+	sb := &Sandbox{NS: name}
+	NewNetns(tb, name)
 	root, err := cgroups.V2Root()
 	if err != nil {
 		tb.Fatal(err)
@@ -159,6 +167,23 @@ func (s *Sandbox) ServeAddr(tb testing.TB, addr string) {
 			c.Close()
 		}
 	})
+}
+
+// AskAddr connects to addr over TCP and returns the line a ServeAddr
+// server answers there (its own address), allowing timeout for the
+// connect and again for the answer.
+func AskAddr(addr string, timeout time.Duration) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(line), nil
 }
 
 // cgroupFDEnv tells a helper process that HelperCommand started that its

@@ -379,13 +379,7 @@ var netnsCount atomic.Int32
 func newNetns(t testing.TB) string {
 	t.Helper()
 	name := fmt.Sprintf("ktel-rel-%d-%d", os.Getpid(), netnsCount.Add(1))
-	testenv.Sh(t, "ip", "netns", "add", name)
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
-		}
-	})
-	testenv.Sh(t, "ip", "-n", name, "link", "set", "lo", "up")
+	testenv.NewNetns(t, name)
 	return name
 }
 
