@@ -495,7 +495,7 @@ func TestHelperLBConnects(t *testing.T) {
 	deadline := time.Now().Add(2 * time.Minute)
 	r := lbResult{Backends: map[string]int{}, Errors: map[string]int{}}
 	for i := 0; i < n && !eof.Load() && time.Now().Before(deadline); i++ {
-		backend, err := exchange(vip)
+		backend, err := testenv.AskAddr(vip, 2*time.Second)
 		var errno syscall.Errno
 		switch {
 		case errors.As(err, &errno):
@@ -511,19 +511,4 @@ func TestHelperLBConnects(t *testing.T) {
 	out, _ := json.Marshal(r)
 	os.Stdout.Write(out)
 	os.Exit(0)
-}
-
-// exchange connects to vip and returns the line the backend answers.
-func exchange(vip string) (string, error) {
-	c, err := net.DialTimeout("tcp", vip, 2*time.Second)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(2 * time.Second))
-	b, err := io.ReadAll(c)
-	if err != nil {
-		return "", err
-	}
-	return strings.TrimSpace(string(b)), nil
 }

@@ -131,7 +131,7 @@ func TestHelperProber(t *testing.T) {
 			deadline := time.Now().Add(time.Duration(ms) * time.Millisecond)
 			last := "none"
 			for {
-				got, err := exchange(f[1])
+				got, err := testenv.AskAddr(f[1], time.Second)
 				if err == nil && got == f[2] {
 					fmt.Println(time.Now().UnixNano())
 					break
@@ -182,21 +182,6 @@ func connect(vip string) (net.Conn, time.Duration, error) {
 	t0 := time.Now()
 	c, err := d.Dial("tcp", vip)
 	return c, time.Since(t0), err
-}
-
-// exchange connects to vip and reads the backend's line (its address).
-func exchange(vip string) (string, error) {
-	c, _, err := connect(vip)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(time.Second))
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return "", err
-	}
-	return strings.TrimSpace(line), nil
 }
 
 // quantile of sorted d.
