@@ -392,19 +392,16 @@ static __always_inline bool record_cgroup(__u32 nr, __u64 delta)
  * (the per-container programs, a constant) its cgroup's. */
 static __always_inline void record(__u32 nr, __u64 start, __u64 end, long ret, bool cg)
 {
-	if (cg && record_cgroup(nr, end - start)) {
-		if (ktel_span_wanted(end - start))
-			emit_event(nr, start, end, ret);
-		if (is_error(ret))
-			record_error(nr, ret);
-		return;
-	}
-	__u32 key = bpf_get_smp_processor_id() * MAX_SYSCALLS + (nr & (MAX_SYSCALLS - 1));
-	__u64 delta = end - start, *hist = bpf_map_lookup_elem(&syscall_latency, &key);
+	__u64 delta = end - start;
 
-	if (!hist)
-		return;
-	ktel_hist_add(hist, delta);
+	if (!cg || !record_cgroup(nr, delta)) {
+		__u32 key = bpf_get_smp_processor_id() * MAX_SYSCALLS + (nr & (MAX_SYSCALLS - 1));
+		__u64 *hist = bpf_map_lookup_elem(&syscall_latency, &key);
+
+		if (!hist)
+			return;
+		ktel_hist_add(hist, delta);
+	}
 	if (ktel_span_wanted(delta))
 		emit_event(nr, start, end, ret);
 
